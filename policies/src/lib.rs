@@ -1,0 +1,18 @@
+//! weir's config and policy model.
+//!
+//! YAML written by hand is parsed ([`load_str`]) into the raw [`model`], validated and compiled
+//! into an immutable [`Snapshot`]. Decisions over a snapshot (which route) are pure functions in
+//! [`routing`]. No I/O and no async here: the proxy and the control plane bring their own.
+
+pub mod duration;
+pub mod error;
+pub mod load;
+pub mod model;
+mod position;
+pub mod routing;
+pub mod snapshot;
+pub mod validate;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use load::{load_str, parse, EMBEDDED_DEFAULT};
+pub use snapshot::Snapshot;

@@ -1,0 +1,88 @@
+//! The one config loader: YAML text in, a [`Snapshot`] or every error with file, line and field.
+
+use crate::error::{ConfigError, ConfigErrors};
+use crate::model::Config;
+use crate::position::PositionIndex;
+use crate::snapshot::Snapshot;
+use crate::validate;
+
+/// The config weir runs when started without one: the admin endpoint and a demo route.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../examples/default.yaml");
+
+/// Parses and validates `text`, read from `file` (used only in error messages).
+pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
+    let config = parse(file, text)?;
+    validate::compile(config).map_err(|problems| {
+        let index = PositionIndex::new(text);
+        ConfigErrors(
+            problems
+                .into_iter()
+                .map(|p| {
+                    let (line, column) = index.locate(&p.field);
+                    ConfigError {
+                        file: file.to_string(),
+                        line,
+                        column,
+                        field: p.field,
+                        message: p.message,
+                    }
+                })
+                .collect(),
+        )
+    })
+}
+
+/// Parses `text` into the raw model without validating it.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    if text.trim().is_empty() {
+        return Err(ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: "the file is empty".to_string(),
+        }]));
+    }
+    let de = serde_norway::Deserializer::from_str(text);
+    serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
+        let mut field = e.path().to_string();
+        if field == "." {
+            field.clear();
+        }
+        let inner = e.into_inner();
+        let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
+        // serde_norway's message reads "some.path: what is wrong at line L column C"; keep
+        // only "what is wrong": the path and the position are carried separately.
+        let full = inner.to_string();
+        let mut message = full.split(" at line ").next().unwrap_or(&full);
+        if let Some((prefix, rest)) = message.split_once(": ") {
+            if !prefix.contains(' ') {
+                message = rest;
+            }
+        }
+        // An unknown key is better pointed at than the struct that does not know it.
+        if let Some(key) = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split('`').next())
+        {
+            if !field.ends_with(key) {
+                field = if field.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{field}.{key}")
+                };
+            }
+        }
+        let (line, column) = match PositionIndex::new(text).locate(&field) {
+            (0, _) => (line, column),
+            pos => pos,
+        };
+        ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            field,
+            message: message.to_string(),
+        }])
+    })
+}

@@ -1,0 +1,376 @@
+//! The YAML schema users write by hand. Every struct denies unknown fields so a typo is an
+//! error that names the field, never a silently ignored setting.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole config file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Admin endpoint (`/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`).
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// Ordered: the first route whose match accepts the request wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Default `127.0.0.1:15000`.
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+fn default_admin_address() -> String {
+    "127.0.0.1:15000".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    /// `ip:port`, e.g. `0.0.0.0:15001`.
+    pub address: String,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+}
+
+/// What a listener speaks downstream.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and h2c with prior knowledge on the same port (detected per connection).
+    #[default]
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    #[serde(rename = "route")]
+    pub action: RouteAction,
+}
+
+/// All present conditions must hold; an empty match accepts every request.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Only requests arriving on this listener.
+    #[serde(default)]
+    pub listener: Option<String>,
+    /// `example.com`, `*.example.com` or `*`; compared without the port, case-insensitively.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+    /// Matches gRPC requests (`content-type: application/grpc*`) by service and method.
+    #[serde(default)]
+    pub grpc: Option<GrpcMatch>,
+}
+
+/// Exactly one of `exact`, `prefix`, `regex` (anchored: it must match the whole path).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// One header condition: `name` plus exactly one of `exact`, `prefix`, `regex`, `present`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+    /// Inverts the condition.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMatch {
+    /// Fully qualified service, e.g. `helloworld.Greeter`.
+    pub service: String,
+    /// A method of that service; absent means every method.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAction {
+    /// The target cluster; exclusive with `weighted_clusters`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub weighted_clusters: Vec<WeightedCluster>,
+    /// Longest wait for the upstream: for the response to start, and for each later read.
+    /// Bounded further by a gRPC client's `grpc-timeout`. Absent: no limit.
+    #[serde(default, with = "crate::duration::opt")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+    /// Replaces the part of the path that matched `match.path.prefix`.
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    #[serde(default)]
+    pub request_headers: HeaderMutation,
+    #[serde(default)]
+    pub response_headers: HeaderMutation,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCluster {
+    pub cluster: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first try (so `retries: 2` means at most 3 tries).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Conditions: `connect-failure`, `reset`, `5xx`, `gateway-error`, `retriable-status-codes`,
+    /// and gRPC statuses `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable`.
+    pub retry_on: Vec<String>,
+    #[serde(default)]
+    pub retriable_status_codes: Vec<u16>,
+    #[serde(default, with = "crate::duration::opt")]
+    pub per_try_timeout: Option<Duration>,
+}
+
+fn default_retries() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMutation {
+    /// Set (replacing any existing value), in order.
+    #[serde(default)]
+    pub add: Vec<HeaderValue>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default = "default_connect_timeout", with = "crate::duration")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge; required for gRPC (trailers).
+    H2c,
+}
+
+/// `round_robin`, `least_request` or `{ ring_hash: { header: NAME } }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(
+    untagged,
+    expecting = "one of round_robin, least_request, { ring_hash: { header: NAME } }"
+)]
+pub enum LbPolicy {
+    Simple(SimpleLb),
+    /// Consistent hashing on a request header's value; requests without it go round robin.
+    RingHash {
+        ring_hash: RingHash,
+    },
+}
+
+impl Default for LbPolicy {
+    fn default() -> Self {
+        Self::Simple(SimpleLb::RoundRobin)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SimpleLb {
+    RoundRobin,
+    /// Power of two random choices, the one with fewer active requests wins.
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RingHash {
+    pub header: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `ip:port`.
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "default_hc_interval", with = "crate::duration")]
+    pub interval: Duration,
+    #[serde(default = "default_hc_timeout", with = "crate::duration")]
+    pub timeout: Duration,
+    /// Failed checks in a row that mark an endpoint unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that mark it healthy again.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// HTTP/1.1 `GET path`; healthy on a status in `expected_statuses` (default 200).
+    #[serde(default)]
+    pub http: Option<HttpHealthCheck>,
+    /// `grpc.health.v1.Health/Check`; healthy on `SERVING`.
+    #[serde(default)]
+    pub grpc: Option<GrpcHealthCheck>,
+}
+
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_unhealthy_threshold() -> u32 {
+    2
+}
+fn default_healthy_threshold() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHealthCheck {
+    pub path: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_expected_statuses")]
+    pub expected_statuses: Vec<u16>,
+}
+
+fn default_expected_statuses() -> Vec<u16> {
+    vec![200]
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcHealthCheck {
+    /// Service name sent in the request; empty asks about the whole server.
+    #[serde(default)]
+    pub service: String,
+}
+
+/// Limits that fail fast with 503 instead of queueing when a cluster is overloaded.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Concurrent requests to the cluster.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: u32,
+    /// Concurrent retries to the cluster.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            max_requests: default_max_requests(),
+            max_retries: default_max_retries(),
+        }
+    }
+}
+
+fn default_max_requests() -> u32 {
+    1024
+}
+fn default_max_retries() -> u32 {
+    3
+}
+
+/// Passive health: eject an endpoint after consecutive 5xx (or connect failures).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default = "default_consecutive_5xx")]
+    pub consecutive_5xx: u32,
+    /// Ejection lasts this times the number of times the endpoint was ejected before.
+    #[serde(default = "default_base_ejection_time", with = "crate::duration")]
+    pub base_ejection_time: Duration,
+    /// Never eject more than this share of a cluster's endpoints.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+fn default_base_ejection_time() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejection_percent() -> u32 {
+    10
+}

@@ -1,0 +1,173 @@
+//! The validated, compiled form of a config. Immutable: the proxy swaps whole snapshots, and a
+//! request reads the one it started with until it ends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::model::{self, Config, LbPolicy, UpstreamProtocol};
+
+/// A config that passed validation. Cluster references are indices into `clusters`.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Identifies this config (a content hash unless the caller set one).
+    pub version: String,
+    /// The config as written, for `/config_dump`.
+    pub source: Config,
+    pub admin: Option<SocketAddr>,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<Route>,
+    pub clusters: Vec<Cluster>,
+    pub(crate) cluster_index: HashMap<String, usize>,
+}
+
+impl Snapshot {
+    /// The index of the cluster called `name`.
+    pub fn cluster_id(&self, name: &str) -> Option<usize> {
+        self.cluster_index.get(name).copied()
+    }
+
+    /// The listener called `name`.
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub listener: Option<String>,
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    pub headers: Vec<HeaderMatch>,
+    /// `/service/` or `/service/method`, matched against the path of gRPC requests.
+    pub grpc_path: Option<GrpcPathMatch>,
+    pub action: RouteAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lowercase.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+pub struct HeaderMatch {
+    /// Lowercase.
+    pub name: String,
+    pub rule: HeaderRule,
+    pub invert: bool,
+}
+
+#[derive(Debug)]
+pub enum HeaderRule {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    Present(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcPathMatch {
+    /// `/pkg.Service/`
+    Service(String),
+    /// `/pkg.Service/Method`
+    Method(String),
+}
+
+#[derive(Debug)]
+pub struct RouteAction {
+    /// Non-empty; weights are positive.
+    pub clusters: Vec<(usize, u32)>,
+    pub total_weight: u64,
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub prefix_rewrite: Option<String>,
+    pub request_headers: HeaderMutation,
+    pub response_headers: HeaderMutation,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderMutation {
+    /// Names lowercase.
+    pub set: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub retries: u32,
+    pub on: RetryOn,
+    pub per_try_timeout: Option<Duration>,
+}
+
+/// Which failures a retry policy retries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    /// The upstream reset or closed the connection before any response byte.
+    pub reset: bool,
+    /// Any 5xx status, plus timeouts and resets.
+    pub server_error: bool,
+    /// 502, 503, 504.
+    pub gateway_error: bool,
+    pub statuses: Vec<u16>,
+    pub grpc_statuses: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub lb: LbPolicy,
+    pub endpoints: Vec<Endpoint>,
+    pub health_check: Option<HealthCheck>,
+    pub circuit_breaker: model::CircuitBreaker,
+    pub outlier_detection: Option<model::OutlierDetection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub kind: HealthCheckKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum HealthCheckKind {
+    Http {
+        path: String,
+        host: Option<String>,
+        expected_statuses: Vec<u16>,
+    },
+    Grpc {
+        service: String,
+    },
+}

@@ -1,0 +1,515 @@
+//! Turns a parsed [`Config`] into a [`Snapshot`], collecting every problem with the path of the
+//! field it concerns.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+
+use regex::Regex;
+
+use crate::model::{self, Config};
+use crate::snapshot::*;
+
+/// A problem found by validation: the field path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+/// Validates and compiles `config`. On failure returns every problem found, not just the first.
+pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
+    let mut v = Validator::default();
+    let admin = config
+        .admin
+        .as_ref()
+        .and_then(|a| v.socket_addr("admin.address", &a.address));
+    let listeners = v.listeners(&config.listeners, admin);
+    let (clusters, cluster_index) = v.clusters(&config.clusters);
+    let routes = v.routes(&config, &cluster_index, &clusters);
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    Ok(Snapshot {
+        version: content_version(&config),
+        source: config,
+        admin,
+        listeners,
+        routes,
+        clusters,
+        cluster_index,
+    })
+}
+
+/// A short stable hash of the config's content, so equal configs get equal versions.
+fn content_version(config: &Config) -> String {
+    let text = serde_json::to_string(config).unwrap_or_default();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn socket_addr(&mut self, field: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    field,
+                    format!("expected ip:port (e.g. 127.0.0.1:8080), got {text:?}; DNS names are not supported"),
+                );
+                None
+            }
+        }
+    }
+
+    fn regex(&mut self, field: &str, text: &str) -> Option<Regex> {
+        // Anchored: a route regex must match the whole value, as in Envoy.
+        match Regex::new(&format!("^(?:{text})$")) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.problem(field, format!("invalid regex {text:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn unique<'a>(&mut self, what: &str, names: impl Iterator<Item = (String, &'a str)>) {
+        let mut seen = HashSet::new();
+        for (field, name) in names {
+            if name.is_empty() {
+                self.problem(field, format!("{what} name must not be empty"));
+            } else if !seen.insert(name) {
+                self.problem(field, format!("duplicate {what} name {name:?}"));
+            }
+        }
+    }
+
+    fn listeners(&mut self, raw: &[model::Listener], admin: Option<SocketAddr>) -> Vec<Listener> {
+        self.unique(
+            "listener",
+            raw.iter()
+                .enumerate()
+                .map(|(i, l)| (format!("listeners[{i}].name"), l.name.as_str())),
+        );
+        let mut out: Vec<Listener> = Vec::new();
+        for (i, l) in raw.iter().enumerate() {
+            let field = format!("listeners[{i}].address");
+            let Some(address) = self.socket_addr(&field, &l.address) else {
+                continue;
+            };
+            if let Some(other) = out.iter().find(|o| overlaps(o.address, address)) {
+                self.problem(
+                    field,
+                    format!(
+                        "{address} overlaps listener {:?} on {}",
+                        other.name, other.address
+                    ),
+                );
+                continue;
+            }
+            if admin.is_some_and(|a| overlaps(a, address)) {
+                self.problem(field, format!("{address} overlaps the admin address"));
+                continue;
+            }
+            out.push(Listener {
+                name: l.name.clone(),
+                address,
+            });
+        }
+        out
+    }
+
+    fn clusters(&mut self, raw: &[model::Cluster]) -> (Vec<Cluster>, HashMap<String, usize>) {
+        self.unique(
+            "cluster",
+            raw.iter()
+                .enumerate()
+                .map(|(i, c)| (format!("clusters[{i}].name"), c.name.as_str())),
+        );
+        let mut out = Vec::new();
+        let mut index = HashMap::new();
+        for (i, c) in raw.iter().enumerate() {
+            let at = format!("clusters[{i}]");
+            if c.endpoints.is_empty() {
+                self.problem(
+                    format!("{at}.endpoints"),
+                    "a cluster needs at least one endpoint",
+                );
+            }
+            let mut endpoints = Vec::new();
+            for (j, e) in c.endpoints.iter().enumerate() {
+                let field = format!("{at}.endpoints[{j}]");
+                if e.weight == 0 {
+                    self.problem(format!("{field}.weight"), "weight must be at least 1");
+                }
+                if let Some(address) = self.socket_addr(&format!("{field}.address"), &e.address) {
+                    if endpoints.iter().any(|x: &Endpoint| x.address == address) {
+                        self.problem(
+                            format!("{field}.address"),
+                            format!("duplicate endpoint {address}"),
+                        );
+                    }
+                    endpoints.push(Endpoint {
+                        address,
+                        weight: e.weight.max(1),
+                    });
+                }
+            }
+            if let model::LbPolicy::RingHash {
+                ring_hash: model::RingHash { header },
+            } = &c.lb
+            {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    self.problem(
+                        format!("{at}.lb.ring_hash.header"),
+                        format!("invalid header name {header:?}"),
+                    );
+                }
+            }
+            let health_check = c
+                .health_check
+                .as_ref()
+                .and_then(|h| self.health_check(&format!("{at}.health_check"), h));
+            if c.circuit_breaker.max_requests == 0 {
+                self.problem(
+                    format!("{at}.circuit_breaker.max_requests"),
+                    "must be at least 1",
+                );
+            }
+            if let Some(o) = &c.outlier_detection {
+                if o.consecutive_5xx == 0 {
+                    self.problem(
+                        format!("{at}.outlier_detection.consecutive_5xx"),
+                        "must be at least 1",
+                    );
+                }
+                if o.max_ejection_percent > 100 {
+                    self.problem(
+                        format!("{at}.outlier_detection.max_ejection_percent"),
+                        "must be at most 100",
+                    );
+                }
+            }
+            index.entry(c.name.clone()).or_insert(out.len());
+            out.push(Cluster {
+                name: c.name.clone(),
+                protocol: c.protocol,
+                connect_timeout: c.connect_timeout,
+                lb: c.lb.clone(),
+                endpoints,
+                health_check,
+                circuit_breaker: c.circuit_breaker.clone(),
+                outlier_detection: c.outlier_detection.clone(),
+            });
+        }
+        (out, index)
+    }
+
+    fn health_check(&mut self, at: &str, h: &model::HealthCheck) -> Option<HealthCheck> {
+        if h.unhealthy_threshold == 0 || h.healthy_threshold == 0 {
+            self.problem(
+                at,
+                "unhealthy_threshold and healthy_threshold must be at least 1",
+            );
+        }
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            self.problem(at, "interval and timeout must be positive");
+        }
+        let kind = match (&h.http, &h.grpc) {
+            (Some(http), None) => {
+                if !http.path.starts_with('/') {
+                    self.problem(format!("{at}.http.path"), "must start with /");
+                }
+                HealthCheckKind::Http {
+                    path: http.path.clone(),
+                    host: http.host.clone(),
+                    expected_statuses: http.expected_statuses.clone(),
+                }
+            }
+            (None, Some(grpc)) => HealthCheckKind::Grpc {
+                service: grpc.service.clone(),
+            },
+            _ => {
+                self.problem(at, "set exactly one of http or grpc");
+                return None;
+            }
+        };
+        Some(HealthCheck {
+            interval: h.interval,
+            timeout: h.timeout,
+            unhealthy_threshold: h.unhealthy_threshold.max(1),
+            healthy_threshold: h.healthy_threshold.max(1),
+            kind,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        config: &Config,
+        clusters: &HashMap<String, usize>,
+        compiled: &[Cluster],
+    ) -> Vec<Route> {
+        self.unique(
+            "route",
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("routes[{i}].name"), r.name.as_str())),
+        );
+        let mut out = Vec::new();
+        for (i, r) in config.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if let Some(l) = &r.matches.listener {
+                if !config.listeners.iter().any(|x| &x.name == l) {
+                    self.problem(
+                        format!("{at}.match.listener"),
+                        format!("unknown listener {l:?}"),
+                    );
+                }
+            }
+            let host = r.matches.host.as_deref().map(compile_host);
+            let path = r
+                .matches
+                .path
+                .as_ref()
+                .and_then(|p| self.path_match(&format!("{at}.match.path"), p));
+            let headers = r
+                .matches
+                .headers
+                .iter()
+                .enumerate()
+                .filter_map(|(j, h)| self.header_match(&format!("{at}.match.headers[{j}]"), h))
+                .collect();
+            let grpc_path = r.matches.grpc.as_ref().map(|g| {
+                if g.service.is_empty() || g.service.contains('/') {
+                    self.problem(
+                        format!("{at}.match.grpc.service"),
+                        "expected a service name like pkg.Service",
+                    );
+                }
+                match &g.method {
+                    Some(m) => GrpcPathMatch::Method(format!("/{}/{m}", g.service)),
+                    None => GrpcPathMatch::Service(format!("/{}/", g.service)),
+                }
+            });
+            if r.action.prefix_rewrite.is_some() && !matches!(path, Some(PathMatch::Prefix(_))) {
+                self.problem(
+                    format!("{at}.route.prefix_rewrite"),
+                    "needs match.path.prefix",
+                );
+            }
+            let action = self.action(&format!("{at}.route"), &r.action, clusters, compiled);
+            out.push(Route {
+                name: r.name.clone(),
+                listener: r.matches.listener.clone(),
+                host,
+                path,
+                headers,
+                grpc_path,
+                action,
+            });
+        }
+        out
+    }
+
+    fn path_match(&mut self, at: &str, p: &model::PathMatch) -> Option<PathMatch> {
+        match (&p.exact, &p.prefix, &p.regex) {
+            (Some(s), None, None) | (None, Some(s), None) if !s.starts_with('/') => {
+                self.problem(at, format!("path {s:?} must start with /"));
+                None
+            }
+            (Some(s), None, None) => Some(PathMatch::Exact(s.clone())),
+            (None, Some(s), None) => Some(PathMatch::Prefix(s.clone())),
+            (None, None, Some(s)) => self.regex(&format!("{at}.regex"), s).map(PathMatch::Regex),
+            _ => {
+                self.problem(at, "set exactly one of exact, prefix, regex");
+                None
+            }
+        }
+    }
+
+    fn header_match(&mut self, at: &str, h: &model::HeaderMatch) -> Option<HeaderMatch> {
+        if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+            self.problem(
+                format!("{at}.name"),
+                format!("invalid header name {:?}", h.name),
+            );
+        }
+        let set = [
+            h.exact.is_some(),
+            h.prefix.is_some(),
+            h.regex.is_some(),
+            h.present.is_some(),
+        ];
+        if set.iter().filter(|x| **x).count() != 1 {
+            self.problem(at, "set exactly one of exact, prefix, regex, present");
+            return None;
+        }
+        let rule = if let Some(v) = &h.exact {
+            HeaderRule::Exact(v.clone())
+        } else if let Some(v) = &h.prefix {
+            HeaderRule::Prefix(v.clone())
+        } else if let Some(v) = &h.regex {
+            HeaderRule::Regex(self.regex(&format!("{at}.regex"), v)?)
+        } else {
+            HeaderRule::Present(h.present.unwrap_or(true))
+        };
+        Some(HeaderMatch {
+            name: h.name.to_ascii_lowercase(),
+            rule,
+            invert: h.invert,
+        })
+    }
+
+    fn action(
+        &mut self,
+        at: &str,
+        a: &model::RouteAction,
+        index: &HashMap<String, usize>,
+        compiled: &[Cluster],
+    ) -> RouteAction {
+        let mut clusters = Vec::new();
+        match (&a.cluster, a.weighted_clusters.is_empty()) {
+            (Some(name), true) => match index.get(name) {
+                Some(id) => clusters.push((*id, 1)),
+                None => self.problem(format!("{at}.cluster"), format!("unknown cluster {name:?}")),
+            },
+            (None, false) => {
+                for (j, w) in a.weighted_clusters.iter().enumerate() {
+                    let field = format!("{at}.weighted_clusters[{j}]");
+                    if w.weight == 0 {
+                        self.problem(format!("{field}.weight"), "weight must be at least 1");
+                    }
+                    match index.get(&w.cluster) {
+                        Some(id) => clusters.push((*id, w.weight.max(1))),
+                        None => self.problem(
+                            format!("{field}.cluster"),
+                            format!("unknown cluster {:?}", w.cluster),
+                        ),
+                    }
+                }
+            }
+            _ => self.problem(at, "set exactly one of cluster or weighted_clusters"),
+        }
+        let retry = a
+            .retry
+            .as_ref()
+            .and_then(|r| self.retry(&format!("{at}.retry"), r));
+        if retry
+            .as_ref()
+            .is_some_and(|r| !r.on.grpc_statuses.is_empty())
+            && clusters
+                .iter()
+                .any(|(id, _)| compiled[*id].protocol != model::UpstreamProtocol::H2c)
+        {
+            self.problem(
+                format!("{at}.retry.retry_on"),
+                "gRPC retry conditions need h2c clusters",
+            );
+        }
+        RouteAction {
+            total_weight: clusters.iter().map(|(_, w)| u64::from(*w)).sum(),
+            clusters,
+            timeout: a.timeout,
+            retry,
+            prefix_rewrite: a.prefix_rewrite.clone(),
+            request_headers: self.mutation(&format!("{at}.request_headers"), &a.request_headers),
+            response_headers: self.mutation(&format!("{at}.response_headers"), &a.response_headers),
+        }
+    }
+
+    fn retry(&mut self, at: &str, r: &model::RetryPolicy) -> Option<RetryPolicy> {
+        let mut on = RetryOn::default();
+        for (j, cond) in r.retry_on.iter().enumerate() {
+            match cond.as_str() {
+                "connect-failure" => on.connect_failure = true,
+                "reset" => on.reset = true,
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "retriable-status-codes" => on.statuses = r.retriable_status_codes.clone(),
+                "cancelled" => on.grpc_statuses.push(1),
+                "deadline-exceeded" => on.grpc_statuses.push(4),
+                "resource-exhausted" => on.grpc_statuses.push(8),
+                "internal" => on.grpc_statuses.push(13),
+                "unavailable" => on.grpc_statuses.push(14),
+                other => self.problem(
+                    format!("{at}.retry_on[{j}]"),
+                    format!(
+                        "unknown retry condition {other:?}; expected connect-failure, reset, 5xx, gateway-error, \
+                         retriable-status-codes, cancelled, deadline-exceeded, resource-exhausted, internal, unavailable"
+                    ),
+                ),
+            }
+        }
+        if !r.retriable_status_codes.is_empty()
+            && !r.retry_on.iter().any(|c| c == "retriable-status-codes")
+        {
+            self.problem(
+                format!("{at}.retriable_status_codes"),
+                "needs retriable-status-codes in retry_on",
+            );
+        }
+        Some(RetryPolicy {
+            retries: r.retries,
+            on,
+            per_try_timeout: r.per_try_timeout,
+        })
+    }
+
+    fn mutation(&mut self, at: &str, m: &model::HeaderMutation) -> HeaderMutation {
+        let mut out = HeaderMutation::default();
+        for (j, h) in m.add.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                self.problem(
+                    format!("{at}.add[{j}].name"),
+                    format!("invalid header name {:?}", h.name),
+                );
+            } else if http::HeaderValue::from_str(&h.value).is_err() {
+                self.problem(format!("{at}.add[{j}].value"), "invalid header value");
+            } else {
+                out.set.push((h.name.to_ascii_lowercase(), h.value.clone()));
+            }
+        }
+        for (j, name) in m.remove.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                self.problem(
+                    format!("{at}.remove[{j}]"),
+                    format!("invalid header name {name:?}"),
+                );
+            } else {
+                out.remove.push(name.to_ascii_lowercase());
+            }
+        }
+        out
+    }
+}
+
+fn compile_host(h: &str) -> HostMatch {
+    let h = h.to_ascii_lowercase();
+    if h == "*" {
+        HostMatch::Any
+    } else if let Some(rest) = h.strip_prefix('*') {
+        HostMatch::Suffix(rest.to_string())
+    } else {
+        HostMatch::Exact(h)
+    }
+}
+
+/// Two listen addresses collide if they share a port and either is a wildcard or both are equal.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}

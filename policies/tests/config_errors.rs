@@ -1,0 +1,152 @@
+//! Config files a person gets wrong, and the errors they read.
+
+use weir_policies::{load_str, ConfigError, EMBEDDED_DEFAULT};
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match load_str("weir.yaml", text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+fn one_error(text: &str) -> String {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "expected one error, got {errs:?}");
+    errs[0].to_string()
+}
+
+const BASE: &str = "clusters:\n  - name: c\n    endpoints: [{ address: \"127.0.0.1:1\" }]\n";
+
+#[test]
+fn embedded_default_and_examples_are_valid() {
+    load_str("default.yaml", EMBEDDED_DEFAULT).unwrap();
+    load_str("mesh.yaml", include_str!("../examples/mesh.yaml")).unwrap();
+}
+
+#[test]
+fn wrong_type_names_file_line_and_field() {
+    let text = format!("{BASE}routes:\n  - name: r\n    match:\n      path: {{ prefix: 5 }}\n    route: {{ cluster: c }}\n  - name: s\n    match:\n      path: {{ exact: [1] }}\n    route: {{ cluster: c }}\n");
+    let e = one_error(&text);
+    assert!(e.starts_with("weir.yaml:11:"), "{e}");
+    assert!(e.contains("routes[1].match.path"), "{e}");
+}
+
+#[test]
+fn unknown_field_is_an_error_not_ignored() {
+    let text = format!("{BASE}routes:\n  - name: r\n    route: {{ cluster: c, timout: 1s }}\n");
+    let e = one_error(&text);
+    assert!(e.starts_with("weir.yaml:6:"), "{e}");
+    assert!(
+        e.contains("routes[0].route.timout: unknown field `timout`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn dangling_cluster_points_at_its_line() {
+    let text = format!("{BASE}routes:\n  - name: r\n    route:\n      cluster: nope\n");
+    let e = one_error(&text);
+    assert_eq!(
+        e,
+        "weir.yaml:7:7: routes[0].route.cluster: unknown cluster \"nope\""
+    );
+}
+
+#[test]
+fn all_semantic_problems_are_reported_together() {
+    let text = r#"
+listeners:
+  - { name: l, address: "0.0.0.0:8080" }
+  - { name: l, address: "127.0.0.1:8080" }
+clusters:
+  - { name: c, endpoints: [{ address: "localhost:80" }] }
+  - { name: c, endpoints: [] }
+routes:
+  - name: r
+    match: { path: { regex: "(unclosed" } }
+    route: { weighted_clusters: [{ cluster: c, weight: 1 }, { cluster: d, weight: 1 }] }
+"#;
+    let errs: Vec<String> = errors(text).iter().map(|e| e.to_string()).collect();
+    let want = [
+        (
+            "weir.yaml:4:",
+            "listeners[1].name: duplicate listener name \"l\"",
+        ),
+        (
+            "weir.yaml:4:",
+            "listeners[1].address: 127.0.0.1:8080 overlaps listener \"l\"",
+        ),
+        (
+            "weir.yaml:7:",
+            "clusters[1].name: duplicate cluster name \"c\"",
+        ),
+        (
+            "weir.yaml:6:",
+            "clusters[0].endpoints[0].address: expected ip:port",
+        ),
+        (
+            "weir.yaml:7:",
+            "clusters[1].endpoints: a cluster needs at least one endpoint",
+        ),
+        ("weir.yaml:10:", "routes[0].match.path.regex: invalid regex"),
+        (
+            "weir.yaml:11:",
+            "routes[0].route.weighted_clusters[1].cluster: unknown cluster \"d\"",
+        ),
+    ];
+    for (pos, msg) in want {
+        assert!(
+            errs.iter().any(|e| e.starts_with(pos) && e.contains(msg)),
+            "missing {pos} {msg} in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+}
+
+#[test]
+fn bad_duration_and_unknown_retry_condition() {
+    let text =
+        format!("{BASE}routes:\n  - name: r\n    route:\n      cluster: c\n      timeout: soon\n");
+    let e = one_error(&text);
+    assert!(
+        e.contains("routes[0].route.timeout: invalid duration \"soon\""),
+        "{e}"
+    );
+    assert!(e.starts_with("weir.yaml:8:"), "{e}");
+    let text = format!("{BASE}routes:\n  - name: r\n    route:\n      cluster: c\n      retry: {{ retry_on: [5xx, sometimes] }}\n");
+    let e = one_error(&text);
+    assert!(
+        e.contains("routes[0].route.retry.retry_on[1]: unknown retry condition \"sometimes\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn syntax_error_and_empty_file() {
+    let e = one_error("routes: [\n");
+    assert!(e.starts_with("weir.yaml:"), "{e}");
+    assert_eq!(one_error("  \n"), "weir.yaml: the file is empty");
+}
+
+#[test]
+fn lb_policy_forms_parse() {
+    let text = "clusters:\n  - { name: a, lb: least_request, endpoints: [{ address: \"127.0.0.1:1\" }] }\n  - { name: b, lb: { ring_hash: { header: x-user } }, endpoints: [{ address: \"127.0.0.1:2\" }] }\n";
+    let snap = load_str("weir.yaml", text).unwrap();
+    assert_eq!(snap.clusters.len(), 2);
+    let e = one_error(
+        "clusters:\n  - { name: a, lb: random, endpoints: [{ address: \"127.0.0.1:1\" }] }\n",
+    );
+    assert!(
+        e.contains("clusters[0].lb: ") && e.contains("round_robin"),
+        "{e}"
+    );
+}
+
+#[test]
+fn same_content_same_version() {
+    let a = load_str("a.yaml", EMBEDDED_DEFAULT).unwrap();
+    let b = load_str("b.yaml", EMBEDDED_DEFAULT).unwrap();
+    assert_eq!(a.version, b.version);
+    let c = load_str("c.yaml", BASE).unwrap();
+    assert_ne!(a.version, c.version);
+}
