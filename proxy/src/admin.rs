@@ -1,0 +1,93 @@
+//! The admin endpoint (loopback only by default): `/ready`, `/stats/prometheus`,
+//! `/config_dump`, `/clusters`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+
+use crate::drain::Drain;
+use crate::metrics::Metrics;
+use crate::state::{now_ms, SharedRuntime};
+
+pub struct AdminApp {
+    pub runtime: SharedRuntime,
+    pub metrics: Arc<Metrics>,
+    pub drain: Arc<Drain>,
+}
+
+fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .body(body.into_bytes())
+        .expect("static response parts are valid")
+}
+
+impl AdminApp {
+    fn clusters(&self) -> serde_json::Value {
+        let rt = self.runtime.load();
+        let now = now_ms();
+        let clusters: Vec<_> = rt
+            .snapshot
+            .clusters
+            .iter()
+            .zip(&rt.clusters)
+            .map(|(c, s)| {
+                let endpoints: Vec<_> = s
+                    .endpoints
+                    .iter()
+                    .zip(&c.endpoints)
+                    .map(|(e, cfg)| {
+                        json!({
+                            "address": e.address.to_string(),
+                            "weight": cfg.weight,
+                            "healthy": e.healthy.load(Ordering::Relaxed),
+                            "ejected": e.is_ejected(now),
+                            "ejected_for_ms": e.ejected_for().map(|d| d.as_millis() as u64),
+                            "active_requests": e.active.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": c.name,
+                    "health_checked": c.health_check.is_some(),
+                    "active_requests": s.active_requests.load(Ordering::Relaxed),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        json!({ "version": rt.snapshot.version, "clusters": clusters })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/ready" if self.drain.is_draining() => respond(503, "text/plain", "DRAINING\n".into()),
+            "/ready" => respond(200, "text/plain", "LIVE\n".into()),
+            "/stats/prometheus" => {
+                let rt = self.runtime.load();
+                respond(200, "text/plain; version=0.0.4", self.metrics.render(&rt))
+            }
+            "/config_dump" => {
+                let rt = self.runtime.load();
+                let dump = json!({ "version": rt.snapshot.version, "config": rt.snapshot.source });
+                respond(200, "application/json", format!("{dump:#}\n"))
+            }
+            "/clusters" => respond(200, "application/json", format!("{:#}\n", self.clusters())),
+            _ => respond(
+                404,
+                "text/plain",
+                "not found; try /ready, /stats/prometheus, /config_dump, /clusters\n".into(),
+            ),
+        }
+    }
+}

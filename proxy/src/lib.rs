@@ -1,0 +1,16 @@
+//! weir's data plane: an L7 proxy on pingora. `weir run` starts [`server::run`].
+
+pub mod admin;
+pub mod downstream;
+pub mod drain;
+pub mod grpc;
+pub mod health;
+pub mod lb;
+pub mod metrics;
+pub mod outlier;
+pub mod proxy;
+pub mod reload;
+pub mod reply;
+pub mod retry;
+pub mod server;
+pub mod state;

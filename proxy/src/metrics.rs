@@ -1,0 +1,149 @@
+//! Prometheus metrics. Names and labels are part of weir's interface (README "Metrics"):
+//! change them only with a note to users.
+
+use std::sync::atomic::Ordering;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::state::{now_ms, Runtime};
+
+/// Every metric weir exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub retries: IntCounterVec,
+    pub upstream_failures: IntCounterVec,
+    pub reloads: IntCounterVec,
+    healthy: IntGaugeVec,
+    ejected: IntGaugeVec,
+    active: IntGaugeVec,
+    config: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let requests = counter(
+            "weir_requests_total",
+            "Downstream requests by listener, route, cluster and response status.",
+            &["listener", "route", "cluster", "code"],
+        );
+        let retries = counter(
+            "weir_upstream_retries_total",
+            "Retries sent to a cluster.",
+            &["cluster"],
+        );
+        let upstream_failures = counter(
+            "weir_upstream_failures_total",
+            "Failed upstream attempts by kind (connect, reset, timeout, status).",
+            &["cluster", "kind"],
+        );
+        let reloads = counter(
+            "weir_config_reloads_total",
+            "Config reloads by result.",
+            &["result"],
+        );
+        let healthy = gauge(
+            "weir_upstream_healthy",
+            "1 if the endpoint passes active health checks.",
+            &["cluster", "endpoint"],
+        );
+        let ejected = gauge(
+            "weir_upstream_ejected",
+            "1 if outlier detection currently ejects the endpoint.",
+            &["cluster", "endpoint"],
+        );
+        let active = gauge(
+            "weir_upstream_active_requests",
+            "Requests in flight to the endpoint.",
+            &["cluster", "endpoint"],
+        );
+        let config = gauge(
+            "weir_config_info",
+            "The active config version (value 1).",
+            &["version"],
+        );
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_request_duration_seconds",
+                "Time from request start to the end of the response.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["listener", "route", "cluster"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("unique metric");
+        Self {
+            registry,
+            requests,
+            duration,
+            retries,
+            upstream_failures,
+            reloads,
+            healthy,
+            ejected,
+            active,
+            config,
+        }
+    }
+
+    /// The Prometheus text exposition, with endpoint gauges read from `runtime` now.
+    pub fn render(&self, runtime: &Runtime) -> String {
+        self.healthy.reset();
+        self.ejected.reset();
+        self.active.reset();
+        self.config.reset();
+        self.config
+            .with_label_values(&[runtime.snapshot.version.as_str()])
+            .set(1);
+        let now = now_ms();
+        for c in &runtime.clusters {
+            for e in &c.endpoints {
+                let addr = e.address.to_string();
+                let labels = [c.name.as_str(), addr.as_str()];
+                self.healthy
+                    .with_label_values(&labels)
+                    .set(e.healthy.load(Ordering::Relaxed) as i64);
+                self.ejected
+                    .with_label_values(&labels)
+                    .set(e.is_ejected(now) as i64);
+                self.active
+                    .with_label_values(&labels)
+                    .set(i64::from(e.active.load(Ordering::Relaxed)));
+            }
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!("encoding metrics failed: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

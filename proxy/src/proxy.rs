@@ -1,0 +1,441 @@
+//! The pingora `ProxyHttp` phases. Each phase is a thin dispatcher: the decisions live in
+//! `weir_policies::routing`, [`crate::lb`], [`crate::retry`], [`crate::outlier`] and
+//! [`crate::reply`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
+use weir_policies::model::{LbPolicy, UpstreamProtocol};
+use weir_policies::routing::{self, RequestView};
+use weir_policies::snapshot::{Cluster, Route};
+
+use crate::drain::{Drain, InFlight};
+use crate::metrics::Metrics;
+use crate::retry::{self, Failure};
+use crate::state::{ClusterState, EndpointLoad, Gauge, Runtime, SharedRuntime};
+use crate::{downstream, grpc, reply};
+
+/// Concurrent h2 streams weir opens on one upstream connection (pingora's default is 1).
+const MAX_H2_STREAMS: usize = 128;
+
+/// One listener's proxy logic.
+pub struct WeirProxy {
+    pub listener: String,
+    pub runtime: SharedRuntime,
+    pub metrics: Arc<Metrics>,
+    pub drain: Arc<Drain>,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    start: Instant,
+    /// The runtime this request started on; it keeps it to the end, across reloads.
+    runtime: Option<Arc<Runtime>>,
+    route: Option<usize>,
+    cluster: Option<usize>,
+    grpc: bool,
+    deadline: Option<Instant>,
+    /// Attempts started (1 after the first `upstream_peer`).
+    tries: u32,
+    /// Endpoints tried, in order; the last one is the current attempt's.
+    tried: Vec<usize>,
+    /// Set when `upstream_response_filter` turned a response into a retry.
+    retry_next: bool,
+    _load: Option<EndpointLoad>,
+    _cluster_slot: Option<Gauge>,
+    retry_slot: Option<Gauge>,
+    _in_flight: InFlight,
+}
+
+impl RequestCtx {
+    fn parts(&self) -> Option<(&Runtime, &Route, &Cluster, &ClusterState)> {
+        let rt = self.runtime.as_deref()?;
+        let route = &rt.snapshot.routes[self.route?];
+        let id = self.cluster?;
+        Some((rt, route, &rt.snapshot.clusters[id], &rt.clusters[id]))
+    }
+
+    /// Feeds the current attempt's result to outlier detection.
+    fn record_result(&self, failed: bool) {
+        if let (Some((_, _, cluster, state)), Some(ep)) = (self.parts(), self.tried.last()) {
+            state.endpoints[*ep].record_result(state, cluster.outlier_detection.as_ref(), failed);
+        }
+    }
+}
+
+impl WeirProxy {
+    /// Whether the route's policy retries `failure` now, and if so takes a retry slot.
+    fn may_retry(&self, session: &Session, ctx: &mut RequestCtx, failure: Failure) -> bool {
+        let (Some(rt), Some(route_id), Some(cluster_id)) =
+            (ctx.runtime.clone(), ctx.route, ctx.cluster)
+        else {
+            return false;
+        };
+        let (route, cluster, state) = (
+            &rt.snapshot.routes[route_id],
+            &rt.snapshot.clusters[cluster_id],
+            &rt.clusters[cluster_id],
+        );
+        let Some(policy) = &route.action.retry else {
+            return false;
+        };
+        let allowed = ctx.tries <= policy.retries
+            && retry::retries(policy, failure)
+            // Safe only before anything reached the client, with the body still replayable.
+            && session.as_downstream().response_written().is_none()
+            && !session.as_downstream().retry_buffer_truncated()
+            && ctx.deadline.is_none_or(|d| Instant::now() < d);
+        if !allowed {
+            return false;
+        }
+        if ctx.retry_slot.is_none() {
+            match Gauge::try_acquire(&state.active_retries, cluster.circuit_breaker.max_retries) {
+                Some(slot) => ctx.retry_slot = Some(slot),
+                None => return false,
+            }
+        }
+        self.metrics
+            .retries
+            .with_label_values(&[cluster.name.as_str()])
+            .inc();
+        true
+    }
+
+    fn count_failure(&self, ctx: &RequestCtx, kind: &str) {
+        if let Some((_, _, cluster, _)) = ctx.parts() {
+            self.metrics
+                .upstream_failures
+                .with_label_values(&[cluster.name.as_str(), kind])
+                .inc();
+        }
+    }
+}
+
+fn failure_kind(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        ErrorType::HTTPStatus(s) => Failure::Status(*s),
+        _ => Failure::Reset,
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for WeirProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            runtime: None,
+            route: None,
+            cluster: None,
+            grpc: false,
+            deadline: None,
+            tries: 0,
+            tried: Vec::new(),
+            retry_next: false,
+            _load: None,
+            _cluster_slot: None,
+            retry_slot: None,
+            _in_flight: self.drain.track(),
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(h1) = session.as_downstream().as_http1() {
+            if downstream::has_framing_conflict(&h1.get_headers_raw_bytes()) {
+                return Err(reply::error(
+                    400,
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let rt = self.runtime.load_full();
+        let req = session.req_header();
+        ctx.grpc = routing::is_grpc(&req.headers);
+        let authority = req.uri.authority().map(|a| a.as_str()).or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        });
+        let view = RequestView {
+            listener: &self.listener,
+            authority,
+            path: req.uri.path(),
+            headers: &req.headers,
+        };
+        let Some((route_id, route)) = routing::select(&rt.snapshot, &view) else {
+            reply::send(session, ctx.grpc, 404, "no route", &[]).await?;
+            return Ok(true);
+        };
+        let cluster_id = routing::pick_cluster(&route.action, fastrand::u64(..));
+        let limit = rt.snapshot.clusters[cluster_id]
+            .circuit_breaker
+            .max_requests;
+        let mut timeout = route.action.timeout;
+        if ctx.grpc {
+            let client = req
+                .headers
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(grpc::parse_timeout);
+            timeout = match (timeout, client) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        ctx.deadline = timeout.map(|t| ctx.start + t);
+        ctx.route = Some(route_id);
+        ctx.cluster = Some(cluster_id);
+        let slot = Gauge::try_acquire(&rt.clusters[cluster_id].active_requests, limit);
+        ctx.runtime = Some(rt);
+        match slot {
+            Some(slot) => ctx._cluster_slot = Some(slot),
+            None => {
+                self.count_failure(ctx, "overflow");
+                reply::send(
+                    session,
+                    ctx.grpc,
+                    503,
+                    "upstream overloaded",
+                    &[("x-weir-overloaded", "true")],
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let now = Instant::now();
+        if ctx.deadline.is_some_and(|d| now >= d) {
+            return Err(reply::error(504, "route timeout"));
+        }
+        let (_, route, cluster, state) = ctx
+            .parts()
+            .ok_or_else(|| reply::error(500, "request not routed"))?;
+        let hash_key = match &cluster.lb {
+            LbPolicy::RingHash { ring_hash } => {
+                session.req_header().headers.get(ring_hash.header.as_str())
+            }
+            _ => None,
+        };
+        let Some(ep) = state.pick(&cluster.lb, hash_key.map(|v| v.as_bytes()), &ctx.tried) else {
+            return Err(reply::error(503, "no healthy upstream"));
+        };
+        let endpoint = &state.endpoints[ep];
+        let mut peer = HttpPeer::new(endpoint.address, false, String::new());
+        peer.options.connection_timeout = Some(cluster.connect_timeout);
+        let per_try = route.action.retry.as_ref().and_then(|r| r.per_try_timeout);
+        let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
+        peer.options.read_timeout = match (per_try, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if cluster.protocol == UpstreamProtocol::H2c {
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = MAX_H2_STREAMS;
+        }
+        let load = EndpointLoad::new(endpoint);
+        ctx._load = Some(load);
+        ctx.tried.push(ep);
+        ctx.tries += 1;
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some((_, route, _, _)) = ctx.parts() else {
+            return Ok(());
+        };
+        let original = session
+            .req_header()
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str());
+        if let Some(path) = routing::rewrite_path(route, original) {
+            let uri = path.parse::<http::Uri>().map_err(|e| {
+                Error::because(
+                    ErrorType::InternalError,
+                    "rewritten path is not a valid URI",
+                    e,
+                )
+            })?;
+            upstream.set_uri(uri);
+        }
+        let mutation = &route.action.request_headers;
+        for name in &mutation.remove {
+            upstream.remove_header(name.as_str());
+        }
+        for (k, v) in &mutation.set {
+            upstream.insert_header(k.clone(), v.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        ctx.record_result(status >= 500);
+        if status >= 500 {
+            self.count_failure(ctx, "status");
+        }
+        let grpc_status = resp
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|s| *s != 0);
+        let retry = self.may_retry(session, ctx, Failure::Status(status))
+            || grpc_status.is_some_and(|g| self.may_retry(session, ctx, Failure::Grpc(g)));
+        if retry {
+            ctx.retry_next = true;
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                "retriable response",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some((_, route, _, _)) = ctx.parts() else {
+            return Ok(());
+        };
+        let mutation = &route.action.response_headers;
+        for name in &mutation.remove {
+            resp.remove_header(name.as_str());
+        }
+        for (k, v) in &mutation.set {
+            resp.insert_header(k.clone(), v.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.record_result(true);
+        self.count_failure(ctx, "connect");
+        let retry = self.may_retry(session, ctx, Failure::Connect);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.retry_next) {
+            e.set_retry(true);
+            return e;
+        }
+        if *e.esource() != ErrorSource::Upstream {
+            e.set_retry(false);
+            return e;
+        }
+        // A pooled connection the upstream had already closed: the request never reached it,
+        // so trying again is safe whatever the policy (pingora's own rule).
+        let mut stale = e.retry.clone();
+        stale.decide_reuse(client_reused);
+        let safe = session.as_downstream().response_written().is_none()
+            && !session.as_downstream().retry_buffer_truncated();
+        if client_reused && matches!(e.retry, RetryType::ReusedOnly) && stale.retry() && safe {
+            e.set_retry(true);
+            return e;
+        }
+        let failure = failure_kind(&e);
+        ctx.record_result(true);
+        self.count_failure(
+            ctx,
+            if failure == Failure::Timeout {
+                "timeout"
+            } else {
+                "reset"
+            },
+        );
+        let retry = self.may_retry(session, ctx, failure);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = reply::status_for_error(e.etype(), e.esource());
+        let written = session.as_downstream().response_written().is_some();
+        if code > 0 && !written {
+            let why = reply::reason(code, e.etype());
+            if let Err(err) = reply::send(session, ctx.grpc, code, why, &[]).await {
+                tracing::debug!("could not send error reply: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let code = match session.as_downstream().response_written() {
+            Some(r) => r.status.as_u16(),
+            None => e.map_or(0, |e| reply::status_for_error(e.etype(), e.esource())),
+        };
+        let (route, cluster) = match ctx.parts() {
+            Some((_, r, c, _)) => (r.name.as_str(), c.name.as_str()),
+            None => ("", ""),
+        };
+        let code = code.to_string();
+        self.metrics
+            .requests
+            .with_label_values(&[self.listener.as_str(), route, cluster, code.as_str()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[self.listener.as_str(), route, cluster])
+            .observe(ctx.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,132 @@
+//! Config from a file: loaded at start, reloaded on SIGHUP and when the file changes. A file
+//! that fails to load is logged and ignored; the running config stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{signal, SignalKind};
+use weir_policies::{load_str, Snapshot};
+
+use crate::metrics::Metrics;
+use crate::state::{Runtime, SharedRuntime};
+
+/// Wait after a change event before reading, so an editor's write-then-rename settles.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Reads and validates a config file; the error text names file, line and field.
+pub fn load_file(path: &Path) -> Result<Snapshot, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    load_str(&path.display().to_string(), &text).map_err(|e| e.to_string())
+}
+
+/// The background service that applies config changes.
+pub struct Reloader {
+    /// `None` when running the embedded default: SIGHUP is then logged and ignored.
+    pub path: Option<PathBuf>,
+    pub runtime: SharedRuntime,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Loads the file and swaps it in if it is valid and different from the running config.
+    pub fn reload(&self) {
+        let Some(path) = &self.path else {
+            tracing::info!("running the embedded default config: nothing to reload");
+            return;
+        };
+        match load_file(path) {
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+                tracing::error!(
+                    "config reload rejected, keeping version {}:\n{e}",
+                    self.runtime.load().snapshot.version
+                );
+            }
+            Ok(snapshot) => {
+                let old = self.runtime.load_full();
+                if snapshot.version == old.snapshot.version {
+                    return;
+                }
+                if snapshot.source.listeners != old.snapshot.source.listeners
+                    || snapshot.source.admin != old.snapshot.source.admin
+                {
+                    tracing::warn!("listener or admin changes take effect on restart; routes and clusters apply now");
+                }
+                let version = snapshot.version.clone();
+                self.runtime
+                    .store(Arc::new(Runtime::new(Arc::new(snapshot), Some(&old))));
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(from = %old.snapshot.version, to = %version, "config reloaded");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let file_name = self
+            .path
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_os_string());
+        let mut watcher = match self.path.as_ref().map(|_| {
+            notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                // Watch the directory (editors and Kubernetes replace files by rename) but react
+                // only to events on our file.
+                if let Ok(ev) = ev {
+                    if ev
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+            })
+        }) {
+            None => None,
+            Some(Ok(w)) => Some(w),
+            Some(Err(e)) => {
+                tracing::error!("cannot watch config file, SIGHUP still reloads: {e}");
+                None
+            }
+        };
+        let dir = self
+            .path
+            .as_deref()
+            .and_then(|p| p.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let Some(w) = watcher.as_mut() {
+            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::error!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
+            }
+        }
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    self.reload();
+                }
+                Some(()) = rx.recv() => {
+                    tokio::time::sleep(SETTLE).await;
+                    while rx.try_recv().is_ok() {}
+                    self.reload();
+                }
+            }
+        }
+    }
+}

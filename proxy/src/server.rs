@@ -1,0 +1,106 @@
+//! Assembles the pingora server: one proxy service per listener, the admin service, health
+//! checks and config reloads, all reading one shared runtime.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use weir_policies::Snapshot;
+
+use crate::admin::AdminApp;
+use crate::drain::{Drain, DrainSignal};
+use crate::health::HealthChecker;
+use crate::metrics::Metrics;
+use crate::proxy::WeirProxy;
+use crate::reload::Reloader;
+use crate::state::{Runtime, SharedRuntime};
+
+/// How `weir run` runs.
+pub struct RunOptions {
+    /// The file to reload on change and SIGHUP; `None` for the embedded default.
+    pub config_path: Option<PathBuf>,
+    /// Worker threads per listener.
+    pub threads: usize,
+    /// Longest drain after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+/// Runs weir until SIGTERM (drain) or SIGINT; does not return.
+pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
+    let mut conf = ServerConf {
+        threads: opts.threads.max(1),
+        grace_period_seconds: Some(opts.drain_timeout.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    // Retries are decided per route by weir's policy; this only bounds pingora's loop.
+    conf.max_retries = 16;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let listeners = snapshot.listeners.clone();
+    let admin = snapshot.admin;
+    let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::new(
+        Arc::new(snapshot),
+        None,
+    )));
+    let metrics = Arc::new(Metrics::new());
+    let drain = Arc::new(Drain::default());
+
+    for l in &listeners {
+        let proxy = WeirProxy {
+            listener: l.name.clone(),
+            runtime: runtime.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+        };
+        let mut service =
+            http_proxy_service_with_name(&conf, proxy, &format!("listener {}", l.name));
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        if let Some(app) = service.app_logic_mut() {
+            app.server_options = Some(options);
+        }
+        service.add_tcp(&l.address.to_string());
+        server.add_service(service);
+        tracing::info!(listener = %l.name, address = %l.address, "listening");
+    }
+    if let Some(addr) = admin {
+        let app = AdminApp {
+            runtime: runtime.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+        };
+        let mut service = Service::new("admin".to_string(), app);
+        service.add_tcp(&addr.to_string());
+        server.add_service(service);
+        tracing::info!(address = %addr, "admin listening");
+    }
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(runtime.clone()),
+    ));
+    server.add_service(background_service(
+        "config reload",
+        Reloader {
+            path: opts.config_path,
+            runtime,
+            metrics,
+        },
+    ));
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainSignal {
+            drain,
+            deadline: opts.drain_timeout,
+        }),
+    });
+    std::process::exit(0)
+}

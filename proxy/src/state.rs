@@ -1,0 +1,253 @@
+//! The live state the data path reads: one immutable [`Snapshot`] plus per-cluster and
+//! per-endpoint counters. A config reload builds a new [`Runtime`] and swaps it in; endpoint
+//! state (health, load, ejection) carries over for endpoints that stay.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use weir_policies::model::{LbPolicy, SimpleLb};
+use weir_policies::Snapshot;
+
+use crate::lb::{self, Candidate, Ring};
+use crate::outlier::{self, Verdict};
+
+/// Milliseconds since the process started; compact enough for atomics.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The state every request reads once at its start.
+pub struct Runtime {
+    pub snapshot: Arc<Snapshot>,
+    /// Same order as `snapshot.clusters`.
+    pub clusters: Vec<Arc<ClusterState>>,
+}
+
+/// Where the current [`Runtime`] lives; readers never block writers.
+pub type SharedRuntime = Arc<ArcSwap<Runtime>>;
+
+impl Runtime {
+    /// Builds the runtime for `snapshot`, reusing endpoint state from `previous` for endpoints
+    /// with the same cluster name and address.
+    pub fn new(snapshot: Arc<Snapshot>, previous: Option<&Runtime>) -> Self {
+        let clusters = snapshot
+            .clusters
+            .iter()
+            .map(|c| {
+                let old = previous.and_then(|p| p.clusters.iter().find(|o| o.name == c.name));
+                let endpoints = c
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        old.and_then(|o| o.endpoints.iter().find(|x| x.address == e.address))
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(EndpointState::new(e.address)))
+                    })
+                    .collect::<Vec<_>>();
+                let ring = match &c.lb {
+                    LbPolicy::RingHash { .. } => Some(Ring::new(
+                        &c.endpoints
+                            .iter()
+                            .map(|e| (e.address, e.weight))
+                            .collect::<Vec<_>>(),
+                    )),
+                    _ => None,
+                };
+                Arc::new(ClusterState {
+                    name: c.name.clone(),
+                    weights: c.endpoints.iter().map(|e| e.weight).collect(),
+                    endpoints,
+                    ring,
+                    rr: AtomicU64::new(fastrand::u64(..)),
+                    active_requests: old.map_or_else(
+                        || Arc::new(AtomicU32::new(0)),
+                        |o| o.active_requests.clone(),
+                    ),
+                    active_retries: old
+                        .map_or_else(|| Arc::new(AtomicU32::new(0)), |o| o.active_retries.clone()),
+                })
+            })
+            .collect();
+        Self { snapshot, clusters }
+    }
+}
+
+/// One cluster's live state.
+pub struct ClusterState {
+    pub name: String,
+    pub endpoints: Vec<Arc<EndpointState>>,
+    /// Same order as `endpoints`.
+    pub weights: Vec<u32>,
+    ring: Option<Ring>,
+    rr: AtomicU64,
+    /// Shared across reloads so circuit-breaker limits hold while old requests finish.
+    pub active_requests: Arc<AtomicU32>,
+    pub active_retries: Arc<AtomicU32>,
+}
+
+impl ClusterState {
+    fn candidates(&self, now: u64, avoid: &[usize]) -> Vec<Candidate> {
+        self.endpoints
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .map(|(i, (e, w))| Candidate {
+                weight: *w,
+                active: e.active.load(Ordering::Relaxed),
+                available: e.is_available(now) && !avoid.contains(&i),
+            })
+            .collect()
+    }
+
+    /// Picks an endpoint by `policy`. Endpoints in `avoid` (already tried by this request) are
+    /// used only if nothing else is available. `hash_key` feeds ring hash.
+    pub fn pick(
+        &self,
+        policy: &LbPolicy,
+        hash_key: Option<&[u8]>,
+        avoid: &[usize],
+    ) -> Option<usize> {
+        let now = now_ms();
+        let mut cands = self.candidates(now, avoid);
+        if !cands.iter().any(|c| c.available) && !avoid.is_empty() {
+            cands = self.candidates(now, &[]);
+        }
+        match (policy, &self.ring, hash_key) {
+            (LbPolicy::RingHash { .. }, Some(ring), Some(key)) => {
+                ring.pick(lb::hash_of(key), &cands)
+            }
+            (LbPolicy::Simple(SimpleLb::LeastRequest), ..) => {
+                lb::least_request(&cands, fastrand::u64(..), fastrand::u64(..))
+            }
+            _ => lb::round_robin(&cands, self.rr.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Endpoints currently ejected by outlier detection.
+    pub fn ejected_count(&self) -> usize {
+        let now = now_ms();
+        self.endpoints.iter().filter(|e| e.is_ejected(now)).count()
+    }
+}
+
+/// One endpoint's live state, shared by every runtime that contains it.
+pub struct EndpointState {
+    pub address: SocketAddr,
+    pub active: AtomicU32,
+    /// Active health: false once `unhealthy_threshold` checks failed in a row.
+    pub healthy: AtomicBool,
+    pub(crate) check_successes: AtomicU32,
+    pub(crate) check_failures: AtomicU32,
+    /// `now_ms()` of the next active health check, and whether one is running.
+    pub(crate) next_check: AtomicU64,
+    pub(crate) checking: AtomicBool,
+    consecutive_failures: AtomicU32,
+    times_ejected: AtomicU32,
+    /// `now_ms()` until which the endpoint is ejected; 0 when it is not.
+    ejected_until: AtomicU64,
+}
+
+impl EndpointState {
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            active: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            check_successes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
+            next_check: AtomicU64::new(0),
+            checking: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            times_ejected: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    pub fn is_available(&self, now: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.is_ejected(now)
+    }
+
+    /// Feeds one result into outlier detection (no-op for clusters without it).
+    pub fn record_result(
+        &self,
+        cluster: &ClusterState,
+        cfg: Option<&weir_policies::model::OutlierDetection>,
+        failed: bool,
+    ) {
+        let Some(cfg) = cfg else { return };
+        let verdict = outlier::judge(
+            cfg,
+            failed,
+            self.consecutive_failures.load(Ordering::Relaxed),
+            self.times_ejected.load(Ordering::Relaxed),
+            cluster.ejected_count(),
+            cluster.endpoints.len(),
+        );
+        match verdict {
+            Verdict::Keep {
+                consecutive_failures,
+            } => self
+                .consecutive_failures
+                .store(consecutive_failures, Ordering::Relaxed),
+            Verdict::Eject(d) => {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                self.times_ejected.fetch_add(1, Ordering::Relaxed);
+                self.ejected_until
+                    .store(now_ms() + d.as_millis() as u64, Ordering::Relaxed);
+                tracing::warn!(endpoint = %self.address, cluster = %cluster.name, ejected_for = ?d, "outlier ejected");
+            }
+        }
+    }
+
+    /// Time left in the current ejection.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+}
+
+/// Increments a counter now and decrements it when dropped.
+pub struct Gauge(Arc<AtomicU32>);
+
+impl Gauge {
+    /// Increments unless that would exceed `limit`; `None` when the limit is reached.
+    pub fn try_acquire(counter: &Arc<AtomicU32>, limit: u32) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(counter.clone()))
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a request in flight on an endpoint for least-request balancing.
+pub struct EndpointLoad(Arc<EndpointState>);
+
+impl EndpointLoad {
+    pub fn new(e: &Arc<EndpointState>) -> Self {
+        e.active.fetch_add(1, Ordering::AcqRel);
+        Self(e.clone())
+    }
+}
+
+impl Drop for EndpointLoad {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
