@@ -1,1 +1,7 @@
-fn main() {}
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/echo.proto");
+    // protox compiles the .proto in pure Rust: no system protoc needed.
+    let fds = protox::compile(["proto/echo.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

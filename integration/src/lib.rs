@@ -1,1 +1,11 @@
-//! placeholder
+//! Test support for weir's end-to-end tests and benchmarks: real backends (HTTP/1.1 + h2c,
+//! gRPC with all four RPC kinds and health), and a harness that runs the real `weir` binary.
+
+pub mod grpc_backend;
+pub mod http_backend;
+pub mod weir_process;
+
+/// Generated from `proto/echo.proto`.
+pub mod pb {
+    tonic::include_proto!("weir.test");
+}

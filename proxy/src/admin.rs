@@ -69,6 +69,15 @@ impl AdminApp {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // pingora's ServeHttp keeps every connection alive; HTTP/1.0 clients expect a close.
+        let req = session.req_header();
+        let keep_alive = req
+            .headers
+            .get("connection")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+        if req.version == http::Version::HTTP_10 && !keep_alive {
+            session.set_keepalive(None);
+        }
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/ready" if self.drain.is_draining() => respond(503, "text/plain", "DRAINING\n".into()),

@@ -1,0 +1,73 @@
+//! Malformed and hostile requests get a 4xx from weir and never reach the backend.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use weir_integration::http_backend::HttpBackend;
+
+use crate::*;
+
+/// Writes raw bytes and returns the status line weir answers with ("" if it just closed).
+fn raw(listen: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(listen).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_400_and_never_reach_the_backend() {
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let listen = s.listen;
+    let ok = tokio::task::spawn_blocking(move || {
+        raw(
+            listen,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(backend.requests(), 1);
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "CL + TE smuggling",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+        ),
+        ("garbage request line", b"HELLO?\r\n\r\n".to_vec()),
+        ("space in header name", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".to_vec()),
+        (
+            "invalid content-length",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
+        ),
+        (
+            "oversize headers",
+            [
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec(),
+                vec![b'a'; 2 << 20],
+                b"\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let line = tokio::task::spawn_blocking(move || raw(listen, &bytes))
+            .await
+            .unwrap();
+        let status: u16 = line.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!(
+            (400..500).contains(&status),
+            "{name}: expected a 4xx, got {line:?}"
+        );
+    }
+    assert_eq!(backend.requests(), 1, "no bad request reached the backend");
+}

@@ -1,0 +1,262 @@
+//! HTTP/1.1 and h2c through weir: protocol crossing, route features, streaming, balancing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use weir_integration::http_backend::HttpBackend;
+
+use crate::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h1_and_h2c_clients_reach_h1_and_h2c_upstreams() {
+    let backend = HttpBackend::start("b").await;
+    let rest = format!(
+        "routes:\n  - name: to-h2c\n    match: {{ path: {{ prefix: /h2/ }} }}\n    route: {{ cluster: up-h2c }}\n  - name: to-h1\n    match: {{ path: {{ prefix: / }} }}\n    route: {{ cluster: up-h1 }}\nclusters:\n{}{}",
+        cluster("up-h1", "http1", &[backend.addr], ""),
+        cluster("up-h2c", "h2c", &[backend.addr], "")
+    );
+    let s = start(&rest);
+    for (client, name) in [(h1_client(), "h1"), (h2c_client(), "h2c")] {
+        let r = get(&client, s.listen, "/x?q=1").await;
+        assert_eq!(r.status, 200, "{name}: {r:?}");
+        assert_eq!(
+            r.json()["version"],
+            "HTTP/1.1",
+            "{name} client to h1 upstream"
+        );
+        assert_eq!(r.json()["query"], "q=1");
+        let r = get(&client, s.listen, "/h2/x").await;
+        assert_eq!(r.status, 200, "{name}: {r:?}");
+        assert_eq!(
+            r.json()["version"],
+            "HTTP/2.0",
+            "{name} client to h2c upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_match_rewrite_and_edit_headers() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let rest = format!(
+        r#"routes:
+  - name: canary
+    match:
+      path: {{ prefix: /api/ }}
+      headers: [{{ name: x-canary, exact: "1" }}]
+    route: {{ cluster: b }}
+  - name: api
+    match:
+      host: "*.example.com"
+      path: {{ prefix: /api/ }}
+    route:
+      cluster: a
+      prefix_rewrite: /v2/
+      request_headers:
+        add: [{{ name: x-weir-route, value: api }}]
+        remove: [x-debug]
+      response_headers:
+        add: [{{ name: x-served-by, value: weir }}]
+        remove: [x-backend]
+  - name: items
+    match: {{ path: {{ regex: "/items/[0-9]+" }} }}
+    route: {{ cluster: b }}
+clusters:
+{}{}"#,
+        cluster("a", "http1", &[a.addr], ""),
+        cluster("b", "http1", &[b.addr], "")
+    );
+    let s = start(&rest);
+    let c = h1_client();
+    let r = send(
+        &c,
+        s.listen,
+        "GET",
+        "/api/users?id=7",
+        &[("host", "shop.example.com"), ("x-debug", "1")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["backend"], "a");
+    assert_eq!(j["path"], "/v2/users");
+    assert_eq!(j["query"], "id=7");
+    assert_eq!(j["headers"]["x-weir-route"], "api");
+    assert!(
+        j["headers"].get("x-debug").is_none(),
+        "x-debug removed: {j}"
+    );
+    assert_eq!(r.headers["x-served-by"], "weir");
+    assert!(r.headers.get("x-backend").is_none());
+
+    let r = send(
+        &c,
+        s.listen,
+        "GET",
+        "/api/users",
+        &[("host", "shop.example.com"), ("x-canary", "1")],
+    )
+    .await;
+    assert_eq!(r.json()["backend"], "b");
+    assert_eq!(
+        r.json()["path"],
+        "/api/users",
+        "canary route does not rewrite"
+    );
+
+    assert_eq!(get(&c, s.listen, "/items/42").await.json()["backend"], "b");
+    let r = get(&c, s.listen, "/items/42/more").await;
+    assert_eq!(r.status, 404, "anchored regex: {r:?}");
+    let r = send(
+        &c,
+        s.listen,
+        "GET",
+        "/api/users",
+        &[("host", "example.org")],
+    )
+    .await;
+    assert_eq!(r.status, 404, "host mismatch: {r:?}");
+    assert_eq!(r.body, "no route\n");
+}
+
+/// Reads one body frame with a deadline.
+async fn next_chunk(body: &mut hyper::body::Incoming) -> String {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("a chunk within 5s: weir must not buffer the stream")
+            .expect("more frames")
+            .expect("frame");
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                return String::from_utf8_lossy(&data).into_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn response_bodies_stream_chunk_by_chunk() {
+    let backend = HttpBackend::start("s").await;
+    let rest = format!(
+        "routes:\n  - name: all\n    route: {{ cluster: s }}\nclusters:\n{}",
+        cluster("s", "http1", &[backend.addr], "")
+    );
+    let s = start(&rest);
+    for client in [h1_client(), h2c_client()] {
+        let req = ::http::Request::get(format!("http://{}/gated-chunks/3", s.listen))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        // Each chunk after the first is sent only once the test has seen the previous one.
+        assert_eq!(next_chunk(&mut body).await, "chunk0;");
+        backend.open_gate();
+        assert_eq!(next_chunk(&mut body).await, "chunk1;");
+        backend.open_gate();
+        assert_eq!(next_chunk(&mut body).await, "chunk2;");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weighted_split_follows_weights() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let rest = format!(
+        "routes:\n  - name: split\n    route:\n      weighted_clusters: [{{ cluster: a, weight: 80 }}, {{ cluster: b, weight: 20 }}]\nclusters:\n{}{}",
+        cluster("a", "http1", &[a.addr], ""),
+        cluster("b", "http1", &[b.addr], "")
+    );
+    let s = start(&rest);
+    let c = h1_client();
+    for _ in 0..1000 {
+        assert_eq!(get(&c, s.listen, "/").await.status, 200);
+    }
+    // Binomial(1000, 0.8): sd ~12.6; +-6 sd keeps this from flaking.
+    let got = a.requests();
+    assert_eq!(got + b.requests(), 1000);
+    assert!(
+        (725..=875).contains(&got),
+        "a got {got} of 1000, expected ~800"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_and_ring_hash_spread_and_stick() {
+    let backends = [
+        HttpBackend::start("r0").await,
+        HttpBackend::start("r1").await,
+        HttpBackend::start("r2").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let rest = format!(
+        "routes:\n  - name: sticky\n    match: {{ path: {{ prefix: /sticky }} }}\n    route: {{ cluster: ring }}\n  - name: rr\n    route: {{ cluster: rr }}\nclusters:\n{}{}",
+        cluster("rr", "http1", &addrs, ""),
+        cluster("ring", "http1", &addrs, "    lb: { ring_hash: { header: x-user } }\n")
+    );
+    let s = start(&rest);
+    let c = h1_client();
+    for _ in 0..30 {
+        get(&c, s.listen, "/").await;
+    }
+    for b in &backends {
+        assert_eq!(b.requests(), 10, "round robin is exact");
+    }
+    let mut owner: HashMap<String, String> = HashMap::new();
+    for round in 0..3 {
+        for user in 0..20 {
+            let user = format!("user-{user}");
+            let r = send(&c, s.listen, "GET", "/sticky", &[("x-user", &user)]).await;
+            let got = r.backend();
+            if round == 0 {
+                owner.insert(user, got);
+            } else {
+                assert_eq!(owner[&user], got, "{user} moved");
+            }
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owner.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "20 users all on one backend: {owner:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn least_request_avoids_the_busy_endpoint() {
+    let slow = HttpBackend::start("slow").await;
+    let fast = HttpBackend::start("fast").await;
+    slow.delay_all(300);
+    let rest = format!(
+        "routes:\n  - name: all\n    route: {{ cluster: lr }}\nclusters:\n{}",
+        cluster(
+            "lr",
+            "http1",
+            &[slow.addr, fast.addr],
+            "    lb: least_request\n"
+        )
+    );
+    let s = start(&rest);
+    let c = h1_client();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let c = c.clone();
+        let listen = s.listen;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                assert_eq!(get(&c, listen, "/").await.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (s_n, f_n) = (slow.requests(), fast.requests());
+    assert_eq!(s_n + f_n, 80);
+    // Round robin would give 40/40; two choices send most to the idle endpoint.
+    assert!(f_n > s_n * 2, "fast {f_n}, slow {s_n}");
+}

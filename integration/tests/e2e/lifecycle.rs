@@ -1,0 +1,116 @@
+//! The `weir` command line: the embedded default, `validate`, start-up errors and draining on
+//! SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weir_integration::http_backend::HttpBackend;
+use weir_integration::weir_process::{admin_get, weir_binary};
+
+use crate::grpc::wait_until;
+use crate::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_default_serves_admin_and_demo_route() {
+    let mut child = Command::new(weir_binary())
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn weir");
+    let admin = "127.0.0.1:15000".parse().unwrap();
+    wait_until(|| matches!(admin_get(admin, "/ready"), Ok((200, _)))).await;
+    let r = get(&h1_client(), "127.0.0.1:15001".parse().unwrap(), "/demo").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-weir-demo"], "it works");
+    assert_eq!(r.body, "LIVE\n");
+    let (status, dump) = admin_get(admin, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["config"]["routes"][0]["name"], "demo");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn validate_reports_every_error_with_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, weir_policies_default()).unwrap();
+    let out = Command::new(weir_binary())
+        .arg("validate")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "clusters:\n  - name: c\n    endpoints: [{ address: \"127.0.0.1:1\" }]\nroutes:\n  - name: r\n    route: { cluster: nope }\n  - name: r\n    route: { cluster: c }\n",
+    )
+    .unwrap();
+    let out = Command::new(weir_binary())
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let path = bad.display();
+    assert!(
+        err.contains(&format!("{path}:6:"))
+            && err.contains("routes[0].route.cluster: unknown cluster \"nope\""),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{path}:7:"))
+            && err.contains("routes[1].name: duplicate route name \"r\""),
+        "{err}"
+    );
+
+    // `run` refuses to start on it, with the same errors.
+    let out = Command::new(weir_binary())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown cluster"));
+}
+
+fn weir_policies_default() -> &'static str {
+    include_str!("../../../policies/examples/default.yaml")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let backend = HttpBackend::start("b").await;
+    let Setup { mut weir, listen } = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let c = h1_client();
+    let slow = tokio::spawn({
+        let c = c.clone();
+        async move { get(&c, listen, "/delay/1000").await }
+    });
+    wait_until(|| backend.requests() == 1).await;
+    weir.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        std::net::TcpStream::connect(listen).is_err(),
+        "a draining weir accepts no new connections"
+    );
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "the in-flight request completed");
+    let (code, took) = tokio::task::spawn_blocking(move || {
+        let r = weir.wait_exit(Duration::from_secs(8));
+        drop(weir);
+        r
+    })
+    .await
+    .unwrap()
+    .expect("weir exits once drained, well before the 10s drain timeout");
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+}

@@ -1,0 +1,124 @@
+//! End-to-end tests: the real `weir` binary between real clients and real backends, all on
+//! 127.0.0.1. One test binary for the crate (modules below) keeps CI's link time down.
+
+mod bad_input;
+mod grpc;
+mod http;
+mod lifecycle;
+mod reload;
+mod resilience;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use weir_integration::weir_process::{free_port, Weir};
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 client.
+pub fn h1_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c client (HTTP/2 with prior knowledge).
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: ::http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// The JSON the test backend writes for echo requests.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not json ({e}): {}", self.body))
+    }
+
+    pub fn backend(&self) -> String {
+        self.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Sends a request through weir and reads the whole reply.
+pub async fn send(
+    client: &HttpClient,
+    listen: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = ::http::Request::builder()
+        .method(method)
+        .uri(format!("http://{listen}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new())).expect("valid request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("reply within 20s")
+        .expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub async fn get(client: &HttpClient, listen: SocketAddr, path: &str) -> Reply {
+    send(client, listen, "GET", path, &[]).await
+}
+
+/// A weir with one listener `main`; `rest` is YAML with routes and clusters.
+pub struct Setup {
+    pub weir: Weir,
+    pub listen: SocketAddr,
+}
+
+pub fn config_text(listen: SocketAddr, admin: SocketAddr, rest: &str) -> String {
+    format!("admin:\n  address: \"{admin}\"\nlisteners:\n  - name: main\n    address: \"{listen}\"\n{rest}")
+}
+
+pub fn start(rest: &str) -> Setup {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let weir = Weir::start(&config_text(listen, admin, rest), admin);
+    Setup { weir, listen }
+}
+
+/// A cluster block: `name`, protocol, endpoints, and extra indented YAML lines.
+pub fn cluster(name: &str, protocol: &str, endpoints: &[SocketAddr], extra: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("{{ address: \"{a}\" }}"))
+        .collect();
+    format!(
+        "  - name: {name}\n    protocol: {protocol}\n    endpoints: [{}]\n{extra}",
+        eps.join(", ")
+    )
+}
+
+/// Admin `/clusters` as JSON.
+pub fn clusters_json(weir: &Weir) -> serde_json::Value {
+    let (_, body) =
+        weir_integration::weir_process::admin_get(weir.admin, "/clusters").expect("clusters");
+    serde_json::from_str(&body).expect("json")
+}
