@@ -376,11 +376,9 @@ impl ProxyHttp for WeirProxy {
         }
         // A pooled connection the upstream had already closed: the request never reached it,
         // so trying again is safe whatever the policy (pingora's own rule).
-        let mut stale = e.retry.clone();
-        stale.decide_reuse(client_reused);
         let safe = session.as_downstream().response_written().is_none()
             && !session.as_downstream().retry_buffer_truncated();
-        if client_reused && matches!(e.retry, RetryType::ReusedOnly) && stale.retry() && safe {
+        if client_reused && matches!(e.retry, RetryType::ReusedOnly) && safe {
             e.set_retry(true);
             return e;
         }

@@ -154,12 +154,18 @@ async fn bidi_ping_pong_with_half_close() {
 async fn errors_deadlines_and_trailers_only_responses() {
     let backend = GrpcBackend::start("g").await;
     let dead = weir_integration::weir_process::free_port();
+    // An upstream that ignores grpc-timeout (tonic servers enforce it themselves).
+    let deaf = weir_integration::http_backend::HttpBackend::start("deaf").await;
+    deaf.delay_all(2000);
     let rest = format!(
-        "routes:\n  - name: echo\n    match: {{ grpc: {{ service: weir.test.Echo, method: Unary }} }}\n    route: {{ cluster: echo }}\n  - name: dead\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: dead }}\nclusters:\n{}{}",
+        "routes:\n  - name: deaf\n    match: {{ headers: [{{ name: x-target, exact: deaf }}] }}\n    route: {{ cluster: deaf }}\n  - name: echo\n    match: {{ grpc: {{ service: weir.test.Echo, method: Unary }} }}\n    route: {{ cluster: echo }}\n  - name: dead\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: dead }}\nclusters:\n{}{}",
         cluster("echo", "h2c", &[backend.addr], ""),
         cluster("dead", "h2c", &[format!("127.0.0.1:{dead}").parse().unwrap()], "")
-    );
-    let s = start(&rest);
+    ) + &cluster("deaf", "h2c", &[deaf.addr], "");
+    let s = start(&rest.replace(
+        "route: { cluster: echo }",
+        "route: { cluster: echo, timeout: 500ms }",
+    ));
     let mut c = client(s.listen).await;
 
     // The upstream's own error, trailers-only, with its metadata.
@@ -170,18 +176,31 @@ async fn errors_deadlines_and_trailers_only_responses() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert_eq!(e.metadata().get("x-failure-detail").unwrap(), "asked-for");
 
-    // The client's deadline (grpc-timeout) is enforced by weir.
+    // The route's timeout: DEADLINE_EXCEEDED from weir, not a hang.
     backend.state.unary_delay_ms.store(2000, Ordering::SeqCst);
-    let mut req = tonic::Request::new(msg("slow", 0));
-    req.metadata_mut()
-        .insert("grpc-timeout", "200m".parse().unwrap());
     let started = std::time::Instant::now();
-    let e = c.unary(req).await.expect_err("deadline");
+    let e = c.unary(msg("slow", 0)).await.expect_err("deadline");
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(
         started.elapsed() < Duration::from_millis(1900),
-        "cut at the deadline, not after the upstream answered"
+        "cut at the route timeout"
     );
+
+    // The client's own deadline (grpc-timeout) is enforced too, even when the upstream
+    // ignores it. tonic clients time calls out themselves, so this one is made by hand to see
+    // what weir puts on the wire.
+    let started = std::time::Instant::now();
+    let r = raw_unary(s.listen, &[("grpc-timeout", "200m"), ("x-target", "deaf")]).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "cut at 200ms"
+    );
+    assert_eq!(r.status, 200, "gRPC errors are HTTP 200: {r:?}");
+    assert_eq!(
+        r.headers["grpc-status"], "4",
+        "trailers-only DEADLINE_EXCEEDED: {r:?}"
+    );
+    assert_eq!(r.body, "");
     backend.state.unary_delay_ms.store(0, Ordering::SeqCst);
 
     // No upstream listening: UNAVAILABLE.
@@ -309,6 +328,36 @@ async fn grpc_health_check_ejects_not_serving_endpoint() {
         .set_serving::<weir_integration::pb::echo_server::EchoServer<weir_integration::grpc_backend::EchoService>>()
         .await;
     wait_until(|| clusters_json(&s.weir)["clusters"][0]["endpoints"][0]["healthy"] == true).await;
+}
+
+/// A unary `weir.test.Echo/Unary` call made by hand over h2c, with extra headers.
+async fn raw_unary(listen: SocketAddr, headers: &[(&str, &str)]) -> Reply {
+    use prost::Message;
+    let mut body = vec![0u8];
+    let encoded = msg("raw", 0).encode_to_vec();
+    body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    body.extend_from_slice(&encoded);
+    let mut req = ::http::Request::post(format!("http://{listen}/weir.test.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = h2c_client().request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 /// Polls `f` for up to 10 s.
