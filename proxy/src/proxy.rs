@@ -406,6 +406,9 @@ impl ProxyHttp for WeirProxy {
         let code = reply::status_for_error(e.etype(), e.esource());
         let written = session.as_downstream().response_written().is_some();
         if code > 0 && !written {
+            // pingora closes the downstream connection after a failed proxy attempt; say so,
+            // or a keep-alive client may send its next request into the closing socket.
+            session.set_keepalive(None);
             let why = reply::reason(code, e.etype());
             if let Err(err) = reply::send(session, ctx.grpc, code, why, &[]).await {
                 tracing::debug!("could not send error reply: {err}");
