@@ -337,7 +337,7 @@ static_resources:
     std::fs::write(
         d.join("haproxy.cfg"),
         format!(
-            "global\n  nbthread 1\n  maxconn 100000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{haproxy_port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
+            "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{haproxy_port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
         ),
     )
     .map_err(|e| e.to_string())?;
