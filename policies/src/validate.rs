@@ -313,6 +313,17 @@ impl Validator {
                 );
             }
             let action = self.action(&format!("{at}.route"), &r.action, clusters, compiled);
+            if grpc_path.is_some()
+                && action
+                    .clusters
+                    .iter()
+                    .any(|(id, _)| compiled[*id].protocol != model::UpstreamProtocol::H2c)
+            {
+                self.problem(
+                    format!("{at}.match.grpc"),
+                    "gRPC needs trailers, which HTTP/1.1 cannot carry: route it to h2c clusters",
+                );
+            }
             out.push(Route {
                 name: r.name.clone(),
                 listener: r.matches.listener.clone(),

@@ -150,3 +150,13 @@ fn same_content_same_version() {
     let c = load_str("c.yaml", BASE).unwrap();
     assert_ne!(a.version, c.version);
 }
+
+#[test]
+fn grpc_routes_need_h2c_clusters() {
+    let text = format!("{BASE}routes:\n  - name: r\n    match:\n      grpc: {{ service: a.B }}\n    route: {{ cluster: c }}\n");
+    let e = one_error(&text);
+    assert!(
+        e.starts_with("weir.yaml:7:") && e.contains("routes[0].match.grpc: gRPC needs trailers"),
+        "{e}"
+    );
+}

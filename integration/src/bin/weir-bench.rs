@@ -58,7 +58,10 @@ fn workspace() -> PathBuf {
 fn run(cmd: &mut Command) -> Res<String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -127,7 +130,8 @@ fn cpu_of(pid: u32) -> Duration {
     // Fields after the ")" that closes the command name; utime and stime are fields 14, 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros(ticks * 1_000_000 / hz)
@@ -187,7 +191,10 @@ fn wrk(port: u16, duration: &str, connections: u32, threads: u32) -> Res<WrkResu
             [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
             ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().unwrap_or(0),
             ["Socket", "errors:", rest @ ..] => {
-                r.errors += rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
+                r.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
             }
             _ => {}
         }
@@ -224,9 +231,15 @@ fn measure(name: &'static str, port: u16, pid: Option<u32>, args: (&str, u32, u3
 fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
     let envoy = install()?;
     eprintln!("building weir (release)");
-    run(Command::new("cargo")
-        .current_dir(workspace())
-        .args(["build", "--release", "-q", "-p", "weir-proxy", "--bin", "weir"]))?;
+    run(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "weir-proxy",
+        "--bin",
+        "weir",
+    ]))?;
     let weir_bin = workspace().join("target/release/weir");
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let d = dir.path();
@@ -243,10 +256,18 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let nginx_bin = if have("nginx") { "nginx".to_string() } else { "/usr/sbin/nginx".to_string() };
+    let nginx_bin = if have("nginx") {
+        "nginx".to_string()
+    } else {
+        "/usr/sbin/nginx".to_string()
+    };
     let _nginx = Proc::spawn(
         "nginx",
-        Command::new(&nginx_bin).arg("-c").arg(d.join("nginx.conf")).arg("-p").arg(d),
+        Command::new(&nginx_bin)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-p")
+            .arg(d),
         &d.join("nginx.log"),
     )?;
     wait_port(nginx_port, "nginx")?;
@@ -342,14 +363,26 @@ static_resources:
     )
     .map_err(|e| e.to_string())?;
     {
-        let haproxy_bin = if have("haproxy") { "haproxy".to_string() } else { "/usr/sbin/haproxy".to_string() };
+        let haproxy_bin = if have("haproxy") {
+            "haproxy".to_string()
+        } else {
+            "/usr/sbin/haproxy".to_string()
+        };
         let haproxy = Proc::spawn(
             "haproxy",
-            Command::new(&haproxy_bin).arg("-db").arg("-f").arg(d.join("haproxy.cfg")),
+            Command::new(&haproxy_bin)
+                .arg("-db")
+                .arg("-f")
+                .arg(d.join("haproxy.cfg")),
             &d.join("haproxy.log"),
         )?;
         wait_port(haproxy_port, "haproxy")?;
-        rows.push(measure("haproxy", haproxy_port, Some(haproxy.0.id()), args)?);
+        rows.push(measure(
+            "haproxy",
+            haproxy_port,
+            Some(haproxy.0.id()),
+            args,
+        )?);
     }
 
     print!("{}", table(&rows, duration, connections, wrk_threads));
@@ -366,8 +399,12 @@ fn listener_pid(port: u16) -> Option<u32> {
     })?;
     let target = format!("socket:[{inode}]");
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target) {
                 return Some(pid);
