@@ -32,6 +32,74 @@ pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
     })
 }
 
+/// Loads several files as one config (the control plane's policy folder): lists are
+/// concatenated in the order given, then validated together, so a route in one file may use a
+/// cluster from another. Errors still name the file, line and field where the problem is.
+pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
+    let mut merged = Config::default();
+    let mut errors = Vec::new();
+    // Where each file's items start in the merged lists.
+    let mut starts: Vec<[usize; 3]> = Vec::new();
+    for (name, text) in files {
+        starts.push([merged.listeners.len(), merged.routes.len(), merged.clusters.len()]);
+        match parse(name, text) {
+            Ok(c) => {
+                if c.admin.is_some() {
+                    if merged.admin.is_some() {
+                        errors.push(ConfigError {
+                            file: name.clone(),
+                            line: PositionIndex::new(text).locate("admin").0,
+                            column: 1,
+                            field: "admin".into(),
+                            message: "admin is set in more than one file".into(),
+                        });
+                    }
+                    merged.admin = c.admin;
+                }
+                merged.listeners.extend(c.listeners);
+                merged.routes.extend(c.routes);
+                merged.clusters.extend(c.clusters);
+            }
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    validate::compile(merged).map_err(|problems| {
+        let indexes: Vec<PositionIndex> = files.iter().map(|(_, t)| PositionIndex::new(t)).collect();
+        ConfigErrors(
+            problems
+                .into_iter()
+                .map(|p| {
+                    let (file, field) = locate_in_files(&p.field, &starts);
+                    let (line, column) = indexes.get(file).map_or((0, 0), |i| i.locate(&field));
+                    ConfigError {
+                        file: files.get(file).map_or_else(String::new, |f| f.0.clone()),
+                        line,
+                        column,
+                        field,
+                        message: p.message,
+                    }
+                })
+                .collect(),
+        )
+    })
+}
+
+/// Maps a merged path (`routes[7].route.cluster`) to the file it came from and the path
+/// within that file (`routes[2].route.cluster`).
+fn locate_in_files(field: &str, starts: &[[usize; 3]]) -> (usize, String) {
+    for (k, list) in ["listeners[", "routes[", "clusters["].iter().enumerate() {
+        let Some(rest) = field.strip_prefix(list) else { continue };
+        let Some((idx, tail)) = rest.split_once(']') else { continue };
+        let Ok(idx) = idx.parse::<usize>() else { continue };
+        let file = starts.iter().rposition(|s| s[k] <= idx).unwrap_or(0);
+        return (file, format!("{list}{}]{tail}", idx - starts[file][k]));
+    }
+    (0, field.to_string())
+}
+
 /// Parses `text` into the raw model without validating it.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     if text.trim().is_empty() {

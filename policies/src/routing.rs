@@ -171,7 +171,7 @@ routes:
     route: { cluster: b }
   - name: grpc-service
     match: { grpc: { service: pkg.Svc } }
-    route: { cluster: a }
+    route: { cluster: b }
   - name: host-wildcard
     match: { host: "*.example.com", path: { prefix: /api/ } }
     route: { cluster: b, prefix_rewrite: /v2/ }
