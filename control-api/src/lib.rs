@@ -1,1 +1,15 @@
-//! placeholder
+//! weir's control API: the `weir.control.v1` protocol (xDS semantics on one aggregated stream),
+//! the control plane that serves a policy folder, and the client proxies use.
+
+pub mod client;
+pub mod policy_dir;
+pub mod resources;
+pub mod server;
+
+/// Generated from `proto/weir/control/v1/discovery.proto`.
+pub mod pb {
+    tonic::include_proto!("weir.control.v1");
+}
+
+/// The default control plane address (Istio's convention).
+pub const DEFAULT_ADDR: &str = "127.0.0.1:15010";

@@ -1,0 +1,72 @@
+//! The policy folder: every `*.yaml` / `*.yml` file in it, validated together, published when
+//! valid, reported (and not published) when not.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use weir_policies::load_many;
+
+use crate::resources::ResourceSet;
+use crate::server::ControlPlane;
+
+/// Reads and validates the folder: the resources, or every error with file, line and field.
+pub fn load(dir: &Path) -> Result<ResourceSet, String> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: cannot read the folder: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    paths.sort();
+    let mut files = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+        files.push((p.display().to_string(), text));
+    }
+    if files.is_empty() {
+        return Err(format!("{}: no .yaml files", dir.display()));
+    }
+    let snapshot = load_many(&files).map_err(|e| e.to_string())?;
+    Ok(ResourceSet::from_config(&snapshot.source))
+}
+
+/// Loads the folder into `cp` now and again whenever it changes, until the process ends.
+pub async fn watch(dir: PathBuf, cp: ControlPlane) {
+    reload(&dir, &cp);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("cannot watch {}: {e}; changes need a restart", dir.display());
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::error!("cannot watch {}: {e}; changes need a restart", dir.display());
+        return;
+    }
+    while rx.recv().await.is_some() {
+        // Let a burst of writes (an editor, a `cp -r`) settle before reading.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        reload(&dir, &cp);
+    }
+}
+
+fn reload(dir: &Path, cp: &ControlPlane) {
+    match load(dir) {
+        Ok(set) => {
+            cp.set_config_error(None);
+            cp.publish(set);
+        }
+        Err(e) => {
+            tracing::error!("policy folder rejected, still serving version {}:\n{e}", cp.version());
+            cp.set_config_error(Some(e));
+        }
+    }
+}

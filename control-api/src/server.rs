@@ -1,0 +1,249 @@
+//! The control plane's gRPC side: the aggregated discovery stream (full state, then deltas,
+//! ACK/NACK tracking) and the status service.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pb::discovery_server::Discovery;
+use crate::pb::status_server;
+use crate::pb::{
+    DiscoveryRequest, DiscoveryResponse, Node, ProxyStatus, StatusRequest, StatusResponse,
+};
+use crate::resources::ResourceSet;
+
+/// Largest message a proxy may send (they are small: identity and ACKs).
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// What is being served.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub version: String,
+    pub resources: ResourceSet,
+}
+
+/// The control plane's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    published: watch::Sender<Arc<Published>>,
+    config_error: Mutex<Option<String>>,
+    proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+    token: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ControlPlane {
+    /// `token`: when set, streams must carry `authorization: Bearer <token>`.
+    pub fn new(token: Option<String>) -> Self {
+        let (published, _) = watch::channel(Arc::new(Published::default()));
+        Self {
+            shared: Arc::new(Shared {
+                published,
+                config_error: Mutex::new(None),
+                proxies: Mutex::new(BTreeMap::new()),
+                token,
+            }),
+        }
+    }
+
+    /// Serves `resources` from now on; connected proxies get the difference. A set equal to
+    /// the current one changes nothing.
+    pub fn publish(&self, resources: ResourceSet) {
+        let version = resources.version();
+        self.shared.published.send_if_modified(|p| {
+            if p.version == version {
+                return false;
+            }
+            tracing::info!(%version, resources = resources.len(), "publishing");
+            *p = Arc::new(Published { version, resources });
+            true
+        });
+    }
+
+    /// Records why the latest config was rejected (`None`: it was accepted).
+    pub fn set_config_error(&self, error: Option<String>) {
+        *lock(&self.shared.config_error) = error;
+    }
+
+    pub fn version(&self) -> String {
+        self.shared.published.borrow().version.clone()
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        StatusResponse {
+            version: self.version(),
+            config_error: lock(&self.shared.config_error).clone().unwrap_or_default(),
+            proxies: lock(&self.shared.proxies).values().cloned().collect(),
+        }
+    }
+
+    fn check_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.shared.token else {
+            return Ok(());
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("missing or wrong token"))
+        }
+    }
+
+    fn update_proxy(&self, node: &Node, f: impl FnOnce(&mut ProxyStatus)) {
+        let mut proxies = lock(&self.shared.proxies);
+        let entry = proxies.entry(node.id.clone()).or_insert_with(|| ProxyStatus {
+            node: Some(node.clone()),
+            ..Default::default()
+        });
+        f(entry);
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+/// One proxy's stream: what it has ACKed and what is in flight.
+struct Session {
+    cp: ControlPlane,
+    node: Node,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    /// The resources the proxy runs (last ACKed); `None` before its first ACK.
+    acked: Option<ResourceSet>,
+    /// The last push not yet answered: nonce and what the proxy will run if it ACKs.
+    pending: Option<(String, Arc<Published>)>,
+    nonce: u64,
+}
+
+impl Session {
+    /// Pushes `published`: everything if the proxy has nothing ACKed, else the difference.
+    async fn push(&mut self, published: Arc<Published>) -> bool {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let (full_state, resources, removed) = match &self.acked {
+            None => (true, published.resources.all(), Vec::new()),
+            Some(acked) => {
+                let (changed, removed) = acked.diff(&published.resources);
+                (false, changed, removed)
+            }
+        };
+        let resp = DiscoveryResponse {
+            version_info: published.version.clone(),
+            nonce: nonce.clone(),
+            full_state,
+            resources,
+            removed,
+        };
+        self.pending = Some((nonce, published));
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+
+    fn answer(&mut self, req: DiscoveryRequest) {
+        let Some((nonce, published)) = self.pending.take_if(|(n, _)| *n == req.response_nonce) else {
+            // An answer to a push that a newer one replaced: the newer answer decides.
+            return;
+        };
+        match req.error_detail {
+            None => {
+                tracing::debug!(node = %self.node.id, version = %published.version, "ACK");
+                self.cp.update_proxy(&self.node, |s| {
+                    s.acked_version = published.version.clone();
+                    s.nacked_version.clear();
+                    s.nack_error.clear();
+                });
+                self.acked = Some(published.resources.clone());
+            }
+            Some(err) => {
+                tracing::warn!(node = %self.node.id, version = %published.version, nonce, error = %err.message, "NACK");
+                self.cp.update_proxy(&self.node, |s| {
+                    s.nacked_version = published.version.clone();
+                    s.nack_error = err.message.clone();
+                });
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for ControlPlane {
+    type StreamStream = ResponseStream;
+
+    async fn stream(&self, req: Request<Streaming<DiscoveryRequest>>) -> Result<Response<ResponseStream>, Status> {
+        self.check_token(&req)?;
+        let mut inbound = req.into_inner();
+        let first = match inbound.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::invalid_argument("stream closed before the node identity")),
+        };
+        let node = first
+            .node
+            .filter(|n| !n.id.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
+        let (tx, rx) = mpsc::channel(4);
+        let mut session = Session {
+            cp: self.clone(),
+            node: node.clone(),
+            tx,
+            acked: None,
+            pending: None,
+            nonce: 0,
+        };
+        self.update_proxy(&node, |s| {
+            s.node = Some(node.clone());
+            s.connected = true;
+        });
+        tracing::info!(node = %node.id, cluster = %node.cluster, "proxy connected");
+        let mut updates = self.shared.published.subscribe();
+        let cp = self.clone();
+        tokio::spawn(async move {
+            let current = updates.borrow_and_update().clone();
+            let mut alive = current.version.is_empty() || session.push(current).await;
+            while alive {
+                tokio::select! {
+                    msg = inbound.next() => match msg {
+                        Some(Ok(m)) => session.answer(m),
+                        Some(Err(e)) => {
+                            tracing::info!(node = %session.node.id, "stream error: {e}");
+                            alive = false;
+                        }
+                        None => alive = false,
+                    },
+                    changed = updates.changed() => {
+                        let current = updates.borrow_and_update().clone();
+                        alive = changed.is_ok() && session.push(current).await;
+                    }
+                }
+            }
+            cp.update_proxy(&session.node, |s| s.connected = false);
+            tracing::info!(node = %session.node.id, "proxy disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl status_server::Status for ControlPlane {
+    async fn get(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.check_token(&req)?;
+        Ok(Response::new(self.status()))
+    }
+}
