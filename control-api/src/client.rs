@@ -35,7 +35,13 @@ pub struct Applied {
 async fn open(
     opts: &ClientOptions,
     version: &str,
-) -> Result<(mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>), String> {
+) -> Result<
+    (
+        mpsc::Sender<DiscoveryRequest>,
+        tonic::Streaming<DiscoveryResponse>,
+    ),
+    String,
+> {
     let channel = Endpoint::from_shared(opts.url.clone())
         .map_err(|e| format!("bad control plane URL {:?}: {e}", opts.url))?
         .connect_timeout(Duration::from_secs(2))
@@ -58,7 +64,11 @@ async fn open(
             .map_err(|_| "the token is not a valid header value".to_string())?;
         req.metadata_mut().insert("authorization", value);
     }
-    let stream = client.stream(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?.into_inner();
+    let stream = client
+        .stream(req)
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
     Ok((tx, stream))
 }
 
@@ -72,7 +82,9 @@ pub async fn fetch_initial(opts: &ClientOptions) -> Result<(Applied, Config), St
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .ok_or("the control plane closed the stream before the first push")?;
     let mut applied = Applied::default();
-    applied.resources.apply(resp.full_state, resp.resources, &resp.removed);
+    applied
+        .resources
+        .apply(resp.full_state, resp.resources, &resp.removed);
     applied.version = resp.version_info;
     let config = applied.resources.to_config()?;
     Ok((applied, config))

@@ -20,7 +20,8 @@ pub fn load(dir: &Path) -> Result<ResourceSet, String> {
     paths.sort();
     let mut files = Vec::new();
     for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
         files.push((p.display().to_string(), text));
     }
     if files.is_empty() {
@@ -42,12 +43,18 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
     let mut watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
-            tracing::error!("cannot watch {}: {e}; changes need a restart", dir.display());
+            tracing::error!(
+                "cannot watch {}: {e}; changes need a restart",
+                dir.display()
+            );
             return;
         }
     };
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::error!("cannot watch {}: {e}; changes need a restart", dir.display());
+        tracing::error!(
+            "cannot watch {}: {e}; changes need a restart",
+            dir.display()
+        );
         return;
     }
     while rx.recv().await.is_some() {
@@ -65,7 +72,10 @@ fn reload(dir: &Path, cp: &ControlPlane) {
             cp.publish(set);
         }
         Err(e) => {
-            tracing::error!("policy folder rejected, still serving version {}:\n{e}", cp.version());
+            tracing::error!(
+                "policy folder rejected, still serving version {}:\n{e}",
+                cp.version()
+            );
             cp.set_config_error(Some(e));
         }
     }

@@ -56,7 +56,14 @@ impl ResourceSet {
             set.insert(resource(LISTENER, &l.name, l));
         }
         for (order, r) in config.routes.iter().enumerate() {
-            set.insert(resource(ROUTE, &r.name, &RouteBody { order, route: r.clone() }));
+            set.insert(resource(
+                ROUTE,
+                &r.name,
+                &RouteBody {
+                    order,
+                    route: r.clone(),
+                },
+            ));
         }
         for c in &config.clusters {
             let mut bare = c.clone();
@@ -99,7 +106,11 @@ impl ResourceSet {
         let changed = newer
             .items
             .iter()
-            .filter(|(k, r)| self.items.get(*k).is_none_or(|old| old.version != r.version))
+            .filter(|(k, r)| {
+                self.items
+                    .get(*k)
+                    .is_none_or(|old| old.version != r.version)
+            })
             .map(|(_, r)| r.clone())
             .collect();
         let removed = self
@@ -198,7 +209,10 @@ clusters:
         let b = ResourceSet::from_config(&config(&CONFIG.replace("127.0.0.1:2", "127.0.0.1:3")));
         let (changed, removed) = a.diff(&b);
         assert_eq!(changed.len(), 1);
-        assert_eq!((changed[0].r#type.as_str(), changed[0].name.as_str()), (ENDPOINTS, "c"));
+        assert_eq!(
+            (changed[0].r#type.as_str(), changed[0].name.as_str()),
+            (ENDPOINTS, "c")
+        );
         assert!(removed.is_empty());
         let mut applied = a.clone();
         applied.apply(false, changed, &removed);
@@ -209,14 +223,29 @@ clusters:
     #[test]
     fn removals_and_bad_sets_are_reported() {
         let a = ResourceSet::from_config(&config(CONFIG));
-        let b = ResourceSet::from_config(&config(&CONFIG.replace("  - { name: second, route: { cluster: c } }\n", "")));
+        let b = ResourceSet::from_config(&config(
+            &CONFIG.replace("  - { name: second, route: { cluster: c } }\n", ""),
+        ));
         let (_, removed) = a.diff(&b);
         assert_eq!(removed.len(), 1);
         let mut orphan = a.clone();
-        orphan.apply(false, vec![], &[ResourceKey { r#type: CLUSTER.into(), name: "c".into() }]);
-        assert!(orphan.to_config().unwrap_err().contains("endpoints for unknown cluster"));
+        orphan.apply(
+            false,
+            vec![],
+            &[ResourceKey {
+                r#type: CLUSTER.into(),
+                name: "c".into(),
+            }],
+        );
+        assert!(orphan
+            .to_config()
+            .unwrap_err()
+            .contains("endpoints for unknown cluster"));
         let mut bad = a;
         bad.apply(false, vec![resource("secret", "x", &1)], &[]);
-        assert!(bad.to_config().unwrap_err().contains("unknown resource type"));
+        assert!(bad
+            .to_config()
+            .unwrap_err()
+            .contains("unknown resource type"));
     }
 }

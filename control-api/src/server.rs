@@ -107,10 +107,12 @@ impl ControlPlane {
 
     fn update_proxy(&self, node: &Node, f: impl FnOnce(&mut ProxyStatus)) {
         let mut proxies = lock(&self.shared.proxies);
-        let entry = proxies.entry(node.id.clone()).or_insert_with(|| ProxyStatus {
-            node: Some(node.clone()),
-            ..Default::default()
-        });
+        let entry = proxies
+            .entry(node.id.clone())
+            .or_insert_with(|| ProxyStatus {
+                node: Some(node.clone()),
+                ..Default::default()
+            });
         f(entry);
     }
 }
@@ -157,7 +159,8 @@ impl Session {
     }
 
     fn answer(&mut self, req: DiscoveryRequest) {
-        let Some((nonce, published)) = self.pending.take_if(|(n, _)| *n == req.response_nonce) else {
+        let Some((nonce, published)) = self.pending.take_if(|(n, _)| *n == req.response_nonce)
+        else {
             // An answer to a push that a newer one replaced: the newer answer decides.
             return;
         };
@@ -186,13 +189,20 @@ impl Session {
 impl Discovery for ControlPlane {
     type StreamStream = ResponseStream;
 
-    async fn stream(&self, req: Request<Streaming<DiscoveryRequest>>) -> Result<Response<ResponseStream>, Status> {
+    async fn stream(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
         self.check_token(&req)?;
         let mut inbound = req.into_inner();
         let first = match inbound.next().await {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(e),
-            None => return Err(Status::invalid_argument("stream closed before the node identity")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "stream closed before the node identity",
+                ))
+            }
         };
         let node = first
             .node

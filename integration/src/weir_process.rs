@@ -7,12 +7,17 @@ use std::time::{Duration, Instant};
 
 /// The `weir` binary next to this test executable (`target/<profile>/weir`).
 pub fn weir_binary() -> PathBuf {
+    sibling_binary("weir")
+}
+
+/// A binary of this workspace next to this test executable (`target/<profile>/NAME`).
+pub fn sibling_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("weir");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first with `cargo build --workspace --bins` (the README's test command does)",
@@ -45,10 +50,21 @@ impl Weir {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("weir.yaml");
         std::fs::write(&config_path, config).expect("write config");
-        let log = std::fs::File::create(dir.path().join("weir.log")).expect("log file");
+        let args = vec!["--config".into(), config_path.display().to_string()];
+        Self::spawn(dir, &args, admin)
+    }
+
+    /// Starts `weir run ARGS --drain-timeout 10s` with its log in `dir`, and waits for `/ready`.
+    pub fn spawn(dir: tempfile::TempDir, args: &[String], admin: SocketAddr) -> Self {
+        let config_path = dir.path().join("weir.yaml");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("weir.log"))
+            .expect("log file");
         let child = Command::new(weir_binary())
-            .args(["run", "--config"])
-            .arg(&config_path)
+            .arg("run")
+            .args(args)
             .args(["--drain-timeout", "10s"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

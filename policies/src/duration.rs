@@ -27,7 +27,9 @@ pub mod opt {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
             Some(text) => humantime::parse_duration(&text).map(Some).map_err(|e| {
-                D::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. 250ms, 1s, 2m"))
+                D::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); write e.g. 250ms, 1s, 2m"
+                ))
             }),
         }
     }

@@ -41,7 +41,11 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
     // Where each file's items start in the merged lists.
     let mut starts: Vec<[usize; 3]> = Vec::new();
     for (name, text) in files {
-        starts.push([merged.listeners.len(), merged.routes.len(), merged.clusters.len()]);
+        starts.push([
+            merged.listeners.len(),
+            merged.routes.len(),
+            merged.clusters.len(),
+        ]);
         match parse(name, text) {
             Ok(c) => {
                 if c.admin.is_some() {
@@ -67,7 +71,8 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     validate::compile(merged).map_err(|problems| {
-        let indexes: Vec<PositionIndex> = files.iter().map(|(_, t)| PositionIndex::new(t)).collect();
+        let indexes: Vec<PositionIndex> =
+            files.iter().map(|(_, t)| PositionIndex::new(t)).collect();
         ConfigErrors(
             problems
                 .into_iter()
@@ -91,9 +96,15 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
 /// within that file (`routes[2].route.cluster`).
 fn locate_in_files(field: &str, starts: &[[usize; 3]]) -> (usize, String) {
     for (k, list) in ["listeners[", "routes[", "clusters["].iter().enumerate() {
-        let Some(rest) = field.strip_prefix(list) else { continue };
-        let Some((idx, tail)) = rest.split_once(']') else { continue };
-        let Ok(idx) = idx.parse::<usize>() else { continue };
+        let Some(rest) = field.strip_prefix(list) else {
+            continue;
+        };
+        let Some((idx, tail)) = rest.split_once(']') else {
+            continue;
+        };
+        let Ok(idx) = idx.parse::<usize>() else {
+            continue;
+        };
         let file = starts.iter().rposition(|s| s[k] <= idx).unwrap_or(0);
         return (file, format!("{list}{}]{tail}", idx - starts[file][k]));
     }

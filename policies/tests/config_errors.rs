@@ -168,10 +168,18 @@ fn many_files_validate_together_and_errors_name_the_right_file() {
         "routes.yaml".to_string(),
         "routes:\n  - name: ok\n    route: { cluster: c }\n  - name: bad\n    route:\n      cluster: missing\n".to_string(),
     );
-    let errs = weir_policies::load_many(&[clusters.clone(), routes]).unwrap_err().0;
+    let errs = weir_policies::load_many(&[clusters.clone(), routes])
+        .unwrap_err()
+        .0;
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert_eq!(errs[0].to_string(), "routes.yaml:6:7: routes[1].route.cluster: unknown cluster \"missing\"");
-    let good = ("routes.yaml".to_string(), "routes:\n  - name: ok\n    route: { cluster: c }\n".to_string());
+    assert_eq!(
+        errs[0].to_string(),
+        "routes.yaml:6:7: routes[1].route.cluster: unknown cluster \"missing\""
+    );
+    let good = (
+        "routes.yaml".to_string(),
+        "routes:\n  - name: ok\n    route: { cluster: c }\n".to_string(),
+    );
     let snap = weir_policies::load_many(&[clusters, good]).unwrap();
     assert_eq!(snap.routes.len(), 1);
 }

@@ -1,6 +1,7 @@
 //! weir's data plane: an L7 proxy on pingora. `weir run` starts [`server::run`].
 
 pub mod admin;
+pub mod control;
 pub mod downstream;
 pub mod drain;
 pub mod grpc;

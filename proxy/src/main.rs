@@ -5,9 +5,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use weir_control::client::ClientOptions;
+use weir_control::pb::Node;
 use weir_policies::{load_str, EMBEDDED_DEFAULT};
+use weir_proxy::control::{initial, ControlOptions};
 use weir_proxy::reload::load_file;
-use weir_proxy::server::{run, RunOptions};
+use weir_proxy::server::{run, RunOptions, Source};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,8 +27,29 @@ enum Command {
     /// Run the proxy (on the embedded default config without --config).
     Run {
         /// Config file; reloaded when it changes and on SIGHUP.
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "control_plane")]
         config: Option<PathBuf>,
+        /// Take the config from this control plane instead of a file, e.g. http://127.0.0.1:15010.
+        #[arg(long)]
+        control_plane: Option<String>,
+        /// This proxy's identity towards the control plane.
+        #[arg(long, requires = "control_plane")]
+        node_id: Option<String>,
+        /// The node's cluster (e.g. the workload name).
+        #[arg(long, default_value = "", requires = "control_plane")]
+        node_cluster: String,
+        /// Node labels, KEY=VALUE, repeatable.
+        #[arg(long = "label", value_parser = parse_label, requires = "control_plane")]
+        labels: Vec<(String, String)>,
+        /// File with the control plane token.
+        #[arg(long, requires = "control_plane")]
+        token_file: Option<PathBuf>,
+        /// Where the last good control-plane config is kept for starts without the control plane.
+        #[arg(long, default_value = "/var/lib/weir", requires = "control_plane")]
+        state_dir: PathBuf,
+        /// Admin address in control-plane mode (a config file sets its own).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
         /// Worker threads per listener.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -38,6 +62,47 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn control_start(
+    url: String,
+    node_id: Option<String>,
+    cluster: String,
+    labels: Vec<(String, String)>,
+    token_file: Option<PathBuf>,
+    state_dir: PathBuf,
+    admin: String,
+) -> Result<(weir_policies::Snapshot, Source), String> {
+    let id = node_id.ok_or("--control-plane needs --node-id")?;
+    let token = token_file
+        .map(|p| {
+            std::fs::read_to_string(&p)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .transpose()?;
+    let opts = ControlOptions {
+        client: ClientOptions {
+            url,
+            node: Node {
+                id,
+                cluster,
+                labels: labels.into_iter().collect(),
+                weir_version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            token,
+        },
+        state_dir,
+        admin,
+    };
+    let (snapshot, applied) = initial(&opts)?;
+    Ok((snapshot, Source::Control(Box::new((opts, applied)))))
 }
 
 fn main() -> ExitCode {
@@ -68,18 +133,39 @@ fn main() -> ExitCode {
         }
         Command::Run {
             config,
+            control_plane,
+            node_id,
+            node_cluster,
+            labels,
+            token_file,
+            state_dir,
+            admin,
             threads,
             drain_timeout,
         } => {
-            let snapshot = match &config {
-                Some(path) => load_file(path),
-                None => load_str("<embedded default>", EMBEDDED_DEFAULT).map_err(|e| e.to_string()),
+            let start = match control_plane {
+                Some(url) => control_start(
+                    url,
+                    node_id,
+                    node_cluster,
+                    labels,
+                    token_file,
+                    state_dir,
+                    admin,
+                ),
+                None => match &config {
+                    Some(path) => load_file(path),
+                    None => {
+                        load_str("<embedded default>", EMBEDDED_DEFAULT).map_err(|e| e.to_string())
+                    }
+                }
+                .map(|s| (s, Source::File(config))),
             };
-            match snapshot {
-                Ok(snapshot) => run(
+            match start {
+                Ok((snapshot, source)) => run(
                     snapshot,
                     RunOptions {
-                        config_path: config,
+                        source,
                         threads,
                         drain_timeout,
                     },

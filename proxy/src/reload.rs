@@ -37,7 +37,7 @@ impl Reloader {
     /// Loads the file and swaps it in if it is valid and different from the running config.
     pub fn reload(&self) {
         let Some(path) = &self.path else {
-            tracing::info!("running the embedded default config: nothing to reload");
+            tracing::info!("no config file (embedded default or control plane): nothing to reload");
             return;
         };
         match load_file(path) {

@@ -14,7 +14,10 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use weir_policies::Snapshot;
 
+use weir_control::client::Applied;
+
 use crate::admin::AdminApp;
+use crate::control::{ControlOptions, ControlSync};
 use crate::drain::{Drain, DrainSignal};
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
@@ -22,10 +25,17 @@ use crate::proxy::WeirProxy;
 use crate::reload::Reloader;
 use crate::state::{Runtime, SharedRuntime};
 
+/// Where the config comes from; exactly one source is authoritative.
+pub enum Source {
+    /// A file reloaded on change and SIGHUP; `None` for the embedded default.
+    File(Option<PathBuf>),
+    /// The control plane, starting from what was already applied.
+    Control(Box<(ControlOptions, Applied)>),
+}
+
 /// How `weir run` runs.
 pub struct RunOptions {
-    /// The file to reload on change and SIGHUP; `None` for the embedded default.
-    pub config_path: Option<PathBuf>,
+    pub source: Source,
     /// Worker threads per listener.
     pub threads: usize,
     /// Longest drain after SIGTERM.
@@ -88,10 +98,27 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         "health checks",
         HealthChecker::new(runtime.clone()),
     ));
+    let path = match opts.source {
+        Source::File(path) => path,
+        Source::Control(control) => {
+            let (control, applied) = *control;
+            server.add_service(background_service(
+                "control plane",
+                ControlSync {
+                    opts: control,
+                    applied,
+                    runtime: runtime.clone(),
+                    metrics: metrics.clone(),
+                },
+            ));
+            None
+        }
+    };
+    // Also in control-plane mode: it owns SIGHUP, whose default action would kill weir.
     server.add_service(background_service(
         "config reload",
         Reloader {
-            path: opts.config_path,
+            path,
             runtime,
             metrics,
         },

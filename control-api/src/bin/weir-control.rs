@@ -51,7 +51,9 @@ fn read_token(path: Option<PathBuf>) -> Result<Option<String>, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -72,7 +74,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(policies: PathBuf, listen: SocketAddr, token_file: Option<PathBuf>) -> Result<(), String> {
+async fn serve(
+    policies: PathBuf,
+    listen: SocketAddr,
+    token_file: Option<PathBuf>,
+) -> Result<(), String> {
     let token = read_token(token_file)?;
     if token.is_none() {
         tracing::warn!("no --token-file: any client may connect");
@@ -100,18 +106,38 @@ async fn status(addr: SocketAddr, token_file: Option<PathBuf>) -> Result<(), Str
     let mut client = StatusClient::new(channel);
     let mut req = tonic::Request::new(weir_control::pb::StatusRequest {});
     if let Some(t) = token {
-        let v = format!("Bearer {t}").parse().map_err(|_| "bad token".to_string())?;
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| "bad token".to_string())?;
         req.metadata_mut().insert("authorization", v);
     }
-    let s = client.get(req).await.map_err(|e| format!("{}: {}", e.code(), e.message()))?.into_inner();
-    println!("serving version {}", if s.version.is_empty() { "(none)" } else { &s.version });
+    let s = client
+        .get(req)
+        .await
+        .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+        .into_inner();
+    println!(
+        "serving version {}",
+        if s.version.is_empty() {
+            "(none)"
+        } else {
+            &s.version
+        }
+    );
     if !s.config_error.is_empty() {
         println!("last policy change REJECTED:\n{}", s.config_error);
     }
     for p in s.proxies {
         let node = p.node.unwrap_or_default();
-        let state = if p.connected { "connected" } else { "disconnected" };
-        print!("{} ({}) {state} acked={}", node.id, node.cluster, p.acked_version);
+        let state = if p.connected {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        print!(
+            "{} ({}) {state} acked={}",
+            node.id, node.cluster, p.acked_version
+        );
         if !p.nacked_version.is_empty() {
             print!(" NACKED {}: {}", p.nacked_version, p.nack_error);
         }

@@ -1,0 +1,502 @@
+//! weir driven by the control plane: pushes and ACKs, NACKs that keep the last good config,
+//! restarts on either side, authentication, and many pushes under load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use weir_control::client::{self, ClientOptions};
+use weir_control::pb::discovery_server::DiscoveryServer;
+use weir_control::pb::status_client::StatusClient;
+use weir_control::pb::{Node, StatusRequest, StatusResponse};
+use weir_control::resources::ResourceSet;
+use weir_control::server::ControlPlane;
+use weir_integration::grpc_backend::GrpcBackend;
+use weir_integration::http_backend::HttpBackend;
+use weir_integration::weir_process::{free_port, sibling_binary, write_atomically, Weir};
+
+use crate::grpc::wait_until;
+use crate::*;
+
+const TOKEN: &str = "s3cret-token";
+
+fn addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// Policy YAML: listener `main` on `listen`, one route to `target`, and `clusters`.
+fn policy(listen: SocketAddr, target: &str, clusters: &[(&str, &str, Vec<SocketAddr>)]) -> String {
+    let mut out = format!(
+        "listeners:\n  - {{ name: main, address: \"{listen}\" }}\nroutes:\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: grpc }}\n  - name: all\n    route: {{ cluster: {target} }}\nclusters:\n"
+    );
+    for (name, proto, eps) in clusters {
+        out.push_str(&cluster(name, proto, eps, ""));
+    }
+    out
+}
+
+/// A `weir-control serve` process, killed on drop.
+struct ControlProc {
+    child: Child,
+}
+
+impl ControlProc {
+    fn start(policies: &Path, listen: SocketAddr, token_file: &Path, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(sibling_binary("weir-control"))
+            .args(["serve", "--policies"])
+            .arg(policies)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--token-file")
+            .arg(token_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn weir-control");
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                std::time::Instant::now() < end,
+                "weir-control did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child }
+    }
+}
+
+impl Drop for ControlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn status(cp: SocketAddr) -> StatusResponse {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{cp}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect status");
+    let mut req = tonic::Request::new(StatusRequest {});
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    StatusClient::new(channel)
+        .get(req)
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+fn control_args(
+    cp: SocketAddr,
+    state: &Path,
+    admin: SocketAddr,
+    token: Option<&Path>,
+) -> Vec<String> {
+    let mut args = vec![
+        "--control-plane".to_string(),
+        format!("http://{cp}"),
+        "--node-id".into(),
+        "sidecar-1".into(),
+        "--node-cluster".into(),
+        "test".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--admin".into(),
+        admin.to_string(),
+    ];
+    if let Some(t) = token {
+        args.push("--token-file".into());
+        args.push(t.display().to_string());
+    }
+    args
+}
+
+struct Folder {
+    _dir: tempfile::TempDir,
+    policies: PathBuf,
+    token: PathBuf,
+    state: PathBuf,
+    root: PathBuf,
+}
+
+fn folder() -> Folder {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let policies = root.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let token = root.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    Folder {
+        state: root.join("state"),
+        policies,
+        token,
+        root,
+        _dir: dir,
+    }
+}
+
+async fn backend_of(listen: SocketAddr) -> String {
+    get(&h1_client(), listen, "/").await.backend()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let g = GrpcBackend::start("g").await;
+    let f = folder();
+    let (listen, admin, cp) = (addr(), addr(), addr());
+    let clusters = [
+        ("a", "http1", vec![a.addr]),
+        ("b", "http1", vec![b.addr]),
+        ("grpc", "h2c", vec![g.addr]),
+    ];
+    let file = f.policies.join("mesh.yaml");
+    write_atomically(&file, &policy(listen, "a", &clusters));
+    let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
+    let weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp, &f.state, admin, Some(&f.token)),
+        admin,
+    );
+    assert_eq!(backend_of(listen).await, "a");
+
+    write_atomically(&file, &policy(listen, "b", &clusters));
+    let mut seen = String::new();
+    for _ in 0..200 {
+        seen = backend_of(listen).await;
+        if seen == "b" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, "b", "the change reached the proxy");
+    let s = status(cp).await;
+    assert_eq!(s.proxies.len(), 1);
+    let p = &s.proxies[0];
+    assert_eq!(p.node.as_ref().unwrap().id, "sidecar-1");
+    assert!(p.connected);
+    assert_eq!(p.acked_version, s.version, "{s:?}");
+    assert_eq!(
+        weir.version(),
+        s.version,
+        "/config_dump shows the control plane's version"
+    );
+
+    // An invalid policy never reaches the proxy; the status says why, with file and line.
+    let good_version = s.version.clone();
+    write_atomically(&file, &policy(listen, "missing", &clusters));
+    let mut s = status(cp).await;
+    for _ in 0..200 {
+        if !s.config_error.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = status(cp).await;
+    }
+    assert!(
+        s.config_error.contains("mesh.yaml:")
+            && s.config_error
+                .contains("routes[1].route.cluster: unknown cluster \"missing\""),
+        "{s:?}"
+    );
+    assert_eq!(s.version, good_version);
+    assert_eq!(backend_of(listen).await, "b");
+}
+
+async fn serve_in_process(cp: ControlPlane) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DiscoveryServer::new(cp.clone()))
+            .add_service(weir_control::pb::status_server::StatusServer::new(cp))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+fn resources(text: &str) -> ResourceSet {
+    ResourceSet::from_config(&weir_policies::parse("test.yaml", text).expect("parses"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let g = GrpcBackend::start("g").await;
+    let f = folder();
+    let (listen, admin) = (addr(), addr());
+    let cp = ControlPlane::new(None);
+    let good = resources(&policy(
+        listen,
+        "a",
+        &[("a", "http1", vec![a.addr]), ("grpc", "h2c", vec![g.addr])],
+    ));
+    cp.publish(good);
+    let cp_addr = serve_in_process(cp.clone()).await;
+    let _weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp_addr, &f.state, admin, None),
+        admin,
+    );
+    assert_eq!(backend_of(listen).await, "a");
+
+    // The control plane did not validate this one: the proxy must refuse it.
+    let bad = resources(&policy(
+        listen,
+        "nowhere",
+        &[("a", "http1", vec![a.addr]), ("grpc", "h2c", vec![g.addr])],
+    ));
+    let bad_version = bad.version();
+    cp.publish(bad);
+    wait_until(|| {
+        cp.status()
+            .proxies
+            .first()
+            .is_some_and(|p| p.nacked_version == bad_version)
+    })
+    .await;
+    let p = cp.status().proxies[0].clone();
+    assert!(
+        p.nack_error
+            .contains("routes[1].route.cluster: unknown cluster \"nowhere\""),
+        "{p:?}"
+    );
+    assert_ne!(p.acked_version, bad_version);
+    assert_eq!(
+        backend_of(listen).await,
+        "a",
+        "last good config still serves"
+    );
+
+    // An endpoint-only change after the NACK: a delta of one resource, ACKed and applied.
+    let moved = resources(&policy(
+        listen,
+        "a",
+        &[("a", "http1", vec![b.addr]), ("grpc", "h2c", vec![g.addr])],
+    ));
+    let moved_version = moved.version();
+    cp.publish(moved);
+    wait_until(|| cp.status().proxies[0].acked_version == moved_version).await;
+    assert_eq!(backend_of(listen).await, "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn survives_control_plane_restarts_and_starts_from_the_persisted_config() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let g = GrpcBackend::start("g").await;
+    let f = folder();
+    let (listen, admin, cp) = (addr(), addr(), addr());
+    let clusters = [
+        ("a", "http1", vec![a.addr]),
+        ("b", "http1", vec![b.addr]),
+        ("grpc", "h2c", vec![g.addr]),
+    ];
+    let file = f.policies.join("mesh.yaml");
+    write_atomically(&file, &policy(listen, "a", &clusters));
+    let log = f.root.join("control.log");
+    let control = ControlProc::start(&f.policies, cp, &f.token, &log);
+    let weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp, &f.state, admin, Some(&f.token)),
+        admin,
+    );
+    assert_eq!(backend_of(listen).await, "a");
+
+    drop(control);
+    for _ in 0..20 {
+        assert_eq!(
+            backend_of(listen).await,
+            "a",
+            "serving while the control plane is gone"
+        );
+    }
+    write_atomically(&file, &policy(listen, "b", &clusters));
+    let _control = ControlProc::start(&f.policies, cp, &f.token, &log);
+    let mut seen = String::new();
+    for _ in 0..500 {
+        seen = backend_of(listen).await;
+        if seen == "b" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, "b", "resynced after the control plane came back");
+
+    // The proxy restarts while the control plane is down: it serves the persisted config.
+    drop(_control);
+    drop(weir);
+    let weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp, &f.state, admin, Some(&f.token)),
+        admin,
+    );
+    assert_eq!(backend_of(listen).await, "b");
+    assert!(weir.log().contains("starting from"), "{}", weir.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refuses_wrong_tokens_missing_identity_and_garbage() {
+    let cp = ControlPlane::new(Some(TOKEN.into()));
+    cp.publish(resources(
+        "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:1\" }] }]\n",
+    ));
+    let cp_addr = serve_in_process(cp.clone()).await;
+    let opts = |token: Option<&str>, id: &str| ClientOptions {
+        url: format!("http://{cp_addr}"),
+        node: Node {
+            id: id.into(),
+            ..Default::default()
+        },
+        token: token.map(str::to_string),
+    };
+    let e = client::fetch_initial(&opts(Some("wrong"), "n"))
+        .await
+        .unwrap_err();
+    assert!(e.contains("missing or wrong token"), "{e}");
+    let e = client::fetch_initial(&opts(None, "n")).await.unwrap_err();
+    assert!(e.contains("missing or wrong token"), "{e}");
+    let e = client::fetch_initial(&opts(Some(TOKEN), ""))
+        .await
+        .unwrap_err();
+    assert!(e.contains("node.id"), "{e}");
+
+    // Garbage bytes on the port: the connection dies, the server does not.
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(cp_addr).unwrap();
+    let _ = s.write_all(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\xff\xff\xff\xff\xff\xffgarbage garbage",
+    );
+    drop(s);
+    let (applied, config) = client::fetch_initial(&opts(Some(TOKEN), "n"))
+        .await
+        .expect("still serving");
+    assert_eq!(config.clusters.len(), 1);
+    assert_eq!(applied.version, cp.version());
+    assert!(cp
+        .status()
+        .proxies
+        .iter()
+        .all(|p| p.node.as_ref().unwrap().id == "n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_pushes_under_load_fail_no_request_and_break_no_stream() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let c = HttpBackend::start("c").await;
+    let g = GrpcBackend::start("g").await;
+    let f = folder();
+    let (listen, admin) = (addr(), addr());
+    let cp = ControlPlane::new(None);
+    let version_of = |i: usize| {
+        // Route flips, a cluster added and removed, endpoint churn.
+        let target = if i.is_multiple_of(2) { "a" } else { "b" };
+        let mut clusters = vec![
+            ("a", "http1", vec![a.addr]),
+            ("b", "http1", vec![b.addr]),
+            ("grpc", "h2c", vec![g.addr]),
+        ];
+        if i.is_multiple_of(3) {
+            clusters[0].2.push(c.addr);
+        }
+        if i.is_multiple_of(5) {
+            clusters.push(("extra", "http1", vec![c.addr]));
+        }
+        resources(&policy(listen, target, &clusters))
+    };
+    cp.publish(version_of(0));
+    let cp_addr = serve_in_process(cp.clone()).await;
+    let _weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp_addr, &f.state, admin, None),
+        admin,
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let client = if i % 2 == 0 {
+            h1_client()
+        } else {
+            h2c_client()
+        };
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let (mut n, mut failures) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = get(&client, listen, "/").await;
+                n += 1;
+                if r.status != 200 {
+                    failures.push(r.status);
+                }
+            }
+            (n, failures)
+        }));
+    }
+    // A bidi gRPC stream that stays open across every push.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut echo = weir_integration::pb::echo_client::EchoClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mk = |i: i64| weir_integration::pb::Msg {
+        text: format!("m{i}"),
+        n: i,
+        payload: vec![],
+    };
+    tx.send(mk(0)).await.unwrap();
+    let mut replies = echo
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().n, 0);
+
+    for i in 1..=100 {
+        let set = version_of(i);
+        let v = set.version();
+        cp.publish(set);
+        wait_until(|| {
+            cp.status()
+                .proxies
+                .first()
+                .is_some_and(|p| p.acked_version == v)
+        })
+        .await;
+        tx.send(mk(i as i64)).await.unwrap();
+        let m = replies
+            .message()
+            .await
+            .expect("stream unbroken")
+            .expect("reply");
+        assert_eq!(m.n, i as i64);
+    }
+    drop(tx);
+    assert_eq!(replies.message().await.unwrap().unwrap().text, "g:done");
+    assert!(replies.message().await.expect("OK trailers").is_none());
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in load {
+        let (n, failures) = t.await.unwrap();
+        assert_eq!(failures, Vec::<u16>::new());
+        total += n;
+    }
+    assert!(total > 100, "the load ran ({total} requests)");
+}

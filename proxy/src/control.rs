@@ -1,0 +1,158 @@
+//! Config from the control plane (`weir run --control-plane URL`): the first push (or, when the
+//! control plane is down, the last good config persisted on disk) starts the proxy; later
+//! pushes are applied atomically and ACKed, invalid ones NACKed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+use weir_control::client::{self, Applied, ClientOptions};
+use weir_control::resources::ResourceSet;
+use weir_policies::model::{Admin, Config};
+use weir_policies::{validate, Snapshot};
+
+use crate::metrics::Metrics;
+use crate::state::{Runtime, SharedRuntime};
+
+/// How long start-up waits for the control plane before using the persisted config.
+const INITIAL_FETCH: Duration = Duration::from_secs(5);
+
+/// Everything `--control-plane` mode needs.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub client: ClientOptions,
+    /// Where the last good config is kept (`last-good.json`).
+    pub state_dir: PathBuf,
+    /// The admin address (the control plane does not set it).
+    pub admin: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    version: String,
+    config: Config,
+}
+
+fn state_file(dir: &Path) -> PathBuf {
+    dir.join("last-good.json")
+}
+
+/// Validates a config from the control plane, with the local admin address.
+fn compile(opts: &ControlOptions, version: &str, mut config: Config) -> Result<Snapshot, String> {
+    config.admin = Some(Admin {
+        address: opts.admin.clone(),
+    });
+    let mut snapshot = validate::compile(config).map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    snapshot.version = version.to_string();
+    Ok(snapshot)
+}
+
+fn persist(opts: &ControlOptions, snapshot: &Snapshot) {
+    let mut config = snapshot.source.clone();
+    config.admin = None;
+    let data = Persisted {
+        version: snapshot.version.clone(),
+        config,
+    };
+    let path = state_file(&opts.state_dir);
+    let tmp = path.with_extension("tmp");
+    let result = std::fs::create_dir_all(&opts.state_dir)
+        .and_then(|_| std::fs::write(&tmp, serde_json::to_vec(&data).unwrap_or_default()))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        tracing::error!("cannot persist the config to {}: {e}", path.display());
+    }
+}
+
+/// The config to start with: the control plane's first push, or the persisted last good one
+/// if the control plane cannot be reached in time.
+pub fn initial(opts: &ControlOptions) -> Result<(Snapshot, Applied), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let fetched = rt.block_on(async {
+        tokio::time::timeout(INITIAL_FETCH, client::fetch_initial(&opts.client)).await
+    });
+    let fetched = match fetched {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no push from {} within {INITIAL_FETCH:?}",
+            opts.client.url
+        )),
+    };
+    match fetched.and_then(|(applied, config)| {
+        let snapshot = compile(opts, &applied.version, config)?;
+        Ok((snapshot, applied))
+    }) {
+        Ok((snapshot, applied)) => {
+            persist(opts, &snapshot);
+            Ok((snapshot, applied))
+        }
+        Err(e) => {
+            let path = state_file(&opts.state_dir);
+            tracing::warn!(
+                "control plane unavailable ({e}); starting from {}",
+                path.display()
+            );
+            let text = std::fs::read(&path).map_err(|err| {
+                format!("{e}; and no last good config at {}: {err}", path.display())
+            })?;
+            let p: Persisted = serde_json::from_slice(&text)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            let applied = Applied {
+                version: p.version.clone(),
+                resources: ResourceSet::from_config(&p.config),
+            };
+            let snapshot = compile(opts, &p.version, p.config)?;
+            Ok((snapshot, applied))
+        }
+    }
+}
+
+/// The background service following the control plane.
+pub struct ControlSync {
+    pub opts: ControlOptions,
+    pub applied: Applied,
+    pub runtime: SharedRuntime,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl BackgroundService for ControlSync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let opts = self.opts.clone();
+        let runtime = self.runtime.clone();
+        let metrics = self.metrics.clone();
+        let apply = move |version: &str, config: Config| {
+            let snapshot = compile(&opts, version, config).inspect_err(|_| {
+                metrics.reloads.with_label_values(&["error"]).inc();
+            })?;
+            persist(&opts, &snapshot);
+            let old = runtime.load_full();
+            if snapshot.source.listeners != old.snapshot.source.listeners {
+                tracing::warn!(
+                    "listener changes take effect on restart; routes and clusters apply now"
+                );
+            }
+            runtime.store(Arc::new(Runtime::new(Arc::new(snapshot), Some(&old))));
+            metrics.reloads.with_label_values(&["ok"]).inc();
+            tracing::info!(from = %old.snapshot.version, to = %version, "control plane config applied");
+            Ok(())
+        };
+        tokio::select! {
+            _ = client::run(self.opts.client.clone(), self.applied.clone(), apply) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
