@@ -33,14 +33,17 @@ pub fn load(dir: &Path) -> Result<ResourceSet, String> {
 
 /// Loads the folder into `cp` now and again whenever it changes, until the process ends.
 pub async fn watch(dir: PathBuf, cp: ControlPlane) {
-    reload(&dir, &cp);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        // Reads (ours included) are access events: reacting to them would reload forever.
+        if ev.is_ok_and(|ev| !ev.kind.is_access()) {
             let _ = tx.send(());
         }
-    });
-    let mut watcher = match watcher {
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
+    // The first load only once the watch is in place, so no change slips in between.
+    reload(&dir, &cp);
+    let _watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(
@@ -50,18 +53,12 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
             return;
         }
     };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::error!(
-            "cannot watch {}: {e}; changes need a restart",
-            dir.display()
-        );
-        return;
-    }
     while rx.recv().await.is_some() {
-        // Let a burst of writes (an editor, a `cp -r`) settle before reading.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // React at once (an endpoint change should reach proxies in milliseconds), then fold
+        // the rest of a burst of events (an editor, a `cp -r`) into one more reload.
         while rx.try_recv().is_ok() {}
         reload(&dir, &cp);
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -80,12 +80,14 @@ impl BackgroundService for Reloader {
         let mut watcher = match self.path.as_ref().map(|_| {
             notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
                 // Watch the directory (editors and Kubernetes replace files by rename) but react
-                // only to events on our file.
-                if let Ok(ev) = ev {
-                    if ev
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+                // only to changes of our file: reads (ours included) are access events, and
+                // reacting to them would reload forever.
+                if let Ok(ev) = ev.as_ref() {
+                    if !ev.kind.is_access()
+                        && ev
+                            .paths
+                            .iter()
+                            .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
                     {
                         let _ = tx.send(());
                     }
