@@ -84,7 +84,7 @@ pub async fn fetch_initial(opts: &ClientOptions) -> Result<(Applied, Config), St
     let mut applied = Applied::default();
     applied
         .resources
-        .apply(resp.full_state, resp.resources, &resp.removed);
+        .apply(resp.full_state, resp.resources, &resp.removed)?;
     applied.version = resp.version_info;
     let config = applied.resources.to_config()?;
     Ok((applied, config))
@@ -119,12 +119,15 @@ where
                     let nonce = resp.nonce.clone();
                     let version = resp.version_info.clone();
                     let mut candidate = current.resources.clone();
-                    candidate.apply(resp.full_state, resp.resources, &resp.removed);
-                    let result = if version == current.version && candidate == current.resources {
-                        Ok(())
-                    } else {
-                        candidate.to_config().and_then(|c| apply(&version, c))
-                    };
+                    let result = candidate
+                        .apply(resp.full_state, resp.resources, &resp.removed)
+                        .and_then(|()| {
+                            if version == current.version && candidate == current.resources {
+                                Ok(())
+                            } else {
+                                candidate.to_config().and_then(|c| apply(&version, c))
+                            }
+                        });
                     let answer = match result {
                         Ok(()) => {
                             current = Applied {

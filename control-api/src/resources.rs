@@ -5,6 +5,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use weir_policies::model::{self, Config};
@@ -29,22 +30,70 @@ struct EndpointsBody {
     endpoints: Vec<model::Endpoint>,
 }
 
-/// Resources by `(type, name)`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ResourceSet {
-    items: BTreeMap<(String, String), Resource>,
+/// A resource's body, decoded once when it arrives.
+#[derive(Debug)]
+enum Decoded {
+    Listener(model::Listener),
+    Route(usize, model::Route),
+    Cluster(model::Cluster),
+    Endpoints(Vec<model::Endpoint>),
 }
 
-fn resource<T: Serialize>(kind: &str, name: &str, body: &T) -> Resource {
+#[derive(Debug, Clone)]
+struct Entry {
+    resource: Resource,
+    decoded: Arc<Decoded>,
+}
+
+/// Resources by `(type, name)`, each kept both as sent and decoded, so applying a push decodes
+/// only what it carries.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceSet {
+    items: BTreeMap<(String, String), Entry>,
+}
+
+impl PartialEq for ResourceSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.items.len() == other.items.len()
+            && self
+                .items
+                .iter()
+                .zip(&other.items)
+                .all(|((k1, a), (k2, b))| k1 == k2 && a.resource.version == b.resource.version)
+    }
+}
+
+fn entry<T: Serialize>(kind: &str, name: &str, body: &T, decoded: Decoded) -> Entry {
     let body = serde_json::to_vec(body).expect("model types serialize");
     let mut h = DefaultHasher::new();
     body.hash(&mut h);
-    Resource {
-        r#type: kind.to_string(),
-        name: name.to_string(),
-        version: format!("{:016x}", h.finish()),
-        body,
+    Entry {
+        resource: Resource {
+            r#type: kind.to_string(),
+            name: name.to_string(),
+            version: format!("{:016x}", h.finish()),
+            body: body.into(),
+        },
+        decoded: Arc::new(decoded),
     }
+}
+
+fn decode_entry(r: Resource) -> Result<Entry, String> {
+    let what = format!("{} {:?}", r.r#type, r.name);
+    let decoded = match r.r#type.as_str() {
+        LISTENER => Decoded::Listener(decode(&what, &r.body)?),
+        ROUTE => {
+            let b: RouteBody = decode(&what, &r.body)?;
+            Decoded::Route(b.order, b.route)
+        }
+        CLUSTER => Decoded::Cluster(decode(&what, &r.body)?),
+        ENDPOINTS => Decoded::Endpoints(decode::<EndpointsBody>(&what, &r.body)?.endpoints),
+        other => return Err(format!("unknown resource type {other:?} ({:?})", r.name)),
+    };
+    Ok(Entry {
+        resource: r,
+        decoded: Arc::new(decoded),
+    })
 }
 
 impl ResourceSet {
@@ -53,29 +102,27 @@ impl ResourceSet {
     pub fn from_config(config: &Config) -> Self {
         let mut set = Self::default();
         for l in &config.listeners {
-            set.insert(resource(LISTENER, &l.name, l));
+            set.insert(entry(LISTENER, &l.name, l, Decoded::Listener(l.clone())));
         }
         for (order, r) in config.routes.iter().enumerate() {
-            set.insert(resource(
-                ROUTE,
-                &r.name,
-                &RouteBody {
-                    order,
-                    route: r.clone(),
-                },
-            ));
+            let body = RouteBody {
+                order,
+                route: r.clone(),
+            };
+            set.insert(entry(ROUTE, &r.name, &body, Decoded::Route(order, body.route.clone())));
         }
         for c in &config.clusters {
             let mut bare = c.clone();
             let endpoints = std::mem::take(&mut bare.endpoints);
-            set.insert(resource(CLUSTER, &c.name, &bare));
-            set.insert(resource(ENDPOINTS, &c.name, &EndpointsBody { endpoints }));
+            let body = EndpointsBody { endpoints };
+            set.insert(entry(ENDPOINTS, &c.name, &body, Decoded::Endpoints(body.endpoints.clone())));
+            set.insert(entry(CLUSTER, &c.name, &bare, Decoded::Cluster(bare.clone())));
         }
         set
     }
 
-    fn insert(&mut self, r: Resource) {
-        self.items.insert((r.r#type.clone(), r.name.clone()), r);
+    fn insert(&mut self, e: Entry) {
+        self.items.insert((e.resource.r#type.clone(), e.resource.name.clone()), e);
     }
 
     pub fn len(&self) -> usize {
@@ -89,16 +136,16 @@ impl ResourceSet {
     /// A version for the whole set: equal sets, equal versions.
     pub fn version(&self) -> String {
         let mut h = DefaultHasher::new();
-        for (k, r) in &self.items {
+        for (k, e) in &self.items {
             k.hash(&mut h);
-            r.version.hash(&mut h);
+            e.resource.version.hash(&mut h);
         }
         format!("{:016x}", h.finish())
     }
 
     /// Every resource, for a full-state push.
     pub fn all(&self) -> Vec<Resource> {
-        self.items.values().cloned().collect()
+        self.items.values().map(|e| e.resource.clone()).collect()
     }
 
     /// What turns `self` into `newer`: resources added or changed, and keys removed.
@@ -106,12 +153,12 @@ impl ResourceSet {
         let changed = newer
             .items
             .iter()
-            .filter(|(k, r)| {
+            .filter(|(k, e)| {
                 self.items
                     .get(*k)
-                    .is_none_or(|old| old.version != r.version)
+                    .is_none_or(|old| old.resource.version != e.resource.version)
             })
-            .map(|(_, r)| r.clone())
+            .map(|(_, e)| e.resource.clone())
             .collect();
         let removed = self
             .items
@@ -126,7 +173,9 @@ impl ResourceSet {
     }
 
     /// Applies a push: a full state replaces everything, a delta adds, replaces and removes.
-    pub fn apply(&mut self, full_state: bool, resources: Vec<Resource>, removed: &[ResourceKey]) {
+    /// Fails (leaving `self` partly updated: apply to a copy) on an unknown type or a body that
+    /// does not decode.
+    pub fn apply(&mut self, full_state: bool, resources: Vec<Resource>, removed: &[ResourceKey]) -> Result<(), String> {
         if full_state {
             self.items.clear();
         }
@@ -134,30 +183,30 @@ impl ResourceSet {
             self.items.remove(&(k.r#type.clone(), k.name.clone()));
         }
         for r in resources {
-            self.insert(r);
+            let unchanged = self
+                .items
+                .get(&(r.r#type.clone(), r.name.clone()))
+                .is_some_and(|e| e.resource.version == r.version && e.resource.body == r.body);
+            if !unchanged {
+                self.insert(decode_entry(r)?);
+            }
         }
+        Ok(())
     }
 
-    /// Rebuilds the config. Fails on an unknown type, a body that does not decode, or
-    /// endpoints for a cluster that is missing (and vice versa).
+    /// Rebuilds the config. Fails on endpoints for a cluster that is missing (and vice versa).
     pub fn to_config(&self) -> Result<Config, String> {
         let mut config = Config::default();
         let mut routes: Vec<(usize, model::Route)> = Vec::new();
-        let mut endpoints: BTreeMap<&str, Vec<model::Endpoint>> = BTreeMap::new();
-        for ((kind, name), r) in &self.items {
-            let what = format!("{kind} {name:?}");
-            match kind.as_str() {
-                LISTENER => config.listeners.push(decode(&what, &r.body)?),
-                ROUTE => {
-                    let b: RouteBody = decode(&what, &r.body)?;
-                    routes.push((b.order, b.route));
+        let mut endpoints: BTreeMap<&str, &Vec<model::Endpoint>> = BTreeMap::new();
+        for ((_, name), e) in &self.items {
+            match &*e.decoded {
+                Decoded::Listener(l) => config.listeners.push(l.clone()),
+                Decoded::Route(order, r) => routes.push((*order, r.clone())),
+                Decoded::Cluster(c) => config.clusters.push(c.clone()),
+                Decoded::Endpoints(eps) => {
+                    endpoints.insert(name.as_str(), eps);
                 }
-                CLUSTER => config.clusters.push(decode(&what, &r.body)?),
-                ENDPOINTS => {
-                    let b: EndpointsBody = decode(&what, &r.body)?;
-                    endpoints.insert(name.as_str(), b.endpoints);
-                }
-                other => return Err(format!("unknown resource type {other:?} ({name:?})")),
             }
         }
         routes.sort_by_key(|(order, _)| *order);
@@ -165,7 +214,8 @@ impl ResourceSet {
         for c in &mut config.clusters {
             c.endpoints = endpoints
                 .remove(c.name.as_str())
-                .ok_or_else(|| format!("cluster {:?} has no endpoints resource", c.name))?;
+                .ok_or_else(|| format!("cluster {:?} has no endpoints resource", c.name))?
+                .clone();
         }
         if let Some(name) = endpoints.keys().next() {
             return Err(format!("endpoints for unknown cluster {name:?}"));
@@ -215,7 +265,7 @@ clusters:
         );
         assert!(removed.is_empty());
         let mut applied = a.clone();
-        applied.apply(false, changed, &removed);
+        applied.apply(false, changed, &removed).unwrap();
         assert_eq!(applied, b);
         assert_ne!(a.version(), b.version());
     }

@@ -128,8 +128,8 @@ struct Session {
     cp: ControlPlane,
     node: Node,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    /// The resources the proxy runs (last ACKed); `None` before its first ACK.
-    acked: Option<ResourceSet>,
+    /// What the proxy runs (last ACKed); `None` before its first ACK.
+    acked: Option<Arc<Published>>,
     /// The last push not yet answered: nonce and what the proxy will run if it ACKs.
     pending: Option<(String, Arc<Published>)>,
     nonce: u64,
@@ -143,7 +143,7 @@ impl Session {
         let (full_state, resources, removed) = match &self.acked {
             None => (true, published.resources.all(), Vec::new()),
             Some(acked) => {
-                let (changed, removed) = acked.diff(&published.resources);
+                let (changed, removed) = acked.resources.diff(&published.resources);
                 (false, changed, removed)
             }
         };
@@ -172,7 +172,7 @@ impl Session {
                     s.nacked_version.clear();
                     s.nack_error.clear();
                 });
-                self.acked = Some(published.resources.clone());
+                self.acked = Some(published);
             }
             Some(err) => {
                 tracing::warn!(node = %self.node.id, version = %published.version, nonce, error = %err.message, "NACK");

@@ -12,7 +12,7 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../examples/default.yaml");
 /// Parses and validates `text`, read from `file` (used only in error messages).
 pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
     let config = parse(file, text)?;
-    validate::compile(config).map_err(|problems| {
+    let mut snapshot = validate::compile(config).map_err(|problems| {
         let index = PositionIndex::new(text);
         ConfigErrors(
             problems
@@ -29,7 +29,9 @@ pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
                 })
                 .collect(),
         )
-    })
+    })?;
+    snapshot.version = validate::content_version(text);
+    Ok(snapshot)
 }
 
 /// Loads several files as one config (the control plane's policy folder): lists are
@@ -70,7 +72,7 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    validate::compile(merged).map_err(|problems| {
+    let mut snapshot = validate::compile(merged).map_err(|problems| {
         let indexes: Vec<PositionIndex> =
             files.iter().map(|(_, t)| PositionIndex::new(t)).collect();
         ConfigErrors(
@@ -89,7 +91,14 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
                 })
                 .collect(),
         )
-    })
+    })?;
+    let mut all = String::new();
+    for (name, text) in files {
+        all.push_str(name);
+        all.push_str(text);
+    }
+    snapshot.version = validate::content_version(&all);
+    Ok(snapshot)
 }
 
 /// Maps a merged path (`routes[7].route.cluster`) to the file it came from and the path
