@@ -3,6 +3,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protox compiles the .proto in pure Rust: no system protoc needed.
     let fds = protox::compile(["weir/control/v1/discovery.proto"], ["proto"])?;
     // Resource bodies are shared between every proxy's push: `Bytes` clones without copying.
-    tonic_prost_build::configure().bytes(".weir.control.v1.Resource.body").compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .bytes(".weir.control.v1.Resource.body")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -30,8 +30,10 @@ struct EndpointsBody {
     endpoints: Vec<model::Endpoint>,
 }
 
-/// A resource's body, decoded once when it arrives.
+/// A resource's body, decoded once when it arrives (kept behind an `Arc`, so its size is
+/// paid once).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Decoded {
     Listener(model::Listener),
     Route(usize, model::Route),
@@ -109,20 +111,36 @@ impl ResourceSet {
                 order,
                 route: r.clone(),
             };
-            set.insert(entry(ROUTE, &r.name, &body, Decoded::Route(order, body.route.clone())));
+            set.insert(entry(
+                ROUTE,
+                &r.name,
+                &body,
+                Decoded::Route(order, body.route.clone()),
+            ));
         }
         for c in &config.clusters {
             let mut bare = c.clone();
             let endpoints = std::mem::take(&mut bare.endpoints);
             let body = EndpointsBody { endpoints };
-            set.insert(entry(ENDPOINTS, &c.name, &body, Decoded::Endpoints(body.endpoints.clone())));
-            set.insert(entry(CLUSTER, &c.name, &bare, Decoded::Cluster(bare.clone())));
+            set.insert(entry(
+                ENDPOINTS,
+                &c.name,
+                &body,
+                Decoded::Endpoints(body.endpoints.clone()),
+            ));
+            set.insert(entry(
+                CLUSTER,
+                &c.name,
+                &bare,
+                Decoded::Cluster(bare.clone()),
+            ));
         }
         set
     }
 
     fn insert(&mut self, e: Entry) {
-        self.items.insert((e.resource.r#type.clone(), e.resource.name.clone()), e);
+        self.items
+            .insert((e.resource.r#type.clone(), e.resource.name.clone()), e);
     }
 
     pub fn len(&self) -> usize {
@@ -175,7 +193,12 @@ impl ResourceSet {
     /// Applies a push: a full state replaces everything, a delta adds, replaces and removes.
     /// Fails (leaving `self` partly updated: apply to a copy) on an unknown type or a body that
     /// does not decode.
-    pub fn apply(&mut self, full_state: bool, resources: Vec<Resource>, removed: &[ResourceKey]) -> Result<(), String> {
+    pub fn apply(
+        &mut self,
+        full_state: bool,
+        resources: Vec<Resource>,
+        removed: &[ResourceKey],
+    ) -> Result<(), String> {
         if full_state {
             self.items.clear();
         }
@@ -279,23 +302,35 @@ clusters:
         let (_, removed) = a.diff(&b);
         assert_eq!(removed.len(), 1);
         let mut orphan = a.clone();
-        orphan.apply(
-            false,
-            vec![],
-            &[ResourceKey {
-                r#type: CLUSTER.into(),
-                name: "c".into(),
-            }],
-        );
+        let cluster_key = ResourceKey {
+            r#type: CLUSTER.into(),
+            name: "c".into(),
+        };
+        orphan.apply(false, vec![], &[cluster_key]).unwrap();
         assert!(orphan
             .to_config()
             .unwrap_err()
             .contains("endpoints for unknown cluster"));
         let mut bad = a;
-        bad.apply(false, vec![resource("secret", "x", &1)], &[]);
+        let secret = Resource {
+            r#type: "secret".into(),
+            name: "x".into(),
+            version: "1".into(),
+            body: b"1".to_vec().into(),
+        };
         assert!(bad
-            .to_config()
+            .apply(false, vec![secret], &[])
             .unwrap_err()
             .contains("unknown resource type"));
+        let garbage = Resource {
+            r#type: ROUTE.into(),
+            name: "x".into(),
+            version: "1".into(),
+            body: b"{not json".to_vec().into(),
+        };
+        assert!(bad
+            .apply(false, vec![garbage], &[])
+            .unwrap_err()
+            .contains("route \"x\""));
     }
 }

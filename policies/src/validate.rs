@@ -95,7 +95,10 @@ impl Validator {
         }
         let cached = lock_cache().get(text).cloned();
         // Anchored: a route regex must match the whole value, as in Envoy.
-        match cached.map(Ok).unwrap_or_else(|| Regex::new(&format!("^(?:{text})$"))) {
+        match cached
+            .map(Ok)
+            .unwrap_or_else(|| Regex::new(&format!("^(?:{text})$")))
+        {
             Ok(r) => {
                 self.regexes.insert(text.to_string(), r.clone());
                 Some(r)
