@@ -6,12 +6,20 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use weir_policies::load_many;
+use weir_policies::model::Scope;
 
 use crate::resources::ResourceSet;
 use crate::server::ControlPlane;
 
-/// Reads and validates the folder: the resources, or every error with file, line and field.
-pub fn load(dir: &Path) -> Result<ResourceSet, String> {
+/// A validated policy folder: all resources, and each file's resources with its scope.
+#[derive(Debug, Default)]
+pub struct Folder {
+    pub all: ResourceSet,
+    pub files: Vec<(Option<Scope>, ResourceSet)>,
+}
+
+/// Reads and validates the folder, or returns every error with file, line and field.
+pub fn load(dir: &Path) -> Result<Folder, String> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: cannot read the folder: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -27,8 +35,18 @@ pub fn load(dir: &Path) -> Result<ResourceSet, String> {
     if files.is_empty() {
         return Err(format!("{}: no .yaml files", dir.display()));
     }
-    let snapshot = load_many(&files).map_err(|e| e.to_string())?;
-    Ok(ResourceSet::from_config(&snapshot.source))
+    let (snapshot, spans) = load_many(&files).map_err(|e| e.to_string())?;
+    let config = &snapshot.source;
+    Ok(Folder {
+        all: ResourceSet::from_config(config),
+        files: spans
+            .into_iter()
+            .map(|s| {
+                let set = ResourceSet::from_span(config, s.listeners, s.routes, s.clusters);
+                (s.scope, set)
+            })
+            .collect(),
+    })
 }
 
 /// Loads the folder into `cp` now and again whenever it changes, until the process ends.
@@ -64,9 +82,9 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
 
 fn reload(dir: &Path, cp: &ControlPlane) {
     match load(dir) {
-        Ok(set) => {
+        Ok(folder) => {
             cp.set_config_error(None);
-            cp.publish(set);
+            cp.publish_folder(folder);
         }
         Err(e) => {
             tracing::error!(

@@ -5,6 +5,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -102,11 +103,33 @@ impl ResourceSet {
     /// Splits `config` into resources (its `admin` section is the proxy's own business and is
     /// not part of it).
     pub fn from_config(config: &Config) -> Self {
+        Self::from_span(
+            config,
+            0..config.listeners.len(),
+            0..config.routes.len(),
+            0..config.clusters.len(),
+        )
+    }
+
+    /// Only the listeners, routes and clusters in these ranges of `config` (one file of a
+    /// policy folder); routes keep their place in the whole config's order.
+    pub fn from_span(
+        config: &Config,
+        listeners: Range<usize>,
+        routes: Range<usize>,
+        clusters: Range<usize>,
+    ) -> Self {
         let mut set = Self::default();
-        for l in &config.listeners {
+        for l in &config.listeners[listeners] {
             set.insert(entry(LISTENER, &l.name, l, Decoded::Listener(l.clone())));
         }
-        for (order, r) in config.routes.iter().enumerate() {
+        for (order, r) in config
+            .routes
+            .iter()
+            .enumerate()
+            .skip(routes.start)
+            .take(routes.len())
+        {
             let body = RouteBody {
                 order,
                 route: r.clone(),
@@ -118,7 +141,7 @@ impl ResourceSet {
                 Decoded::Route(order, body.route.clone()),
             ));
         }
-        for c in &config.clusters {
+        for c in &config.clusters[clusters] {
             let mut bare = c.clone();
             let endpoints = std::mem::take(&mut bare.endpoints);
             let body = EndpointsBody { endpoints };
@@ -136,6 +159,13 @@ impl ResourceSet {
             ));
         }
         set
+    }
+
+    /// Adds every resource of `other` (which wins on equal keys).
+    pub fn merge(&mut self, other: &ResourceSet) {
+        for (k, e) in &other.items {
+            self.items.insert(k.clone(), e.clone());
+        }
     }
 
     fn insert(&mut self, e: Entry) {

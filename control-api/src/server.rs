@@ -1,7 +1,9 @@
 //! The control plane's gRPC side: the aggregated discovery stream (full state, then deltas,
 //! ACK/NACK tracking) and the status service.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -10,21 +12,81 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use weir_policies::model::Scope;
+use weir_policies::validate;
+
 use crate::pb::discovery_server::Discovery;
 use crate::pb::status_server;
 use crate::pb::{
     DiscoveryRequest, DiscoveryResponse, Node, ProxyStatus, StatusRequest, StatusResponse,
 };
+use crate::policy_dir::Folder;
 use crate::resources::ResourceSet;
 
 /// Largest message a proxy may send (they are small: identity and ACKs).
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
+/// What one proxy gets: the resources of every file whose scope it is in.
+#[derive(Debug, Default)]
+pub struct View {
+    pub version: String,
+    pub resources: ResourceSet,
+}
+
+/// A proxy's view, or why it is invalid.
+type ViewResult = Result<Arc<View>, String>;
+
 /// What is being served.
 #[derive(Debug, Default)]
 pub struct Published {
+    /// Identifies everything below: the version of `all` when no file is scoped.
     pub version: String,
-    pub resources: ResourceSet,
+    /// Every resource of the folder.
+    pub all: Arc<View>,
+    /// Each file's scope and resources, when at least one file is scoped.
+    files: Vec<(Option<Scope>, ResourceSet)>,
+    /// Views already built (and validated), by which files a proxy sees.
+    views: Mutex<HashMap<Vec<bool>, ViewResult>>,
+}
+
+impl Published {
+    /// The view for `node`. A view of only some files is validated on its own: those files
+    /// may be consistent only together with others this proxy does not get.
+    pub fn view_for(&self, node: &Node) -> Result<Arc<View>, String> {
+        let seen: Vec<bool> = self
+            .files
+            .iter()
+            .map(|(scope, _)| {
+                scope
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&node.id, |k| node.labels.get(k).map(String::as_str)))
+            })
+            .collect();
+        if seen.iter().all(|s| *s) {
+            return Ok(self.all.clone());
+        }
+        lock(&self.views)
+            .entry(seen.clone())
+            .or_insert_with(|| {
+                let mut resources = ResourceSet::default();
+                for ((_, set), _) in self.files.iter().zip(&seen).filter(|(_, s)| **s) {
+                    resources.merge(set);
+                }
+                let config = resources.to_config()?;
+                validate::compile(config).map_err(|problems| {
+                    problems
+                        .iter()
+                        .map(|p| format!("{}: {}", p.field, p.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })?;
+                Ok(Arc::new(View {
+                    version: resources.version(),
+                    resources,
+                }))
+            })
+            .clone()
+    }
 }
 
 /// The control plane's shared state; cheap to clone.
@@ -61,13 +123,41 @@ impl ControlPlane {
     /// Serves `resources` from now on; connected proxies get the difference. A set equal to
     /// the current one changes nothing.
     pub fn publish(&self, resources: ResourceSet) {
-        let version = resources.version();
+        self.publish_folder(Folder {
+            all: resources,
+            files: Vec::new(),
+        });
+    }
+
+    /// Serves a policy folder, whose files may be scoped to some proxies.
+    pub fn publish_folder(&self, folder: Folder) {
+        let all_version = folder.all.version();
+        let scoped = folder.files.iter().any(|(scope, _)| scope.is_some());
+        let (version, files) = if scoped {
+            let mut h = DefaultHasher::new();
+            all_version.hash(&mut h);
+            for (scope, set) in &folder.files {
+                format!("{scope:?}").hash(&mut h);
+                set.version().hash(&mut h);
+            }
+            (format!("{:016x}", h.finish()), folder.files)
+        } else {
+            (all_version.clone(), Vec::new())
+        };
         self.shared.published.send_if_modified(|p| {
             if p.version == version {
                 return false;
             }
-            tracing::info!(%version, resources = resources.len(), "publishing");
-            *p = Arc::new(Published { version, resources });
+            tracing::info!(%version, resources = folder.all.len(), scoped, "publishing");
+            *p = Arc::new(Published {
+                version,
+                all: Arc::new(View {
+                    version: all_version,
+                    resources: folder.all,
+                }),
+                files,
+                views: Mutex::default(),
+            });
             true
         });
     }
@@ -129,15 +219,37 @@ struct Session {
     node: Node,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// What the proxy runs (last ACKed); `None` before its first ACK.
-    acked: Option<Arc<Published>>,
+    acked: Option<Arc<View>>,
     /// The last push not yet answered: nonce and what the proxy will run if it ACKs.
-    pending: Option<(String, Arc<Published>)>,
+    pending: Option<(String, Arc<View>)>,
     nonce: u64,
 }
 
 impl Session {
     /// Pushes `published`: everything if the proxy has nothing ACKed, else the difference.
     async fn push(&mut self, published: Arc<Published>) -> bool {
+        let published = match published.view_for(&self.node) {
+            Ok(view) => view,
+            Err(e) => {
+                tracing::error!(node = %self.node.id, "not pushed, this proxy's view is invalid: {e}");
+                self.cp.update_proxy(&self.node, |s| {
+                    s.nacked_version = published.version.clone();
+                    s.nack_error = format!(
+                        "not pushed by the control plane: this proxy's view is invalid: {e}"
+                    );
+                });
+                return true;
+            }
+        };
+        // Nothing new for this proxy (a scoped view can stay the same while others change).
+        if self.pending.is_none()
+            && self
+                .acked
+                .as_ref()
+                .is_some_and(|a| a.version == published.version)
+        {
+            return true;
+        }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let (full_state, resources, removed) = match &self.acked {

@@ -12,6 +12,16 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../examples/default.yaml");
 /// Parses and validates `text`, read from `file` (used only in error messages).
 pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
     let config = parse(file, text)?;
+    if config.scope.is_some() {
+        let (line, column) = PositionIndex::new(text).locate("scope");
+        return Err(ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            field: "scope".into(),
+            message: "scope applies only to policy folders served by weir-control".into(),
+        }]));
+    }
     let mut snapshot = validate::compile(config).map_err(|problems| {
         let index = PositionIndex::new(text);
         ConfigErrors(
@@ -37,8 +47,9 @@ pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
 /// Loads several files as one config (the control plane's policy folder): lists are
 /// concatenated in the order given, then validated together, so a route in one file may use a
 /// cluster from another. Errors still name the file, line and field where the problem is.
-pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
+pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>), ConfigErrors> {
     let mut merged = Config::default();
+    let mut spans = Vec::new();
     let mut errors = Vec::new();
     // Where each file's items start in the merged lists.
     let mut starts: Vec<[usize; 3]> = Vec::new();
@@ -62,9 +73,20 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
                     }
                     merged.admin = c.admin;
                 }
+                let start = (
+                    merged.listeners.len(),
+                    merged.routes.len(),
+                    merged.clusters.len(),
+                );
                 merged.listeners.extend(c.listeners);
                 merged.routes.extend(c.routes);
                 merged.clusters.extend(c.clusters);
+                spans.push(FileSpan {
+                    scope: c.scope,
+                    listeners: start.0..merged.listeners.len(),
+                    routes: start.1..merged.routes.len(),
+                    clusters: start.2..merged.clusters.len(),
+                });
             }
             Err(e) => errors.extend(e.0),
         }
@@ -98,7 +120,16 @@ pub fn load_many(files: &[(String, String)]) -> Result<Snapshot, ConfigErrors> {
         all.push_str(text);
     }
     snapshot.version = validate::content_version(&all);
-    Ok(snapshot)
+    Ok((snapshot, spans))
+}
+
+/// Where one file's items sit in the merged config of [`load_many`], and its scope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSpan {
+    pub scope: Option<crate::model::Scope>,
+    pub listeners: std::ops::Range<usize>,
+    pub routes: std::ops::Range<usize>,
+    pub clusters: std::ops::Range<usize>,
 }
 
 /// Maps a merged path (`routes[7].route.cluster`) to the file it came from and the path

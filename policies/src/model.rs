@@ -19,6 +19,36 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// Policy folders only (`weir-control`): the proxies this file's resources go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+}
+
+/// Which proxies a policy file applies to; every condition given must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// Proxies with one of these node ids.
+    #[serde(default)]
+    pub node_ids: Vec<String>,
+    /// Proxies carrying all these labels (`weir run --label k=v`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Scope {
+    /// Whether a proxy with this id and these labels is in scope.
+    pub fn matches<'a>(
+        &self,
+        node_id: &str,
+        mut label: impl FnMut(&str) -> Option<&'a str>,
+    ) -> bool {
+        (self.node_ids.is_empty() || self.node_ids.iter().any(|n| n == node_id))
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| label(k) == Some(v.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -180,6 +180,19 @@ fn many_files_validate_together_and_errors_name_the_right_file() {
         "routes.yaml".to_string(),
         "routes:\n  - name: ok\n    route: { cluster: c }\n".to_string(),
     );
-    let snap = weir_policies::load_many(&[clusters, good]).unwrap();
+    let (snap, spans) = weir_policies::load_many(&[clusters, good]).unwrap();
     assert_eq!(snap.routes.len(), 1);
+    assert_eq!(
+        (spans[0].clusters.clone(), spans[1].routes.clone()),
+        (0..1, 0..1)
+    );
+}
+
+#[test]
+fn scope_is_refused_outside_policy_folders() {
+    let e = one_error(&format!("{BASE}scope: {{ labels: {{ app: x }} }}\n"));
+    assert!(
+        e.starts_with("weir.yaml:4:1: scope: scope applies only to policy folders"),
+        "{e}"
+    );
 }

@@ -173,7 +173,7 @@ mod xds {
             weir_policies::parse("x", &policy(routes, 1, 7070)).map_err(|e| e.to_string())?;
         changed.admin = None;
         let changed_set = weir_control::resources::ResourceSet::from_config(&changed);
-        let (delta, _) = set.diff(&changed_set);
+        let (delta, _) = set.all.diff(&changed_set);
         if delta.len() != 1 {
             return Err(format!(
                 "an endpoint change should be one resource, got {}",

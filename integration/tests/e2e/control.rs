@@ -500,3 +500,102 @@ async fn hundred_pushes_under_load_fail_no_request_and_break_no_stream() {
     }
     assert!(total > 100, "the load ran ({total} requests)");
 }
+
+fn scoped_args(
+    cp: SocketAddr,
+    id: &str,
+    labels: &[&str],
+    state: &Path,
+    admin: SocketAddr,
+) -> Vec<String> {
+    let mut args = control_args(cp, state, admin, None);
+    args[3] = id.to_string();
+    for l in labels {
+        args.push("--label".into());
+        args.push(l.to_string());
+    }
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scoped_policy_files_reach_only_matching_proxies() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let f = folder();
+    let (listen_x, listen_y, admin_x, admin_y, cp) = (addr(), addr(), addr(), addr(), addr());
+    let write = |name: &str, text: String| write_atomically(&f.policies.join(name), &text);
+    write(
+        "00-x.yaml",
+        format!(
+            "scope: {{ labels: {{ app: x }} }}\nlisteners: [{{ name: x-main, address: \"{listen_x}\" }}]\nroutes:\n  - {{ name: special, match: {{ path: {{ prefix: /special }} }}, route: {{ cluster: b }} }}\nclusters:\n  - {{ name: x-only, endpoints: [{{ address: \"{}\" }}] }}\n",
+            b.addr
+        ),
+    );
+    write(
+        "01-y.yaml",
+        format!("scope: {{ node_ids: [proxy-y] }}\nlisteners: [{{ name: y-main, address: \"{listen_y}\" }}]\n"),
+    );
+    write(
+        "10-base.yaml",
+        format!(
+            "routes:\n  - {{ name: default, route: {{ cluster: a }} }}\nclusters:\n{}{}",
+            cluster("a", "http1", &[a.addr], ""),
+            cluster("b", "http1", &[b.addr], "")
+        ),
+    );
+    let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
+    let x = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &[
+            scoped_args(cp, "proxy-x", &["app=x"], &f.root.join("state-x"), admin_x),
+            vec!["--token-file".into(), f.token.display().to_string()],
+        ]
+        .concat(),
+        admin_x,
+    );
+    let y = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &[
+            scoped_args(cp, "proxy-y", &[], &f.root.join("state-y"), admin_y),
+            vec!["--token-file".into(), f.token.display().to_string()],
+        ]
+        .concat(),
+        admin_y,
+    );
+    let c = h1_client();
+    assert_eq!(
+        get(&c, listen_x, "/special").await.backend(),
+        "b",
+        "x has the scoped route"
+    );
+    assert_eq!(get(&c, listen_x, "/").await.backend(), "a");
+    assert_eq!(
+        get(&c, listen_y, "/special").await.backend(),
+        "a",
+        "y does not"
+    );
+    assert!(std::net::TcpStream::connect(listen_x).is_ok() && x.version() != y.version());
+
+    // A file that is consistent only with another proxy's files: y's view is invalid, so y gets
+    // nothing new and the status says why; x is untouched.
+    write(
+        "02-y-bad.yaml",
+        "scope: { node_ids: [proxy-y] }\nroutes:\n  - { name: y-only, route: { cluster: x-only } }\n".to_string(),
+    );
+    let mut err = String::new();
+    for _ in 0..200 {
+        let s = status(cp).await;
+        if let Some(p) = s
+            .proxies
+            .iter()
+            .find(|p| p.node.as_ref().unwrap().id == "proxy-y" && !p.nack_error.is_empty())
+        {
+            err = p.nack_error.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(err.contains("unknown cluster \"x-only\""), "{err:?}");
+    assert_eq!(get(&c, listen_y, "/special").await.backend(), "a");
+    assert_eq!(get(&c, listen_x, "/special").await.backend(), "b");
+}
