@@ -151,6 +151,19 @@ async fn backend_of(listen: SocketAddr) -> String {
     get(&h1_client(), listen, "/").await.backend()
 }
 
+/// Polls `listen` for up to 10 s until `/` is served by `want`; says what it last saw.
+async fn wait_for_backend(listen: SocketAddr, want: &str, why: &str) {
+    let mut seen = String::new();
+    for _ in 0..500 {
+        seen = backend_of(listen).await;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{why}: still served by {seen:?}, want {want:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
     let a = HttpBackend::start("a").await;
@@ -174,15 +187,7 @@ async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
     assert_eq!(backend_of(listen).await, "a");
 
     write_atomically(&file, &policy(listen, "b", &clusters));
-    let mut seen = String::new();
-    for _ in 0..200 {
-        seen = backend_of(listen).await;
-        if seen == "b" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(seen, "b", "the change reached the proxy");
+    wait_for_backend(listen, "b", "the change reached the proxy").await;
     let s = status(cp).await;
     assert_eq!(s.proxies.len(), 1);
     let p = &s.proxies[0];
@@ -327,15 +332,7 @@ async fn survives_control_plane_restarts_and_starts_from_the_persisted_config() 
     }
     write_atomically(&file, &policy(listen, "b", &clusters));
     let _control = ControlProc::start(&f.policies, cp, &f.token, &log);
-    let mut seen = String::new();
-    for _ in 0..500 {
-        seen = backend_of(listen).await;
-        if seen == "b" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(seen, "b", "resynced after the control plane came back");
+    wait_for_backend(listen, "b", "resynced after the control plane came back").await;
 
     // The proxy restarts while the control plane is down: it serves the persisted config.
     drop(_control);
