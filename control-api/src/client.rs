@@ -7,11 +7,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
-use weir_policies::model::Config;
+use weir_policies::model::{self, Config};
 
 use crate::pb::discovery_client::DiscoveryClient;
 use crate::pb::{DiscoveryRequest, DiscoveryResponse, ErrorDetail, Node};
-use crate::resources::ResourceSet;
+use crate::resources::{ResourceSet, ENDPOINTS};
 
 /// Largest push a proxy accepts; a bigger one ends the stream with an error.
 pub const MAX_PUSH_BYTES: usize = 64 << 20;
@@ -23,6 +23,15 @@ pub struct ClientOptions {
     pub url: String,
     pub node: Node,
     pub token: Option<String>,
+}
+
+/// A push as the proxy applies it.
+#[derive(Debug)]
+pub enum Update {
+    /// The whole config.
+    Full(Config),
+    /// Only these clusters' endpoints changed (the config is otherwise the current one).
+    Endpoints(Vec<(String, Vec<model::Endpoint>)>),
 }
 
 /// What the proxy runs now: the resources and the control plane's version for them.
@@ -90,12 +99,56 @@ pub async fn fetch_initial(opts: &ClientOptions) -> Result<(Applied, Config), St
     Ok((applied, config))
 }
 
-/// Follows the control plane forever: every push is applied to the current resources, turned
-/// into a config and handed to `apply`; success is ACKed, failure NACKed with its text (and
-/// the previous resources kept). Reconnects with exponential backoff (100 ms to 5 s).
+/// Applies `resp` to `current` and hands the result to `apply`: endpoint-only deltas as
+/// [`Update::Endpoints`] (in place, O(change)), everything else as a whole config. On failure
+/// `current` is left as it was.
+fn handle<F>(current: &mut Applied, resp: DiscoveryResponse, apply: &mut F) -> Result<(), String>
+where
+    F: FnMut(&str, Update) -> Result<(), String>,
+{
+    let version = resp.version_info;
+    let endpoints_only = !resp.full_state
+        && resp.removed.is_empty()
+        && !resp.resources.is_empty()
+        && resp.resources.iter().all(|r| r.r#type == ENDPOINTS);
+    if endpoints_only {
+        let names: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
+        let undo = current.resources.apply_in_place(resp.resources)?;
+        let result = names
+            .into_iter()
+            .map(|n| {
+                let eps = current
+                    .resources
+                    .endpoints(&n)
+                    .ok_or_else(|| format!("no endpoints for {n:?}"))?;
+                Ok((n, eps))
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .and_then(|changes| apply(&version, Update::Endpoints(changes)));
+        match result {
+            Ok(()) => current.version = version,
+            Err(_) => current.resources.undo(undo),
+        }
+        return result;
+    }
+    let mut candidate = current.resources.clone();
+    candidate.apply(resp.full_state, resp.resources, &resp.removed)?;
+    if version != current.version || candidate != current.resources {
+        apply(&version, Update::Full(candidate.to_config()?))?;
+    }
+    *current = Applied {
+        version,
+        resources: candidate,
+    };
+    Ok(())
+}
+
+/// Follows the control plane forever: every push is applied (see [`Update`]) and handed to
+/// `apply`; success is ACKed, failure NACKed with its text (and the previous state kept).
+/// Reconnects with exponential backoff (100 ms to 5 s).
 pub async fn run<F>(opts: ClientOptions, mut current: Applied, mut apply: F)
 where
-    F: FnMut(&str, Config) -> Result<(), String> + Send,
+    F: FnMut(&str, Update) -> Result<(), String> + Send,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -118,28 +171,12 @@ where
                     backoff = Duration::from_millis(100);
                     let nonce = resp.nonce.clone();
                     let version = resp.version_info.clone();
-                    let mut candidate = current.resources.clone();
-                    let result = candidate
-                        .apply(resp.full_state, resp.resources, &resp.removed)
-                        .and_then(|()| {
-                            if version == current.version && candidate == current.resources {
-                                Ok(())
-                            } else {
-                                candidate.to_config().and_then(|c| apply(&version, c))
-                            }
-                        });
-                    let answer = match result {
-                        Ok(()) => {
-                            current = Applied {
-                                version: version.clone(),
-                                resources: candidate,
-                            };
-                            DiscoveryRequest {
-                                version_info: version,
-                                response_nonce: nonce,
-                                ..Default::default()
-                            }
-                        }
+                    let answer = match handle(&mut current, resp, &mut apply) {
+                        Ok(()) => DiscoveryRequest {
+                            version_info: version,
+                            response_nonce: nonce,
+                            ..Default::default()
+                        },
                         Err(e) => {
                             tracing::error!(%version, "rejected push, keeping {}: {e}", current.version);
                             DiscoveryRequest {

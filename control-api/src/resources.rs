@@ -48,6 +48,10 @@ struct Entry {
     decoded: Arc<Decoded>,
 }
 
+/// What undoes an in-place apply.
+#[derive(Debug)]
+pub struct Undo(Vec<((String, String), Option<Entry>)>);
+
 /// Resources by `(type, name)`, each kept both as sent and decoded, so applying a push decodes
 /// only what it carries.
 #[derive(Debug, Clone, Default)]
@@ -159,6 +163,47 @@ impl ResourceSet {
             ));
         }
         set
+    }
+
+    /// Applies added or replaced resources in place, returning what undoes it: for the hot
+    /// path of small deltas (endpoint churn), where copying the whole set would dominate.
+    pub fn apply_in_place(&mut self, resources: Vec<Resource>) -> Result<Undo, String> {
+        let mut undo = Undo(Vec::with_capacity(resources.len()));
+        for r in resources {
+            let e = match decode_entry(r) {
+                Ok(e) => e,
+                Err(err) => {
+                    self.undo(undo);
+                    return Err(err);
+                }
+            };
+            let key = (e.resource.r#type.clone(), e.resource.name.clone());
+            let previous = self.items.insert(key.clone(), e);
+            undo.0.push((key, previous));
+        }
+        Ok(undo)
+    }
+
+    /// Reverts an [`ResourceSet::apply_in_place`].
+    pub fn undo(&mut self, undo: Undo) {
+        for (key, previous) in undo.0.into_iter().rev() {
+            match previous {
+                Some(e) => self.items.insert(key, e),
+                None => self.items.remove(&key),
+            };
+        }
+    }
+
+    /// The endpoints resource of cluster `name`.
+    pub fn endpoints(&self, name: &str) -> Option<Vec<model::Endpoint>> {
+        match self
+            .items
+            .get(&(ENDPOINTS.to_string(), name.to_string()))
+            .map(|e| &*e.decoded)
+        {
+            Some(Decoded::Endpoints(eps)) => Some(eps.clone()),
+            _ => None,
+        }
     }
 
     /// Adds every resource of `other` (which wins on equal keys).
@@ -321,6 +366,19 @@ clusters:
         applied.apply(false, changed, &removed).unwrap();
         assert_eq!(applied, b);
         assert_ne!(a.version(), b.version());
+    }
+
+    #[test]
+    fn in_place_apply_can_be_undone() {
+        let a = ResourceSet::from_config(&config(CONFIG));
+        let b = ResourceSet::from_config(&config(&CONFIG.replace("127.0.0.1:2", "127.0.0.1:3")));
+        let (changed, _) = a.diff(&b);
+        let mut set = a.clone();
+        let undo = set.apply_in_place(changed).unwrap();
+        assert_eq!(set, b);
+        assert_eq!(set.endpoints("c").unwrap()[0].address, "127.0.0.1:3");
+        set.undo(undo);
+        assert_eq!(set, a);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
@@ -14,11 +15,13 @@ use crate::model::{self, Config, LbPolicy, UpstreamProtocol};
 pub struct Snapshot {
     /// Identifies this config (a content hash unless the caller set one).
     pub version: String,
-    /// The config as written, for `/config_dump`.
-    pub source: Config,
+    /// The config as written, except endpoints, which `clusters` hold (an endpoint-only
+    /// update shares this with the previous snapshot). [`Snapshot::config`] has both.
+    pub source: Arc<Config>,
     pub admin: Option<SocketAddr>,
     pub listeners: Vec<Listener>,
-    pub routes: Vec<Route>,
+    /// Shared with later snapshots that change only endpoints.
+    pub routes: Arc<Vec<Route>>,
     pub clusters: Vec<Cluster>,
     pub(crate) cluster_index: HashMap<String, usize>,
 }
@@ -27,6 +30,24 @@ impl Snapshot {
     /// The index of the cluster called `name`.
     pub fn cluster_id(&self, name: &str) -> Option<usize> {
         self.cluster_index.get(name).copied()
+    }
+
+    /// The config this snapshot runs, endpoints included (for `/config_dump` and persisting).
+    pub fn config(&self) -> Config {
+        let mut config = (*self.source).clone();
+        for c in &mut config.clusters {
+            if let Some(compiled) = self.cluster_id(&c.name).map(|id| &self.clusters[id]) {
+                c.endpoints = compiled
+                    .endpoints
+                    .iter()
+                    .map(|e| model::Endpoint {
+                        address: e.address.to_string(),
+                        weight: e.weight,
+                    })
+                    .collect();
+            }
+        }
+        config
     }
 
     /// The listener called `name`.
@@ -133,7 +154,7 @@ pub struct RetryOn {
     pub grpc_statuses: Vec<u32>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
     pub protocol: UpstreamProtocol,

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -35,12 +36,44 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
     *lock_cache() = std::mem::take(&mut v.regexes);
     Ok(Snapshot {
         version: String::new(),
-        source: config,
+        source: Arc::new(config),
         admin,
         listeners,
-        routes,
+        routes: Arc::new(routes),
         clusters,
         cluster_index,
+    })
+}
+
+/// A new snapshot with the endpoints of some clusters replaced, sharing everything else with
+/// `old` (routes are not rebuilt): the cost is that of the change, not of the config.
+pub fn with_endpoints(
+    old: &Snapshot,
+    changes: &[(String, Vec<model::Endpoint>)],
+) -> Result<Snapshot, Vec<Problem>> {
+    let mut v = Validator::default();
+    let mut clusters = old.clusters.clone();
+    for (name, raw) in changes {
+        let Some(id) = old.cluster_id(name) else {
+            v.problem(
+                format!("clusters.{name}"),
+                format!("endpoints for unknown cluster {name:?}"),
+            );
+            continue;
+        };
+        clusters[id].endpoints = v.endpoints(&format!("clusters[{id}]"), raw);
+    }
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    Ok(Snapshot {
+        version: String::new(),
+        source: old.source.clone(),
+        admin: old.admin,
+        listeners: old.listeners.clone(),
+        routes: old.routes.clone(),
+        clusters,
+        cluster_index: old.cluster_index.clone(),
     })
 }
 
@@ -167,31 +200,7 @@ impl Validator {
         let mut index = HashMap::new();
         for (i, c) in raw.iter().enumerate() {
             let at = format!("clusters[{i}]");
-            if c.endpoints.is_empty() {
-                self.problem(
-                    format!("{at}.endpoints"),
-                    "a cluster needs at least one endpoint",
-                );
-            }
-            let mut endpoints = Vec::new();
-            for (j, e) in c.endpoints.iter().enumerate() {
-                let field = format!("{at}.endpoints[{j}]");
-                if e.weight == 0 {
-                    self.problem(format!("{field}.weight"), "weight must be at least 1");
-                }
-                if let Some(address) = self.socket_addr(&format!("{field}.address"), &e.address) {
-                    if endpoints.iter().any(|x: &Endpoint| x.address == address) {
-                        self.problem(
-                            format!("{field}.address"),
-                            format!("duplicate endpoint {address}"),
-                        );
-                    }
-                    endpoints.push(Endpoint {
-                        address,
-                        weight: e.weight.max(1),
-                    });
-                }
-            }
+            let endpoints = self.endpoints(&at, &c.endpoints);
             if let model::LbPolicy::RingHash {
                 ring_hash: model::RingHash { header },
             } = &c.lb
@@ -240,6 +249,35 @@ impl Validator {
             });
         }
         (out, index)
+    }
+
+    fn endpoints(&mut self, at: &str, raw: &[model::Endpoint]) -> Vec<Endpoint> {
+        if raw.is_empty() {
+            self.problem(
+                format!("{at}.endpoints"),
+                "a cluster needs at least one endpoint",
+            );
+        }
+        let mut endpoints = Vec::new();
+        for (j, e) in raw.iter().enumerate() {
+            let field = format!("{at}.endpoints[{j}]");
+            if e.weight == 0 {
+                self.problem(format!("{field}.weight"), "weight must be at least 1");
+            }
+            if let Some(address) = self.socket_addr(&format!("{field}.address"), &e.address) {
+                if endpoints.iter().any(|x: &Endpoint| x.address == address) {
+                    self.problem(
+                        format!("{field}.address"),
+                        format!("duplicate endpoint {address}"),
+                    );
+                }
+                endpoints.push(Endpoint {
+                    address,
+                    weight: e.weight.max(1),
+                });
+            }
+        }
+        endpoints
     }
 
     fn health_check(&mut self, at: &str, h: &model::HealthCheck) -> Option<HealthCheck> {

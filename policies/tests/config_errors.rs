@@ -196,3 +196,40 @@ fn scope_is_refused_outside_policy_folders() {
         "{e}"
     );
 }
+
+#[test]
+fn endpoint_update_shares_routes_and_validates_the_change() {
+    let text = format!("{BASE}routes:\n  - name: r\n    match: {{ path: {{ regex: \"/a/[0-9]+\" }} }}\n    route: {{ cluster: c }}\n");
+    let old = load_str("weir.yaml", &text).unwrap();
+    let new_eps = vec![weir_policies::model::Endpoint {
+        address: "127.0.0.1:9".into(),
+        weight: 3,
+    }];
+    let new = weir_policies::validate::with_endpoints(&old, &[("c".into(), new_eps)]).unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&old.routes, &new.routes),
+        "routes are shared, not rebuilt"
+    );
+    assert_eq!(
+        new.clusters[0].endpoints[0].address.to_string(),
+        "127.0.0.1:9"
+    );
+    assert_eq!(new.config().clusters[0].endpoints[0].weight, 3);
+    assert_eq!(old.config().clusters[0].endpoints[0].address, "127.0.0.1:1");
+
+    let bad = vec![weir_policies::model::Endpoint {
+        address: "nowhere".into(),
+        weight: 1,
+    }];
+    let problems = weir_policies::validate::with_endpoints(&old, &[("c".into(), bad)]).unwrap_err();
+    assert!(
+        problems[0].message.contains("expected ip:port"),
+        "{problems:?}"
+    );
+    let problems =
+        weir_policies::validate::with_endpoints(&old, &[("zzz".into(), vec![])]).unwrap_err();
+    assert!(
+        problems[0].message.contains("unknown cluster"),
+        "{problems:?}"
+    );
+}

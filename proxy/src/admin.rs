@@ -88,7 +88,8 @@ impl ServeHttp for AdminApp {
             }
             "/config_dump" => {
                 let rt = self.runtime.load();
-                let dump = json!({ "version": rt.snapshot.version, "config": rt.snapshot.source });
+                let dump =
+                    json!({ "version": rt.snapshot.version, "config": rt.snapshot.config() });
                 respond(200, "application/json", format!("{dump:#}\n"))
             }
             "/clusters" => respond(200, "application/json", format!("{:#}\n", self.clusters())),

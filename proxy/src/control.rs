@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
-use weir_control::client::{self, Applied, ClientOptions};
+use weir_control::client::{self, Applied, ClientOptions, Update};
 use weir_control::resources::ResourceSet;
 use weir_policies::model::{Admin, Config};
 use weir_policies::{validate, Snapshot};
@@ -46,19 +46,21 @@ fn compile(opts: &ControlOptions, version: &str, mut config: Config) -> Result<S
     config.admin = Some(Admin {
         address: opts.admin.clone(),
     });
-    let mut snapshot = validate::compile(config).map_err(|problems| {
-        problems
-            .iter()
-            .map(|p| format!("{}: {}", p.field, p.message))
-            .collect::<Vec<_>>()
-            .join("\n")
-    })?;
+    let mut snapshot = validate::compile(config).map_err(|problems| join(&problems))?;
     snapshot.version = version.to_string();
     Ok(snapshot)
 }
 
+fn join(problems: &[validate::Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {}", p.field, p.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn persist(opts: &ControlOptions, snapshot: &Snapshot) {
-    let mut config = snapshot.source.clone();
+    let mut config = snapshot.config();
     config.admin = None;
     let data = Persisted {
         version: snapshot.version.clone(),
@@ -131,21 +133,43 @@ pub struct ControlSync {
 #[async_trait]
 impl BackgroundService for ControlSync {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Disk writes stay off the apply path: the newest snapshot is persisted at most every
+        // 100 ms by a task of its own.
+        let (persist_tx, mut persist_rx) = tokio::sync::watch::channel(None::<Arc<Snapshot>>);
+        let persist_opts = self.opts.clone();
+        tokio::spawn(async move {
+            while persist_rx.changed().await.is_ok() {
+                let latest = persist_rx.borrow_and_update().clone();
+                if let Some(snapshot) = latest {
+                    let opts = persist_opts.clone();
+                    let _ = tokio::task::spawn_blocking(move || persist(&opts, &snapshot)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
         let opts = self.opts.clone();
         let runtime = self.runtime.clone();
         let metrics = self.metrics.clone();
-        let apply = move |version: &str, config: Config| {
-            let snapshot = compile(&opts, version, config).inspect_err(|_| {
-                metrics.reloads.with_label_values(&["error"]).inc();
-            })?;
-            persist(&opts, &snapshot);
+        let apply = move |version: &str, update: Update| {
             let old = runtime.load_full();
+            let snapshot = match update {
+                Update::Full(config) => compile(&opts, version, config),
+                Update::Endpoints(changes) => validate::with_endpoints(&old.snapshot, &changes)
+                    .map_err(|problems| join(&problems))
+                    .map(|mut s| {
+                        s.version = version.to_string();
+                        s
+                    }),
+            }
+            .inspect_err(|_| metrics.reloads.with_label_values(&["error"]).inc())?;
             if snapshot.source.listeners != old.snapshot.source.listeners {
                 tracing::warn!(
                     "listener changes take effect on restart; routes and clusters apply now"
                 );
             }
-            runtime.store(Arc::new(Runtime::new(Arc::new(snapshot), Some(&old))));
+            let snapshot = Arc::new(snapshot);
+            runtime.store(Arc::new(Runtime::new(snapshot.clone(), Some(&old))));
+            let _ = persist_tx.send(Some(snapshot));
             metrics.reloads.with_label_values(&["ok"]).inc();
             tracing::info!(from = %old.snapshot.version, to = %version, "control plane config applied");
             Ok(())

@@ -58,6 +58,14 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
 
     let listeners = snapshot.listeners.clone();
     let admin = snapshot.admin;
+    // pingora binds inside a service task and only logs a failure there; a proxy missing a
+    // listener must not start at all.
+    for addr in listeners.iter().map(|l| l.address).chain(admin) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            eprintln!("weir: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::new(
         Arc::new(snapshot),
         None,

@@ -52,7 +52,7 @@ mod xds {
 
     use tokio::net::TcpListener;
     use tokio_stream::wrappers::TcpListenerStream;
-    use weir_control::client::{self, Applied, ClientOptions};
+    use weir_control::client::{self, Applied, ClientOptions, Update};
     use weir_control::pb::discovery_server::DiscoveryServer;
     use weir_control::pb::Node;
     use weir_control::policy_dir;
@@ -136,11 +136,21 @@ mod xds {
                 },
                 token: None,
             };
-            // What weir does with a push: rebuild the config and validate it into a snapshot.
-            tokio::spawn(client::run(opts, Applied::default(), |_v, config| {
-                weir_policies::validate::compile(config)
-                    .map(|_| ())
-                    .map_err(|p| format!("{p:?}"))
+            // What weir does with a push: validate it into a new snapshot (a whole config, or
+            // the current snapshot with new endpoints).
+            let mut current: Option<weir_policies::Snapshot> = None;
+            tokio::spawn(client::run(opts, Applied::default(), move |_v, update| {
+                let next = match (update, &current) {
+                    (Update::Full(config), _) => weir_policies::validate::compile(config),
+                    (Update::Endpoints(changes), Some(old)) => {
+                        weir_policies::validate::with_endpoints(old, &changes)
+                    }
+                    (Update::Endpoints(_), None) => {
+                        return Err("endpoints before any config".into())
+                    }
+                };
+                current = Some(next.map_err(|p| format!("{p:?}"))?);
+                Ok(())
             }));
         }
         all_acked(&cp, proxies, "")

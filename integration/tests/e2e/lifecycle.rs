@@ -114,3 +114,29 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert_eq!(code, 0);
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
+
+#[test]
+fn refuses_to_start_when_a_listener_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("weir.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners: [{{ name: main, address: \"127.0.0.1:{port}\" }}]\nclusters: [{{ name: c, endpoints: [{{ address: \"127.0.0.1:1\" }}] }}]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(weir_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}
