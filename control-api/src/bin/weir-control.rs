@@ -85,15 +85,54 @@ async fn serve(
     }
     let cp = ControlPlane::new(token);
     tokio::spawn(policy_dir::watch(policies, cp.clone()));
-    tracing::info!(%listen, "serving");
+    tracing::info!(%listen, "serving (gRPC, and GET /status as JSON on the same port)");
+    let routes = tonic::service::Routes::new(
+        DiscoveryServer::new(cp.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(StatusServer::new(cp.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
+    .into_axum_router()
+    .route(
+        "/status",
+        axum::routing::get(move || http_status(cp.clone())),
+    );
     tonic::transport::Server::builder()
-        .add_service(DiscoveryServer::new(cp.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(StatusServer::new(cp).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .accept_http1(true)
+        .add_routes(routes.into())
         .serve_with_shutdown(listen, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
         .map_err(|e| format!("serving on {listen}: {e}"))
+}
+
+/// `GET /status`: the status service's answer as JSON, for curl and dashboards.
+async fn http_status(cp: ControlPlane) -> axum::response::Response {
+    let s = cp.status();
+    let proxies: Vec<_> = s
+        .proxies
+        .iter()
+        .map(|p| {
+            let node = p.node.clone().unwrap_or_default();
+            serde_json::json!({
+                "id": node.id,
+                "cluster": node.cluster,
+                "labels": node.labels,
+                "connected": p.connected,
+                "acked_version": p.acked_version,
+                "nacked_version": p.nacked_version,
+                "nack_error": p.nack_error,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "version": s.version,
+        "config_error": s.config_error,
+        "proxies": proxies,
+    });
+    axum::response::Response::builder()
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(format!("{body:#}\n")))
+        .unwrap_or_default()
 }
 
 async fn status(addr: SocketAddr, token_file: Option<PathBuf>) -> Result<(), String> {

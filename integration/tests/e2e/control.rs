@@ -199,6 +199,13 @@ async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
         s.version,
         "/config_dump shows the control plane's version"
     );
+    // The same status as JSON over plain HTTP on the control plane's port.
+    let (code, body) =
+        weir_integration::weir_process::admin_get(cp, "/status").expect("GET /status");
+    assert_eq!(code, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(j["proxies"][0]["id"], "sidecar-1");
+    assert_eq!(j["proxies"][0]["acked_version"], s.version.as_str());
 
     // An invalid policy never reaches the proxy; the status says why, with file and line.
     let good_version = s.version.clone();
