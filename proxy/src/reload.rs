@@ -72,25 +72,14 @@ impl Reloader {
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let file_name = self
-            .path
-            .as_ref()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_os_string());
         let mut watcher = match self.path.as_ref().map(|_| {
             notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-                // Watch the directory (editors and Kubernetes replace files by rename) but react
-                // only to changes of our file: reads (ours included) are access events, and
+                // Any change in the directory: editors replace the file by rename, and a
+                // Kubernetes ConfigMap swaps a `..data` symlink, not the file itself. A reload of
+                // an unchanged file is a no-op. Reads (ours included) are access events:
                 // reacting to them would reload forever.
-                if let Ok(ev) = ev.as_ref() {
-                    if !ev.kind.is_access()
-                        && ev
-                            .paths
-                            .iter()
-                            .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-                    {
-                        let _ = tx.send(());
-                    }
+                if ev.is_ok_and(|ev| !ev.kind.is_access()) {
+                    let _ = tx.send(());
                 }
             })
         }) {

@@ -130,3 +130,51 @@ async fn invalid_reload_keeps_the_running_config() {
     assert_eq!(s.weir.version(), version);
     assert_eq!(get(&h1_client(), s.listen, "/").await.backend(), "a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follows_a_kubernetes_configmap_symlink_swap() {
+    use std::os::unix::fs::symlink;
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let listen: std::net::SocketAddr =
+        format!("127.0.0.1:{}", weir_integration::weir_process::free_port())
+            .parse()
+            .unwrap();
+    let admin: std::net::SocketAddr =
+        format!("127.0.0.1:{}", weir_integration::weir_process::free_port())
+            .parse()
+            .unwrap();
+    // The layout the kubelet writes: weir.yaml -> ..data/weir.yaml, ..data -> ..v1.
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("config");
+    std::fs::create_dir_all(mount.join("..v1")).unwrap();
+    std::fs::write(
+        mount.join("..v1/weir.yaml"),
+        config_text(listen, admin, &routed_to("a", &a, &b)),
+    )
+    .unwrap();
+    symlink("..v1", mount.join("..data")).unwrap();
+    symlink("..data/weir.yaml", mount.join("weir.yaml")).unwrap();
+    let weir = weir_integration::weir_process::Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &[
+            "--config".into(),
+            mount.join("weir.yaml").display().to_string(),
+        ],
+        admin,
+    );
+    let c = h1_client();
+    assert_eq!(get(&c, listen, "/").await.backend(), "a");
+    let old = weir.version();
+    // An update: a new version folder, then an atomic swap of the ..data symlink.
+    std::fs::create_dir_all(mount.join("..v2")).unwrap();
+    std::fs::write(
+        mount.join("..v2/weir.yaml"),
+        config_text(listen, admin, &routed_to("b", &a, &b)),
+    )
+    .unwrap();
+    symlink("..v2", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    weir.wait_version_change(&old);
+    assert_eq!(get(&c, listen, "/").await.backend(), "b");
+}
