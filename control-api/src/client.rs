@@ -23,6 +23,9 @@ pub struct ClientOptions {
     pub url: String,
     pub node: Node,
     pub token: Option<String>,
+    /// Largest push accepted ([`MAX_PUSH_BYTES`] normally); a bigger one ends the stream
+    /// with an error and the proxy keeps its config.
+    pub max_push_bytes: usize,
 }
 
 /// A push as the proxy applies it.
@@ -57,7 +60,7 @@ async fn open(
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", opts.url))?;
-    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_PUSH_BYTES);
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(opts.max_push_bytes);
     let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
         node: Some(opts.node.clone()),

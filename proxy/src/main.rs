@@ -97,6 +97,7 @@ fn control_start(
                 weir_version: env!("CARGO_PKG_VERSION").to_string(),
             },
             token,
+            max_push_bytes: weir_control::client::MAX_PUSH_BYTES,
         },
         state_dir,
         admin,

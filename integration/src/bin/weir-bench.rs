@@ -135,6 +135,7 @@ mod xds {
                     ..Default::default()
                 },
                 token: None,
+                max_push_bytes: client::MAX_PUSH_BYTES,
             };
             // What weir does with a push: validate it into a new snapshot (a whole config, or
             // the current snapshot with new endpoints).

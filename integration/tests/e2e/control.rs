@@ -367,6 +367,7 @@ async fn refuses_wrong_tokens_missing_identity_and_garbage() {
             ..Default::default()
         },
         token: token.map(str::to_string),
+        max_push_bytes: client::MAX_PUSH_BYTES,
     };
     let e = client::fetch_initial(&opts(Some("wrong"), "n"))
         .await
