@@ -147,6 +147,47 @@ fn folder() -> Folder {
     }
 }
 
+/// Backends a, b (HTTP) and g (gRPC), a policy folder routing to `a`, and addresses for one
+/// proxy and a `weir-control` process.
+struct Mesh {
+    a: Arc<HttpBackend>,
+    b: Arc<HttpBackend>,
+    g: GrpcBackend,
+    folder: Folder,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    cp: SocketAddr,
+}
+
+impl Mesh {
+    async fn new() -> Self {
+        let m = Self {
+            a: HttpBackend::start("a").await,
+            b: HttpBackend::start("b").await,
+            g: GrpcBackend::start("g").await,
+            folder: folder(),
+            listen: addr(),
+            admin: addr(),
+            cp: addr(),
+        };
+        m.route_to("a");
+        m
+    }
+
+    /// Rewrites the policy so that `/` goes to cluster `target`.
+    fn route_to(&self, target: &str) {
+        let clusters = [
+            ("a", "http1", vec![self.a.addr]),
+            ("b", "http1", vec![self.b.addr]),
+            ("grpc", "h2c", vec![self.g.addr]),
+        ];
+        write_atomically(
+            &self.folder.policies.join("mesh.yaml"),
+            &policy(self.listen, target, &clusters),
+        );
+    }
+}
+
 async fn backend_of(listen: SocketAddr) -> String {
     get(&h1_client(), listen, "/").await.backend()
 }
@@ -166,18 +207,8 @@ async fn wait_for_backend(listen: SocketAddr, want: &str, why: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
-    let a = HttpBackend::start("a").await;
-    let b = HttpBackend::start("b").await;
-    let g = GrpcBackend::start("g").await;
-    let f = folder();
-    let (listen, admin, cp) = (addr(), addr(), addr());
-    let clusters = [
-        ("a", "http1", vec![a.addr]),
-        ("b", "http1", vec![b.addr]),
-        ("grpc", "h2c", vec![g.addr]),
-    ];
-    let file = f.policies.join("mesh.yaml");
-    write_atomically(&file, &policy(listen, "a", &clusters));
+    let m = Mesh::new().await;
+    let (f, listen, admin, cp) = (&m.folder, m.listen, m.admin, m.cp);
     let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
     let weir = Weir::spawn(
         tempfile::tempdir().unwrap(),
@@ -186,7 +217,7 @@ async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
     );
     assert_eq!(backend_of(listen).await, "a");
 
-    write_atomically(&file, &policy(listen, "b", &clusters));
+    m.route_to("b");
     wait_for_backend(listen, "b", "the change reached the proxy").await;
     let s = status(cp).await;
     assert_eq!(s.proxies.len(), 1);
@@ -209,7 +240,7 @@ async fn pushes_changes_tracks_acks_and_rejects_invalid_policies() {
 
     // An invalid policy never reaches the proxy; the status says why, with file and line.
     let good_version = s.version.clone();
-    write_atomically(&file, &policy(listen, "missing", &clusters));
+    m.route_to("missing");
     let mut s = status(cp).await;
     for _ in 0..200 {
         if !s.config_error.is_empty() {
@@ -308,18 +339,8 @@ async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn survives_control_plane_restarts_and_starts_from_the_persisted_config() {
-    let a = HttpBackend::start("a").await;
-    let b = HttpBackend::start("b").await;
-    let g = GrpcBackend::start("g").await;
-    let f = folder();
-    let (listen, admin, cp) = (addr(), addr(), addr());
-    let clusters = [
-        ("a", "http1", vec![a.addr]),
-        ("b", "http1", vec![b.addr]),
-        ("grpc", "h2c", vec![g.addr]),
-    ];
-    let file = f.policies.join("mesh.yaml");
-    write_atomically(&file, &policy(listen, "a", &clusters));
+    let m = Mesh::new().await;
+    let (f, listen, admin, cp) = (&m.folder, m.listen, m.admin, m.cp);
     let log = f.root.join("control.log");
     let control = ControlProc::start(&f.policies, cp, &f.token, &log);
     let weir = Weir::spawn(
@@ -337,7 +358,7 @@ async fn survives_control_plane_restarts_and_starts_from_the_persisted_config() 
             "serving while the control plane is gone"
         );
     }
-    write_atomically(&file, &policy(listen, "b", &clusters));
+    m.route_to("b");
     let _control = ControlProc::start(&f.policies, cp, &f.token, &log);
     wait_for_backend(listen, "b", "resynced after the control plane came back").await;
 
