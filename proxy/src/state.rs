@@ -183,6 +183,11 @@ impl EndpointState {
         failed: bool,
     ) {
         let Some(cfg) = cfg else { return };
+        if !failed {
+            // The common case, kept off the O(endpoints) ejection count below.
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
         let verdict = outlier::judge(
             cfg,
             failed,
