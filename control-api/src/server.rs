@@ -18,7 +18,8 @@ use weir_policies::validate;
 use crate::pb::discovery_server::Discovery;
 use crate::pb::status_server;
 use crate::pb::{
-    DiscoveryRequest, DiscoveryResponse, Node, ProxyStatus, StatusRequest, StatusResponse,
+    DiscoveryRequest, DiscoveryResponse, Node, ProxyStatus, Resource, ResourceKey, StatusRequest,
+    StatusResponse,
 };
 use crate::policy_dir::Folder;
 use crate::resources::ResourceSet;
@@ -100,7 +101,16 @@ struct Shared {
     config_error: Mutex<Option<String>>,
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     token: Option<String>,
+    /// Deltas by (from, to) view version: proxies that ACKed the same version get the same
+    /// push, computed once.
+    deltas: Mutex<HashMap<(String, String), Arc<Delta>>>,
 }
+
+/// Resources added or changed, and keys removed.
+type Delta = (Vec<Resource>, Vec<ResourceKey>);
+
+/// Deltas kept at most; older ones are dropped all at once (they are cheap to recompute).
+const MAX_DELTAS: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -116,6 +126,7 @@ impl ControlPlane {
                 config_error: Mutex::new(None),
                 proxies: Mutex::new(BTreeMap::new()),
                 token,
+                deltas: Mutex::default(),
             }),
         }
     }
@@ -195,6 +206,20 @@ impl ControlPlane {
         }
     }
 
+    fn delta(&self, from: &View, to: &View) -> Arc<Delta> {
+        let key = (from.version.clone(), to.version.clone());
+        if let Some(d) = lock(&self.shared.deltas).get(&key) {
+            return d.clone();
+        }
+        let delta = Arc::new(from.resources.diff(&to.resources));
+        let mut deltas = lock(&self.shared.deltas);
+        if deltas.len() >= MAX_DELTAS {
+            deltas.clear();
+        }
+        deltas.insert(key, delta.clone());
+        delta
+    }
+
     fn update_proxy(&self, node: &Node, f: impl FnOnce(&mut ProxyStatus)) {
         let mut proxies = lock(&self.shared.proxies);
         let entry = proxies
@@ -255,8 +280,8 @@ impl Session {
         let (full_state, resources, removed) = match &self.acked {
             None => (true, published.resources.all(), Vec::new()),
             Some(acked) => {
-                let (changed, removed) = acked.resources.diff(&published.resources);
-                (false, changed, removed)
+                let delta = self.cp.delta(acked, &published);
+                (false, delta.0.clone(), delta.1.clone())
             }
         };
         let resp = DiscoveryResponse {
