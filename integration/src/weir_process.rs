@@ -26,13 +26,22 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     bin
 }
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1, for a server the test starts later (weir, the control
+/// plane). Taken below the kernel's ephemeral range (32768+), where backends bound to port 0
+/// and client sockets live, so those cannot grab it in the meantime; random, so parallel tests
+/// rarely pick the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running weir process, killed on drop.
