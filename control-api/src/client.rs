@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 use weir_policies::model::{self, Config};
 
@@ -70,12 +69,7 @@ async fn open(
     .await
     .map_err(|_| "request channel closed".to_string())?;
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = &opts.token {
-        let value: MetadataValue<_> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "the token is not a valid header value".to_string())?;
-        req.metadata_mut().insert("authorization", value);
-    }
+    crate::auth::authorize(&mut req, opts.token.as_deref())?;
     let stream = client
         .stream(req)
         .await

@@ -1,6 +1,7 @@
 //! weir's control API: the `weir.control.v1` protocol (xDS semantics on one aggregated stream),
 //! the control plane that serves a policy folder, and the client proxies use.
 
+pub mod auth;
 pub mod client;
 pub mod policy_dir;
 pub mod resources;

@@ -80,13 +80,7 @@ fn control_start(
     admin: String,
 ) -> Result<(weir_policies::Snapshot, Source), String> {
     let id = node_id.ok_or("--control-plane needs --node-id")?;
-    let token = token_file
-        .map(|p| {
-            std::fs::read_to_string(&p)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| format!("{}: {e}", p.display()))
-        })
-        .transpose()?;
+    let token = weir_control::auth::read_token_file(token_file.as_deref())?;
     let opts = ControlOptions {
         client: ClientOptions {
             url,

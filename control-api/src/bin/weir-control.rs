@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use weir_control::auth::{authorize, read_token_file};
 use weir_control::pb::discovery_server::DiscoveryServer;
 use weir_control::pb::status_client::StatusClient;
 use weir_control::pb::status_server::StatusServer;
@@ -39,15 +40,6 @@ enum Command {
     },
 }
 
-fn read_token(path: Option<PathBuf>) -> Result<Option<String>, String> {
-    path.map(|p| {
-        std::fs::read_to_string(&p)
-            .map(|t| t.trim().to_string())
-            .map_err(|e| format!("{}: {e}", p.display()))
-    })
-    .transpose()
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -79,7 +71,7 @@ async fn serve(
     listen: SocketAddr,
     token_file: Option<PathBuf>,
 ) -> Result<(), String> {
-    let token = read_token(token_file)?;
+    let token = read_token_file(token_file.as_deref())?;
     if token.is_none() {
         tracing::warn!("no --token-file: any client may connect");
     }
@@ -136,7 +128,7 @@ async fn http_status(cp: ControlPlane) -> axum::response::Response {
 }
 
 async fn status(addr: SocketAddr, token_file: Option<PathBuf>) -> Result<(), String> {
-    let token = read_token(token_file)?;
+    let token = read_token_file(token_file.as_deref())?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect()
@@ -144,12 +136,7 @@ async fn status(addr: SocketAddr, token_file: Option<PathBuf>) -> Result<(), Str
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let mut client = StatusClient::new(channel);
     let mut req = tonic::Request::new(weir_control::pb::StatusRequest {});
-    if let Some(t) = token {
-        let v = format!("Bearer {t}")
-            .parse()
-            .map_err(|_| "bad token".to_string())?;
-        req.metadata_mut().insert("authorization", v);
-    }
+    authorize(&mut req, token.as_deref())?;
     let s = client
         .get(req)
         .await
