@@ -1,1 +1,569 @@
-//! placeholder
+//! weir's proxy-wasm host: filters built with the proxy-wasm SDK for Envoy (ABI 0.2.1) run on
+//! wasmtime, on dedicated filter threads locked down with seccomp.
+//!
+//! The proxy installs a filter chain once per config ([`FilterHost::install`]) and opens a
+//! [`FilterStream`] per request. Each phase of the request is one round trip to the stream's
+//! filter thread; callouts the filters make (`proxy_http_call`, `proxy_grpc_call`) come back
+//! to the proxy, which runs them through [`Callouts`] and delivers the results.
+
+pub mod abi;
+mod host;
+pub mod metrics;
+pub mod sandbox;
+mod shared;
+mod types;
+mod vm;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use wasmtime::{Engine, Linker, Module};
+
+pub use abi::Pairs;
+pub use types::*;
+
+use host::HostState;
+use shared::{QueueOwner, Shared};
+use vm::{Plugin, EPOCH_TICK};
+use worker::{Job, Outcome, Phase, Reply, Worker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("filter sandbox: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("wasm engine: {0}")]
+    Engine(String),
+    #[error("filter thread: {0}")]
+    Thread(String),
+    #[error("reading wasm module {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("wasm module {path}: sha256 is {actual}, the config says {expected}")]
+    Digest {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("wasm module {path}: {error}")]
+    Compile { path: String, error: String },
+    #[error("filter chain {chain:?}: {error}")]
+    Start { chain: String, error: String },
+}
+
+/// State shared by the proxy side and every filter thread.
+pub struct Inner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    limits: Limits,
+    modules: Mutex<HashMap<[u8; 32], Module>>,
+    threads: Vec<Mutex<Sender<Job>>>,
+    thread_ids: Mutex<Vec<i32>>,
+    next_thread: AtomicUsize,
+    next_stream: AtomicU64,
+    next_chain: AtomicU64,
+    shared: Arc<Shared>,
+    metrics: Arc<metrics::Registry>,
+    callouts: Arc<dyn Callouts>,
+    failures: AtomicU64,
+    vm_restarts: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl Inner {
+    fn send(&self, thread: usize, job: Job) {
+        let tx = self.threads[thread]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // A stopped thread drops the job; its reply channel then reads as closed.
+        let _ = tx.send(job);
+    }
+
+    fn count_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn notify_queue(self: &Arc<Self>) -> Arc<dyn Fn(QueueOwner, u32) + Send + Sync> {
+        let weak = Arc::downgrade(self);
+        Arc::new(move |owner: QueueOwner, queue| {
+            if let Some(inner) = weak.upgrade() {
+                let thread = owner.thread;
+                inner.send(thread, Job::QueueReady { owner, queue });
+            }
+        })
+    }
+}
+
+/// The filter runtime: the wasm engine, the module cache and the sandboxed filter threads.
+#[derive(Clone)]
+pub struct FilterHost {
+    inner: Arc<Inner>,
+}
+
+impl FilterHost {
+    /// Starts `threads` filter threads (each installs the `filter` seccomp allowlist first)
+    /// and the epoch ticker. Fails if the sandbox cannot be installed.
+    pub fn start(
+        threads: usize,
+        limits: Limits,
+        callouts: Arc<dyn Callouts>,
+    ) -> Result<Self, FilterError> {
+        sandbox::check()?;
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        // Copy-on-write images need memfd_create, which the filter threads' sandbox denies;
+        // data segments are copied at instantiation instead (once per VM).
+        config.memory_init_cow(false);
+        let engine = Engine::new(&config).map_err(|e| FilterError::Engine(format!("{e:#}")))?;
+        let linker = host::linker(&engine).map_err(|e| FilterError::Engine(format!("{e:#}")))?;
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..threads.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            senders.push(Mutex::new(tx));
+            receivers.push(rx);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            engine: engine.clone(),
+            linker,
+            limits,
+            modules: Mutex::default(),
+            threads: senders,
+            thread_ids: Mutex::default(),
+            next_thread: AtomicUsize::new(0),
+            next_stream: AtomicU64::new(1),
+            next_chain: AtomicU64::new(1),
+            shared: Arc::default(),
+            metrics: Arc::default(),
+            callouts,
+            failures: AtomicU64::new(0),
+            vm_restarts: AtomicU64::new(0),
+            stop: stop.clone(),
+        });
+
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<i32, String>>();
+        let ticker_ready = ready_tx.clone();
+        std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || {
+                if let Err(e) = sandbox::install(sandbox::ThreadKind::Ticker) {
+                    let _ = ticker_ready.send(Err(e.to_string()));
+                    return;
+                }
+                let _ = ticker_ready.send(Ok(unsafe { libc::gettid() }));
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .map_err(|e| FilterError::Thread(e.to_string()))?;
+        for (index, rx) in receivers.into_iter().enumerate() {
+            let worker = Worker::new(index, inner.clone());
+            let ready = ready_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("weir-filter-{index}"))
+                .spawn(move || {
+                    if let Err(e) = sandbox::install(sandbox::ThreadKind::Filter) {
+                        let _ = ready.send(Err(e.to_string()));
+                        return;
+                    }
+                    let _ = ready.send(Ok(unsafe { libc::gettid() }));
+                    worker.run(rx);
+                })
+                .map_err(|e| FilterError::Thread(e.to_string()))?;
+        }
+        drop(ready_tx);
+        let mut tids = Vec::new();
+        for _ in 0..=threads.max(1) {
+            match ready_rx.recv() {
+                Ok(Ok(tid)) => tids.push(tid),
+                Ok(Err(e)) => return Err(FilterError::Thread(e)),
+                Err(_) => return Err(FilterError::Thread("a thread died at start".into())),
+            }
+        }
+        *inner.thread_ids.lock().unwrap_or_else(|e| e.into_inner()) = tids;
+        Ok(Self { inner })
+    }
+
+    /// Linux thread ids of the sandboxed threads (filter threads and the ticker).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.inner
+            .thread_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Metrics filters defined.
+    pub fn metrics(&self) -> &metrics::Registry {
+        &self.inner.metrics
+    }
+
+    /// Filter failures (traps, deadlines, memory) so far.
+    pub fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    /// Filter VMs recreated after a failure so far.
+    pub fn vm_restarts(&self) -> u64 {
+        self.inner.vm_restarts.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on every filter thread and returns what each returned (tests use it to check
+    /// what the sandbox allows).
+    #[doc(hidden)]
+    pub fn exec_on_filter_threads<R: Send + 'static>(
+        &self,
+        f: impl Fn() -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
+        let f = Arc::new(f);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..self.inner.threads.len() {
+            let (f, tx) = (f.clone(), tx.clone());
+            self.inner.send(
+                t,
+                Job::Exec(Box::new(move || {
+                    let _ = tx.send(f());
+                })),
+            );
+        }
+        drop(tx);
+        rx.iter().collect()
+    }
+
+    /// Loads (or finds in the cache, by sha256) a module and checks its digest.
+    fn module(&self, config: &PluginConfig) -> Result<Module, FilterError> {
+        let path = config.module.display().to_string();
+        let bytes = std::fs::read(&config.module).map_err(|error| FilterError::Read {
+            path: path.clone(),
+            error,
+        })?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(expected) = &config.sha256 {
+            let actual = hex::encode(digest);
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(FilterError::Digest {
+                    path,
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        let mut cache = self.inner.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(&digest) {
+            return Ok(m.clone());
+        }
+        let module = Module::new(&self.inner.engine, &bytes).map_err(|e| FilterError::Compile {
+            path: path.clone(),
+            error: format!("{e:#}"),
+        })?;
+        cache.insert(digest, module.clone());
+        Ok(module)
+    }
+
+    /// Compiles the chain's modules and starts a VM per plugin on every filter thread
+    /// (`proxy_on_vm_start`, `proxy_on_configure`). Blocks until all threads are done; an error
+    /// names the plugin and the step that failed, and nothing is left installed.
+    pub fn install(&self, name: &str, plugins: &[PluginConfig]) -> Result<Arc<Chain>, FilterError> {
+        let mut compiled = Vec::new();
+        for config in plugins {
+            let module = self.module(config)?;
+            let mut linker = self.inner.linker.clone();
+            let stubbed = host::stub_unknown_imports(&mut linker, &module).map_err(|e| {
+                FilterError::Compile {
+                    path: config.module.display().to_string(),
+                    error: format!("{e:#}"),
+                }
+            })?;
+            if !stubbed.is_empty() {
+                tracing::info!(plugin = %config.name, "imports weir does not implement (they return Unimplemented): {}", stubbed.join(", "));
+            }
+            let pre = linker.instantiate_pre(&module).map_err(|e| FilterError::Compile {
+                path: config.module.display().to_string(),
+                error: format!("{e:#}"),
+            })?;
+            compiled.push(Arc::new(Plugin {
+                config: Arc::new(config.clone()),
+                pre,
+            }));
+        }
+        let id = self.inner.next_chain.fetch_add(1, Ordering::Relaxed);
+        let chain = Arc::new(Chain {
+            id,
+            name: name.to_owned(),
+            plugins: plugins.to_vec(),
+            inner: self.inner.clone(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..self.inner.threads.len() {
+            self.inner.send(
+                t,
+                Job::Install {
+                    chain: id,
+                    plugins: compiled.clone(),
+                    done: tx.clone(),
+                },
+            );
+        }
+        drop(tx);
+        for _ in 0..self.inner.threads.len() {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                // Dropping `chain` removes what the other threads installed.
+                Ok(Err(error)) => {
+                    return Err(FilterError::Start {
+                        chain: name.into(),
+                        error,
+                    })
+                }
+                Err(_) => {
+                    return Err(FilterError::Start {
+                        chain: name.into(),
+                        error: "a filter thread stopped".into(),
+                    })
+                }
+            }
+        }
+        Ok(chain)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An installed filter chain. Dropping the last reference removes its VMs from the threads.
+pub struct Chain {
+    id: u64,
+    name: String,
+    plugins: Vec<PluginConfig>,
+    inner: Arc<Inner>,
+}
+
+impl Chain {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugins as installed; a new config with equal plugins can keep this chain.
+    pub fn plugins(&self) -> &[PluginConfig] {
+        &self.plugins
+    }
+
+    /// Opens a stream on the next filter thread (round robin).
+    pub fn stream(self: &Arc<Self>) -> FilterStream {
+        let n = self.inner.threads.len();
+        FilterStream {
+            chain: self.clone(),
+            thread: self.inner.next_thread.fetch_add(1, Ordering::Relaxed) % n,
+            id: self.inner.next_stream.fetch_add(1, Ordering::Relaxed),
+            started: false,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        for t in 0..self.inner.threads.len() {
+            self.inner.send(t, Job::Remove { chain: self.id });
+        }
+    }
+}
+
+/// One request's pass through a filter chain. Every phase is one round trip to the stream's
+/// filter thread, plus one per callout result when a filter pauses for a callout.
+pub struct FilterStream {
+    chain: Arc<Chain>,
+    thread: usize,
+    id: u64,
+    started: bool,
+    ended: bool,
+}
+
+impl FilterStream {
+    async fn send(&self, phase: Phase) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        self.chain.inner.send(
+            self.thread,
+            Job::Phase {
+                stream: self.id,
+                chain: self.chain.id,
+                phase,
+                reply: Some(tx),
+            },
+        );
+        rx.await.unwrap_or_else(|_| Reply {
+            outcome: Outcome::Fail("the filter thread is gone".into()),
+            headers: None,
+            body: None,
+            calls: Vec::new(),
+        })
+    }
+
+    /// Delivers a callout result without waiting (the stream did not pause for it).
+    fn deliver_later(&self, token: u32, call: Callout) {
+        let fut = self.chain.inner.callouts.call(call);
+        let (inner, thread, stream, chain) =
+            (self.chain.inner.clone(), self.thread, self.id, self.chain.id);
+        tokio::spawn(async move {
+            let result = fut.await;
+            inner.send(
+                thread,
+                Job::Phase {
+                    stream,
+                    chain,
+                    phase: Phase::CallResult { token, result },
+                    reply: None,
+                },
+            );
+        });
+    }
+
+    /// Sends a phase, and while a filter holds the stream for callouts, runs them and
+    /// delivers their results.
+    async fn phase(&self, phase: Phase) -> Reply {
+        let mut reply = self.send(phase).await;
+        loop {
+            let mut calls = std::mem::take(&mut reply.calls).into_iter();
+            if !matches!(reply.outcome, Outcome::Paused) {
+                for (token, call) in calls {
+                    self.deliver_later(token, call);
+                }
+                return reply;
+            }
+            let Some((token, call)) = calls.next() else {
+                return Reply {
+                    outcome: Outcome::Fail(
+                        "a filter paused the stream with no callout pending".into(),
+                    ),
+                    ..reply
+                };
+            };
+            let result = self.chain.inner.callouts.call(call).await;
+            let pending: Vec<_> = calls.collect();
+            reply = self.send(Phase::CallResult { token, result }).await;
+            reply.calls.splice(0..0, pending);
+        }
+    }
+
+    fn verdict<T>(reply: Reply, value: impl FnOnce(Reply) -> T) -> Verdict<T> {
+        match reply.outcome {
+            Outcome::Continue | Outcome::Held => Verdict::Continue(value(reply)),
+            Outcome::Respond(r) => Verdict::Respond(r),
+            Outcome::Close => Verdict::Close,
+            Outcome::Fail(why) => Verdict::Fail(why),
+            Outcome::Paused => Verdict::Fail("stream left paused".into()),
+        }
+    }
+
+    /// Request headers (pseudo-headers first: `:method`, `:path`, `:authority`, `:scheme`).
+    /// `Continue(Some(headers))` when filters changed them.
+    pub async fn request_headers(
+        &mut self,
+        info: StreamInfo,
+        headers: Pairs,
+        end_of_stream: bool,
+    ) -> Verdict<Option<Pairs>> {
+        self.started = true;
+        let reply = self
+            .phase(Phase::RequestHeaders {
+                info: Arc::new(info),
+                headers,
+                eos: end_of_stream,
+            })
+            .await;
+        Self::verdict(reply, |r| r.headers)
+    }
+
+    /// A request body chunk. `Continue(None)`: the filters hold it for now.
+    pub async fn request_body(&mut self, chunk: Vec<u8>, end_of_stream: bool) -> Verdict<Option<Vec<u8>>> {
+        let reply = self
+            .phase(Phase::RequestBody {
+                chunk,
+                eos: end_of_stream,
+            })
+            .await;
+        Self::verdict(reply, |r| r.body)
+    }
+
+    pub async fn request_trailers(&mut self, trailers: Pairs) -> Verdict<Option<Pairs>> {
+        let reply = self.phase(Phase::RequestTrailers { trailers }).await;
+        Self::verdict(reply, |r| r.headers)
+    }
+
+    /// Response headers, `:status` first.
+    pub async fn response_headers(&mut self, headers: Pairs, end_of_stream: bool) -> Verdict<Option<Pairs>> {
+        let reply = self
+            .phase(Phase::ResponseHeaders {
+                headers,
+                eos: end_of_stream,
+            })
+            .await;
+        Self::verdict(reply, |r| r.headers)
+    }
+
+    pub async fn response_body(&mut self, chunk: Vec<u8>, end_of_stream: bool) -> Verdict<Option<Vec<u8>>> {
+        let reply = self
+            .phase(Phase::ResponseBody {
+                chunk,
+                eos: end_of_stream,
+            })
+            .await;
+        Self::verdict(reply, |r| r.body)
+    }
+
+    pub async fn response_trailers(&mut self, trailers: Pairs) -> Verdict<Option<Pairs>> {
+        let reply = self.phase(Phase::ResponseTrailers { trailers }).await;
+        Self::verdict(reply, |r| r.headers)
+    }
+
+    /// Ends the stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`. Does not wait.
+    pub fn end(&mut self) {
+        if self.started && !self.ended {
+            self.ended = true;
+            self.chain.inner.send(
+                self.thread,
+                Job::Phase {
+                    stream: self.id,
+                    chain: self.chain.id,
+                    phase: Phase::End,
+                    reply: None,
+                },
+            );
+        }
+    }
+}
+
+impl Drop for FilterStream {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Stops the filter threads when the host is dropped... they also stop when every sender is
+/// gone; this helper exists for an orderly shutdown in tests.
+impl FilterHost {
+    pub fn shutdown(&self) {
+        for t in 0..self.inner.threads.len() {
+            self.inner.send(t, Job::Stop);
+        }
+        self.inner.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<FilterStream>();
+    is::<FilterHost>();
+    let _ = Duration::ZERO;
+}

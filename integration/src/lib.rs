@@ -9,3 +9,4 @@ pub mod weir_process;
 pub mod pb {
     tonic::include_proto!("weir.test");
 }
+pub mod wasm_filters;

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod control;
+mod filter_host;
 mod grpc;
 mod http;
 mod lifecycle;
