@@ -21,7 +21,10 @@ fn build_example_filters() -> Result<(), Box<dyn std::error::Error>> {
         let dir = dir?.path();
         if dir.join("src").is_dir() {
             println!("cargo:rerun-if-changed={}", dir.join("src").display());
-            println!("cargo:rerun-if-changed={}", dir.join("Cargo.toml").display());
+            println!(
+                "cargo:rerun-if-changed={}",
+                dir.join("Cargo.toml").display()
+            );
         }
     }
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -30,7 +33,13 @@ fn build_example_filters() -> Result<(), Box<dyn std::error::Error>> {
         .join("wasm-filters");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip1"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip1",
+        ])
         .arg("--manifest-path")
         .arg(examples.join("Cargo.toml"))
         .arg("--target-dir")

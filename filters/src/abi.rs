@@ -110,9 +110,9 @@ pub type Pairs = Vec<(String, Vec<u8>)>;
 /// Encodes pairs as the ABI specifies: count (u32 LE), then (name len, value len) per pair,
 /// then each name and value followed by a NUL.
 pub fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
-    let (count, size) = pairs
-        .clone()
-        .fold((0usize, 4usize), |(n, s), (k, v)| (n + 1, s + 10 + k.len() + v.len()));
+    let (count, size) = pairs.clone().fold((0usize, 4usize), |(n, s), (k, v)| {
+        (n + 1, s + 10 + k.len() + v.len())
+    });
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(&(count as u32).to_le_bytes());
     for (k, v) in pairs.clone() {

@@ -140,11 +140,8 @@ impl HostState {
         if let Some(v) = s.properties.get(&key) {
             return Some(v.clone());
         }
-        let header = |map: &Pairs, name: &str| {
-            map.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let header =
+            |map: &Pairs, name: &str| map.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let req = &s.request_headers;
         let path_value = header(req, ":path");
         let int = |v: i64| Some(v.to_le_bytes().to_vec());
@@ -291,9 +288,13 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
     let mut l = Linker::new(engine);
     let env = "env";
 
-    l.func_wrap(env, "proxy_log", |mut c: C<'_>, level: i32, ptr: i32, len: i32| {
-        code(read_str(&mut c, ptr, len).map(|msg| log_line(&c.data().plugin.name, level, &msg)))
-    })?;
+    l.func_wrap(
+        env,
+        "proxy_log",
+        |mut c: C<'_>, level: i32, ptr: i32, len: i32| {
+            code(read_str(&mut c, ptr, len).map(|msg| log_line(&c.data().plugin.name, level, &msg)))
+        },
+    )?;
     l.func_wrap(env, "proxy_get_log_level", |mut c: C<'_>, ret: i32| {
         let level = if tracing::enabled!(tracing::Level::TRACE) {
             0
@@ -304,16 +305,24 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
         };
         code(write_u32(&mut c, ret, level))
     })?;
-    l.func_wrap(env, "proxy_get_current_time_nanoseconds", |mut c: C<'_>, ret: i32| {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        code(write(&mut c, ret, &now.to_le_bytes()))
-    })?;
-    l.func_wrap(env, "proxy_set_tick_period_milliseconds", |mut c: C<'_>, ms: i32| {
-        c.data_mut().tick_period = (ms != 0).then(|| Duration::from_millis(ms as u32 as u64));
-        Status::Ok as i32
-    })?;
+    l.func_wrap(
+        env,
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, ret: i32| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            code(write(&mut c, ret, &now.to_le_bytes()))
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C<'_>, ms: i32| {
+            c.data_mut().tick_period = (ms != 0).then(|| Duration::from_millis(ms as u32 as u64));
+            Status::Ok as i32
+        },
+    )?;
 
     // ---- buffers ----
     l.func_wrap(
@@ -710,7 +719,12 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
         "proxy_get_status",
         |mut c: C<'_>, ret_code: i32, ret_ptr: i32, ret_size: i32| {
             let r = (|| {
-                let (status, message) = match c.data().stream.as_ref().and_then(|s| s.call_result.as_ref()) {
+                let (status, message) = match c
+                    .data()
+                    .stream
+                    .as_ref()
+                    .and_then(|s| s.call_result.as_ref())
+                {
                     Some(CalloutResult::Grpc(g)) => (g.status, g.message.clone()),
                     _ => return Err(Status::NotFound),
                 };
@@ -720,9 +734,11 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             code(r)
         },
     )?;
-    l.func_wrap(env, "proxy_set_effective_context", |_c: C<'_>, _ctx: i32| {
-        Status::Ok as i32
-    })?;
+    l.func_wrap(
+        env,
+        "proxy_set_effective_context",
+        |_c: C<'_>, _ctx: i32| Status::Ok as i32,
+    )?;
     l.func_wrap(env, "proxy_done", |_c: C<'_>| Status::Ok as i32)?;
     l.func_wrap(
         env,
@@ -746,31 +762,39 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             code(r)
         },
     )?;
-    l.func_wrap(env, "proxy_increment_metric", |c: C<'_>, id: i32, by: i64| {
-        match c.data().metrics.get(id as u32) {
+    l.func_wrap(
+        env,
+        "proxy_increment_metric",
+        |c: C<'_>, id: i32, by: i64| match c.data().metrics.get(id as u32) {
             Some(m) => {
                 m.increment(by);
                 Status::Ok as i32
             }
             None => Status::NotFound as i32,
-        }
-    })?;
-    l.func_wrap(env, "proxy_record_metric", |c: C<'_>, id: i32, v: i64| {
-        match c.data().metrics.get(id as u32) {
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_record_metric",
+        |c: C<'_>, id: i32, v: i64| match c.data().metrics.get(id as u32) {
             Some(m) => {
                 m.record(v as u64);
                 Status::Ok as i32
             }
             None => Status::NotFound as i32,
-        }
-    })?;
-    l.func_wrap(env, "proxy_get_metric", |mut c: C<'_>, id: i32, ret: i32| {
-        let r = (|| {
-            let m = c.data().metrics.get(id as u32).ok_or(Status::NotFound)?;
-            write(&mut c, ret, &(m.value() as u64).to_le_bytes())
-        })();
-        code(r)
-    })?;
+        },
+    )?;
+    l.func_wrap(
+        env,
+        "proxy_get_metric",
+        |mut c: C<'_>, id: i32, ret: i32| {
+            let r = (|| {
+                let m = c.data().metrics.get(id as u32).ok_or(Status::NotFound)?;
+                write(&mut c, ret, &(m.value() as u64).to_le_bytes())
+            })();
+            code(r)
+        },
+    )?;
 
     // ---- WASI, the calls Rust's std makes on wasm32-wasip1 ----
     let wasi = "wasi_snapshot_preview1";
@@ -802,7 +826,11 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             let d = c.data_mut();
             while let Some(end) = d.stdio.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = d.stdio.drain(..=end).collect();
-                log_line(&d.plugin.name, if fd == 2 { 3 } else { 2 }, String::from_utf8_lossy(&line).trim_end());
+                log_line(
+                    &d.plugin.name,
+                    if fd == 2 { 3 } else { 2 },
+                    String::from_utf8_lossy(&line).trim_end(),
+                );
             }
             if d.stdio.len() > 4096 {
                 let line = std::mem::take(&mut d.stdio);
@@ -825,9 +853,15 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             0
         },
     )?;
-    l.func_wrap(wasi, "proc_exit", |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
-        Err(wasmtime::Error::msg(format!("filter called proc_exit({code})")))
-    })?;
+    l.func_wrap(
+        wasi,
+        "proc_exit",
+        |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::msg(format!(
+                "filter called proc_exit({code})"
+            )))
+        },
+    )?;
     l.func_wrap(
         wasi,
         "clock_time_get",
@@ -858,20 +892,17 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
 
 fn monotonic_ns() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 fn fill_random(buf: &mut [u8]) {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: writes at most `buf.len() - done` bytes into the rest of `buf`.
-        let n = unsafe {
-            libc::getrandom(
-                buf[done..].as_mut_ptr().cast(),
-                buf.len() - done,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
         if n <= 0 {
             // No kernel randomness (should not happen): fall back rather than loop forever.
             buf[done..].iter_mut().for_each(|b| *b = fastrand::u8(..));
@@ -963,6 +994,7 @@ fn dummy() -> HostState {
             vm_config: Vec::new(),
             plugin_config: Vec::new(),
             fail_open: false,
+            limits: Default::default(),
         }),
         shared: Default::default(),
         metrics: Default::default(),

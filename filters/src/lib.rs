@@ -59,7 +59,6 @@ pub enum FilterError {
 pub struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
-    limits: Limits,
     modules: Mutex<HashMap<[u8; 32], Module>>,
     threads: Vec<Mutex<Sender<Job>>>,
     thread_ids: Mutex<Vec<i32>>,
@@ -108,11 +107,7 @@ pub struct FilterHost {
 impl FilterHost {
     /// Starts `threads` filter threads (each installs the `filter` seccomp allowlist first)
     /// and the epoch ticker. Fails if the sandbox cannot be installed.
-    pub fn start(
-        threads: usize,
-        limits: Limits,
-        callouts: Arc<dyn Callouts>,
-    ) -> Result<Self, FilterError> {
+    pub fn start(threads: usize, callouts: Arc<dyn Callouts>) -> Result<Self, FilterError> {
         sandbox::check()?;
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
@@ -132,7 +127,6 @@ impl FilterHost {
         let inner = Arc::new(Inner {
             engine: engine.clone(),
             linker,
-            limits,
             modules: Mutex::default(),
             threads: senders,
             thread_ids: Mutex::default(),
@@ -238,7 +232,7 @@ impl FilterHost {
     }
 
     /// Loads (or finds in the cache, by sha256) a module and checks its digest.
-    fn module(&self, config: &PluginConfig) -> Result<Module, FilterError> {
+    fn module(&self, config: &PluginConfig) -> Result<(Module, [u8; 32]), FilterError> {
         let path = config.module.display().to_string();
         let bytes = std::fs::read(&config.module).map_err(|error| FilterError::Read {
             path: path.clone(),
@@ -257,23 +251,42 @@ impl FilterHost {
         }
         let mut cache = self.inner.modules.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cache.get(&digest) {
-            return Ok(m.clone());
+            return Ok((m.clone(), digest));
         }
         let module = Module::new(&self.inner.engine, &bytes).map_err(|e| FilterError::Compile {
             path: path.clone(),
             error: format!("{e:#}"),
         })?;
         cache.insert(digest, module.clone());
-        Ok(module)
+        Ok((module, digest))
     }
 
     /// Compiles the chain's modules and starts a VM per plugin on every filter thread
     /// (`proxy_on_vm_start`, `proxy_on_configure`). Blocks until all threads are done; an error
     /// names the plugin and the step that failed, and nothing is left installed.
-    pub fn install(&self, name: &str, plugins: &[PluginConfig]) -> Result<Arc<Chain>, FilterError> {
+    ///
+    /// With `reuse`, an installed chain with the same plugins and module files is returned as
+    /// is (its VMs keep their state).
+    pub fn install(
+        &self,
+        name: &str,
+        plugins: &[PluginConfig],
+        reuse: Option<&Arc<Chain>>,
+    ) -> Result<Arc<Chain>, FilterError> {
         let mut compiled = Vec::new();
+        let mut digests = Vec::new();
+        let mut modules = Vec::new();
         for config in plugins {
-            let module = self.module(config)?;
+            let (module, digest) = self.module(config)?;
+            digests.push(digest);
+            modules.push(module);
+        }
+        if let Some(old) = reuse {
+            if old.name == name && old.plugins == plugins && old.digests == digests {
+                return Ok(old.clone());
+            }
+        }
+        for (config, module) in plugins.iter().zip(modules) {
             let mut linker = self.inner.linker.clone();
             let stubbed = host::stub_unknown_imports(&mut linker, &module).map_err(|e| {
                 FilterError::Compile {
@@ -284,10 +297,12 @@ impl FilterHost {
             if !stubbed.is_empty() {
                 tracing::info!(plugin = %config.name, "imports weir does not implement (they return Unimplemented): {}", stubbed.join(", "));
             }
-            let pre = linker.instantiate_pre(&module).map_err(|e| FilterError::Compile {
-                path: config.module.display().to_string(),
-                error: format!("{e:#}"),
-            })?;
+            let pre = linker
+                .instantiate_pre(&module)
+                .map_err(|e| FilterError::Compile {
+                    path: config.module.display().to_string(),
+                    error: format!("{e:#}"),
+                })?;
             compiled.push(Arc::new(Plugin {
                 config: Arc::new(config.clone()),
                 pre,
@@ -298,6 +313,7 @@ impl FilterHost {
             id,
             name: name.to_owned(),
             plugins: plugins.to_vec(),
+            digests,
             inner: self.inner.clone(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -345,6 +361,7 @@ pub struct Chain {
     id: u64,
     name: String,
     plugins: Vec<PluginConfig>,
+    digests: Vec<[u8; 32]>,
     inner: Arc<Inner>,
 }
 
@@ -412,8 +429,12 @@ impl FilterStream {
     /// Delivers a callout result without waiting (the stream did not pause for it).
     fn deliver_later(&self, token: u32, call: Callout) {
         let fut = self.chain.inner.callouts.call(call);
-        let (inner, thread, stream, chain) =
-            (self.chain.inner.clone(), self.thread, self.id, self.chain.id);
+        let (inner, thread, stream, chain) = (
+            self.chain.inner.clone(),
+            self.thread,
+            self.id,
+            self.chain.id,
+        );
         tokio::spawn(async move {
             let result = fut.await;
             inner.send(
@@ -485,7 +506,11 @@ impl FilterStream {
     }
 
     /// A request body chunk. `Continue(None)`: the filters hold it for now.
-    pub async fn request_body(&mut self, chunk: Vec<u8>, end_of_stream: bool) -> Verdict<Option<Vec<u8>>> {
+    pub async fn request_body(
+        &mut self,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Verdict<Option<Vec<u8>>> {
         let reply = self
             .phase(Phase::RequestBody {
                 chunk,
@@ -501,7 +526,11 @@ impl FilterStream {
     }
 
     /// Response headers, `:status` first.
-    pub async fn response_headers(&mut self, headers: Pairs, end_of_stream: bool) -> Verdict<Option<Pairs>> {
+    pub async fn response_headers(
+        &mut self,
+        headers: Pairs,
+        end_of_stream: bool,
+    ) -> Verdict<Option<Pairs>> {
         let reply = self
             .phase(Phase::ResponseHeaders {
                 headers,
@@ -511,7 +540,11 @@ impl FilterStream {
         Self::verdict(reply, |r| r.headers)
     }
 
-    pub async fn response_body(&mut self, chunk: Vec<u8>, end_of_stream: bool) -> Verdict<Option<Vec<u8>>> {
+    pub async fn response_body(
+        &mut self,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Verdict<Option<Vec<u8>>> {
         let reply = self
             .phase(Phase::ResponseBody {
                 chunk,

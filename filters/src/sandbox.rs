@@ -104,7 +104,17 @@ mod tests {
             // Allowed: memory and time keep working.
             let v = vec![7u8; 8 << 20];
             let now = std::time::Instant::now();
-            (tid, [(socket, socket_errno), (open, open_errno), (fork as i32, fork_errno), (bpf as i32, bpf_errno)], v[12345], now)
+            (
+                tid,
+                [
+                    (socket, socket_errno),
+                    (open, open_errno),
+                    (fork as i32, fork_errno),
+                    (bpf as i32, bpf_errno),
+                ],
+                v[12345],
+                now,
+            )
         })
         .join()
         .expect("sandboxed thread must not die");

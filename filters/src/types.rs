@@ -23,6 +23,7 @@ pub struct PluginConfig {
     pub plugin_config: Vec<u8>,
     /// On a filter failure, let the request through instead of answering 500.
     pub fail_open: bool,
+    pub limits: Limits,
 }
 
 /// Resource limits of every filter VM.

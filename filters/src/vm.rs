@@ -94,7 +94,9 @@ impl Vm {
             .or_else(|| instance.get_func(&mut store, "proxy_abi_version_0_2_0"))
             .is_none()
         {
-            return Err("the module exports no proxy_abi_version_0_2_x: not a proxy-wasm 0.2 filter".into());
+            return Err(
+                "the module exports no proxy_abi_version_0_2_x: not a proxy-wasm 0.2 filter".into(),
+            );
         }
         let f = Exports {
             context_create: get(&mut store, &instance, "proxy_on_context_create"),
@@ -141,13 +143,23 @@ impl Vm {
             plugin.config.plugin_config.len() as i32,
         );
         if let Some(f) = vm.f.vm_start.clone() {
-            if vm.call(|s| f.call(s, (root, vm_len))).map_err(|e| format!("proxy_on_vm_start failed: {e}"))? == 0 {
+            if vm
+                .call(|s| f.call(s, (root, vm_len)))
+                .map_err(|e| format!("proxy_on_vm_start failed: {e}"))?
+                == 0
+            {
                 return Err("proxy_on_vm_start returned false (the VM config was rejected)".into());
             }
         }
         if let Some(f) = vm.f.configure.clone() {
-            if vm.call(|s| f.call(s, (root, plugin_len))).map_err(|e| format!("proxy_on_configure failed: {e}"))? == 0 {
-                return Err("proxy_on_configure returned false (the plugin config was rejected)".into());
+            if vm
+                .call(|s| f.call(s, (root, plugin_len)))
+                .map_err(|e| format!("proxy_on_configure failed: {e}"))?
+                == 0
+            {
+                return Err(
+                    "proxy_on_configure returned false (the plugin config was rejected)".into(),
+                );
             }
         }
         vm.schedule_tick();

@@ -240,12 +240,13 @@ impl Worker {
             notify_queue: inner.notify_queue(),
             stdio: Vec::new(),
         };
+        let limits = plugin.config.limits;
         Vm::new(
             &inner.engine,
             plugin,
             state,
-            inner.limits.memory_bytes,
-            inner.limits.callback_deadline,
+            limits.memory_bytes,
+            limits.callback_deadline,
             self.generation,
         )
     }
@@ -268,7 +269,9 @@ impl Worker {
             match self.new_vm(chain, i, &plugin) {
                 Ok(vm) => {
                     tracing::info!(plugin = %plugin.config.name, thread = self.index, "filter VM recreated");
-                    self.inner.vm_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.inner
+                        .vm_restarts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Some(c) = self.chains.get_mut(&chain) {
                         c.vms[i] = vm;
                     }
@@ -368,13 +371,25 @@ impl Worker {
                         tracing::warn!(plugin = %plugin.name, "proxy_on_context_create {e}");
                         self.inner.count_failure();
                         if !plugin.fail_open {
-                            return Reply::of(Outcome::Fail(format!("filter {:?} {e}", plugin.name)));
+                            return Reply::of(Outcome::Fail(format!(
+                                "filter {:?} {e}",
+                                plugin.name
+                            )));
                         }
                         stream.ctx.push(None);
                     }
                 }
             }
-            let mut reply = run(chain, &mut stream, Dir::Request, Kind::Headers, 0, eos, None, &self.inner);
+            let mut reply = run(
+                chain,
+                &mut stream,
+                Dir::Request,
+                Kind::Headers,
+                0,
+                eos,
+                None,
+                &self.inner,
+            );
             finish(&mut stream, &mut reply, Dir::Request, Kind::Headers);
             self.streams.insert(id, stream);
             return reply;
@@ -384,25 +399,56 @@ impl Worker {
         };
         let (dir, kind, mut reply) = match phase {
             Phase::RequestHeaders { .. } => unreachable!("handled above"),
-            Phase::RequestBody { chunk, eos } => {
-                (Dir::Request, Kind::Body, body(chain, stream, Dir::Request, chunk, eos, &self.inner))
-            }
-            Phase::ResponseBody { chunk, eos } => {
-                (Dir::Response, Kind::Body, body(chain, stream, Dir::Response, chunk, eos, &self.inner))
-            }
+            Phase::RequestBody { chunk, eos } => (
+                Dir::Request,
+                Kind::Body,
+                body(chain, stream, Dir::Request, chunk, eos, &self.inner),
+            ),
+            Phase::ResponseBody { chunk, eos } => (
+                Dir::Response,
+                Kind::Body,
+                body(chain, stream, Dir::Response, chunk, eos, &self.inner),
+            ),
             Phase::RequestTrailers { trailers } => {
                 stream.data.request_trailers = trailers;
-                let r = run(chain, stream, Dir::Request, Kind::Trailers, 0, true, None, &self.inner);
+                let r = run(
+                    chain,
+                    stream,
+                    Dir::Request,
+                    Kind::Trailers,
+                    0,
+                    true,
+                    None,
+                    &self.inner,
+                );
                 (Dir::Request, Kind::Trailers, r)
             }
             Phase::ResponseHeaders { headers, eos } => {
                 stream.data.response_headers = headers;
-                let r = run(chain, stream, Dir::Response, Kind::Headers, 0, eos, None, &self.inner);
+                let r = run(
+                    chain,
+                    stream,
+                    Dir::Response,
+                    Kind::Headers,
+                    0,
+                    eos,
+                    None,
+                    &self.inner,
+                );
                 (Dir::Response, Kind::Headers, r)
             }
             Phase::ResponseTrailers { trailers } => {
                 stream.data.response_trailers = trailers;
-                let r = run(chain, stream, Dir::Response, Kind::Trailers, 0, true, None, &self.inner);
+                let r = run(
+                    chain,
+                    stream,
+                    Dir::Response,
+                    Kind::Trailers,
+                    0,
+                    true,
+                    None,
+                    &self.inner,
+                );
                 (Dir::Response, Kind::Trailers, r)
             }
             Phase::CallResult { token, result } => {
@@ -410,7 +456,11 @@ impl Worker {
                     .paused
                     .as_ref()
                     .map_or((Dir::Request, Kind::Headers), |p| (p.dir, p.kind));
-                (dir, kind, deliver(chain, stream, token, result, &self.inner))
+                (
+                    dir,
+                    kind,
+                    deliver(chain, stream, token, result, &self.inner),
+                )
             }
             Phase::End => {
                 let mut stream = self.streams.remove(&id).expect("looked up above");
@@ -468,9 +518,11 @@ fn callback(
         stream.data = vm.store.data_mut().stream.take().unwrap_or_default();
         r
     };
-    stream.new_calls.extend(stream.data.new_calls.drain(..).inspect(|(token, _)| {
-        stream.calls.insert(*token, i);
-    }));
+    stream
+        .new_calls
+        .extend(stream.data.new_calls.drain(..).inspect(|(token, _)| {
+            stream.calls.insert(*token, i);
+        }));
     match result {
         Err(e) => {
             inner.count_failure();
@@ -551,7 +603,14 @@ fn run(
 
 /// A body chunk through the chain. A filter that pauses before the end of the stream buffers:
 /// it gets the whole buffer again with the next chunk (Envoy's StopIterationAndBuffer).
-fn body(chain: &mut Chain, stream: &mut Stream, dir: Dir, chunk: Vec<u8>, eos: bool, inner: &Inner) -> Reply {
+fn body(
+    chain: &mut Chain,
+    stream: &mut Stream,
+    dir: Dir,
+    chunk: Vec<u8>,
+    eos: bool,
+    inner: &Inner,
+) -> Reply {
     let holds = take(&mut stream.held[dir as usize]);
     run_body(chain, stream, dir, 0, Some(chunk), holds, eos, inner)
 }
@@ -641,30 +700,55 @@ fn run_body(
 }
 
 /// Delivers a callout result, then resumes the paused phase if the filter asked to.
-fn deliver(chain: &mut Chain, stream: &mut Stream, token: u32, result: CalloutResult, inner: &Inner) -> Reply {
+fn deliver(
+    chain: &mut Chain,
+    stream: &mut Stream,
+    token: u32,
+    result: CalloutResult,
+    inner: &Inner,
+) -> Reply {
     let Some(i) = stream.calls.remove(&token) else {
-        return Reply::of(if stream.paused.is_some() { Outcome::Paused } else { Outcome::Continue });
+        return Reply::of(if stream.paused.is_some() {
+            Outcome::Paused
+        } else {
+            Outcome::Continue
+        });
     };
     stream.data.call_result = Some(result);
     let step = callback(chain, stream, i, inner, |vm, ctx| {
-        let r = vm.store.data().stream.as_ref().and_then(|s| s.call_result.clone());
+        let r = vm
+            .store
+            .data()
+            .stream
+            .as_ref()
+            .and_then(|s| s.call_result.clone());
         match r {
             Some(CalloutResult::Http(resp)) => {
                 let (h, b, t) = resp.as_ref().map_or((0, 0, 0), |r| {
-                    (r.headers.len() as i32, r.body.len() as i32, r.trailers.len() as i32)
+                    (
+                        r.headers.len() as i32,
+                        r.body.len() as i32,
+                        r.trailers.len() as i32,
+                    )
                 });
                 match vm.f.http_call_response.clone() {
-                    Some(f) => vm.call(|s| f.call(s, (ctx, token as i32, h, b, t))).map(|_| 0),
+                    Some(f) => vm
+                        .call(|s| f.call(s, (ctx, token as i32, h, b, t)))
+                        .map(|_| 0),
                     None => Ok(0),
                 }
             }
             Some(CalloutResult::Grpc(g)) => match (&g.body, g.status) {
                 (Some(body), 0) => match vm.f.grpc_receive.clone() {
-                    Some(f) => vm.call(|s| f.call(s, (ctx, token as i32, body.len() as i32))).map(|_| 0),
+                    Some(f) => vm
+                        .call(|s| f.call(s, (ctx, token as i32, body.len() as i32)))
+                        .map(|_| 0),
                     None => Ok(0),
                 },
                 _ => match vm.f.grpc_close.clone() {
-                    Some(f) => vm.call(|s| f.call(s, (ctx, token as i32, g.status as i32))).map(|_| 0),
+                    Some(f) => vm
+                        .call(|s| f.call(s, (ctx, token as i32, g.status as i32)))
+                        .map(|_| 0),
                     None => Ok(0),
                 },
             },
@@ -686,7 +770,16 @@ fn deliver(chain: &mut Chain, stream: &mut Stream, token: u32, result: CalloutRe
     match p.kind {
         Kind::Body => {
             let holds = take(&mut stream.held[p.dir as usize]);
-            run_body(chain, stream, p.dir, p.pos + 1, Some(p.body), holds, p.eos, inner)
+            run_body(
+                chain,
+                stream,
+                p.dir,
+                p.pos + 1,
+                Some(p.body),
+                holds,
+                p.eos,
+                inner,
+            )
         }
         kind => run(chain, stream, p.dir, kind, p.pos + 1, p.eos, None, inner),
     }

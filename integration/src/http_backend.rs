@@ -123,6 +123,58 @@ impl HttpBackend {
         if fail != 0 {
             return text(fail, "configured failure");
         }
+        if path == "/echo-body" {
+            let ct = req
+                .headers()
+                .get("content-type")
+                .cloned()
+                .unwrap_or_else(|| "application/octet-stream".parse().expect("valid"));
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Response::builder()
+                .header("content-type", ct)
+                .body(Full::new(body).boxed())
+                .expect("valid response");
+        }
+        if path == "/authz/check" {
+            // A tiny authorization service: alice and carol may pass, anyone else may not.
+            let user = req
+                .headers()
+                .get("x-user")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if user == "alice" || user == "carol" {
+                return Response::builder()
+                    .header("x-authz-subject", format!("user:{user}"))
+                    .body(Full::new(Bytes::new()).boxed())
+                    .expect("valid response");
+            }
+            return text(403, &format!("user {user:?} may not pass\n"));
+        }
+        if let Some(n) = path
+            .strip_prefix("/sse/")
+            .and_then(|c| c.parse::<usize>().ok())
+        {
+            // An OpenAI-style stream: one `data:` event per token, then [DONE].
+            let mut events: Vec<Result<Frame<Bytes>, Infallible>> = (0..n)
+                .map(|i| {
+                    Ok(Frame::data(Bytes::from(format!(
+                        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+                    ))))
+                })
+                .collect();
+            events.push(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))));
+            let body = StreamBody::new(futures_util::stream::iter(events));
+            return Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(BodyExt::boxed(body))
+                .expect("valid response");
+        }
         if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
             return text(code, "status");
         }

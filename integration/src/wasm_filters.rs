@@ -13,5 +13,7 @@ pub fn path(name: &str) -> PathBuf {
 /// Hex sha256 of the example filter `name`.
 pub fn sha256(name: &str) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path(name)).expect("read wasm")))
+    hex::encode(sha2::Sha256::digest(
+        std::fs::read(path(name)).expect("read wasm"),
+    ))
 }

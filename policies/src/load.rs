@@ -163,7 +163,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         }]));
     }
     let de = serde_norway::Deserializer::from_str(text);
-    serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
+    let mut config = serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
         let mut field = e.path().to_string();
         if field == "." {
             field.clear();
@@ -203,5 +203,26 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
             field,
             message: message.to_string(),
         }])
-    })
+    })?;
+    resolve_module_paths(file, &mut config);
+    Ok(config)
+}
+
+/// Makes relative filter module paths relative to the folder of the file that names them.
+fn resolve_module_paths(file: &str, config: &mut Config) {
+    let Some(dir) = std::path::Path::new(file).parent() else {
+        return;
+    };
+    if dir.as_os_str().is_empty() {
+        return;
+    }
+    for f in config
+        .filter_chains
+        .iter_mut()
+        .flat_map(|c| c.filters.iter_mut())
+    {
+        if std::path::Path::new(&f.module).is_relative() && !f.module.is_empty() {
+            f.module = dir.join(&f.module).display().to_string();
+        }
+    }
 }

@@ -19,6 +19,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// Proxy-wasm filter chains that listeners and routes name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter_chains: Vec<FilterChain>,
     /// Policy folders only (`weir-control`): the proxies this file's resources go to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<Scope>,
@@ -71,6 +74,9 @@ pub struct Listener {
     pub address: String,
     #[serde(default)]
     pub protocol: ListenerProtocol,
+    /// Filter chain every request on this listener goes through, unless its route names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_chain: Option<String>,
 }
 
 /// What a listener speaks downstream.
@@ -90,6 +96,9 @@ pub struct Route {
     pub matches: RouteMatch,
     #[serde(rename = "route")]
     pub action: RouteAction,
+    /// Filter chain for this route's requests; overrides the listener's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_chain: Option<String>,
 }
 
 /// All present conditions must hold; an empty match accepts every request.
@@ -403,4 +412,58 @@ fn default_base_ejection_time() -> Duration {
 }
 fn default_max_ejection_percent() -> u32 {
     10
+}
+
+/// An ordered list of proxy-wasm filters. Request phases run them first to last, response
+/// phases last to first (as Envoy does).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilterChain {
+    pub name: String,
+    pub filters: Vec<WasmFilter>,
+}
+
+/// One proxy-wasm plugin: a module built with a proxy-wasm SDK (ABI 0.2.1), as Envoy runs it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WasmFilter {
+    /// `plugin_name` as the filter sees it.
+    pub name: String,
+    /// Path of the `.wasm` file, read by the proxy. A relative path is relative to the config
+    /// file's folder.
+    pub module: String,
+    /// Hex sha256 the module must have; a different file is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `plugin_root_id`.
+    #[serde(default)]
+    pub root_id: String,
+    /// Plugins with the same `vm_id` share shared data and queues.
+    #[serde(default)]
+    pub vm_id: String,
+    /// VM configuration (`proxy_on_vm_start`): a string is passed as is, anything else as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<serde_json::Value>,
+    /// Plugin configuration (`proxy_on_configure`): a string is passed as is, anything else as
+    /// JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    /// On a filter failure (trap, deadline, memory) pass the request on instead of answering
+    /// 500.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Linear memory limit of each VM of this filter, in MiB.
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: u32,
+    /// CPU time one callback may take before the filter is stopped.
+    #[serde(default = "default_callback_deadline", with = "crate::duration")]
+    pub callback_deadline: Duration,
+}
+
+fn default_memory_limit_mb() -> u32 {
+    64
+}
+
+fn default_callback_deadline() -> Duration {
+    Duration::from_millis(100)
 }

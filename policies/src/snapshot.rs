@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub routes: Arc<Vec<Route>>,
     pub clusters: Vec<Cluster>,
     pub(crate) cluster_index: HashMap<String, usize>,
+    /// Filter chains that routes and listeners point at by index.
+    pub filter_chains: Arc<Vec<FilterChain>>,
 }
 
 impl Snapshot {
@@ -60,6 +62,31 @@ impl Snapshot {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// Index into `filter_chains`.
+    pub filter_chain: Option<usize>,
+}
+
+/// A validated filter chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterChain {
+    pub name: String,
+    pub filters: Vec<WasmFilter>,
+}
+
+/// A validated proxy-wasm plugin; configs already turned into the bytes the filter reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WasmFilter {
+    pub name: String,
+    pub module: std::path::PathBuf,
+    /// Lowercase hex.
+    pub sha256: Option<String>,
+    pub root_id: String,
+    pub vm_id: String,
+    pub vm_config: Vec<u8>,
+    pub config: Vec<u8>,
+    pub fail_open: bool,
+    pub memory_limit_bytes: usize,
+    pub callback_deadline: Duration,
 }
 
 #[derive(Debug)]
@@ -72,6 +99,8 @@ pub struct Route {
     /// `/service/` or `/service/method`, matched against the path of gRPC requests.
     pub grpc_path: Option<GrpcPathMatch>,
     pub action: RouteAction,
+    /// Index into `filter_chains`.
+    pub filter_chain: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

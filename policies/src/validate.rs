@@ -26,9 +26,35 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
         .admin
         .as_ref()
         .and_then(|a| v.socket_addr("admin.address", &a.address));
-    let listeners = v.listeners(&config.listeners, admin);
+    let filter_chains = v.filter_chains(&config.filter_chains);
+    let chain_index: HashMap<&str, usize> = filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
+    let mut listeners = v.listeners(&config.listeners, admin);
+    for (i, l) in config.listeners.iter().enumerate() {
+        let chain = v.chain_ref(
+            &format!("listeners[{i}].filter_chain"),
+            &l.filter_chain,
+            &chain_index,
+        );
+        if let Some(compiled) = listeners.iter_mut().find(|c| c.name == l.name) {
+            compiled.filter_chain = chain;
+        }
+    }
     let (clusters, cluster_index) = v.clusters(&config.clusters);
-    let routes = v.routes(&config, &cluster_index, &clusters);
+    let mut routes = v.routes(&config, &cluster_index, &clusters);
+    for (i, r) in config.routes.iter().enumerate() {
+        let chain = v.chain_ref(
+            &format!("routes[{i}].filter_chain"),
+            &r.filter_chain,
+            &chain_index,
+        );
+        if let Some(compiled) = routes.get_mut(i) {
+            compiled.filter_chain = chain;
+        }
+    }
     if !v.problems.is_empty() {
         return Err(v.problems);
     }
@@ -42,6 +68,7 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
         routes: Arc::new(routes),
         clusters,
         cluster_index,
+        filter_chains: Arc::new(filter_chains),
     })
 }
 
@@ -74,6 +101,7 @@ pub fn with_endpoints(
         routes: old.routes.clone(),
         clusters,
         cluster_index: old.cluster_index.clone(),
+        filter_chains: old.filter_chains.clone(),
     })
 }
 
@@ -184,6 +212,7 @@ impl Validator {
             out.push(Listener {
                 name: l.name.clone(),
                 address,
+                filter_chain: None,
             });
         }
         out
@@ -394,6 +423,7 @@ impl Validator {
                 headers,
                 grpc_path,
                 action,
+                filter_chain: None,
             });
         }
         out
@@ -566,6 +596,82 @@ impl Validator {
             } else {
                 out.remove.push(name.to_ascii_lowercase());
             }
+        }
+        out
+    }
+}
+
+impl Validator {
+    fn chain_ref(
+        &mut self,
+        field: &str,
+        name: &Option<String>,
+        chains: &HashMap<&str, usize>,
+    ) -> Option<usize> {
+        let name = name.as_deref()?;
+        let id = chains.get(name).copied();
+        if id.is_none() {
+            self.problem(field, format!("unknown filter chain {name:?}"));
+        }
+        id
+    }
+
+    fn filter_chains(&mut self, raw: &[model::FilterChain]) -> Vec<FilterChain> {
+        self.unique(
+            "filter chain",
+            raw.iter()
+                .enumerate()
+                .map(|(i, c)| (format!("filter_chains[{i}].name"), c.name.as_str())),
+        );
+        let mut out = Vec::new();
+        for (i, c) in raw.iter().enumerate() {
+            let at = format!("filter_chains[{i}]");
+            if c.filters.is_empty() {
+                self.problem(
+                    format!("{at}.filters"),
+                    "a filter chain needs at least one filter",
+                );
+            }
+            let mut filters = Vec::new();
+            for (j, f) in c.filters.iter().enumerate() {
+                let at = format!("{at}.filters[{j}]");
+                if f.module.trim().is_empty() {
+                    self.problem(format!("{at}.module"), "expected the path of a .wasm file");
+                }
+                let sha256 = f.sha256.as_ref().map(|h| h.to_ascii_lowercase());
+                if let Some(h) = &sha256 {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        self.problem(format!("{at}.sha256"), "expected 64 hex digits");
+                    }
+                }
+                if !(1..=4096).contains(&f.memory_limit_mb) {
+                    self.problem(format!("{at}.memory_limit_mb"), "expected 1 to 4096");
+                }
+                if f.callback_deadline.is_zero() {
+                    self.problem(format!("{at}.callback_deadline"), "must be more than 0");
+                }
+                let bytes = |v: &Option<serde_json::Value>| match v {
+                    None => Vec::new(),
+                    Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
+                    Some(other) => other.to_string().into_bytes(),
+                };
+                filters.push(WasmFilter {
+                    name: f.name.clone(),
+                    module: f.module.clone().into(),
+                    sha256,
+                    root_id: f.root_id.clone(),
+                    vm_id: f.vm_id.clone(),
+                    vm_config: bytes(&f.vm_config),
+                    config: bytes(&f.config),
+                    fail_open: f.fail_open,
+                    memory_limit_bytes: (f.memory_limit_mb as usize) << 20,
+                    callback_deadline: f.callback_deadline,
+                });
+            }
+            out.push(FilterChain {
+                name: c.name.clone(),
+                filters,
+            });
         }
         out
     }

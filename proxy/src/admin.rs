@@ -11,6 +11,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
 use crate::drain::Drain;
+use crate::filters::Filters;
 use crate::metrics::Metrics;
 use crate::state::{now_ms, SharedRuntime};
 
@@ -18,6 +19,7 @@ pub struct AdminApp {
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
+    pub filters: Arc<Filters>,
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
@@ -84,7 +86,19 @@ impl ServeHttp for AdminApp {
             "/ready" => respond(200, "text/plain", "LIVE\n".into()),
             "/stats/prometheus" => {
                 let rt = self.runtime.load();
-                respond(200, "text/plain; version=0.0.4", self.metrics.render(&rt))
+                let mut text = self.metrics.render(&rt);
+                if let Some(host) = self.filters.started() {
+                    text += &format!(
+                        "# HELP weir_wasm_filter_failures_total Filter callbacks that trapped, ran out of CPU time or memory.\n\
+                         # TYPE weir_wasm_filter_failures_total counter\nweir_wasm_filter_failures_total {}\n\
+                         # HELP weir_wasm_vm_restarts_total Filter VMs recreated after a failure.\n\
+                         # TYPE weir_wasm_vm_restarts_total counter\nweir_wasm_vm_restarts_total {}\n",
+                        host.failures(),
+                        host.vm_restarts()
+                    );
+                    text += &host.metrics().render();
+                }
+                respond(200, "text/plain; version=0.0.4", text)
             }
             "/config_dump" => {
                 let rt = self.runtime.load();

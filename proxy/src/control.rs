@@ -15,6 +15,7 @@ use weir_control::resources::ResourceSet;
 use weir_policies::model::{Admin, Config};
 use weir_policies::{validate, Snapshot};
 
+use crate::filters::Filters;
 use crate::metrics::Metrics;
 use crate::state::{Runtime, SharedRuntime};
 
@@ -128,6 +129,7 @@ pub struct ControlSync {
     pub applied: Applied,
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
+    pub filters: Arc<Filters>,
 }
 
 #[async_trait]
@@ -150,6 +152,7 @@ impl BackgroundService for ControlSync {
         let opts = self.opts.clone();
         let runtime = self.runtime.clone();
         let metrics = self.metrics.clone();
+        let filters = self.filters.clone();
         let apply = move |version: &str, update: Update| {
             let old = runtime.load_full();
             let snapshot = match update {
@@ -167,8 +170,11 @@ impl BackgroundService for ControlSync {
                     "listener changes take effect on restart; routes and clusters apply now"
                 );
             }
+            let chains = filters
+                .install(&snapshot, Some(&old))
+                .inspect_err(|_| metrics.reloads.with_label_values(&["error"]).inc())?;
             let snapshot = Arc::new(snapshot);
-            runtime.store(Arc::new(Runtime::new(snapshot.clone(), Some(&old))));
+            runtime.store(Arc::new(Runtime::new(snapshot.clone(), Some(&old), chains)));
             let _ = persist_tx.send(Some(snapshot));
             metrics.reloads.with_label_values(&["ok"]).inc();
             tracing::info!(from = %old.snapshot.version, to = %version, "control plane config applied");

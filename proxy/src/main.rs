@@ -53,6 +53,9 @@ enum Command {
         /// Worker threads per listener.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Sandboxed threads running proxy-wasm filters (default: as many as --threads).
+        #[arg(long)]
+        filter_threads: Option<usize>,
         /// Longest wait for in-flight requests after SIGTERM, e.g. 30s.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         drain_timeout: Duration,
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
             state_dir,
             admin,
             threads,
+            filter_threads,
             drain_timeout,
         } => {
             let start = match control_plane {
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
                     RunOptions {
                         source,
                         threads,
+                        filter_threads: filter_threads.unwrap_or(threads),
                         drain_timeout,
                     },
                 ),

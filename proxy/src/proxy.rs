@@ -14,11 +14,14 @@ use weir_policies::model::{LbPolicy, UpstreamProtocol};
 use weir_policies::routing::{self, RequestView};
 use weir_policies::snapshot::{Cluster, Route};
 
+use bytes::Bytes;
+use weir_filters::{FilterStream, LocalResponse, StreamInfo, Verdict};
+
 use crate::drain::{Drain, InFlight};
 use crate::metrics::Metrics;
 use crate::retry::{self, Failure};
 use crate::state::{ClusterState, EndpointLoad, Gauge, Runtime, SharedRuntime};
-use crate::{downstream, grpc, reply};
+use crate::{downstream, filters, grpc, reply};
 
 /// Concurrent h2 streams weir opens on one upstream connection (pingora's default is 1).
 const MAX_H2_STREAMS: usize = 128;
@@ -26,6 +29,8 @@ const MAX_H2_STREAMS: usize = 128;
 /// One listener's proxy logic.
 pub struct WeirProxy {
     pub listener: String,
+    /// The listener's filter chain (index into the snapshot's), for routes without their own.
+    pub filter_chain: Option<usize>,
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
@@ -49,6 +54,16 @@ pub struct RequestCtx {
     _load: Option<EndpointLoad>,
     _cluster_slot: Option<Gauge>,
     retry_slot: Option<Gauge>,
+    /// The request's pass through its proxy-wasm filter chain.
+    filters: Option<FilterStream>,
+    /// Filters have seen the end of the request (or the response) body.
+    filters_request_done: bool,
+    filters_response_done: bool,
+    /// The request has a body (known when filters ran).
+    request_has_body: bool,
+    /// A reply a filter asked for in a phase where pingora must first unwind (sent by
+    /// `fail_to_proxy`).
+    local_reply: Option<LocalResponse>,
     _in_flight: InFlight,
 }
 
@@ -69,6 +84,104 @@ impl RequestCtx {
 }
 
 impl WeirProxy {
+    /// The route `req` takes on this listener.
+    fn route(&self, rt: &Runtime, req: &RequestHeader) -> Option<usize> {
+        let authority = req.uri.authority().map(|a| a.as_str()).or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        });
+        let view = RequestView {
+            listener: &self.listener,
+            authority,
+            path: req.uri.path(),
+            headers: &req.headers,
+        };
+        routing::select(&rt.snapshot, &view).map(|(id, _)| id)
+    }
+
+    /// Runs the request headers through `chain`. `None`: the request is answered (a filter
+    /// replied or failed); `Some(changed)`: go on, `changed` when filters edited the headers.
+    async fn request_headers_filters(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        chain: &Arc<weir_filters::Chain>,
+        rt: &Runtime,
+        route: Option<usize>,
+    ) -> Result<Option<bool>> {
+        let route = route.map(|id| &rt.snapshot.routes[id]);
+        let downstream = session.as_downstream();
+        let info = StreamInfo {
+            source: downstream.client_addr().and_then(|a| a.as_inet()).copied(),
+            destination: downstream.server_addr().and_then(|a| a.as_inet()).copied(),
+            protocol: if downstream.is_http2() {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            route: route.map(|r| r.name.clone()).unwrap_or_default(),
+            cluster: route
+                .and_then(|r| r.action.clusters.first())
+                .map(|(id, _)| rt.snapshot.clusters[*id].name.clone())
+                .unwrap_or_default(),
+            listener: self.listener.clone(),
+            start: Some(std::time::SystemTime::now()),
+        };
+        let eos = session.as_downstream_mut().is_body_empty();
+        ctx.filters_request_done = eos;
+        ctx.request_has_body = !eos;
+        let mut stream = chain.stream();
+        let verdict = stream
+            .request_headers(info, filters::request_pairs(session.req_header()), eos)
+            .await;
+        ctx.filters = Some(stream);
+        match verdict {
+            Verdict::Continue(None) => Ok(Some(false)),
+            Verdict::Continue(Some(pairs)) => {
+                filters::apply_request_pairs(session.req_header_mut(), pairs)?;
+                Ok(Some(true))
+            }
+            Verdict::Respond(r) => {
+                reply::send_local(session, ctx.grpc, &r).await?;
+                Ok(None)
+            }
+            Verdict::Fail(why) => {
+                tracing::warn!(listener = %self.listener, "request failed in a filter: {why}");
+                reply::send(session, ctx.grpc, 500, "filter failed", &[]).await?;
+                Ok(None)
+            }
+            Verdict::Close => Err(Error::explain(
+                ErrorType::ConnectionClosed,
+                "a filter closed the stream",
+            )),
+        }
+    }
+
+    /// Turns a non-continue verdict of a later phase into the error that ends the request
+    /// (`fail_to_proxy` sends a filter's reply if nothing was written yet).
+    fn filter_stop<T>(&self, ctx: &mut RequestCtx, verdict: Verdict<T>) -> Result<T> {
+        match verdict {
+            Verdict::Continue(v) => Ok(v),
+            Verdict::Respond(r) => {
+                let status = r.status;
+                ctx.local_reply = Some(r);
+                Err(Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "filter replied",
+                ))
+            }
+            Verdict::Fail(why) => {
+                tracing::warn!(listener = %self.listener, "request failed in a filter: {why}");
+                Err(Error::explain(ErrorType::HTTPStatus(500), "filter failed"))
+            }
+            Verdict::Close => Err(Error::explain(
+                ErrorType::ConnectionClosed,
+                "a filter closed the stream",
+            )),
+        }
+    }
+
     /// Whether the route's policy retries `failure` now, and if so takes a retry slot.
     fn may_retry(&self, session: &Session, ctx: &mut RequestCtx, failure: Failure) -> bool {
         let (Some(rt), Some(route_id), Some(cluster_id)) =
@@ -142,6 +255,11 @@ impl ProxyHttp for WeirProxy {
             _load: None,
             _cluster_slot: None,
             retry_slot: None,
+            filters: None,
+            filters_request_done: false,
+            filters_response_done: false,
+            request_has_body: false,
+            local_reply: None,
             _in_flight: self.drain.track(),
         }
     }
@@ -164,20 +282,25 @@ impl ProxyHttp for WeirProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let rt = self.runtime.load_full();
+        ctx.grpc = routing::is_grpc(&session.req_header().headers);
+        let mut selected = self.route(&rt, session.req_header());
+        let chain = selected
+            .and_then(|id| rt.snapshot.routes[id].filter_chain)
+            .or(self.filter_chain)
+            .and_then(|i| rt.filter_chains.get(i));
+        if let Some(chain) = chain {
+            match self
+                .request_headers_filters(session, ctx, chain, &rt, selected)
+                .await?
+            {
+                None => return Ok(true),
+                // Like Envoy, a filter's header change clears the route choice.
+                Some(true) => selected = self.route(&rt, session.req_header()),
+                Some(false) => {}
+            }
+        }
         let req = session.req_header();
-        ctx.grpc = routing::is_grpc(&req.headers);
-        let authority = req.uri.authority().map(|a| a.as_str()).or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-        });
-        let view = RequestView {
-            listener: &self.listener,
-            authority,
-            path: req.uri.path(),
-            headers: &req.headers,
-        };
-        let Some((route_id, route)) = routing::select(&rt.snapshot, &view) else {
+        let Some((route_id, route)) = selected.map(|id| (id, &rt.snapshot.routes[id])) else {
             reply::send(session, ctx.grpc, 404, "no route", &[]).await?;
             return Ok(true);
         };
@@ -218,6 +341,30 @@ impl ProxyHttp for WeirProxy {
             }
         }
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.filters_request_done {
+            return Ok(());
+        }
+        let Some(stream) = ctx.filters.as_mut() else {
+            return Ok(());
+        };
+        if body.as_ref().is_none_or(|b| b.is_empty()) && !end_of_stream {
+            return Ok(());
+        }
+        ctx.filters_request_done = end_of_stream;
+        let chunk = body.take().map(Vec::from).unwrap_or_default();
+        let verdict = stream.request_body(chunk, end_of_stream).await;
+        let out = self.filter_stop(ctx, verdict)?;
+        *body = out.filter(|b| !b.is_empty()).map(Bytes::from);
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -292,6 +439,18 @@ impl ProxyHttp for WeirProxy {
         for (k, v) in &mutation.set {
             upstream.insert_header(k.clone(), v.as_str())?;
         }
+        // A filter that rewrites the body drops Content-Length; HTTP/1.1 upstreams then need
+        // chunked framing, or they would read no body at all.
+        if ctx.filters.is_some()
+            && ctx.request_has_body
+            && upstream.headers.get(http::header::CONTENT_LENGTH).is_none()
+            && upstream
+                .headers
+                .get(http::header::TRANSFER_ENCODING)
+                .is_none()
+        {
+            upstream.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
         Ok(())
     }
 
@@ -326,21 +485,86 @@ impl ProxyHttp for WeirProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some((_, route, _, _)) = ctx.parts() else {
+        if let Some((_, route, _, _)) = ctx.parts() {
+            let mutation = &route.action.response_headers;
+            for name in &mutation.remove {
+                resp.remove_header(name.as_str());
+            }
+            for (k, v) in &mutation.set {
+                resp.insert_header(k.clone(), v.as_str())?;
+            }
+        }
+        let Some(stream) = ctx.filters.as_mut() else {
             return Ok(());
         };
-        let mutation = &route.action.response_headers;
-        for name in &mutation.remove {
-            resp.remove_header(name.as_str());
-        }
-        for (k, v) in &mutation.set {
-            resp.insert_header(k.clone(), v.as_str())?;
+        let no_body = matches!(resp.status.as_u16(), 204 | 304)
+            || session.req_header().method == http::Method::HEAD
+            || resp
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        ctx.filters_response_done = no_body;
+        let verdict = stream
+            .response_headers(filters::response_pairs(resp), no_body)
+            .await;
+        if let Some(pairs) = self.filter_stop(ctx, verdict)? {
+            filters::apply_response_pairs(resp, pairs)?;
+            // A body filter that drops Content-Length needs chunked framing on HTTP/1.1.
+            if !no_body
+                && !session.as_downstream().is_http2()
+                && resp.headers.get(http::header::CONTENT_LENGTH).is_none()
+                && resp.headers.get(http::header::TRANSFER_ENCODING).is_none()
+            {
+                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.filters_response_done || ctx.filters.is_none() {
+            return Ok(None);
+        }
+        if body.as_ref().is_none_or(|b| b.is_empty()) && !end_of_stream {
+            return Ok(None);
+        }
+        ctx.filters_response_done = end_of_stream;
+        let chunk = body.take().map(Vec::from).unwrap_or_default();
+        let stream = ctx.filters.as_mut().expect("checked above");
+        // pingora calls this phase synchronously; the filter thread's answer is awaited
+        // without stalling the other requests of this worker (block_in_place hands them off).
+        let verdict = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(stream.response_body(chunk, end_of_stream))
+        });
+        let out = self.filter_stop(ctx, verdict)?;
+        *body = out.filter(|b| !b.is_empty()).map(Bytes::from);
+        Ok(None)
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>> {
+        let Some(stream) = ctx.filters.as_mut() else {
+            return Ok(None);
+        };
+        let verdict = stream.response_trailers(filters::map_pairs(trailers)).await;
+        if let Some(pairs) = self.filter_stop(ctx, verdict)? {
+            filters::apply_map_pairs(trailers, pairs)?;
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -405,6 +629,16 @@ impl ProxyHttp for WeirProxy {
     ) -> FailToProxy {
         let code = reply::status_for_error(e.etype(), e.esource());
         let written = session.as_downstream().response_written().is_some();
+        if let (Some(local), false) = (ctx.local_reply.take(), written) {
+            session.set_keepalive(None);
+            if let Err(err) = reply::send_local(session, ctx.grpc, &local).await {
+                tracing::debug!("could not send a filter's reply: {err}");
+            }
+            return FailToProxy {
+                error_code: local.status,
+                can_reuse_downstream: false,
+            };
+        }
         if code > 0 && !written {
             // pingora closes the downstream connection after a failed proxy attempt; say so,
             // or a keep-alive client may send its next request into the closing socket.
@@ -421,6 +655,9 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(stream) = ctx.filters.as_mut() {
+            stream.end();
+        }
         let code = match session.as_downstream().response_written() {
             Some(r) => r.status.as_u16(),
             None => e.map_or(0, |e| reply::status_for_error(e.etype(), e.esource())),

@@ -12,6 +12,7 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 use weir_policies::{load_str, Snapshot};
 
+use crate::filters::Filters;
 use crate::metrics::Metrics;
 use crate::state::{Runtime, SharedRuntime};
 
@@ -31,6 +32,7 @@ pub struct Reloader {
     pub path: Option<PathBuf>,
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
+    pub filters: Arc<Filters>,
 }
 
 impl Reloader {
@@ -59,8 +61,23 @@ impl Reloader {
                     tracing::warn!("listener or admin changes take effect on restart; routes and clusters apply now");
                 }
                 let version = snapshot.version.clone();
-                self.runtime
-                    .store(Arc::new(Runtime::new(Arc::new(snapshot), Some(&old))));
+                let chains = match self.filters.install(&snapshot, Some(&old)) {
+                    Ok(chains) => chains,
+                    Err(e) => {
+                        self.metrics.reloads.with_label_values(&["error"]).inc();
+                        tracing::error!(
+                            "config reload rejected, keeping version {}: {}: {e}",
+                            old.snapshot.version,
+                            path.display()
+                        );
+                        return;
+                    }
+                };
+                self.runtime.store(Arc::new(Runtime::new(
+                    Arc::new(snapshot),
+                    Some(&old),
+                    chains,
+                )));
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(from = %old.snapshot.version, to = %version, "config reloaded");
             }

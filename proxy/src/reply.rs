@@ -81,6 +81,56 @@ pub async fn send(
     Ok(())
 }
 
+/// Writes a reply a filter asked for (`proxy_send_local_response`), as Envoy does: for gRPC
+/// clients a trailers-only response with the filter's gRPC status (or one mapped from the HTTP
+/// status) and the body as `grpc-message`; otherwise the status, the filter's headers and the
+/// body, `text/plain` unless the filter set a content type.
+pub async fn send_local(
+    session: &mut Session,
+    grpc: bool,
+    r: &weir_filters::LocalResponse,
+) -> Result<()> {
+    let mut resp;
+    let mut body = None;
+    if grpc {
+        resp = ResponseHeader::build(200, Some(4 + r.headers.len()))?;
+        resp.insert_header("content-type", "application/grpc")?;
+        let status = r
+            .grpc_status
+            .unwrap_or_else(|| grpc::status_for_http(r.status));
+        resp.insert_header("grpc-status", status.to_string())?;
+        let message = String::from_utf8_lossy(&r.body);
+        if !message.is_empty() {
+            resp.insert_header("grpc-message", message.trim_end())?;
+        }
+    } else {
+        resp = ResponseHeader::build(r.status, Some(3 + r.headers.len()))?;
+        resp.insert_header("content-length", r.body.len().to_string())?;
+        if !r.body.is_empty() && !r.headers.iter().any(|(k, _)| k == "content-type") {
+            resp.insert_header("content-type", "text/plain")?;
+        }
+        body = (!r.body.is_empty()).then(|| Bytes::from(r.body.clone()));
+    }
+    for (k, v) in &r.headers {
+        if k.starts_with(':') || k == "content-length" {
+            continue;
+        }
+        let v = http::HeaderValue::from_bytes(v).map_err(|_| {
+            Error::explain(ErrorType::InternalError, "filter reply header is invalid")
+        })?;
+        resp.append_header(k.clone(), v)?;
+    }
+    let mut tasks = vec![HttpTask::Header(Box::new(resp), body.is_none())];
+    if let Some(b) = body {
+        tasks.push(HttpTask::Body(Some(b), true));
+    }
+    session
+        .as_downstream_mut()
+        .response_duplex_vec(tasks)
+        .await?;
+    Ok(())
+}
+
 /// An error that makes pingora reply with `status` (through `fail_to_proxy`).
 pub fn error(status: u16, why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)

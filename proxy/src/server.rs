@@ -19,6 +19,7 @@ use weir_control::client::Applied;
 use crate::admin::AdminApp;
 use crate::control::{ControlOptions, ControlSync};
 use crate::drain::{Drain, DrainSignal};
+use crate::filters::Filters;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::WeirProxy;
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub source: Source,
     /// Worker threads per listener.
     pub threads: usize,
+    /// Threads that run proxy-wasm filters (sandboxed).
+    pub filter_threads: usize,
     /// Longest drain after SIGTERM.
     pub drain_timeout: Duration,
 }
@@ -66,15 +69,26 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             std::process::exit(1);
         }
     }
+    let filters = Arc::new(Filters::new(opts.filter_threads));
+    let chains = match filters.install(&snapshot, None) {
+        Ok(chains) => chains,
+        Err(e) => {
+            eprintln!("weir: filter chains do not start: {e}");
+            std::process::exit(1);
+        }
+    };
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::new(
         Arc::new(snapshot),
         None,
+        chains,
     )));
+    filters.set_runtime(runtime.clone());
     let metrics = Arc::new(Metrics::new());
     let drain = Arc::new(Drain::default());
 
     for l in &listeners {
         let proxy = WeirProxy {
+            filter_chain: l.filter_chain,
             listener: l.name.clone(),
             runtime: runtime.clone(),
             metrics: metrics.clone(),
@@ -96,6 +110,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             runtime: runtime.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),
+            filters: filters.clone(),
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());
@@ -117,6 +132,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
                     applied,
                     runtime: runtime.clone(),
                     metrics: metrics.clone(),
+                    filters: filters.clone(),
                 },
             ));
             None
@@ -129,6 +145,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             path,
             runtime,
             metrics,
+            filters,
         },
     ));
     server.run(RunArgs {

@@ -25,6 +25,8 @@ pub struct Runtime {
     pub snapshot: Arc<Snapshot>,
     /// Same order as `snapshot.clusters`.
     pub clusters: Vec<Arc<ClusterState>>,
+    /// Installed filter chains, same order as `snapshot.filter_chains`.
+    pub filter_chains: Vec<Arc<weir_filters::Chain>>,
 }
 
 /// Where the current [`Runtime`] lives; readers never block writers.
@@ -32,8 +34,13 @@ pub type SharedRuntime = Arc<ArcSwap<Runtime>>;
 
 impl Runtime {
     /// Builds the runtime for `snapshot`, reusing endpoint state from `previous` for endpoints
-    /// with the same cluster name and address.
-    pub fn new(snapshot: Arc<Snapshot>, previous: Option<&Runtime>) -> Self {
+    /// with the same cluster name and address. `filter_chains` are the snapshot's chains as
+    /// installed ([`crate::filters::Filters::install`]).
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        previous: Option<&Runtime>,
+        filter_chains: Vec<Arc<weir_filters::Chain>>,
+    ) -> Self {
         let clusters = snapshot
             .clusters
             .iter()
@@ -72,7 +79,11 @@ impl Runtime {
                 })
             })
             .collect();
-        Self { snapshot, clusters }
+        Self {
+            snapshot,
+            clusters,
+            filter_chains,
+        }
     }
 }
 

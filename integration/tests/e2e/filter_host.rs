@@ -33,19 +33,15 @@ fn plugin(name: &str, config: &str) -> PluginConfig {
         vm_config: Vec::new(),
         plugin_config: config.as_bytes().to_vec(),
         fail_open: false,
+        limits: Limits {
+            memory_bytes: 32 << 20,
+            callback_deadline: Duration::from_millis(50),
+        },
     }
 }
 
 fn host(threads: usize) -> FilterHost {
-    FilterHost::start(
-        threads,
-        Limits {
-            memory_bytes: 32 << 20,
-            callback_deadline: Duration::from_millis(50),
-        },
-        Arc::new(NoCallouts),
-    )
-    .expect("filter host starts")
+    FilterHost::start(threads, Arc::new(NoCallouts)).expect("filter host starts")
 }
 
 fn request(path: &str, extra: &[(&str, &str)]) -> Pairs {
@@ -55,7 +51,11 @@ fn request(path: &str, extra: &[(&str, &str)]) -> Pairs {
         (":authority".into(), b"example.com".to_vec()),
         (":scheme".into(), b"http".to_vec()),
     ];
-    h.extend(extra.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
+    h.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+    );
     h
 }
 
@@ -89,12 +89,17 @@ async fn header_rewrite_filter_edits_request_and_response_headers() {
                 r#"{"request_set": {"x-added": "yes"}, "request_remove": ["x-drop"],
                     "response_set": {"x-resp": "1"}, "response_remove": ["server"]}"#,
             )],
+            None,
         )
         .expect("install");
     for _ in 0..4 {
         let mut s = chain.stream();
         let v = s
-            .request_headers(info(), request("/a", &[("x-drop", "1"), ("x-keep", "2")]), true)
+            .request_headers(
+                info(),
+                request("/a", &[("x-drop", "1"), ("x-keep", "2")]),
+                true,
+            )
             .await;
         let Verdict::Continue(Some(h)) = v else {
             panic!("{v:?}")
@@ -111,7 +116,10 @@ async fn header_rewrite_filter_edits_request_and_response_headers() {
         };
         assert_eq!(get(&h, "x-resp"), Some("1"));
         assert_eq!(get(&h, "server"), None);
-        assert_eq!(s.response_body(b"abc".to_vec(), true).await, Verdict::Continue(Some(b"abc".to_vec())));
+        assert_eq!(
+            s.response_body(b"abc".to_vec(), true).await,
+            Verdict::Continue(Some(b"abc".to_vec()))
+        );
         s.end();
     }
 }
@@ -122,7 +130,11 @@ async fn body_filter_buffers_until_end_of_stream_then_rewrites() {
     let chain = host
         .install(
             "c",
-            &[plugin("body_transform", r#"{"request": {"find": "cat", "replace": "dog"}}"#)],
+            &[plugin(
+                "body_transform",
+                r#"{"request": {"find": "cat", "replace": "dog"}}"#,
+            )],
+            None,
         )
         .expect("install");
     let mut s = chain.stream();
@@ -132,9 +144,19 @@ async fn body_filter_buffers_until_end_of_stream_then_rewrites() {
     let Verdict::Continue(Some(h)) = v else {
         panic!("{v:?}")
     };
-    assert_eq!(get(&h, "content-length"), None, "the filter drops content-length");
-    assert_eq!(s.request_body(b"a ca".to_vec(), false).await, Verdict::Continue(None));
-    assert_eq!(s.request_body(b"t, a c".to_vec(), false).await, Verdict::Continue(None));
+    assert_eq!(
+        get(&h, "content-length"),
+        None,
+        "the filter drops content-length"
+    );
+    assert_eq!(
+        s.request_body(b"a ca".to_vec(), false).await,
+        Verdict::Continue(None)
+    );
+    assert_eq!(
+        s.request_body(b"t, a c".to_vec(), false).await,
+        Verdict::Continue(None)
+    );
     assert_eq!(
         s.request_body(b"at".to_vec(), true).await,
         Verdict::Continue(Some(b"a dog, a dog".to_vec()))
@@ -144,14 +166,18 @@ async fn body_filter_buffers_until_end_of_stream_then_rewrites() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trapping_looping_and_greedy_filters_fail_only_their_request() {
     let host = host(1);
-    let chain = host.install("c", &[plugin("probe", "{}")]).expect("install");
+    let chain = host
+        .install("c", &[plugin("probe", "{}")], None)
+        .expect("install");
     for (header, value, why) in [
         ("x-probe-trap", "1", "trapped"),
         ("x-probe-loop", "1", "CPU deadline"),
         ("x-probe-alloc", "100", "trapped"),
     ] {
         let mut s = chain.stream();
-        let v = s.request_headers(info(), request("/", &[(header, value)]), true).await;
+        let v = s
+            .request_headers(info(), request("/", &[(header, value)]), true)
+            .await;
         match v {
             Verdict::Fail(msg) => assert!(msg.contains(why), "{header}: {msg}"),
             other => panic!("{header}: expected a failure, got {other:?}"),
@@ -165,7 +191,9 @@ async fn trapping_looping_and_greedy_filters_fail_only_their_request() {
     assert!(host.failures() >= 3);
     // Within the limit, allocation works.
     let mut s = chain.stream();
-    let v = s.request_headers(info(), request("/", &[("x-probe-alloc", "4")]), true).await;
+    let v = s
+        .request_headers(info(), request("/", &[("x-probe-alloc", "4")]), true)
+        .await;
     assert_eq!(v, Verdict::Continue(None));
 }
 
@@ -174,9 +202,11 @@ async fn fail_open_filter_lets_the_request_through() {
     let host = host(1);
     let mut p = plugin("probe", "{}");
     p.fail_open = true;
-    let chain = host.install("c", &[p]).expect("install");
+    let chain = host.install("c", &[p], None).expect("install");
     let mut s = chain.stream();
-    let v = s.request_headers(info(), request("/", &[("x-probe-trap", "1")]), true).await;
+    let v = s
+        .request_headers(info(), request("/", &[("x-probe-trap", "1")]), true)
+        .await;
     assert_eq!(v, Verdict::Continue(None));
 }
 
@@ -185,11 +215,15 @@ async fn properties_shared_data_queues_ticks_and_unimplemented_calls() {
     let host = host(2);
     let mut p = plugin("probe", "{}");
     p.vm_config = b"tick".to_vec();
-    let chain = host.install("c", &[p]).expect("install");
+    let chain = host.install("c", &[p], None).expect("install");
 
     let mut s = chain.stream();
     let v = s
-        .request_headers(info(), request("/p/q?x=1", &[("x-probe-properties", "1")]), true)
+        .request_headers(
+            info(),
+            request("/p/q?x=1", &[("x-probe-properties", "1")]),
+            true,
+        )
         .await;
     assert_eq!(v, Verdict::Continue(None));
     let Verdict::Continue(Some(h)) = s
@@ -229,17 +263,29 @@ async fn properties_shared_data_queues_ticks_and_unimplemented_calls() {
     };
     let ticks: u64 = get(&h, "x-probe-ticks").unwrap().parse().unwrap();
     assert!(ticks > 2, "on_tick ran on both threads' VMs: {ticks}");
-    assert_eq!(get(&h, "x-probe-logged"), Some("2"), "on_log ran for both earlier streams");
+    assert_eq!(
+        get(&h, "x-probe-logged"),
+        Some("2"),
+        "on_log ran for both earlier streams"
+    );
     assert_eq!(get(&h, "x-probe-last-queued"), Some("hello"));
 
     let mut s = chain.stream();
     let v = s
-        .request_headers(info(), request("/", &[("x-probe-unimplemented", "1")]), true)
+        .request_headers(
+            info(),
+            request("/", &[("x-probe-unimplemented", "1")]),
+            true,
+        )
         .await;
     let Verdict::Respond(r) = v else {
         panic!("{v:?}")
     };
-    assert_eq!(get(&r.headers, "x-probe-status"), Some("12"), "Unimplemented");
+    assert_eq!(
+        get(&r.headers, "x-probe-status"),
+        Some("12"),
+        "Unimplemented"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,7 +294,11 @@ async fn filter_threads_are_sandboxed_with_seccomp() {
     let tids = host.thread_ids();
     assert_eq!(tids.len(), 3, "two filter threads and the epoch ticker");
     for tid in &tids {
-        assert_eq!(weir_filters::sandbox::seccomp_mode(*tid), Some(2), "thread {tid}");
+        assert_eq!(
+            weir_filters::sandbox::seccomp_mode(*tid),
+            Some(2),
+            "thread {tid}"
+        );
     }
     let results = host.exec_on_filter_threads(|| {
         let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
@@ -257,9 +307,14 @@ async fn filter_threads_are_sandboxed_with_seccomp() {
         let socket_errno = errno();
         let open = unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
         let open_errno = errno();
-        let exec = unsafe { libc::execve(c"/bin/true".as_ptr(), std::ptr::null(), std::ptr::null()) };
+        let exec =
+            unsafe { libc::execve(c"/bin/true".as_ptr(), std::ptr::null(), std::ptr::null()) };
         let exec_errno = errno();
-        [(socket, socket_errno), (open, open_errno), (exec, exec_errno)]
+        [
+            (socket, socket_errno),
+            (open, open_errno),
+            (exec, exec_errno),
+        ]
     });
     assert_eq!(results.len(), 2);
     for r in results {
@@ -268,7 +323,9 @@ async fn filter_threads_are_sandboxed_with_seccomp() {
         }
     }
     // The filter threads still work after the denied calls.
-    let chain = host.install("c", &[plugin("header_rewrite", "{}")]).expect("install");
+    let chain = host
+        .install("c", &[plugin("header_rewrite", "{}")], None)
+        .expect("install");
     let mut s = chain.stream();
     assert_eq!(
         s.request_headers(info(), request("/", &[]), true).await,
@@ -281,10 +338,14 @@ async fn bad_modules_and_configs_are_refused_with_the_reason() {
     let host = host(1);
     let mut p = plugin("header_rewrite", "{}");
     p.sha256 = Some("00".repeat(32));
-    let e = host.install("c", &[p]).err().expect("digest mismatch").to_string();
+    let e = host
+        .install("c", &[p], None)
+        .err()
+        .expect("digest mismatch")
+        .to_string();
     assert!(e.contains("sha256"), "{e}");
     let e = host
-        .install("c", &[plugin("header_rewrite", "{not json")])
+        .install("c", &[plugin("header_rewrite", "{not json")], None)
         .err()
         .expect("bad config")
         .to_string();
@@ -292,6 +353,10 @@ async fn bad_modules_and_configs_are_refused_with_the_reason() {
     let mut p = plugin("header_rewrite", "{}");
     p.module = "/nonexistent.wasm".into();
     p.sha256 = None;
-    let e = host.install("c", &[p]).err().expect("missing").to_string();
+    let e = host
+        .install("c", &[p], None)
+        .err()
+        .expect("missing")
+        .to_string();
     assert!(e.contains("/nonexistent.wasm"), "{e}");
 }
