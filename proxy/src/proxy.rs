@@ -363,7 +363,8 @@ impl ProxyHttp for WeirProxy {
         let chunk = body.take().map(Vec::from).unwrap_or_default();
         let verdict = stream.request_body(chunk, end_of_stream).await;
         let out = self.filter_stop(ctx, verdict)?;
-        *body = out.filter(|b| !b.is_empty()).map(Bytes::from);
+        // `None` would tell pingora the body ended; held data is an empty chunk instead.
+        *body = Some(out.map(Bytes::from).unwrap_or_default());
         Ok(())
     }
 
@@ -414,9 +415,10 @@ impl ProxyHttp for WeirProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some((_, route, _, _)) = ctx.parts() else {
+        let Some((_, route, cluster, _)) = ctx.parts() else {
             return Ok(());
         };
+        let h1_upstream = cluster.protocol != UpstreamProtocol::H2c;
         let original = session
             .req_header()
             .uri
@@ -442,6 +444,7 @@ impl ProxyHttp for WeirProxy {
         // A filter that rewrites the body drops Content-Length; HTTP/1.1 upstreams then need
         // chunked framing, or they would read no body at all.
         if ctx.filters.is_some()
+            && h1_upstream
             && ctx.request_has_body
             && upstream.headers.get(http::header::CONTENT_LENGTH).is_none()
             && upstream
@@ -497,6 +500,10 @@ impl ProxyHttp for WeirProxy {
             for (k, v) in &mutation.set {
                 resp.insert_header(k.clone(), v.as_str())?;
             }
+        }
+        // Interim responses (100 Continue) are not the response filters see, as in Envoy.
+        if resp.status.is_informational() {
+            return Ok(());
         }
         let Some(stream) = ctx.filters.as_mut() else {
             return Ok(());

@@ -15,7 +15,7 @@ use weir_integration::pb::{Msg, StreamRequest};
 
 use crate::*;
 
-async fn client(listen: SocketAddr) -> EchoClient<Channel> {
+pub async fn client(listen: SocketAddr) -> EchoClient<Channel> {
     let channel = Channel::from_shared(format!("http://{listen}"))
         .unwrap()
         .connect()
@@ -26,7 +26,7 @@ async fn client(listen: SocketAddr) -> EchoClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE)
 }
 
-fn msg(text: &str, n: i64) -> Msg {
+pub fn msg(text: &str, n: i64) -> Msg {
     Msg {
         text: text.to_string(),
         n,

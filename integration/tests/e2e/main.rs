@@ -4,6 +4,7 @@
 mod bad_input;
 mod control;
 mod filter_host;
+mod filters;
 mod grpc;
 mod http;
 mod lifecycle;
