@@ -1,6 +1,7 @@
 //! Test support for weir's end-to-end tests and benchmarks: real backends (HTTP/1.1 + h2c,
 //! gRPC with all four RPC kinds and health), and a harness that runs the real `weir` binary.
 
+pub mod envoy;
 pub mod grpc_backend;
 pub mod http_backend;
 pub mod weir_process;

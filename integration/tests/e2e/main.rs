@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod control;
+mod envoy_compat;
 mod filter_host;
 mod filters;
 mod grpc;
