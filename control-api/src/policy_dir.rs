@@ -42,7 +42,7 @@ pub fn load(dir: &Path) -> Result<Folder, String> {
         files: spans
             .into_iter()
             .map(|s| {
-                let set = ResourceSet::from_span(config, s.listeners, s.routes, s.clusters);
+                let set = ResourceSet::from_span(config, &s);
                 (s.scope, set)
             })
             .collect(),

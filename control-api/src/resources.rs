@@ -5,10 +5,10 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use weir_policies::load::FileSpan;
 use weir_policies::model::{self, Config};
 
 use crate::pb::{Resource, ResourceKey};
@@ -17,6 +17,7 @@ pub const LISTENER: &str = "listener";
 pub const ROUTE: &str = "route";
 pub const CLUSTER: &str = "cluster";
 pub const ENDPOINTS: &str = "endpoints";
+pub const FILTER_CHAIN: &str = "filter_chain";
 
 /// A route keeps its place in the ordered route list (first match wins).
 #[derive(Serialize, Deserialize)]
@@ -40,6 +41,7 @@ enum Decoded {
     Route(usize, model::Route),
     Cluster(model::Cluster),
     Endpoints(Vec<model::Endpoint>),
+    FilterChain(model::FilterChain),
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +97,7 @@ fn decode_entry(r: Resource) -> Result<Entry, String> {
         }
         CLUSTER => Decoded::Cluster(decode(&what, &r.body)?),
         ENDPOINTS => Decoded::Endpoints(decode::<EndpointsBody>(&what, &r.body)?.endpoints),
+        FILTER_CHAIN => Decoded::FilterChain(decode(&what, &r.body)?),
         other => return Err(format!("unknown resource type {other:?} ({:?})", r.name)),
     };
     Ok(Entry {
@@ -107,24 +110,23 @@ impl ResourceSet {
     /// Splits `config` into resources (its `admin` section is the proxy's own business and is
     /// not part of it).
     pub fn from_config(config: &Config) -> Self {
-        Self::from_span(
-            config,
-            0..config.listeners.len(),
-            0..config.routes.len(),
-            0..config.clusters.len(),
-        )
+        Self::from_span(config, &FileSpan::whole(config))
     }
 
     /// Only the listeners, routes and clusters in these ranges of `config` (one file of a
     /// policy folder); routes keep their place in the whole config's order.
-    pub fn from_span(
-        config: &Config,
-        listeners: Range<usize>,
-        routes: Range<usize>,
-        clusters: Range<usize>,
-    ) -> Self {
+    pub fn from_span(config: &Config, span: &FileSpan) -> Self {
         let mut set = Self::default();
-        for l in &config.listeners[listeners] {
+        for f in &config.filter_chains[span.filter_chains.clone()] {
+            set.insert(entry(
+                FILTER_CHAIN,
+                &f.name,
+                f,
+                Decoded::FilterChain(f.clone()),
+            ));
+        }
+        let routes = span.routes.clone();
+        for l in &config.listeners[span.listeners.clone()] {
             set.insert(entry(LISTENER, &l.name, l, Decoded::Listener(l.clone())));
         }
         for (order, r) in config
@@ -145,7 +147,7 @@ impl ResourceSet {
                 Decoded::Route(order, body.route.clone()),
             ));
         }
-        for c in &config.clusters[clusters] {
+        for c in &config.clusters[span.clusters.clone()] {
             let mut bare = c.clone();
             let endpoints = std::mem::take(&mut bare.endpoints);
             let body = EndpointsBody { endpoints };
@@ -302,6 +304,7 @@ impl ResourceSet {
                 Decoded::Listener(l) => config.listeners.push(l.clone()),
                 Decoded::Route(order, r) => routes.push((*order, r.clone())),
                 Decoded::Cluster(c) => config.clusters.push(c.clone()),
+                Decoded::FilterChain(f) => config.filter_chains.push(f.clone()),
                 Decoded::Endpoints(eps) => {
                     endpoints.insert(name.as_str(), eps);
                 }

@@ -55,12 +55,18 @@ pub enum FilterError {
     Start { chain: String, error: String },
 }
 
+/// How long the proxy polls for a filter thread's reply before it yields to the scheduler.
+const REPLY_SPIN: Duration = Duration::from_micros(5);
+
 /// State shared by the proxy side and every filter thread.
 pub struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
     modules: Mutex<HashMap<[u8; 32], Module>>,
-    threads: Vec<Mutex<Sender<Job>>>,
+    threads: Vec<Sender<Job>>,
+    /// Per filter thread: streams that ended, picked up with the thread's next job (ending a
+    /// stream does not wake the thread).
+    ends: Vec<Mutex<Vec<u64>>>,
     thread_ids: Mutex<Vec<i32>>,
     next_thread: AtomicUsize,
     next_stream: AtomicU64,
@@ -75,12 +81,8 @@ pub struct Inner {
 
 impl Inner {
     fn send(&self, thread: usize, job: Job) {
-        let tx = self.threads[thread]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         // A stopped thread drops the job; its reply channel then reads as closed.
-        let _ = tx.send(job);
+        let _ = self.threads[thread].send(job);
     }
 
     fn count_failure(&self) {
@@ -120,7 +122,7 @@ impl FilterHost {
         let mut receivers = Vec::new();
         for _ in 0..threads.max(1) {
             let (tx, rx) = std::sync::mpsc::channel();
-            senders.push(Mutex::new(tx));
+            senders.push(tx);
             receivers.push(rx);
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -128,6 +130,7 @@ impl FilterHost {
             engine: engine.clone(),
             linker,
             modules: Mutex::default(),
+            ends: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
             threads: senders,
             thread_ids: Mutex::default(),
             next_thread: AtomicUsize::new(0),
@@ -408,7 +411,7 @@ pub struct FilterStream {
 
 impl FilterStream {
     async fn send(&self, phase: Phase) -> Reply {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.chain.inner.send(
             self.thread,
             Job::Phase {
@@ -418,6 +421,16 @@ impl FilterStream {
                 reply: Some(tx),
             },
         );
+        // A filter callback takes microseconds: wait for it in place for a moment rather than
+        // going through the scheduler (park, wake, reschedule) for every phase.
+        let spin_until = std::time::Instant::now() + REPLY_SPIN;
+        while std::time::Instant::now() < spin_until {
+            match rx.try_recv() {
+                Ok(reply) => return reply,
+                Err(oneshot::error::TryRecvError::Closed) => break,
+                Err(oneshot::error::TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
         rx.await.unwrap_or_else(|_| Reply {
             outcome: Outcome::Fail("the filter thread is gone".into()),
             headers: None,
@@ -452,7 +465,12 @@ impl FilterStream {
     /// Sends a phase, and while a filter holds the stream for callouts, runs them and
     /// delivers their results.
     async fn phase(&self, phase: Phase) -> Reply {
-        let mut reply = self.send(phase).await;
+        let reply = self.send(phase).await;
+        self.drive(reply).await
+    }
+
+    /// Runs the callouts of `reply` while the stream is paused for them.
+    async fn drive(&self, mut reply: Reply) -> Reply {
         loop {
             let mut calls = std::mem::take(&mut reply.calls).into_iter();
             if !matches!(reply.outcome, Outcome::Paused) {
@@ -554,25 +572,65 @@ impl FilterStream {
         Self::verdict(reply, |r| r.body)
     }
 
+    /// [`Self::response_body`] for synchronous callers on a runtime thread (pingora's
+    /// response body phase): waits for the filter thread by parking this thread, without
+    /// handing the runtime over. Only a filter that pauses for a callout here needs the
+    /// runtime; that rare case goes through `block_in_place`.
+    pub fn response_body_blocking(
+        &mut self,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Verdict<Option<Vec<u8>>> {
+        let mut reply = park_on(self.send(Phase::ResponseBody {
+            chunk,
+            eos: end_of_stream,
+        }));
+        if matches!(reply.outcome, Outcome::Paused) {
+            reply = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(self.drive(reply))
+            });
+        } else if !reply.calls.is_empty() {
+            for (token, call) in std::mem::take(&mut reply.calls) {
+                self.deliver_later(token, call);
+            }
+        }
+        Self::verdict(reply, |r| r.body)
+    }
+
     pub async fn response_trailers(&mut self, trailers: Pairs) -> Verdict<Option<Pairs>> {
         let reply = self.phase(Phase::ResponseTrailers { trailers }).await;
         Self::verdict(reply, |r| r.headers)
     }
 
-    /// Ends the stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`. Does not wait.
+    /// Ends the stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`, run by the filter
+    /// thread with its next job (or within a few milliseconds when idle). Does not wait.
     pub fn end(&mut self) {
         if self.started && !self.ended {
             self.ended = true;
-            self.chain.inner.send(
-                self.thread,
-                Job::Phase {
-                    stream: self.id,
-                    chain: self.chain.id,
-                    phase: Phase::End,
-                    reply: None,
-                },
-            );
+            self.chain.inner.ends[self.thread]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.id);
         }
+    }
+}
+
+/// Polls `f` to completion on this thread, parking between polls.
+fn park_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
     }
 }
 

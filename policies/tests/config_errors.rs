@@ -233,3 +233,55 @@ fn endpoint_update_shares_routes_and_validates_the_change() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn filter_chains_compile_with_configs_as_bytes_and_paths_next_to_the_file() {
+    let text = format!(
+        "{BASE}filter_chains:\n  - name: edge\n    filters:\n      - name: rewrite\n        module: filters/rewrite.wasm\n        config: {{ request_set: {{ x-a: \"1\" }} }}\n        vm_config: tick\n      - name: abs\n        module: /opt/f.wasm\n        sha256: \"{}\"\n        fail_open: true\n        callback_deadline: 20ms\nlisteners:\n  - name: l\n    address: \"127.0.0.1:8080\"\n    filter_chain: edge\nroutes:\n  - name: r\n    route: {{ cluster: c }}\n    filter_chain: edge\n",
+        "AB".repeat(32)
+    );
+    let s = load_str("/etc/weir/weir.yaml", &text).unwrap();
+    let chain = &s.filter_chains[0];
+    assert_eq!(s.listeners[0].filter_chain, Some(0));
+    assert_eq!(s.routes[0].filter_chain, Some(0));
+    let (a, b) = (&chain.filters[0], &chain.filters[1]);
+    assert_eq!(
+        a.module,
+        std::path::Path::new("/etc/weir/filters/rewrite.wasm")
+    );
+    assert_eq!(
+        a.config,
+        br#"{"request_set":{"x-a":"1"}}"#.to_vec(),
+        "maps become JSON"
+    );
+    assert_eq!(a.vm_config, b"tick".to_vec(), "strings pass as they are");
+    assert_eq!(
+        (a.memory_limit_bytes, a.callback_deadline.as_millis()),
+        (64 << 20, 100)
+    );
+    assert_eq!(b.module, std::path::Path::new("/opt/f.wasm"));
+    assert_eq!(b.sha256.as_deref(), Some("ab".repeat(32).as_str()));
+    assert!(b.fail_open);
+    assert_eq!(b.callback_deadline.as_millis(), 20);
+}
+
+#[test]
+fn filter_chain_mistakes_name_their_field() {
+    let text = format!(
+        "{BASE}filter_chains:\n  - name: edge\n    filters:\n      - name: f\n        module: f.wasm\n        sha256: nothex\n        memory_limit_mb: 0\n  - name: edge\n    filters: []\nroutes:\n  - name: r\n    route: {{ cluster: c }}\n    filter_chain: missing\n"
+    );
+    let errs: Vec<String> = errors(&text).iter().map(|e| e.to_string()).collect();
+    let all = errs.join("\n");
+    for want in [
+        "filter_chains[0].filters[0].sha256: expected 64 hex digits",
+        "filter_chains[0].filters[0].memory_limit_mb: expected 1 to 4096",
+        "filter_chains[1].name: duplicate filter chain",
+        "filter_chains[1].filters: a filter chain needs at least one filter",
+        "routes[0].filter_chain: unknown filter chain \"missing\"",
+    ] {
+        assert!(all.contains(want), "missing {want:?} in:\n{all}");
+    }
+    assert!(errs.iter().any(|e| e.starts_with("weir.yaml:9:")), "{all}");
+    let e = one_error(&format!("{BASE}filter_chains:\n  - name: x\n    filters:\n      - {{ name: f, module: f.wasm, fail_opn: true }}\n"));
+    assert!(e.contains("unknown field `fail_opn`"), "{e}");
+}

@@ -548,11 +548,8 @@ impl ProxyHttp for WeirProxy {
         ctx.filters_response_done = end_of_stream;
         let chunk = body.take().map(Vec::from).unwrap_or_default();
         let stream = ctx.filters.as_mut().expect("checked above");
-        // pingora calls this phase synchronously; the filter thread's answer is awaited
-        // without stalling the other requests of this worker (block_in_place hands them off).
-        let verdict = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(stream.response_body(chunk, end_of_stream))
-        });
+        // pingora calls this phase synchronously: wait for the filter thread in place.
+        let verdict = stream.response_body_blocking(chunk, end_of_stream);
         let out = self.filter_stop(ctx, verdict)?;
         *body = out.filter(|b| !b.is_empty()).map(Bytes::from);
         Ok(None)

@@ -31,6 +31,16 @@ enum Bench {
         #[arg(long, default_value_t = 1)]
         wrk_threads: u32,
     },
+    /// Proxy-wasm filter cost: no filter, the header filter and the body filter, in weir
+    /// and in Envoy (V8), plus the filter-thread round trip measured in process.
+    Wasm {
+        /// wrk duration per target, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// wrk connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+    },
     /// Control plane: time from a policy file change until every connected proxy has ACKed.
     Xds {
         /// Numbers of connected proxies (in-process clients that validate every push, as weir does).
@@ -43,6 +53,287 @@ enum Bench {
 }
 
 type Res<T> = Result<T, String>;
+
+mod wasm {
+    //! `weir-bench wasm`: what a proxy-wasm filter costs per request in weir and in Envoy.
+
+    use std::fmt::Write as _;
+    use std::path::Path;
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use weir_filters::{
+        Callout, CalloutResult, Callouts, FilterHost, Limits, Pairs, PluginConfig, StreamInfo,
+    };
+    use weir_integration::wasm_filters;
+    use weir_integration::weir_process::free_port;
+
+    use super::{measure, run as sh, start_nginx, wait_port, workspace, Proc, Res, Row};
+
+    const HEADER: &str =
+        r#"{"request_set": {"x-bench": "1"}, "response_set": {"x-bench-resp": "1"}}"#;
+    const BODY: &str = r#"{"response": {"find": "nginx", "replace": "NGINX"}}"#;
+
+    /// (label, module, plugin config); `None`: no filter.
+    fn variants() -> [(&'static str, Option<(&'static str, &'static str)>); 3] {
+        [
+            ("no filter", None),
+            ("header filter", Some(("header_rewrite", HEADER))),
+            ("body filter", Some(("body_transform", BODY))),
+        ]
+    }
+
+    fn weir_config(port: u16, admin: u16, upstream: u16, filter: Option<(&str, &str)>) -> String {
+        let (chain_ref, chains) = match filter {
+            None => (String::new(), String::new()),
+            Some((module, config)) => (
+                "    filter_chain: bench\n".to_string(),
+                format!(
+                    "filter_chains:\n  - name: bench\n    filters:\n      - name: bench\n        module: \"{}\"\n        config: {}\n",
+                    wasm_filters::path(module).display(),
+                    serde_json::to_string(config).expect("json string"),
+                ),
+            ),
+        };
+        format!(
+            "admin: {{ address: \"127.0.0.1:{admin}\" }}\nlisteners:\n  - name: bench\n    address: \"127.0.0.1:{port}\"\n{chain_ref}{chains}routes:\n  - name: all\n    route: {{ cluster: nginx }}\nclusters:\n  - name: nginx\n    endpoints: [{{ address: \"127.0.0.1:{upstream}\" }}]\n    circuit_breaker: {{ max_requests: 100000 }}\n"
+        )
+    }
+
+    fn envoy_config(port: u16, admin: u16, upstream: u16, filter: Option<(&str, &str)>) -> String {
+        let wasm = match filter {
+            None => String::new(),
+            Some((module, config)) => format!(
+                r#"                  - name: envoy.filters.http.wasm
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                      config:
+                        name: bench
+                        configuration:
+                          "@type": type.googleapis.com/google.protobuf.StringValue
+                          value: {cfg}
+                        vm_config:
+                          runtime: envoy.wasm.runtime.v8
+                          code: {{ local: {{ filename: "{path}" }} }}
+"#,
+                cfg = serde_json::to_string(config).expect("json string"),
+                path = wasm_filters::path(module).display()
+            ),
+        };
+        format!(
+            r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+    - name: bench
+      address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: bench
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: nginx }} }}]
+                http_filters:
+{wasm}                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: nginx
+      type: STATIC
+      load_assignment:
+        cluster_name: nginx
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }}
+      circuit_breakers:
+        thresholds: [{{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}]
+"#
+        )
+    }
+
+    struct NoCallouts;
+
+    impl Callouts for NoCallouts {
+        fn has_cluster(&self, _: &str) -> bool {
+            false
+        }
+        fn call(
+            &self,
+            _: Callout,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CalloutResult> + Send>> {
+            Box::pin(async { CalloutResult::Http(None) })
+        }
+    }
+
+    /// Mean wall time of one phase round trip to a filter thread (send, wake, a header
+    /// callback in wasm, reply), in process, with the header filter.
+    fn round_trip_us() -> Res<f64> {
+        let host = FilterHost::start(1, Arc::new(NoCallouts)).map_err(|e| e.to_string())?;
+        let plugin = PluginConfig {
+            name: "bench".into(),
+            root_id: String::new(),
+            vm_id: String::new(),
+            module: wasm_filters::path("header_rewrite"),
+            sha256: None,
+            vm_config: Vec::new(),
+            plugin_config: HEADER.as_bytes().to_vec(),
+            fail_open: false,
+            limits: Limits::default(),
+        };
+        let chain = host
+            .install("bench", &[plugin], None)
+            .map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let headers: Pairs = vec![
+            (":authority".into(), b"bench".to_vec()),
+            (":path".into(), b"/".to_vec()),
+            (":method".into(), b"GET".to_vec()),
+            (":scheme".into(), b"http".to_vec()),
+            ("user-agent".into(), b"wrk".to_vec()),
+        ];
+        let n = 20_000;
+        let start = Instant::now();
+        rt.block_on(async {
+            for _ in 0..n {
+                let mut s = chain.stream();
+                let _ = s
+                    .request_headers(StreamInfo::default(), headers.clone(), true)
+                    .await;
+                let _ = s
+                    .response_headers(vec![(":status".into(), b"200".to_vec())], false)
+                    .await;
+                s.end();
+            }
+        });
+        host.shutdown();
+        Ok(start.elapsed().as_secs_f64() * 1e6 / (2 * n) as f64)
+    }
+
+    pub fn run(duration: &str, connections: u32) -> Res<()> {
+        let envoy = super::install()?;
+        eprintln!("building weir (release)");
+        sh(Command::new("cargo").current_dir(workspace()).args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "weir-proxy",
+            "--bin",
+            "weir",
+        ]))?;
+        let weir_bin = workspace().join("target/release/weir");
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let d = dir.path();
+        let args = (duration, connections, 1);
+        let (_nginx, upstream) = start_nginx(d)?;
+        let mut rows: Vec<(String, &str, Row)> = Vec::new();
+        for (label, filter) in variants() {
+            let (port, admin) = (free_port(), free_port());
+            let cfg = d.join(format!("weir-{}.yaml", label.replace(' ', "-")));
+            std::fs::write(&cfg, weir_config(port, admin, upstream, filter))
+                .map_err(|e| e.to_string())?;
+            let weir = Proc::spawn(
+                "weir",
+                Command::new(&weir_bin)
+                    .args(["run", "--threads", "1", "--filter-threads", "1", "--config"])
+                    .arg(&cfg)
+                    .env("RUST_LOG", "warn"),
+                &d.join("weir.log"),
+            )?;
+            wait_port(port, "weir")?;
+            rows.push((
+                "weir".into(),
+                label,
+                measure(&format!("weir, {label}"), port, Some(weir.0.id()), args)?,
+            ));
+        }
+        for (label, filter) in variants() {
+            let (port, admin) = (free_port(), free_port());
+            let cfg = d.join(format!("envoy-{}.yaml", label.replace(' ', "-")));
+            std::fs::write(&cfg, envoy_config(port, admin, upstream, filter))
+                .map_err(|e| e.to_string())?;
+            let proc = Proc::spawn(
+                "envoy",
+                Command::new(&envoy)
+                    .args(["--concurrency", "1", "--log-level", "warn", "-c"])
+                    .arg(&cfg),
+                &d.join("envoy.log"),
+            )?;
+            wait_port(port, "envoy")?;
+            rows.push((
+                "envoy".into(),
+                label,
+                measure(&format!("envoy, {label}"), port, Some(proc.0.id()), args)?,
+            ));
+        }
+        let hop = round_trip_us()?;
+        print!("{}", table(&rows, duration, connections, hop, d));
+        Ok(())
+    }
+
+    fn table(
+        rows: &[(String, &str, Row)],
+        duration: &str,
+        connections: u32,
+        hop: f64,
+        _d: &Path,
+    ) -> String {
+        let base = |proxy: &str| {
+            rows.iter()
+                .find(|(p, l, _)| p == proxy && *l == "no filter")
+                .and_then(|(_, _, r)| r.cpu_us_per_req)
+        };
+        let cost = |proxy: &str, label: &str| {
+            let r = rows.iter().find(|(p, l, _)| p == proxy && *l == label)?;
+            Some(r.2.cpu_us_per_req? - base(proxy)?)
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nweir-bench wasm: wrk -t1 -c{connections} -d{duration}, HTTP/1.1 GET, one nginx upstream; 1 worker thread per proxy (weir: plus 1 sandboxed filter thread, its CPU included)\n"
+        );
+        let _ = writeln!(out, "| proxy | filter | req/s | p50 ms | p99 ms | errors | CPU µs/req | filter cost µs/req | cost vs envoy |");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        for (proxy, label, r) in rows {
+            let c = cost(proxy, label);
+            let e = cost("envoy", label);
+            let _ = writeln!(
+                out,
+                "| {proxy} | {label} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
+                r.wrk.rps,
+                r.wrk.p50_ms,
+                r.wrk.p99_ms,
+                r.wrk.errors,
+                r.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}")),
+                c.filter(|_| *label != "no filter")
+                    .map_or("-".into(), |c| format!("{c:.1}")),
+                match (c, e) {
+                    (Some(a), Some(b)) if *label != "no filter" && b > 0.0 =>
+                        format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nFilter-thread round trip (in process, one phase: send, wake, header callback in wasm, reply): {hop:.1} µs wall"
+        );
+        let _ = writeln!(
+            out,
+            "Target: weir's header filter under 3 µs CPU per request, sandbox hop included: {}",
+            cost("weir", "header filter").map_or("-".into(), |c| format!("{c:.1} µs"))
+        );
+        out
+    }
+}
 
 mod xds {
     //! `weir-bench xds`: the control plane serving a policy folder to N in-process proxies.
@@ -238,6 +529,10 @@ fn main() {
             connections,
             wrk_threads,
         } => http(&duration, connections, wrk_threads),
+        Bench::Wasm {
+            duration,
+            connections,
+        } => wasm::run(&duration, connections),
         Bench::Xds { proxies, routes } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(xds::run(&proxies, &routes))),
@@ -397,13 +692,13 @@ fn wrk(port: u16, duration: &str, connections: u32, threads: u32) -> Res<WrkResu
 }
 
 struct Row {
-    name: &'static str,
+    name: String,
     wrk: WrkResult,
     cpu_us_per_req: Option<f64>,
 }
 
 /// Runs wrk against `port`; `pid` is the proxy process whose CPU time is counted.
-fn measure(name: &'static str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> Res<Row> {
+fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> Res<Row> {
     // A short warm-up so connection pools and caches are in steady state.
     wrk(port, "2s", args.1, args.2)?;
     let before = pid.map(cpu_of);
@@ -413,7 +708,7 @@ fn measure(name: &'static str, port: u16, pid: Option<u32>, args: (&str, u32, u3
         .map(|(p, b)| cpu_of(p).saturating_sub(b).as_micros() as f64 / wrk.requests.max(1) as f64);
     eprintln!("  {name}: {:.0} req/s", wrk.rps);
     Ok(Row {
-        name,
+        name: name.to_string(),
         wrk,
         cpu_us_per_req,
     })
@@ -436,32 +731,7 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
     let d = dir.path();
     let args = (duration, connections, wrk_threads);
 
-    let nginx_port = free_port();
-    std::fs::write(
-        d.join("nginx.conf"),
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n",
-            pid = d.join("nginx.pid").display(),
-            log = d.join("nginx-error.log").display(),
-            d = d.display(),
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let nginx_bin = if have("nginx") {
-        "nginx".to_string()
-    } else {
-        "/usr/sbin/nginx".to_string()
-    };
-    let _nginx = Proc::spawn(
-        "nginx",
-        Command::new(&nginx_bin)
-            .arg("-c")
-            .arg(d.join("nginx.conf"))
-            .arg("-p")
-            .arg(d),
-        &d.join("nginx.log"),
-    )?;
-    wait_port(nginx_port, "nginx")?;
+    let (_nginx, nginx_port) = start_nginx(d)?;
 
     let mut rows = vec![measure("direct (nginx)", nginx_port, None, args)?];
 
@@ -578,6 +848,37 @@ static_resources:
 
     print!("{}", table(&rows, duration, connections, wrk_threads));
     Ok(())
+}
+
+/// Starts nginx answering every request with a small text body; returns it and its port.
+fn start_nginx(d: &Path) -> Res<(Proc, u16)> {
+    let nginx_port = free_port();
+    std::fs::write(
+        d.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n",
+            pid = d.join("nginx.pid").display(),
+            log = d.join("nginx-error.log").display(),
+            d = d.display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let nginx_bin = if have("nginx") {
+        "nginx".to_string()
+    } else {
+        "/usr/sbin/nginx".to_string()
+    };
+    let nginx = Proc::spawn(
+        "nginx",
+        Command::new(&nginx_bin)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-p")
+            .arg(d),
+        &d.join("nginx.log"),
+    )?;
+    wait_port(nginx_port, "nginx")?;
+    Ok((nginx, nginx_port))
 }
 
 /// The pid of the process listening on 127.0.0.1:`port`, from /proc/net/tcp and fd links.

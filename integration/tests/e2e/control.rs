@@ -625,3 +625,56 @@ async fn scoped_policy_files_reach_only_matching_proxies() {
     assert_eq!(get(&c, listen_y, "/special").await.backend(), "a");
     assert_eq!(get(&c, listen_x, "/special").await.backend(), "b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_chains_come_from_the_control_plane_and_a_bad_module_is_nacked() {
+    use weir_integration::wasm_filters;
+    let a = HttpBackend::start("a").await;
+    let g = GrpcBackend::start("g").await;
+    let f = folder();
+    let (listen, admin) = (addr(), addr());
+    let with_chain = |sha: &str| {
+        let base = policy(
+            listen,
+            "a",
+            &[("a", "http1", vec![a.addr]), ("grpc", "h2c", vec![g.addr])],
+        );
+        let base = base.replacen(
+            &format!("address: \"{listen}\" }}"),
+            &format!("address: \"{listen}\", filter_chain: edge }}"),
+            1,
+        );
+        format!(
+            "{base}filter_chains:\n  - name: edge\n    filters:\n      - name: edge\n        module: \"{}\"\n        sha256: \"{sha}\"\n        config: {{ response_set: {{ x-from: control-plane }} }}\n",
+            wasm_filters::path("header_rewrite").display()
+        )
+    };
+    let cp = ControlPlane::new(None);
+    cp.publish(resources(&with_chain(&wasm_filters::sha256(
+        "header_rewrite",
+    ))));
+    let cp_addr = serve_in_process(cp.clone()).await;
+    let _weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp_addr, &f.state, admin, None),
+        admin,
+    );
+    let r = get(&h1_client(), listen, "/").await;
+    assert_eq!(r.headers["x-from"], "control-plane", "{r:?}");
+
+    // A module the proxy cannot verify: NACKed with the reason, the last good chain serves on.
+    let bad = resources(&with_chain(&"0".repeat(64)));
+    let bad_version = bad.version();
+    cp.publish(bad);
+    wait_until(|| {
+        cp.status()
+            .proxies
+            .first()
+            .is_some_and(|p| p.nacked_version == bad_version)
+    })
+    .await;
+    let p = cp.status().proxies[0].clone();
+    assert!(p.nack_error.contains("sha256"), "{p:?}");
+    let r = get(&h1_client(), listen, "/").await;
+    assert_eq!(r.headers["x-from"], "control-plane");
+}
