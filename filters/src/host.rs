@@ -971,18 +971,6 @@ pub fn stub_unknown_imports(
 
 /// A host state for looking imports up; never runs guest code.
 fn dummy() -> HostState {
-    struct NoCallouts;
-    impl Callouts for NoCallouts {
-        fn has_cluster(&self, _: &str) -> bool {
-            false
-        }
-        fn call(
-            &self,
-            _: Callout,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CalloutResult> + Send>> {
-            Box::pin(async { CalloutResult::Http(None) })
-        }
-    }
     HostState {
         limits: StoreLimits::default(),
         plugin: Arc::new(PluginConfig {
@@ -998,7 +986,7 @@ fn dummy() -> HostState {
         }),
         shared: Default::default(),
         metrics: Default::default(),
-        callouts: Arc::new(NoCallouts),
+        callouts: Arc::new(crate::types::NoCallouts),
         stream: None,
         tick_period: None,
         next_token: 0,

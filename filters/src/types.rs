@@ -145,3 +145,20 @@ pub enum Verdict<T> {
     /// A filter closed the stream: reset it.
     Close,
 }
+
+/// Callouts for hosts with no clusters (tests, benchmarks): every call fails as an unknown
+/// cluster would.
+pub struct NoCallouts;
+
+impl Callouts for NoCallouts {
+    fn has_cluster(&self, _: &str) -> bool {
+        false
+    }
+
+    fn call(
+        &self,
+        _: Callout,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CalloutResult> + Send>> {
+        Box::pin(async { CalloutResult::Http(None) })
+    }
+}

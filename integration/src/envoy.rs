@@ -103,3 +103,92 @@ pub fn missing_prerequisite(what: &str, why: &str) {
     }
     eprintln!("\n=== SKIPPED === {msg}\n");
 }
+
+/// An Envoy `http_filters` entry running a proxy-wasm module on V8.
+pub fn wasm_filter(
+    name: &str,
+    root_id: &str,
+    vm_id: &str,
+    module: &std::path::Path,
+    config: &str,
+    vm_config: &str,
+) -> serde_json::Value {
+    let string_value = |v: &str| serde_json::json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": v});
+    serde_json::json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": name,
+                "root_id": root_id,
+                "configuration": string_value(config),
+                "vm_config": {
+                    "vm_id": vm_id,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "configuration": string_value(vm_config),
+                    "code": {"local": {"filename": module.display().to_string()}}
+                }
+            }
+        }
+    })
+}
+
+/// An Envoy bootstrap (as JSON, which Envoy reads as YAML): admin on `admin`, one HTTP
+/// listener on `listen` sending every request through `http_filters` and the router to
+/// cluster `route_to`, and static HTTP/1.1 clusters with limits high enough for benchmarks.
+pub fn bootstrap(
+    listen: u16,
+    admin: u16,
+    http_filters: Vec<serde_json::Value>,
+    route_to: &str,
+    clusters: &[(&str, std::net::SocketAddr)],
+) -> String {
+    let address = |port: u16| serde_json::json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
+    let mut filters = http_filters;
+    filters.push(serde_json::json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
+    let clusters: Vec<serde_json::Value> = clusters
+        .iter()
+        .map(|(name, addr)| {
+            serde_json::json!({
+                "name": name,
+                "connect_timeout": "1s",
+                "type": "STATIC",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(addr.port())}}]}]
+                },
+                "circuit_breakers": {"thresholds": [{
+                    "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000
+                }]}
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "admin": {"address": address(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": address(listen),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "main",
+                        "codec_type": "AUTO",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "all",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": route_to}}]
+                        }]},
+                        "http_filters": filters
+                    }
+                }]}]
+            }],
+            "clusters": clusters
+        }
+    })
+    .to_string()
+}

@@ -63,11 +63,9 @@ mod wasm {
     use std::sync::Arc;
     use std::time::Instant;
 
-    use weir_filters::{
-        Callout, CalloutResult, Callouts, FilterHost, Limits, Pairs, PluginConfig, StreamInfo,
-    };
-    use weir_integration::wasm_filters;
+    use weir_filters::{FilterHost, Limits, NoCallouts, Pairs, PluginConfig, StreamInfo};
     use weir_integration::weir_process::free_port;
+    use weir_integration::{envoy, wasm_filters};
 
     use super::{measure, run as sh, start_nginx, wait_port, workspace, Proc, Res, Row};
 
@@ -102,73 +100,14 @@ mod wasm {
     }
 
     fn envoy_config(port: u16, admin: u16, upstream: u16, filter: Option<(&str, &str)>) -> String {
-        let wasm = match filter {
-            None => String::new(),
-            Some((module, config)) => format!(
-                r#"                  - name: envoy.filters.http.wasm
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-                      config:
-                        name: bench
-                        configuration:
-                          "@type": type.googleapis.com/google.protobuf.StringValue
-                          value: {cfg}
-                        vm_config:
-                          runtime: envoy.wasm.runtime.v8
-                          code: {{ local: {{ filename: "{path}" }} }}
-"#,
-                cfg = serde_json::to_string(config).expect("json string"),
-                path = wasm_filters::path(module).display()
-            ),
-        };
-        format!(
-            r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
-static_resources:
-  listeners:
-    - name: bench
-      address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: bench
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: nginx }} }}]
-                http_filters:
-{wasm}                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-    - name: nginx
-      type: STATIC
-      load_assignment:
-        cluster_name: nginx
-        endpoints:
-          - lb_endpoints:
-              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }}
-      circuit_breakers:
-        thresholds: [{{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}]
-"#
-        )
-    }
-
-    struct NoCallouts;
-
-    impl Callouts for NoCallouts {
-        fn has_cluster(&self, _: &str) -> bool {
-            false
-        }
-        fn call(
-            &self,
-            _: Callout,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CalloutResult> + Send>> {
-            Box::pin(async { CalloutResult::Http(None) })
-        }
+        let filters = filter
+            .map(|(module, config)| {
+                envoy::wasm_filter("bench", "", "", &wasm_filters::path(module), config, "")
+            })
+            .into_iter()
+            .collect();
+        let nginx: std::net::SocketAddr = ([127, 0, 0, 1], upstream).into();
+        envoy::bootstrap(port, admin, filters, "nginx", &[("nginx", nginx)])
     }
 
     /// Mean wall time of one phase round trip to a filter thread (send, wake, a header
@@ -761,41 +700,15 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
     // Envoy, --concurrency 1.
     let envoy_port = free_port();
     let envoy_admin = free_port();
+    let nginx: std::net::SocketAddr = ([127, 0, 0, 1], nginx_port).into();
     std::fs::write(
         d.join("envoy.yaml"),
-        format!(
-            r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {envoy_admin} }} }}
-static_resources:
-  listeners:
-    - name: bench
-      address: {{ socket_address: {{ address: 127.0.0.1, port_value: {envoy_port} }} }}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: bench
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: nginx }} }}]
-                http_filters:
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-    - name: nginx
-      type: STATIC
-      load_assignment:
-        cluster_name: nginx
-        endpoints:
-          - lb_endpoints:
-              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {nginx_port} }} }} }}
-      circuit_breakers:
-        thresholds: [{{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}]
-"#
+        weir_integration::envoy::bootstrap(
+            envoy_port,
+            envoy_admin,
+            Vec::new(),
+            "nginx",
+            &[("nginx", nginx)],
         ),
     )
     .map_err(|e| e.to_string())?;

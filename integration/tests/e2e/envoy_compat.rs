@@ -153,69 +153,21 @@ clusters:
     )
 }
 
-fn envoy_cluster(name: &str, addr: SocketAddr) -> String {
-    format!(
-        r#"  - name: {name}
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}
-"#,
-        port = addr.port()
-    )
-}
-
 fn envoy_config(c: &Case, listen: u16, admin: u16, app: SocketAddr, authz: SocketAddr) -> String {
-    format!(
-        r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
-static_resources:
-  listeners:
-  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: compat
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: app }}
-          http_filters:
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: compat-plugin
-                root_id: compat-root
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {cfg}
-                vm_config:
-                  vm_id: compat-vm
-                  runtime: envoy.wasm.runtime.v8
-                  configuration:
-                    "@type": type.googleapis.com/google.protobuf.StringValue
-                    value: {vm}
-                  code: {{ local: {{ filename: "{module}" }} }}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-{app_cluster}{authz_cluster}"#,
-        module = wasm_filters::path(c.module).display(),
-        vm = yaml_str(c.vm_config),
-        cfg = yaml_str(c.config),
-        app_cluster = envoy_cluster("app", app),
-        authz_cluster = envoy_cluster("authz", authz),
+    let filter = envoy::wasm_filter(
+        "compat-plugin",
+        "compat-root",
+        "compat-vm",
+        &wasm_filters::path(c.module),
+        c.config,
+        c.vm_config,
+    );
+    envoy::bootstrap(
+        listen,
+        admin,
+        vec![filter],
+        "app",
+        &[("app", app), ("authz", authz)],
     )
 }
 

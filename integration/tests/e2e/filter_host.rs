@@ -4,24 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use weir_filters::{
-    Callout, CalloutResult, Callouts, FilterHost, Limits, Pairs, PluginConfig, StreamInfo, Verdict,
-};
+use weir_filters::{FilterHost, Limits, NoCallouts, Pairs, PluginConfig, StreamInfo, Verdict};
 use weir_integration::wasm_filters;
-
-struct NoCallouts;
-
-impl Callouts for NoCallouts {
-    fn has_cluster(&self, _: &str) -> bool {
-        false
-    }
-    fn call(
-        &self,
-        _: Callout,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CalloutResult> + Send>> {
-        Box::pin(async { CalloutResult::Http(None) })
-    }
-}
 
 fn plugin(name: &str, config: &str) -> PluginConfig {
     PluginConfig {
