@@ -353,12 +353,6 @@ impl FilterHost {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// An installed filter chain. Dropping the last reference removes its VMs from the threads.
 pub struct Chain {
     id: u64,
@@ -640,9 +634,9 @@ impl Drop for FilterStream {
     }
 }
 
-/// Stops the filter threads when the host is dropped... they also stop when every sender is
-/// gone; this helper exists for an orderly shutdown in tests.
 impl FilterHost {
+    /// Stops the filter threads and the ticker (they live as long as the host otherwise, which
+    /// for weir is the process).
     pub fn shutdown(&self) {
         for t in 0..self.inner.threads.len() {
             self.inner.send(t, Job::Stop);
@@ -651,10 +645,9 @@ impl FilterHost {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
+// The proxy keeps streams in its per-request context and the host in shared state.
+const _: () = {
+    const fn is<T: Send + Sync>() {}
     is::<FilterStream>();
     is::<FilterHost>();
-    let _ = Duration::ZERO;
-}
+};

@@ -436,7 +436,6 @@ impl Worker {
                 Kind::Headers,
                 0,
                 eos,
-                None,
                 &self.inner,
             );
             finish(&mut stream, &mut reply, Dir::Request, Kind::Headers);
@@ -467,7 +466,6 @@ impl Worker {
                     Kind::Trailers,
                     0,
                     true,
-                    None,
                     &self.inner,
                 );
                 (Dir::Request, Kind::Trailers, r)
@@ -481,7 +479,6 @@ impl Worker {
                     Kind::Headers,
                     0,
                     eos,
-                    None,
                     &self.inner,
                 );
                 (Dir::Response, Kind::Headers, r)
@@ -495,7 +492,6 @@ impl Worker {
                     Kind::Trailers,
                     0,
                     true,
-                    None,
                     &self.inner,
                 );
                 (Dir::Response, Kind::Trailers, r)
@@ -593,7 +589,6 @@ fn callback(
 }
 
 /// Runs the header or trailer callbacks from position `from` in the phase's filter order.
-#[allow(clippy::too_many_arguments)]
 fn run(
     chain: &mut Chain,
     stream: &mut Stream,
@@ -601,7 +596,6 @@ fn run(
     kind: Kind,
     from: usize,
     eos: bool,
-    _unused: Option<()>,
     inner: &Inner,
 ) -> Reply {
     let n = chain.vms.len();
@@ -825,7 +819,7 @@ fn deliver(
                 inner,
             )
         }
-        kind => run(chain, stream, p.dir, kind, p.pos + 1, p.eos, None, inner),
+        kind => run(chain, stream, p.dir, kind, p.pos + 1, p.eos, inner),
     }
 }
 

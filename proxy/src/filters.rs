@@ -265,10 +265,6 @@ impl ProxyCallouts {
     }
 }
 
-fn header_pairs(map: &http::HeaderMap) -> Pairs {
-    map_pairs(map)
-}
-
 async fn http_call(
     target: Option<(Client<HttpConnector, Body>, std::net::SocketAddr)>,
     call: HttpCall,
@@ -298,10 +294,10 @@ async fn http_call(
         let resp = client.request(req).await.ok()?;
         let (parts, body) = resp.into_parts();
         let collected = Limited::new(body, MAX_CALLOUT_BODY).collect().await.ok()?;
-        let trailers = collected.trailers().map(header_pairs).unwrap_or_default();
+        let trailers = collected.trailers().map(map_pairs).unwrap_or_default();
         let mut headers: Pairs =
             vec![(":status".into(), parts.status.as_str().as_bytes().to_vec())];
-        headers.extend(header_pairs(&parts.headers));
+        headers.extend(map_pairs(&parts.headers));
         Some(HttpCallResponse {
             headers,
             body: collected.to_bytes().to_vec(),
@@ -388,9 +384,9 @@ async fn grpc_call(
     GrpcCallResponse {
         status,
         message,
-        initial_metadata: header_pairs(&headers),
+        initial_metadata: map_pairs(&headers),
         body: reply.filter(|_| status == 0),
-        trailing_metadata: header_pairs(&trailers),
+        trailing_metadata: map_pairs(&trailers),
     }
 }
 
