@@ -58,6 +58,31 @@ pub enum FilterError {
 /// How long the proxy polls for a filter thread's reply before it yields to the scheduler.
 const REPLY_SPIN: Duration = Duration::from_micros(5);
 
+/// Checks a module without running it: reads it, verifies `sha256` when given, and compiles
+/// it (`weir validate` uses this so a bad module is found before deployment).
+pub fn check_module(path: &std::path::Path, sha256: Option<&str>) -> Result<(), FilterError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|error| FilterError::Read {
+        path: shown.clone(),
+        error,
+    })?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if let Some(expected) = sha256 {
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(FilterError::Digest {
+                path: shown,
+                expected: expected.into(),
+                actual,
+            });
+        }
+    }
+    let engine = Engine::default();
+    Module::validate(&engine, &bytes).map_err(|e| FilterError::Compile {
+        path: shown,
+        error: format!("{e:#}"),
+    })
+}
+
 /// State shared by the proxy side and every filter thread.
 pub struct Inner {
     engine: Engine,

@@ -117,7 +117,31 @@ fn main() -> ExitCode {
             let mut ok = true;
             for f in files {
                 match load_file(&f) {
-                    Ok(s) => println!("{}: ok (version {})", f.display(), s.version),
+                    Ok(s) => {
+                        // Filter modules too: present, the right digest, valid wasm.
+                        let mut modules_ok = true;
+                        for chain in s.filter_chains.iter() {
+                            for filter in &chain.filters {
+                                if let Err(e) = weir_filters::check_module(
+                                    &filter.module,
+                                    filter.sha256.as_deref(),
+                                ) {
+                                    eprintln!(
+                                        "{}: filter_chains {:?}, filter {:?}: {e}",
+                                        f.display(),
+                                        chain.name,
+                                        filter.name
+                                    );
+                                    modules_ok = false;
+                                }
+                            }
+                        }
+                        if modules_ok {
+                            println!("{}: ok (version {})", f.display(), s.version);
+                        } else {
+                            ok = false;
+                        }
+                    }
                     Err(e) => {
                         eprintln!("{e}");
                         ok = false;

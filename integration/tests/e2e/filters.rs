@@ -488,6 +488,43 @@ async fn bad_filter_configs_are_refused_and_the_good_one_keeps_serving() {
         "{err}"
     );
 
+    // `weir validate` also checks the modules: present, the configured digest, valid wasm.
+    let validate = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(weir_integration::weir_process::weir_binary())
+            .args(["validate", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = validate(&config(listen, admin, Some("edge"), &good));
+    assert!(ok, "{err}");
+    let wrong = good.replace(&wasm_filters::sha256("header_rewrite"), &"0".repeat(64));
+    let (ok, err) = validate(&config(listen, admin, Some("edge"), &wrong));
+    assert!(
+        !ok && err.contains("bad.yaml") && err.contains("sha256"),
+        "{err}"
+    );
+    let not_wasm = dir.path().join("not.wasm");
+    std::fs::write(&not_wasm, b"not wasm").unwrap();
+    let garbage = good
+        .replace(
+            &wasm_filters::path("header_rewrite").display().to_string(),
+            &not_wasm.display().to_string(),
+        )
+        .replace(
+            &format!(
+                "        sha256: \"{}\"\n",
+                wasm_filters::sha256("header_rewrite")
+            ),
+            "",
+        );
+    let (ok, err) = validate(&config(listen, admin, Some("edge"), &garbage));
+    assert!(!ok && err.contains("not.wasm"), "{err}");
+
     // At start, a filter chain that cannot load stops weir with the reason.
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
