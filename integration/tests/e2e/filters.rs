@@ -304,6 +304,36 @@ async fn token_counter_watches_sse_and_grpc_streams_without_holding_them() {
         .is_none());
     assert_eq!(metric(&s.weir, "weir_wasm_inference_tokens_out"), 19.0);
     assert_eq!(metric(&s.weir, "weir_wasm_inference_streams"), 3.0);
+
+    // Bidirectional ping-pong: request messages are not held by the filter chain either.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(crate::grpc::msg("ping0", 0)).await.unwrap();
+    let mut replies = c
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 0..4 {
+        let m = tokio::time::timeout(Duration::from_secs(5), replies.message())
+            .await
+            .expect("reply before the next ping: the chain buffered the stream")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.text, format!("g:ping{i}"));
+        if i < 3 {
+            tx.send(crate::grpc::msg(&format!("ping{}", i + 1), i + 1))
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    assert_eq!(replies.message().await.unwrap().unwrap().text, "g:done");
+    assert!(replies.message().await.unwrap().is_none(), "OK trailers");
+    assert_eq!(
+        metric(&s.weir, "weir_wasm_inference_tokens_out"),
+        24.0,
+        "4 replies + done"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
