@@ -63,11 +63,39 @@ pub struct HostState {
     pub notify_queue: Arc<dyn Fn(QueueOwner, u32) + Send + Sync>,
     /// Bytes written to stdout/stderr, logged line by line.
     pub stdio: Vec<u8>,
+    /// Callouts a root context made (from `proxy_on_tick` and friends), with their tokens.
+    pub root_calls: Vec<(u32, Callout)>,
+    /// The callout result being delivered to the root context.
+    pub root_call_result: Option<CalloutResult>,
 }
 
 impl HostState {
+    /// The callout result being delivered, to a stream or to the root context.
+    fn call_result(&self) -> Option<&CalloutResult> {
+        match &self.stream {
+            Some(s) => s.call_result.as_ref(),
+            None => self.root_call_result.as_ref(),
+        }
+    }
+
     fn map(&self, map: MapType) -> Option<&Pairs> {
-        let s = self.stream.as_ref()?;
+        let Some(s) = self.stream.as_ref() else {
+            return match (map, self.call_result()) {
+                (MapType::CallResponseHeaders, Some(CalloutResult::Http(Some(r)))) => {
+                    Some(&r.headers)
+                }
+                (MapType::CallResponseTrailers, Some(CalloutResult::Http(Some(r)))) => {
+                    Some(&r.trailers)
+                }
+                (MapType::GrpcInitialMetadata, Some(CalloutResult::Grpc(r))) => {
+                    Some(&r.initial_metadata)
+                }
+                (MapType::GrpcTrailingMetadata, Some(CalloutResult::Grpc(r))) => {
+                    Some(&r.trailing_metadata)
+                }
+                _ => None,
+            };
+        };
         Some(match map {
             MapType::RequestHeaders => &s.request_headers,
             MapType::RequestTrailers => &s.request_trailers,
@@ -111,10 +139,10 @@ impl HostState {
             BufferType::VmConfiguration => Some(&self.plugin.vm_config),
             BufferType::PluginConfiguration => Some(&self.plugin.plugin_config),
             _ => {
-                let s = self.stream.as_ref()?;
-                match (kind, &s.call_result) {
-                    (BufferType::RequestBody, _) => Some(&s.request_body),
-                    (BufferType::ResponseBody, _) => Some(&s.response_body),
+                let stream = self.stream.as_ref();
+                match (kind, self.call_result()) {
+                    (BufferType::RequestBody, _) => stream.map(|s| &s.request_body[..]),
+                    (BufferType::ResponseBody, _) => stream.map(|s| &s.response_body[..]),
                     (BufferType::CallResponseBody, Some(CalloutResult::Http(Some(r)))) => {
                         Some(&r.body)
                     }
@@ -719,12 +747,7 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
         "proxy_get_status",
         |mut c: C<'_>, ret_code: i32, ret_ptr: i32, ret_size: i32| {
             let r = (|| {
-                let (status, message) = match c
-                    .data()
-                    .stream
-                    .as_ref()
-                    .and_then(|s| s.call_result.as_ref())
-                {
+                let (status, message) = match c.data().call_result() {
                     Some(CalloutResult::Grpc(g)) => (g.status, g.message.clone()),
                     _ => return Err(Status::NotFound),
                 };
@@ -914,13 +937,12 @@ fn fill_random(buf: &mut [u8]) {
 
 fn start_call(c: &mut C<'_>, call: Callout) -> Result<u32, Status> {
     let d = c.data_mut();
-    let Some(stream) = d.stream.as_mut() else {
-        // Callouts from a root context (on_tick and friends) have no request to carry them.
-        tracing::warn!(plugin = %d.plugin.name, "callout from a root context is not supported");
-        return Err(Status::Unimplemented);
-    };
     d.next_token = d.next_token.wrapping_add(1).max(1);
-    stream.new_calls.push((d.next_token, call));
+    match d.stream.as_mut() {
+        Some(stream) => stream.new_calls.push((d.next_token, call)),
+        // A root context's call (from on_tick, say) has no request to carry it.
+        None => d.root_calls.push((d.next_token, call)),
+    }
     Ok(d.next_token)
 }
 
@@ -998,5 +1020,7 @@ fn dummy() -> HostState {
         },
         notify_queue: Arc::new(|_, _| {}),
         stdio: Vec::new(),
+        root_calls: Vec::new(),
+        root_call_result: None,
     }
 }

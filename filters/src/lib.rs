@@ -99,6 +99,7 @@ pub struct Inner {
     shared: Arc<Shared>,
     metrics: Arc<metrics::Registry>,
     callouts: Arc<dyn Callouts>,
+    root_calls: tokio::sync::mpsc::UnboundedSender<RootCall>,
     failures: AtomicU64,
     vm_restarts: AtomicU64,
     stop: Arc<AtomicBool>,
@@ -123,6 +124,64 @@ impl Inner {
             }
         })
     }
+}
+
+/// A callout a root context made, run by the proxy side's callout thread.
+pub(crate) struct RootCall {
+    pub thread: usize,
+    pub chain: u64,
+    pub filter: usize,
+    pub token: u32,
+    pub call: Callout,
+}
+
+impl Inner {
+    fn start_root_call(&self, call: RootCall) {
+        // Gone only at shutdown.
+        let _ = self.root_calls.send(call);
+    }
+}
+
+/// Runs root-context callouts on a thread of its own (not sandboxed: it opens sockets), with a
+/// small runtime, and sends each result back to the filter thread that asked.
+fn run_root_calls(
+    inner: std::sync::Weak<Inner>,
+    mut calls: tokio::sync::mpsc::UnboundedReceiver<RootCall>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("root-context callouts unavailable: {e}");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        while let Some(rc) = calls.recv().await {
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            let fut = strong.callouts.call(rc.call);
+            drop(strong);
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let result = fut.await;
+                if let Some(inner) = inner.upgrade() {
+                    inner.send(
+                        rc.thread,
+                        Job::RootCallResult {
+                            chain: rc.chain,
+                            filter: rc.filter,
+                            token: rc.token,
+                            result,
+                        },
+                    );
+                }
+            });
+        }
+    });
 }
 
 /// The filter runtime: the wasm engine, the module cache and the sandboxed filter threads.
@@ -151,6 +210,7 @@ impl FilterHost {
             receivers.push(rx);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let (root_calls, root_calls_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             engine: engine.clone(),
             linker,
@@ -164,11 +224,17 @@ impl FilterHost {
             shared: Arc::default(),
             metrics: Arc::default(),
             callouts,
+            root_calls,
             failures: AtomicU64::new(0),
             vm_restarts: AtomicU64::new(0),
             stop: stop.clone(),
         });
 
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("weir-callouts".into())
+            .spawn(move || run_root_calls(weak, root_calls_rx))
+            .map_err(|e| FilterError::Thread(e.to_string()))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<i32, String>>();
         let ticker_ready = ready_tx.clone();
         std::thread::Builder::new()

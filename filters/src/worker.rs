@@ -18,7 +18,7 @@ use crate::host::{
 use crate::shared::QueueOwner;
 use crate::types::{Callout, CalloutResult, LocalResponse, StreamInfo};
 use crate::vm::{Plugin, Vm};
-use crate::Inner;
+use crate::{Inner, RootCall};
 
 pub enum Job {
     Install {
@@ -38,6 +38,13 @@ pub enum Job {
     QueueReady {
         owner: QueueOwner,
         queue: u32,
+    },
+    /// The result of a callout a root context made.
+    RootCallResult {
+        chain: u64,
+        filter: usize,
+        token: u32,
+        result: CalloutResult,
     },
     /// Runs a closure on the thread (tests use it to prove the sandbox).
     Exec(Box<dyn FnOnce() + Send>),
@@ -192,6 +199,7 @@ impl Worker {
             }
             self.end_streams();
             self.ticks();
+            self.send_root_calls();
             self.recreate_failed();
         }
     }
@@ -230,6 +238,24 @@ impl Worker {
                 Err(RecvTimeoutError::Disconnected) => Err(()),
             },
             None => jobs.recv().map(Some).map_err(|_| ()),
+        }
+    }
+
+    /// Hands callouts root contexts made to the proxy side, which runs them and sends the
+    /// results back as [`Job::RootCallResult`].
+    fn send_root_calls(&mut self) {
+        for (&chain, c) in &mut self.chains {
+            for (filter, vm) in c.vms.iter_mut().enumerate() {
+                for (token, call) in vm.store.data_mut().root_calls.drain(..) {
+                    self.inner.start_root_call(RootCall {
+                        thread: self.index,
+                        chain,
+                        filter,
+                        token,
+                        call,
+                    });
+                }
+            }
         }
     }
 
@@ -288,6 +314,8 @@ impl Worker {
             },
             notify_queue: inner.notify_queue(),
             stdio: Vec::new(),
+            root_calls: Vec::new(),
+            root_call_result: None,
         };
         let limits = plugin.config.limits;
         Vm::new(
@@ -381,6 +409,26 @@ impl Worker {
                             tracing::warn!("proxy_on_queue_ready: {e}");
                         }
                     }
+                }
+            }
+            Job::RootCallResult {
+                chain,
+                filter,
+                token,
+                result,
+            } => {
+                if let Some(vm) = self
+                    .chains
+                    .get_mut(&chain)
+                    .and_then(|c| c.vms.get_mut(filter))
+                {
+                    let sizes = CallSizes::of(&result);
+                    vm.store.data_mut().root_call_result = Some(result);
+                    let root = vm.root_context as i32;
+                    if let Err(e) = call_result_callback(vm, root, token, sizes) {
+                        tracing::warn!("callout response to a root context: filter {e}");
+                    }
+                    vm.store.data_mut().root_call_result = None;
                 }
             }
             Job::Exec(f) => f(),
@@ -752,46 +800,10 @@ fn deliver(
             Outcome::Continue
         });
     };
+    let sizes = CallSizes::of(&result);
     stream.data.call_result = Some(result);
     let step = callback(chain, stream, i, inner, |vm, ctx| {
-        let r = vm
-            .store
-            .data()
-            .stream
-            .as_ref()
-            .and_then(|s| s.call_result.clone());
-        match r {
-            Some(CalloutResult::Http(resp)) => {
-                let (h, b, t) = resp.as_ref().map_or((0, 0, 0), |r| {
-                    (
-                        r.headers.len() as i32,
-                        r.body.len() as i32,
-                        r.trailers.len() as i32,
-                    )
-                });
-                match vm.f.http_call_response.clone() {
-                    Some(f) => vm
-                        .call(|s| f.call(s, (ctx, token as i32, h, b, t)))
-                        .map(|_| 0),
-                    None => Ok(0),
-                }
-            }
-            Some(CalloutResult::Grpc(g)) => match (&g.body, g.status) {
-                (Some(body), 0) => match vm.f.grpc_receive.clone() {
-                    Some(f) => vm
-                        .call(|s| f.call(s, (ctx, token as i32, body.len() as i32)))
-                        .map(|_| 0),
-                    None => Ok(0),
-                },
-                _ => match vm.f.grpc_close.clone() {
-                    Some(f) => vm
-                        .call(|s| f.call(s, (ctx, token as i32, g.status as i32)))
-                        .map(|_| 0),
-                    None => Ok(0),
-                },
-            },
-            None => Ok(0),
-        }
+        call_result_callback(vm, ctx, token, sizes).map(|_| 0)
     });
     stream.data.call_result = None;
     match step {
@@ -820,6 +832,58 @@ fn deliver(
             )
         }
         kind => run(chain, stream, p.dir, kind, p.pos + 1, p.eos, inner),
+    }
+}
+
+/// What the callout-result callbacks are told about a result.
+#[derive(Clone, Copy)]
+enum CallSizes {
+    /// Headers, body bytes and trailers of an HTTP reply (zeros: the call failed).
+    Http(i32, i32, i32),
+    /// A gRPC reply message of this size.
+    GrpcMessage(i32),
+    /// A gRPC call that ended with this status and no message.
+    GrpcClosed(u32),
+}
+
+impl CallSizes {
+    fn of(r: &CalloutResult) -> Self {
+        match r {
+            CalloutResult::Http(resp) => {
+                let (h, b, t) = resp.as_ref().map_or((0, 0, 0), |r| {
+                    (
+                        r.headers.len() as i32,
+                        r.body.len() as i32,
+                        r.trailers.len() as i32,
+                    )
+                });
+                Self::Http(h, b, t)
+            }
+            CalloutResult::Grpc(g) => match (&g.body, g.status) {
+                (Some(body), 0) => Self::GrpcMessage(body.len() as i32),
+                _ => Self::GrpcClosed(g.status),
+            },
+        }
+    }
+}
+
+/// Tells context `ctx` of `vm` about a callout's result (already placed where the host calls
+/// read it): `proxy_on_http_call_response`, or `proxy_on_grpc_receive` / `proxy_on_grpc_close`.
+fn call_result_callback(vm: &mut Vm, ctx: i32, token: u32, sizes: CallSizes) -> Result<(), String> {
+    let token = token as i32;
+    match sizes {
+        CallSizes::Http(h, b, t) => match vm.f.http_call_response.clone() {
+            Some(f) => vm.call(|s| f.call(s, (ctx, token, h, b, t))),
+            None => Ok(()),
+        },
+        CallSizes::GrpcMessage(size) => match vm.f.grpc_receive.clone() {
+            Some(f) => vm.call(|s| f.call(s, (ctx, token, size))),
+            None => Ok(()),
+        },
+        CallSizes::GrpcClosed(status) => match vm.f.grpc_close.clone() {
+            Some(f) => vm.call(|s| f.call(s, (ctx, token, status as i32))),
+            None => Ok(()),
+        },
     }
 }
 

@@ -421,6 +421,30 @@ async fn grpc_callout_and_unimplemented_host_calls() {
     assert_eq!(r.status, 200, "the proxy and the filter keep working");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn root_context_callouts_from_on_tick_get_their_answer() {
+    let backend = HttpBackend::start("b").await;
+    let rest = format!(
+        "filter_chains:\n  - name: probe\n    filters:\n{}routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        filter("probe", "probe", r#"{"root_call_cluster": "b"}"#, "        vm_config: tick\n"),
+        cluster("b", "http1", &[backend.addr], "")
+    );
+    let s = start_with(Some("probe"), &rest, &["--filter-threads", "2"]);
+    let client = h1_client();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send(&client, s.listen, "GET", "/", &[("x-probe-state", "1")]).await;
+        if r.headers["x-probe-root-call"] == "204" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no answer to the root-context call: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Threads of process `pid` whose name starts with `prefix`, with their `Seccomp:` mode.
 fn threads_named(pid: i32, prefix: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();

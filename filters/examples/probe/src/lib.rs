@@ -11,7 +11,9 @@
 //! - `x-probe-unimplemented`: calls `proxy_grpc_stream` raw and answers the status code the
 //!   host returned, in `x-probe-status`.
 //!
-//! VM config `tick` sets a 10 ms tick.
+//! VM config `tick` sets a 10 ms tick. With plugin config `root_call_cluster`, the first tick
+//! makes an HTTP call from the root context (`GET /status/204` on that cluster) and keeps the
+//! answer's status in shared data (`x-probe-root-call` in the state answer).
 
 use std::time::Duration;
 
@@ -24,11 +26,14 @@ use serde::Deserialize;
 #[serde(default)]
 struct Settings {
     grpc_cluster: String,
+    root_call_cluster: String,
 }
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(Root { queue: 0, grpc_cluster: String::new() }));
+    proxy_wasm::set_root_context(|_| {
+        Box::new(Root { queue: 0, grpc_cluster: String::new(), root_call_cluster: String::new() })
+    });
 }}
 
 #[link(wasm_import_module = "env")]
@@ -67,9 +72,16 @@ fn bump(ctx: &dyn Context, key: &str) {
 struct Root {
     queue: u32,
     grpc_cluster: String,
+    /// Emptied once the root-context call is made.
+    root_call_cluster: String,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let status = self.get_http_call_response_header(":status").unwrap_or_else(|| "failed".into());
+        let _ = self.set_shared_data("probe/root-call", Some(status.as_bytes()), None);
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _size: usize) -> bool {
@@ -84,12 +96,20 @@ impl RootContext for Root {
         if let Some(bytes) = self.get_plugin_configuration() {
             let s: Settings = serde_json::from_slice(&bytes).unwrap_or_default();
             self.grpc_cluster = s.grpc_cluster;
+            self.root_call_cluster = s.root_call_cluster;
         }
         true
     }
 
     fn on_tick(&mut self) {
         bump(self, "probe/ticks");
+        let cluster = std::mem::take(&mut self.root_call_cluster);
+        if !cluster.is_empty() {
+            let headers = vec![(":method", "GET"), (":path", "/status/204"), (":authority", cluster.as_str())];
+            if let Err(status) = self.dispatch_http_call(&cluster, headers, None, vec![], Duration::from_secs(2)) {
+                let _ = self.set_shared_data("probe/root-call", Some(format!("{status:?}").as_bytes()), None);
+            }
+        }
     }
 
     fn on_queue_ready(&mut self, queue: u32) {
@@ -184,6 +204,7 @@ impl HttpContext for Probe {
             self.answer.push(("x-probe-ticks".into(), counter(self, "probe/ticks").to_string()));
             self.answer.push(("x-probe-logged".into(), counter(self, "probe/logged").to_string()));
             self.answer.push(("x-probe-last-queued".into(), text(self.get_shared_data("probe/last-queued").0)));
+            self.answer.push(("x-probe-root-call".into(), text(self.get_shared_data("probe/root-call").0)));
         }
         if self.has("x-probe-unimplemented") {
             let (up, svc, method) = ("grpc", "s", "m");
