@@ -7,6 +7,7 @@ pub mod drain;
 pub mod filters;
 pub mod grpc;
 pub mod health;
+pub mod inference;
 pub mod lb;
 pub mod metrics;
 pub mod outlier;
