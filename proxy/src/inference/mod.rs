@@ -2,3 +2,4 @@
 //! reload state machine and the load scrapers that feed it).
 
 pub mod picker;
+pub mod reload;
