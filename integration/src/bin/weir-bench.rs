@@ -67,7 +67,7 @@ mod wasm {
     use weir_integration::weir_process::free_port;
     use weir_integration::{envoy, wasm_filters};
 
-    use super::{measure, run as sh, start_nginx, wait_port, workspace, Proc, Res, Row};
+    use super::{measure, start_nginx, wait_port, Proc, Res, Row};
 
     const HEADER: &str =
         r#"{"request_set": {"x-bench": "1"}, "response_set": {"x-bench-resp": "1"}}"#;
@@ -158,17 +158,7 @@ mod wasm {
 
     pub fn run(duration: &str, connections: u32) -> Res<()> {
         let envoy = super::install()?;
-        eprintln!("building weir (release)");
-        sh(Command::new("cargo").current_dir(workspace()).args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "weir-proxy",
-            "--bin",
-            "weir",
-        ]))?;
-        let weir_bin = workspace().join("target/release/weir");
+        let weir_bin = super::build_weir()?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let d = dir.path();
         let args = (duration, connections, 1);
@@ -653,8 +643,8 @@ fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> R
     })
 }
 
-fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
-    let envoy = install()?;
+/// Builds the release `weir` the benchmarks measure; returns its path.
+fn build_weir() -> Res<PathBuf> {
     eprintln!("building weir (release)");
     run(Command::new("cargo").current_dir(workspace()).args([
         "build",
@@ -665,7 +655,12 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
         "--bin",
         "weir",
     ]))?;
-    let weir_bin = workspace().join("target/release/weir");
+    Ok(workspace().join("target/release/weir"))
+}
+
+fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
+    let envoy = install()?;
+    let weir_bin = build_weir()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let d = dir.path();
     let args = (duration, connections, wrk_threads);
