@@ -4,10 +4,16 @@
 pub mod envoy;
 pub mod grpc_backend;
 pub mod http_backend;
+pub mod model_server;
 pub mod weir_process;
 
 /// Generated from `proto/echo.proto`.
 pub mod pb {
     tonic::include_proto!("weir.test");
+}
+
+/// KServe v2 / Triton, generated from `proxy/proto/inference/grpc_service.proto`.
+pub mod kserve {
+    tonic::include_proto!("inference");
 }
 pub mod wasm_filters;
