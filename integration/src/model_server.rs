@@ -30,8 +30,14 @@ pub struct SimModel {
 }
 
 pub struct ModelServer {
+    /// KServe v2 gRPC.
     pub addr: SocketAddr,
+    /// OpenAI-compatible HTTP (`/v1/models`, `/v1/chat/completions`, `/v1/completions`).
+    pub http_addr: SocketAddr,
     pub models: Arc<Mutex<HashMap<String, SimModel>>>,
+    /// Requests with `x-sim-gated: 1` wait for a permit before each token after the first, so
+    /// a test can prove each token reached it before the next was produced.
+    pub gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a simulated reload keeps the model unready.
@@ -63,11 +69,170 @@ impl ModelServer {
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await;
         });
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http_addr = http.local_addr().expect("addr");
+        let (st, g) = (state.clone(), gate.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = http.accept().await else {
+                    continue;
+                };
+                let (st, g) = (st.clone(), g.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (st, g) = (st.clone(), g.clone());
+                        async move { Ok::<_, std::convert::Infallible>(openai(st, g, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
         Self {
             addr,
+            http_addr,
             models: state,
+            gate,
         }
     }
+}
+
+type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+fn json_reply(status: u16, v: serde_json::Value) -> hyper::Response<HttpBody> {
+    use http_body_util::BodyExt;
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(v.to_string())).boxed())
+        .expect("valid response")
+}
+
+/// The OpenAI-compatible side: `/v1/models`, and chat/text completions, streamed as SSE
+/// (`data: {chunk}` events, then `data: [DONE]`) when the request says `"stream": true`.
+/// Responses carry the serving weights in `x-weight-version`.
+async fn openai(
+    models: Arc<Mutex<HashMap<String, SimModel>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<HttpBody> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path().to_string();
+    if path == "/v1/models" {
+        let data: Vec<serde_json::Value> = models
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|name| serde_json::json!({"id": name, "object": "model", "owned_by": "weir-sim"}))
+            .collect();
+        return json_reply(200, serde_json::json!({"object": "list", "data": data}));
+    }
+    let chat = match path.as_str() {
+        "/v1/chat/completions" => true,
+        "/v1/completions" => false,
+        _ => {
+            return json_reply(
+                404,
+                serde_json::json!({"error": {"message": "no such endpoint"}}),
+            )
+        }
+    };
+    let gated = req.headers().get("x-sim-gated").is_some();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return json_reply(
+            400,
+            serde_json::json!({"error": {"message": "body is not JSON"}}),
+        );
+    };
+    let name = v["model"].as_str().unwrap_or("").to_string();
+    let m = models.lock().unwrap().get(&name).cloned();
+    let Some(m) = m else {
+        return json_reply(
+            404,
+            serde_json::json!({"error": {"message": format!("model {name:?} not found")}}),
+        );
+    };
+    if !m.ready {
+        return json_reply(
+            503,
+            serde_json::json!({"error": {"message": "model is loading"}}),
+        );
+    }
+    let n = v["max_tokens"].as_u64().unwrap_or(3).max(1);
+    let version = m.version.to_string();
+    let chunk = move |i: u64, last: bool| {
+        let text = format!("v{version}-token{i} ");
+        let finish = if last {
+            serde_json::json!("stop")
+        } else {
+            serde_json::Value::Null
+        };
+        if chat {
+            serde_json::json!({"id": "chatcmpl-sim", "object": "chat.completion.chunk", "model": name,
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]})
+        } else {
+            serde_json::json!({"id": "cmpl-sim", "object": "text_completion", "model": name,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish}]})
+        }
+    };
+    let weight_version = m.version.to_string();
+    if !v["stream"].as_bool().unwrap_or(false) {
+        let text: String = (0..n)
+            .map(|i| format!("v{}-token{i} ", m.version))
+            .collect();
+        let mut r = json_reply(
+            200,
+            serde_json::json!({"object": if chat { "chat.completion" } else { "text_completion" },
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            "usage": {"completion_tokens": n}}),
+        );
+        r.headers_mut()
+            .insert("x-weight-version", weight_version.parse().expect("ascii"));
+        return r;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(4);
+    tokio::spawn(async move {
+        for i in 0..n {
+            if gated && i > 0 {
+                match gate.acquire().await {
+                    Ok(p) => p.forget(),
+                    Err(_) => return,
+                }
+            }
+            let event = format!("data: {}\n\n", chunk(i, i == n - 1));
+            if tx
+                .send(Ok(hyper::body::Frame::data(event.into())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx
+            .send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"data: [DONE]\n\n",
+            ))))
+            .await;
+    });
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    hyper::Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("x-weight-version", weight_version)
+        .body(body.boxed())
+        .expect("valid response")
 }
 
 struct Sim(Arc<Mutex<HashMap<String, SimModel>>>);

@@ -68,3 +68,59 @@ async fn tritonclient_streams_inference_through_weir() {
         assert_eq!(r["final"], i == 3, "only the last response is final");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_sse_streams_through_weir_token_by_token() {
+    use http_body_util::BodyExt;
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&format!(
+        "routes:\n  - name: openai\n    match: {{ path: {{ prefix: /v1/ }} }}\n    route: {{ cluster: sim }}\nclusters:\n{}",
+        cluster("sim", "http1", &[sim.http_addr], "")
+    ));
+    let r = get(&h1_client(), s.listen, "/v1/models").await;
+    assert_eq!(r.json()["data"][0]["id"], "llama");
+
+    for (client, name) in [(h1_client(), "h1"), (h2c_client(), "h2c")] {
+        let body = r#"{"model": "llama", "stream": true, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}"#;
+        let req = ::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/v1/chat/completions", s.listen))
+            .header("content-type", "application/json")
+            .header("x-sim-gated", "1")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let resp = client.request(req).await.expect("response");
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert_eq!(resp.headers()["x-weight-version"], "1");
+        let mut body = resp.into_body();
+        let mut text = String::new();
+        // Token k must arrive before the server may produce token k+1: nothing is buffered.
+        for k in 0..4 {
+            while !text.contains(&format!("token{k} ")) {
+                let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+                    .await
+                    .unwrap_or_else(|_| panic!("{name}: token {k} held back"))
+                    .expect("frame")
+                    .expect("ok");
+                if let Ok(d) = frame.into_data() {
+                    text.push_str(std::str::from_utf8(&d).unwrap());
+                }
+            }
+            if k < 3 {
+                sim.gate.add_permits(1);
+            }
+        }
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.expect("ok").into_data() {
+                text.push_str(std::str::from_utf8(&d).unwrap());
+            }
+        }
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 5, "{name}: 4 chunks and [DONE]: {text}");
+        assert_eq!(events[4], "data: [DONE]");
+        let last: serde_json::Value =
+            serde_json::from_str(events[3].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    }
+}
