@@ -1,0 +1,165 @@
+//! Replica load as model servers report it: a vLLM-style Prometheus `/metrics` page (scraped
+//! periodically) and ORCA `endpoint-load-metrics` response headers (free with every response).
+//! Pure parsers; the picker reads the result through [`super::picker::Load`].
+
+use super::picker::Load;
+
+/// What one report said; `None` where it said nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadSample {
+    /// Requests waiting in the server's queue.
+    pub waiting: Option<f64>,
+    /// Requests it is running.
+    pub running: Option<f64>,
+    /// KV-cache use, 0.0 to 1.0.
+    pub kv_cache: Option<f64>,
+}
+
+impl LoadSample {
+    /// Folds the sample into `load` (fields the sample lacks keep their value).
+    pub fn apply(&self, load: &mut Load) {
+        if let Some(w) = self.waiting {
+            load.queue_depth = w.max(0.0).round() as u32;
+        }
+        if let Some(k) = self.kv_cache {
+            load.kv_cache = k.clamp(0.0, 1.0);
+        }
+    }
+}
+
+/// Reads vLLM's gauges from a Prometheus text page: `vllm:num_requests_waiting`,
+/// `vllm:num_requests_running` (summed over label sets, e.g. per model) and
+/// `vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`; the highest reported).
+pub fn from_prometheus(text: &str) -> Result<LoadSample, String> {
+    use openmetrics_parser::PrometheusValue;
+    let page = openmetrics_parser::prometheus::parse_prometheus(text)
+        .map_err(|e| format!("metrics page: {e:?}"))?;
+    let mut sample = LoadSample::default();
+    for (name, family) in &page.families {
+        for s in family.iter_samples() {
+            let v = match &s.value {
+                PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+                _ => continue,
+            };
+            let sum = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + v);
+            match name.as_str() {
+                "vllm:num_requests_waiting" => sum(&mut sample.waiting),
+                "vllm:num_requests_running" => sum(&mut sample.running),
+                "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                    sample.kv_cache = Some(sample.kv_cache.map_or(v, |k: f64| k.max(v)))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(sample)
+}
+
+/// Reads an ORCA `endpoint-load-metrics` header in its TEXT
+/// (`TEXT cpu_utilization=0.3, named_metrics.kv_cache_utilization=0.4`) or JSON
+/// (`JSON {"named_metrics": {"kv_cache_utilization": 0.4}}`) form. Named metrics
+/// `kv_cache_utilization`, `num_requests_waiting` and `num_requests_running` are used; the
+/// binary form and malformed values give `None`.
+pub fn from_orca(header: &str) -> Option<LoadSample> {
+    let header = header.trim();
+    let named: Vec<(String, f64)> = if let Some(text) = header.strip_prefix("TEXT ") {
+        let mut out = Vec::new();
+        for pair in text.split(',') {
+            let (k, v) = pair.trim().split_once('=')?;
+            let v: f64 = v.trim().parse().ok()?;
+            if let Some(name) = k.trim().strip_prefix("named_metrics.") {
+                out.push((name.to_owned(), v));
+            }
+        }
+        out
+    } else if let Some(json) = header.strip_prefix("JSON ") {
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        v.get("named_metrics")
+            .and_then(|m| m.as_object())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        return None;
+    };
+    let get = |name: &str| named.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+    Some(LoadSample {
+        waiting: get("num_requests_waiting"),
+        running: get("num_requests_running"),
+        kv_cache: get("kv_cache_utilization"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests currently running on GPU.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="llama"} 3.0
+vllm:num_requests_running{model_name="llama-sql-lora"} 1.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="llama"} 5.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="llama"} 0.42
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{model_name="llama"} 12345.0
+"#;
+
+    #[test]
+    fn vllm_metrics_page_gives_queue_running_and_kv_cache() {
+        let s = from_prometheus(VLLM).unwrap();
+        assert_eq!(
+            s,
+            LoadSample {
+                waiting: Some(5.0),
+                running: Some(4.0),
+                kv_cache: Some(0.42)
+            }
+        );
+        let mut load = Load::default();
+        s.apply(&mut load);
+        assert_eq!((load.queue_depth, load.kv_cache), (5, 0.42));
+        let old = from_prometheus("vllm:gpu_cache_usage_perc 0.9\n").unwrap();
+        assert_eq!(old.kv_cache, Some(0.9), "older vLLM name");
+        assert_eq!(from_prometheus("up 1\n").unwrap(), LoadSample::default());
+    }
+
+    #[test]
+    fn orca_text_and_json_headers() {
+        let s = from_orca("TEXT cpu_utilization=0.3, named_metrics.kv_cache_utilization=0.25, named_metrics.num_requests_waiting=2").unwrap();
+        assert_eq!(
+            (s.kv_cache, s.waiting, s.running),
+            (Some(0.25), Some(2.0), None)
+        );
+        let s = from_orca(
+            r#"JSON {"cpu_utilization": 0.3, "named_metrics": {"kv_cache_utilization": 0.5}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.kv_cache, Some(0.5));
+        assert_eq!(
+            from_orca("BIN CgkJAAAAAAAA4D8="),
+            None,
+            "binary form is not read"
+        );
+        assert_eq!(
+            from_orca("TEXT named_metrics.kv_cache_utilization=lots"),
+            None
+        );
+        // A sample without a field leaves the load's value alone; values are clamped.
+        let mut load = Load {
+            queue_depth: 7,
+            ..Load::default()
+        };
+        from_orca("TEXT named_metrics.kv_cache_utilization=1.7")
+            .unwrap()
+            .apply(&mut load);
+        assert_eq!((load.queue_depth, load.kv_cache), (7, 1.0));
+    }
+}
