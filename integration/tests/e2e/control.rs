@@ -271,6 +271,23 @@ async fn serve_in_process(cp: ControlPlane) -> SocketAddr {
     addr
 }
 
+/// Publishes `set` and waits until the (single) proxy NACKs it; returns its status then.
+async fn publish_and_wait_for_nack(
+    cp: &ControlPlane,
+    set: ResourceSet,
+) -> weir_control::pb::ProxyStatus {
+    let version = set.version();
+    cp.publish(set);
+    wait_until(|| {
+        cp.status()
+            .proxies
+            .first()
+            .is_some_and(|p| p.nacked_version == version)
+    })
+    .await;
+    cp.status().proxies[0].clone()
+}
+
 fn resources(text: &str) -> ResourceSet {
     ResourceSet::from_config(&weir_policies::parse("test.yaml", text).expect("parses"))
 }
@@ -303,22 +320,13 @@ async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
         "nowhere",
         &[("a", "http1", vec![a.addr]), ("grpc", "h2c", vec![g.addr])],
     ));
-    let bad_version = bad.version();
-    cp.publish(bad);
-    wait_until(|| {
-        cp.status()
-            .proxies
-            .first()
-            .is_some_and(|p| p.nacked_version == bad_version)
-    })
-    .await;
-    let p = cp.status().proxies[0].clone();
+    let p = publish_and_wait_for_nack(&cp, bad).await;
     assert!(
         p.nack_error
             .contains("routes[1].route.cluster: unknown cluster \"nowhere\""),
         "{p:?}"
     );
-    assert_ne!(p.acked_version, bad_version);
+    assert_ne!(p.acked_version, p.nacked_version);
     assert_eq!(
         backend_of(listen).await,
         "a",
@@ -664,16 +672,7 @@ async fn filter_chains_come_from_the_control_plane_and_a_bad_module_is_nacked() 
 
     // A module the proxy cannot verify: NACKed with the reason, the last good chain serves on.
     let bad = resources(&with_chain(&"0".repeat(64)));
-    let bad_version = bad.version();
-    cp.publish(bad);
-    wait_until(|| {
-        cp.status()
-            .proxies
-            .first()
-            .is_some_and(|p| p.nacked_version == bad_version)
-    })
-    .await;
-    let p = cp.status().proxies[0].clone();
+    let p = publish_and_wait_for_nack(&cp, bad).await;
     assert!(p.nack_error.contains("sha256"), "{p:?}");
     let r = get(&h1_client(), listen, "/").await;
     assert_eq!(r.headers["x-from"], "control-plane");
