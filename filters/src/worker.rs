@@ -507,42 +507,36 @@ impl Worker {
             ),
             Phase::RequestTrailers { trailers } => {
                 stream.data.request_trailers = trailers;
-                let r = run(
+                map_phase(
                     chain,
                     stream,
                     Dir::Request,
                     Kind::Trailers,
-                    0,
                     true,
                     &self.inner,
-                );
-                (Dir::Request, Kind::Trailers, r)
+                )
             }
             Phase::ResponseHeaders { headers, eos } => {
                 stream.data.response_headers = headers;
-                let r = run(
+                map_phase(
                     chain,
                     stream,
                     Dir::Response,
                     Kind::Headers,
-                    0,
                     eos,
                     &self.inner,
-                );
-                (Dir::Response, Kind::Headers, r)
+                )
             }
             Phase::ResponseTrailers { trailers } => {
                 stream.data.response_trailers = trailers;
-                let r = run(
+                map_phase(
                     chain,
                     stream,
                     Dir::Response,
                     Kind::Trailers,
-                    0,
                     true,
                     &self.inner,
-                );
-                (Dir::Response, Kind::Trailers, r)
+                )
             }
             Phase::CallResult { token, result } => {
                 let (dir, kind) = stream
@@ -559,6 +553,18 @@ impl Worker {
         finish(stream, &mut reply, dir, kind);
         reply
     }
+}
+
+/// A header or trailer phase from its start; the map is already in the stream's data.
+fn map_phase(
+    chain: &mut Chain,
+    stream: &mut Stream,
+    dir: Dir,
+    kind: Kind,
+    eos: bool,
+    inner: &Inner,
+) -> (Dir, Kind, Reply) {
+    (dir, kind, run(chain, stream, dir, kind, 0, eos, inner))
 }
 
 /// Moves the phase's changed map and the new callouts into the reply.
