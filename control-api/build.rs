@@ -6,5 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".weir.control.v1.Resource.body")
         .compile_fds(fds)?;
+    // KServe v2 / Triton (`inference.GRPCInferenceService`): the proxy polls readiness and
+    // warms up replicas with it, `weir-control reload` drives reloads, tests simulate servers.
+    let fds = protox::compile(["inference/grpc_service.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -6,10 +6,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protox compiles the .proto in pure Rust: no system protoc needed.
     let fds = protox::compile(["proto/echo.proto"], ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
-    // The KServe v2 / Triton protocol, for the simulated model server.
-    println!("cargo:rerun-if-changed=../proxy/proto/inference/grpc_service.proto");
-    let fds = protox::compile(["inference/grpc_service.proto"], ["../proxy/proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
     build_example_filters()
 }
 

@@ -18,6 +18,7 @@ pub const ROUTE: &str = "route";
 pub const CLUSTER: &str = "cluster";
 pub const ENDPOINTS: &str = "endpoints";
 pub const FILTER_CHAIN: &str = "filter_chain";
+pub const INFERENCE_POOL: &str = "inference_pool";
 
 /// A route keeps its place in the ordered route list (first match wins).
 #[derive(Serialize, Deserialize)]
@@ -42,6 +43,7 @@ enum Decoded {
     Cluster(model::Cluster),
     Endpoints(Vec<model::Endpoint>),
     FilterChain(model::FilterChain),
+    InferencePool(model::InferencePool),
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +100,7 @@ fn decode_entry(r: Resource) -> Result<Entry, String> {
         CLUSTER => Decoded::Cluster(decode(&what, &r.body)?),
         ENDPOINTS => Decoded::Endpoints(decode::<EndpointsBody>(&what, &r.body)?.endpoints),
         FILTER_CHAIN => Decoded::FilterChain(decode(&what, &r.body)?),
+        INFERENCE_POOL => Decoded::InferencePool(decode(&what, &r.body)?),
         other => return Err(format!("unknown resource type {other:?} ({:?})", r.name)),
     };
     Ok(Entry {
@@ -123,6 +126,14 @@ impl ResourceSet {
                 &f.name,
                 f,
                 Decoded::FilterChain(f.clone()),
+            ));
+        }
+        for p in &config.inference_pools[span.inference_pools.clone()] {
+            set.insert(entry(
+                INFERENCE_POOL,
+                &p.name,
+                p,
+                Decoded::InferencePool(p.clone()),
             ));
         }
         let routes = span.routes.clone();
@@ -305,6 +316,7 @@ impl ResourceSet {
                 Decoded::Route(order, r) => routes.push((*order, r.clone())),
                 Decoded::Cluster(c) => config.clusters.push(c.clone()),
                 Decoded::FilterChain(f) => config.filter_chains.push(f.clone()),
+                Decoded::InferencePool(p) => config.inference_pools.push(p.clone()),
                 Decoded::Endpoints(eps) => {
                     endpoints.insert(name.as_str(), eps);
                 }

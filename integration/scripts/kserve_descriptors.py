@@ -1,5 +1,5 @@
 """Prints, as JSON, every message and the service of tritonclient's grpc_service.proto:
-the reference weir's proxy/proto/inference/grpc_service.proto must match."""
+the reference weir's control-api/proto/inference/grpc_service.proto must match."""
 import json
 import tritonclient.grpc.service_pb2 as s
 

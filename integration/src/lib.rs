@@ -12,8 +12,6 @@ pub mod pb {
     tonic::include_proto!("weir.test");
 }
 
-/// KServe v2 / Triton, generated from `proxy/proto/inference/grpc_service.proto`.
-pub mod kserve {
-    tonic::include_proto!("inference");
-}
+/// KServe v2 / Triton (generated in `weir-control`).
+pub use weir_control::kserve;
 pub mod wasm_filters;

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -32,12 +31,75 @@ pub struct SimModel {
 pub struct ModelServer {
     /// KServe v2 gRPC.
     pub addr: SocketAddr,
-    /// OpenAI-compatible HTTP (`/v1/models`, `/v1/chat/completions`, `/v1/completions`).
+    /// OpenAI-compatible HTTP (`/v1/models`, `/v1/chat/completions`, `/v1/completions`) and
+    /// `/metrics` (vLLM's metric names).
     pub http_addr: SocketAddr,
     pub models: Arc<Mutex<HashMap<String, SimModel>>>,
     /// Requests with `x-sim-gated: 1` wait for a permit before each token after the first, so
     /// a test can prove each token reached it before the next was produced.
     pub gate: Arc<tokio::sync::Semaphore>,
+    pub load: Arc<SimLoad>,
+    /// Every task serving this server (listeners and connections), for [`ModelServer::kill`].
+    tasks: Arc<Mutex<tokio::task::JoinSet<()>>>,
+}
+
+/// The simulated server's load, as `/metrics` and ORCA headers report it.
+#[derive(Default)]
+pub struct SimLoad {
+    /// Streams being generated now (`vllm:num_requests_running`).
+    pub running: std::sync::atomic::AtomicU32,
+    /// `vllm:num_requests_waiting`, set by tests.
+    pub waiting: std::sync::atomic::AtomicU32,
+    /// `vllm:kv_cache_usage_perc` in thousandths, set by tests.
+    pub kv_cache_permille: std::sync::atomic::AtomicU32,
+    /// Delay before each streamed token, in microseconds (default 5 ms).
+    pub token_delay_us: std::sync::atomic::AtomicU64,
+}
+
+impl SimLoad {
+    fn metrics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+             # TYPE vllm:num_requests_running gauge\n\
+             vllm:num_requests_running{{model_name=\"sim\"}} {}\n\
+             # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+             # TYPE vllm:num_requests_waiting gauge\n\
+             vllm:num_requests_waiting{{model_name=\"sim\"}} {}\n\
+             # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+             # TYPE vllm:kv_cache_usage_perc gauge\n\
+             vllm:kv_cache_usage_perc{{model_name=\"sim\"}} {}\n",
+            self.running.load(Relaxed),
+            self.waiting.load(Relaxed),
+            f64::from(self.kv_cache_permille.load(Relaxed)) / 1000.0
+        )
+    }
+
+    fn token_delay(&self) -> Duration {
+        Duration::from_micros(
+            self.token_delay_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
+/// Counts a stream in `running` while it lives.
+struct Running(Arc<SimLoad>);
+
+impl Running {
+    fn new(load: &Arc<SimLoad>) -> Self {
+        load.running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(load.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How long a simulated reload keeps the model unready.
@@ -46,8 +108,11 @@ pub const RELOAD_TIME: Duration = Duration::from_millis(200);
 impl ModelServer {
     /// Serves `models` (all ready, version 1) on a free port.
     pub async fn start(models: &[&str]) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        Self::start_with(models, 1).await
+    }
+
+    /// Serves `models`, all ready at `version`.
+    pub async fn start_with(models: &[&str], version: u32) -> Self {
         let state: Arc<Mutex<HashMap<String, SimModel>>> = Arc::new(Mutex::new(
             models
                 .iter()
@@ -55,50 +120,87 @@ impl ModelServer {
                     (
                         m.to_string(),
                         SimModel {
-                            version: 1,
+                            version,
                             ready: true,
                         },
                     )
                 })
                 .collect(),
         ));
-        let svc = GrpcInferenceServiceServer::new(Sim(state.clone()));
-        tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-        });
+        let load = Arc::new(SimLoad::default());
+        load.token_delay_us
+            .store(5_000, std::sync::atomic::Ordering::Relaxed);
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http_addr = http.local_addr().expect("addr");
-        let (st, g) = (state.clone(), gate.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = http.accept().await else {
-                    continue;
-                };
-                let (st, g) = (st.clone(), g.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (st, g) = (st.clone(), g.clone());
-                        async move { Ok::<_, std::convert::Infallible>(openai(st, g, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-                });
-            }
-        });
+        let tasks = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+        let svc = GrpcInferenceServiceServer::new(Sim(state.clone(), load.clone()));
+        let addr = serve(&tasks, true, move |req| {
+            use tonic::codegen::Service;
+            let mut svc = svc.clone();
+            async move { svc.call(req).await }
+        })
+        .await;
+        let (st, g, l) = (state.clone(), gate.clone(), load.clone());
+        let http_addr = serve(&tasks, false, move |req| {
+            let (st, g, l) = (st.clone(), g.clone(), l.clone());
+            async move { Ok::<_, std::convert::Infallible>(openai(st, g, l, req).await) }
+        })
+        .await;
         Self {
             addr,
             http_addr,
             models: state,
             gate,
+            load,
+            tasks,
         }
     }
+
+    /// Kills the server as a crash would: its listeners and every connection close at once,
+    /// streams in the middle of a response included.
+    pub fn kill(&self) {
+        self.tasks.lock().unwrap().abort_all();
+    }
+}
+
+/// Accepts connections on a free port, serving each with `handler` (HTTP/2 only when `h2`)
+/// in a task of `tasks`.
+async fn serve<F, Fut, B, E>(
+    tasks: &Arc<Mutex<tokio::task::JoinSet<()>>>,
+    h2: bool,
+    handler: F,
+) -> SocketAddr
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<B>, E>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let all = tasks.clone();
+    tasks.lock().unwrap().spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            all.lock().unwrap().spawn(async move {
+                let svc = hyper::service::service_fn(handler);
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                if h2 {
+                    builder = builder.http2_only();
+                }
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
@@ -118,10 +220,18 @@ fn json_reply(status: u16, v: serde_json::Value) -> hyper::Response<HttpBody> {
 async fn openai(
     models: Arc<Mutex<HashMap<String, SimModel>>>,
     gate: Arc<tokio::sync::Semaphore>,
+    load: Arc<SimLoad>,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<HttpBody> {
     use http_body_util::BodyExt;
     let path = req.uri().path().to_string();
+    if path == "/metrics" {
+        use http_body_util::BodyExt;
+        return hyper::Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(http_body_util::Full::new(bytes::Bytes::from(load.metrics())).boxed())
+            .expect("valid response");
+    }
     if path == "/v1/models" {
         let data: Vec<serde_json::Value> = models
             .lock()
@@ -203,8 +313,20 @@ async fn openai(
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
     >(4);
+    let orca = format!(
+        "TEXT named_metrics.kv_cache_utilization={}",
+        f64::from(
+            load.kv_cache_permille
+                .load(std::sync::atomic::Ordering::Relaxed)
+        ) / 1000.0
+    );
+    let running = Running::new(&load);
     tokio::spawn(async move {
+        let _running = running;
         for i in 0..n {
+            if i > 0 {
+                tokio::time::sleep(load.token_delay()).await;
+            }
             if gated && i > 0 {
                 match gate.acquire().await {
                     Ok(p) => p.forget(),
@@ -231,11 +353,13 @@ async fn openai(
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .header("x-weight-version", weight_version)
+        .header("endpoint-load-metrics", orca)
         .body(body.boxed())
         .expect("valid response")
 }
 
-struct Sim(Arc<Mutex<HashMap<String, SimModel>>>);
+#[derive(Clone)]
+struct Sim(Arc<Mutex<HashMap<String, SimModel>>>, Arc<SimLoad>);
 
 impl Sim {
     fn model(&self, name: &str) -> Result<SimModel, Status> {
@@ -377,10 +501,11 @@ impl GrpcInferenceService for Sim {
         r: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let mut requests = r.into_inner();
-        let state = self.0.clone();
+        let sim = self.clone();
         let out = async_stream_responses(move |tx| async move {
             while let Some(Ok(req)) = requests.next().await {
-                let m = Sim(state.clone()).ready(&req.model_name);
+                let _running = Running::new(&sim.1);
+                let m = sim.ready(&req.model_name);
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -395,7 +520,7 @@ impl GrpcInferenceService for Sim {
                 };
                 let n = max_tokens(&req).max(1);
                 for i in 0..n {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(sim.1.token_delay()).await;
                     let resp = token_response(&req, &m, i, Some(i == n - 1));
                     if tx
                         .send(Ok(ModelStreamInferResponse {

@@ -173,12 +173,27 @@ pub fn write_atomically(path: &Path, text: &str) {
 
 /// A blocking HTTP/1.1 GET to the admin endpoint: (status, body).
 pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    admin_request(addr, "GET", path, "")
+}
+
+/// A blocking HTTP/1.1 POST of `body` (JSON) to the admin endpoint: (status, body).
+pub fn admin_post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    admin_request(addr, "POST", path, body)
+}
+
+fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

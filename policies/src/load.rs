@@ -52,13 +52,14 @@ pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>)
     let mut spans = Vec::new();
     let mut errors = Vec::new();
     // Where each file's items start in the merged lists.
-    let mut starts: Vec<[usize; 4]> = Vec::new();
+    let mut starts: Vec<[usize; 5]> = Vec::new();
     for (name, text) in files {
         starts.push([
             merged.listeners.len(),
             merged.routes.len(),
             merged.clusters.len(),
             merged.filter_chains.len(),
+            merged.inference_pools.len(),
         ]);
         match parse(name, text) {
             Ok(c) => {
@@ -79,17 +80,20 @@ pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>)
                     merged.routes.len(),
                     merged.clusters.len(),
                     merged.filter_chains.len(),
+                    merged.inference_pools.len(),
                 );
                 merged.listeners.extend(c.listeners);
                 merged.routes.extend(c.routes);
                 merged.clusters.extend(c.clusters);
                 merged.filter_chains.extend(c.filter_chains);
+                merged.inference_pools.extend(c.inference_pools);
                 spans.push(FileSpan {
                     scope: c.scope,
                     listeners: start.0..merged.listeners.len(),
                     routes: start.1..merged.routes.len(),
                     clusters: start.2..merged.clusters.len(),
                     filter_chains: start.3..merged.filter_chains.len(),
+                    inference_pools: start.4..merged.inference_pools.len(),
                 });
             }
             Err(e) => errors.extend(e.0),
@@ -135,6 +139,7 @@ pub struct FileSpan {
     pub routes: std::ops::Range<usize>,
     pub clusters: std::ops::Range<usize>,
     pub filter_chains: std::ops::Range<usize>,
+    pub inference_pools: std::ops::Range<usize>,
 }
 
 impl FileSpan {
@@ -146,16 +151,23 @@ impl FileSpan {
             routes: 0..config.routes.len(),
             clusters: 0..config.clusters.len(),
             filter_chains: 0..config.filter_chains.len(),
+            inference_pools: 0..config.inference_pools.len(),
         }
     }
 }
 
 /// Maps a merged path (`routes[7].route.cluster`) to the file it came from and the path
 /// within that file (`routes[2].route.cluster`).
-fn locate_in_files(field: &str, starts: &[[usize; 4]]) -> (usize, String) {
-    for (k, list) in ["listeners[", "routes[", "clusters[", "filter_chains["]
-        .iter()
-        .enumerate()
+fn locate_in_files(field: &str, starts: &[[usize; 5]]) -> (usize, String) {
+    for (k, list) in [
+        "listeners[",
+        "routes[",
+        "clusters[",
+        "filter_chains[",
+        "inference_pools[",
+    ]
+    .iter()
+    .enumerate()
     {
         let Some(rest) = field.strip_prefix(list) else {
             continue;

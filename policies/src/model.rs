@@ -22,6 +22,9 @@ pub struct Config {
     /// Proxy-wasm filter chains that listeners and routes name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filter_chains: Vec<FilterChain>,
+    /// Pools of model servers that routes send inference requests to (`route: { pool: NAME }`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inference_pools: Vec<InferencePool>,
     /// Policy folders only (`weir-control`): the proxies this file's resources go to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<Scope>,
@@ -163,9 +166,12 @@ pub struct GrpcMatch {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteAction {
-    /// The target cluster; exclusive with `weighted_clusters`.
+    /// The target cluster; exclusive with `weighted_clusters` and `pool`.
     #[serde(default)]
     pub cluster: Option<String>,
+    /// An inference pool: the model named by the request picks the replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     #[serde(default)]
     pub weighted_clusters: Vec<WeightedCluster>,
     /// Longest wait for the upstream: for the response to start, and for each later read.
@@ -466,4 +472,203 @@ fn default_memory_limit_mb() -> u32 {
 
 fn default_callback_deadline() -> Duration {
     Duration::from_millis(100)
+}
+
+/// Model servers that serve a set of models, with the endpoint picker's settings and how weight
+/// reloads are ridden through. Routes name it with `route: { pool: NAME }`; the request's model
+/// comes from its body (the gRPC `model_name`, the JSON `model`) or an `x-weir-model` header.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InferencePool {
+    /// Also the name of the cluster it forms (in metrics and `/clusters`): unique among
+    /// clusters and pools.
+    pub name: String,
+    pub protocol: InferenceProtocol,
+    pub endpoints: Vec<PoolEndpoint>,
+    /// Streams one endpoint takes at once (0: no limit); endpoints may override it.
+    #[serde(default = "default_pool_max_in_flight")]
+    pub max_in_flight: u32,
+    #[serde(default)]
+    pub picker: PickerSettings,
+    #[serde(default)]
+    pub queue: PoolQueue,
+    #[serde(default)]
+    pub reload: PoolReload,
+    /// Scrape each endpoint's Prometheus metrics (vLLM names) for queue depth and KV-cache use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<PoolMetrics>,
+    #[serde(default = "default_connect_timeout", with = "crate::duration")]
+    pub connect_timeout: Duration,
+    /// Most request body bytes read to find the model (OpenAI bodies may name it after a long
+    /// prompt); a request whose model is not found within it is refused with 400.
+    #[serde(default = "default_max_body")]
+    pub max_body: u32,
+}
+
+fn default_pool_max_in_flight() -> u32 {
+    64
+}
+fn default_max_body() -> u32 {
+    4 << 20
+}
+
+/// What the pool's servers speak.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InferenceProtocol {
+    /// KServe v2 / Triton gRPC (`inference.GRPCInferenceService`) over h2c.
+    KserveGrpc,
+    /// OpenAI-compatible HTTP/1.1 (`/v1/chat/completions`, `/v1/completions`, SSE streams).
+    Openai,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEndpoint {
+    /// `ip:port` of the inference API.
+    pub address: String,
+    pub models: Vec<PoolModel>,
+    /// Overrides the pool's `max_in_flight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// `ip:port` of its Prometheus metrics, when not the inference address (Triton serves
+    /// gRPC and metrics on different ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolModel {
+    pub name: String,
+    /// The weights version it serves at start; reloads move it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// LoRA adapters it can serve on top of the model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
+}
+
+/// How much each signal weighs when the picker scores endpoints (lower score wins).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickerSettings {
+    /// Per unit of in-flight fill (streams / max_in_flight).
+    pub in_flight: f64,
+    /// Per request waiting in the server's own queue (`vllm:num_requests_waiting`).
+    pub queue: f64,
+    /// Per unit of KV-cache use (`vllm:kv_cache_usage_perc`).
+    pub kv_cache: f64,
+    /// Bonus for the endpoint that holds the prompt's prefix.
+    pub prefix_affinity: f64,
+    /// Bonus for an endpoint with the request's LoRA adapter loaded.
+    pub lora_affinity: f64,
+    /// The prefix's endpoint keeps its bonus while its load is at most this times the average.
+    pub bounded_load: f64,
+    /// KV-cache use at which an endpoint takes no new request.
+    pub kv_cache_full: f64,
+    /// Bytes of the prompt hashed for prefix affinity (0: no prefix affinity).
+    pub prefix_bytes: u32,
+}
+
+impl Default for PickerSettings {
+    fn default() -> Self {
+        Self {
+            in_flight: 1.0,
+            queue: 0.5,
+            kv_cache: 1.0,
+            prefix_affinity: 0.5,
+            lora_affinity: 0.3,
+            bounded_load: 1.25,
+            kv_cache_full: 0.98,
+            prefix_bytes: 256,
+        }
+    }
+}
+
+/// Requests no endpoint can take now wait here; past its limits they are shed with 429 (gRPC
+/// `RESOURCE_EXHAUSTED`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolQueue {
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: u32,
+    #[serde(default = "default_max_wait", with = "crate::duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for PoolQueue {
+    fn default() -> Self {
+        Self {
+            max_waiting: default_max_waiting(),
+            max_wait: default_max_wait(),
+        }
+    }
+}
+
+fn default_max_waiting() -> u32 {
+    256
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// How weight reloads are ridden through.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolReload {
+    /// In-flight streams of a draining endpoint may run this long; later ones are ended.
+    #[serde(default = "default_drain_deadline", with = "crate::duration")]
+    pub drain_deadline: Duration,
+    /// How long a request waits when every endpoint of its model is reloading.
+    #[serde(default = "default_reload_wait", with = "crate::duration")]
+    pub max_wait: Duration,
+    /// After a reload, check the endpoint serves the model (KServe `ModelReady`; OpenAI a
+    /// one-token completion) before it gets traffic again.
+    #[serde(default = "default_true")]
+    pub warmup: bool,
+    /// How often endpoints are asked whether their models are ready (KServe `ModelReady`,
+    /// OpenAI `GET /v1/models`); 0 turns polling off.
+    #[serde(default = "default_poll_interval", with = "crate::duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for PoolReload {
+    fn default() -> Self {
+        Self {
+            drain_deadline: default_drain_deadline(),
+            max_wait: default_reload_wait(),
+            warmup: true,
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
+fn default_drain_deadline() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reload_wait() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolMetrics {
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+    #[serde(default = "default_scrape_interval", with = "crate::duration")]
+    pub interval: Duration,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+fn default_scrape_interval() -> Duration {
+    Duration::from_secs(1)
 }

@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub(crate) cluster_index: HashMap<String, usize>,
     /// Filter chains that routes and listeners point at by index.
     pub filter_chains: Arc<Vec<FilterChain>>,
+    /// Inference pools; each also has its cluster in `clusters`.
+    pub pools: Arc<Vec<InferencePool>>,
 }
 
 impl Snapshot {
@@ -145,8 +147,10 @@ pub enum GrpcPathMatch {
 
 #[derive(Debug)]
 pub struct RouteAction {
-    /// Non-empty; weights are positive.
+    /// Non-empty; weights are positive. A pool's route has its pool's cluster.
     pub clusters: Vec<(usize, u32)>,
+    /// Index into `pools`: the inference picker, not the cluster's LB, picks the endpoint.
+    pub pool: Option<usize>,
     pub total_weight: u64,
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
@@ -220,4 +224,37 @@ pub enum HealthCheckKind {
     Grpc {
         service: String,
     },
+}
+
+/// A validated inference pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferencePool {
+    pub name: String,
+    pub protocol: model::InferenceProtocol,
+    /// Index of the pool's cluster in `clusters`; its endpoints are in the same order.
+    pub cluster: usize,
+    pub endpoints: Vec<PoolEndpoint>,
+    pub picker: model::PickerSettings,
+    pub queue: model::PoolQueue,
+    pub reload: model::PoolReload,
+    pub metrics: Option<model::PoolMetrics>,
+    pub max_body: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolEndpoint {
+    pub address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    /// 0: no limit.
+    pub max_in_flight: u32,
+    pub models: Vec<model::PoolModel>,
+}
+
+impl InferencePool {
+    /// Whether any endpoint serves `model`.
+    pub fn has_model(&self, model: &str) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| e.models.iter().any(|m| m.name == model))
+    }
 }

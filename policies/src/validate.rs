@@ -43,8 +43,14 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
             compiled.filter_chain = chain;
         }
     }
-    let (clusters, cluster_index) = v.clusters(&config.clusters);
-    let mut routes = v.routes(&config, &cluster_index, &clusters);
+    let (mut clusters, mut cluster_index) = v.clusters(&config.clusters);
+    let pools = v.pools(&config.inference_pools, &mut clusters, &mut cluster_index);
+    let pool_index: HashMap<&str, usize> = pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.as_str(), i))
+        .collect();
+    let mut routes = v.routes(&config, &cluster_index, &clusters, &pools, &pool_index);
     for (i, r) in config.routes.iter().enumerate() {
         let chain = v.chain_ref(
             &format!("routes[{i}].filter_chain"),
@@ -69,6 +75,7 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
         clusters,
         cluster_index,
         filter_chains: Arc::new(filter_chains),
+        pools: Arc::new(pools),
     })
 }
 
@@ -102,6 +109,7 @@ pub fn with_endpoints(
         clusters,
         cluster_index: old.cluster_index.clone(),
         filter_chains: old.filter_chains.clone(),
+        pools: old.pools.clone(),
     })
 }
 
@@ -347,11 +355,157 @@ impl Validator {
         })
     }
 
+    /// Validates the pools and adds the cluster each one forms to `clusters`.
+    fn pools(
+        &mut self,
+        raw: &[model::InferencePool],
+        clusters: &mut Vec<Cluster>,
+        index: &mut HashMap<String, usize>,
+    ) -> Vec<InferencePool> {
+        self.unique(
+            "inference pool",
+            raw.iter()
+                .enumerate()
+                .map(|(i, p)| (format!("inference_pools[{i}].name"), p.name.as_str())),
+        );
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let at = format!("inference_pools[{i}]");
+            if index.contains_key(&p.name) {
+                self.problem(
+                    format!("{at}.name"),
+                    format!(
+                        "{:?} is also a cluster's name; a pool forms a cluster of its name",
+                        p.name
+                    ),
+                );
+                continue;
+            }
+            if p.endpoints.is_empty() {
+                self.problem(
+                    format!("{at}.endpoints"),
+                    "a pool needs at least one endpoint",
+                );
+            }
+            let mut endpoints: Vec<PoolEndpoint> = Vec::new();
+            for (j, e) in p.endpoints.iter().enumerate() {
+                let field = format!("{at}.endpoints[{j}]");
+                let Some(address) = self.socket_addr(&format!("{field}.address"), &e.address)
+                else {
+                    continue;
+                };
+                if endpoints.iter().any(|x| x.address == address) {
+                    self.problem(
+                        format!("{field}.address"),
+                        format!("duplicate endpoint {address}"),
+                    );
+                }
+                let metrics_address = match &e.metrics_address {
+                    Some(m) => self
+                        .socket_addr(&format!("{field}.metrics_address"), m)
+                        .unwrap_or(address),
+                    None => address,
+                };
+                if e.models.is_empty() {
+                    self.problem(
+                        format!("{field}.models"),
+                        "an endpoint serves at least one model",
+                    );
+                }
+                self.unique(
+                    "model",
+                    e.models
+                        .iter()
+                        .enumerate()
+                        .map(|(k, m)| (format!("{field}.models[{k}].name"), m.name.as_str())),
+                );
+                endpoints.push(PoolEndpoint {
+                    address,
+                    metrics_address,
+                    max_in_flight: e.max_in_flight.unwrap_or(p.max_in_flight),
+                    models: e.models.clone(),
+                });
+            }
+            let w = &p.picker;
+            for (name, value) in [
+                ("in_flight", w.in_flight),
+                ("queue", w.queue),
+                ("kv_cache", w.kv_cache),
+                ("prefix_affinity", w.prefix_affinity),
+                ("lora_affinity", w.lora_affinity),
+                ("bounded_load", w.bounded_load),
+            ] {
+                if !value.is_finite() || value < 0.0 {
+                    self.problem(
+                        format!("{at}.picker.{name}"),
+                        "must be a number of at least 0",
+                    );
+                }
+            }
+            if !(w.kv_cache_full > 0.0 && w.kv_cache_full <= 1.0) {
+                self.problem(
+                    format!("{at}.picker.kv_cache_full"),
+                    "must be above 0 and at most 1",
+                );
+            }
+            if let Some(m) = &p.metrics {
+                if !m.path.starts_with('/') {
+                    self.problem(format!("{at}.metrics.path"), "must start with /");
+                }
+                if m.interval.is_zero() {
+                    self.problem(format!("{at}.metrics.interval"), "must be positive");
+                }
+            }
+            if p.reload.drain_deadline.is_zero() {
+                self.problem(format!("{at}.reload.drain_deadline"), "must be positive");
+            }
+            let cluster = clusters.len();
+            index.insert(p.name.clone(), cluster);
+            clusters.push(Cluster {
+                name: p.name.clone(),
+                protocol: match p.protocol {
+                    model::InferenceProtocol::KserveGrpc => model::UpstreamProtocol::H2c,
+                    model::InferenceProtocol::Openai => model::UpstreamProtocol::Http1,
+                },
+                connect_timeout: p.connect_timeout,
+                lb: model::LbPolicy::default(),
+                endpoints: endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        address: e.address,
+                        weight: 1,
+                    })
+                    .collect(),
+                health_check: None,
+                // The pool's own limits (max_in_flight, queue) bound it.
+                circuit_breaker: model::CircuitBreaker {
+                    max_requests: u32::MAX,
+                    ..Default::default()
+                },
+                outlier_detection: None,
+            });
+            out.push(InferencePool {
+                name: p.name.clone(),
+                protocol: p.protocol,
+                cluster,
+                endpoints,
+                picker: p.picker,
+                queue: p.queue.clone(),
+                reload: p.reload.clone(),
+                metrics: p.metrics.clone(),
+                max_body: p.max_body as usize,
+            });
+        }
+        out
+    }
+
     fn routes(
         &mut self,
         config: &Config,
         clusters: &HashMap<String, usize>,
         compiled: &[Cluster],
+        pools: &[InferencePool],
+        pool_index: &HashMap<&str, usize>,
     ) -> Vec<Route> {
         self.unique(
             "route",
@@ -403,7 +557,13 @@ impl Validator {
                     "needs match.path.prefix",
                 );
             }
-            let action = self.action(&format!("{at}.route"), &r.action, clusters, compiled);
+            let action = self.action(
+                &format!("{at}.route"),
+                &r.action,
+                clusters,
+                compiled,
+                (pools, pool_index),
+            );
             if grpc_path.is_some()
                 && action
                     .clusters
@@ -484,14 +644,26 @@ impl Validator {
         a: &model::RouteAction,
         index: &HashMap<String, usize>,
         compiled: &[Cluster],
+        (pools, pool_index): (&[InferencePool], &HashMap<&str, usize>),
     ) -> RouteAction {
         let mut clusters = Vec::new();
-        match (&a.cluster, a.weighted_clusters.is_empty()) {
-            (Some(name), true) => match index.get(name) {
+        let mut pool = None;
+        match (&a.cluster, a.weighted_clusters.is_empty(), &a.pool) {
+            (None, true, Some(name)) => match pool_index.get(name.as_str()) {
+                Some(id) => {
+                    pool = Some(*id);
+                    clusters.push((pools[*id].cluster, 1));
+                }
+                None => self.problem(
+                    format!("{at}.pool"),
+                    format!("unknown inference pool {name:?}"),
+                ),
+            },
+            (Some(name), true, None) => match index.get(name) {
                 Some(id) => clusters.push((*id, 1)),
                 None => self.problem(format!("{at}.cluster"), format!("unknown cluster {name:?}")),
             },
-            (None, false) => {
+            (None, false, None) => {
                 for (j, w) in a.weighted_clusters.iter().enumerate() {
                     let field = format!("{at}.weighted_clusters[{j}]");
                     if w.weight == 0 {
@@ -506,7 +678,7 @@ impl Validator {
                     }
                 }
             }
-            _ => self.problem(at, "set exactly one of cluster or weighted_clusters"),
+            _ => self.problem(at, "set exactly one of cluster, weighted_clusters or pool"),
         }
         let retry = a
             .retry
@@ -527,6 +699,7 @@ impl Validator {
         RouteAction {
             total_weight: clusters.iter().map(|(_, w)| u64::from(*w)).sum(),
             clusters,
+            pool,
             timeout: a.timeout,
             retry,
             prefix_rewrite: a.prefix_rewrite.clone(),

@@ -285,3 +285,67 @@ fn filter_chain_mistakes_name_their_field() {
     let e = one_error(&format!("{BASE}filter_chains:\n  - name: x\n    filters:\n      - {{ name: f, module: f.wasm, fail_opn: true }}\n"));
     assert!(e.contains("unknown field `fail_opn`"), "{e}");
 }
+
+const POOL: &str = "inference_pools:\n  - name: llm\n    protocol: kserve_grpc\n    endpoints:\n      - address: \"127.0.0.1:9001\"\n        models: [{ name: llama, version: \"3\", adapters: [sql-lora] }]\n      - { address: \"127.0.0.1:9002\", models: [{ name: llama }], max_in_flight: 8 }\n    queue: { max_waiting: 10, max_wait: 2s }\n    reload: { drain_deadline: 1m }\n";
+
+#[test]
+fn an_inference_pool_compiles_into_a_cluster_and_a_route_target() {
+    let text = format!("{POOL}routes:\n  - name: ai\n    route: {{ pool: llm }}\n");
+    let s = load_str("weir.yaml", &text).expect("valid");
+    let pool = &s.pools[0];
+    assert_eq!(s.routes[0].action.pool, Some(0));
+    assert_eq!(s.routes[0].action.clusters, vec![(pool.cluster, 1)]);
+    let cluster = &s.clusters[pool.cluster];
+    assert_eq!(cluster.name, "llm");
+    assert_eq!(
+        cluster.protocol,
+        weir_policies::model::UpstreamProtocol::H2c
+    );
+    assert_eq!(cluster.endpoints.len(), 2);
+    assert_eq!(
+        (
+            pool.endpoints[0].max_in_flight,
+            pool.endpoints[1].max_in_flight
+        ),
+        (64, 8),
+        "pool default, then the endpoint's own"
+    );
+    assert_eq!(pool.queue.max_wait, std::time::Duration::from_secs(2));
+    assert_eq!(
+        pool.reload.drain_deadline,
+        std::time::Duration::from_secs(60)
+    );
+    assert!(pool.has_model("llama") && !pool.has_model("sql-lora"));
+}
+
+#[test]
+fn inference_pool_mistakes_name_their_field() {
+    let e = one_error(&format!(
+        "{POOL}routes:\n  - name: ai\n    route: {{ pool: lm }}\n"
+    ));
+    assert!(
+        e.contains("routes[0].route.pool: unknown inference pool \"lm\""),
+        "{e}"
+    );
+    let e = one_error(&format!("{BASE}{}", POOL.replace("name: llm", "name: c")));
+    assert!(e.contains("inference_pools[0].name"), "{e}");
+    assert!(e.contains("also a cluster's name"), "{e}");
+    let e = one_error(&POOL.replace("127.0.0.1:9002", "localhost:9002"));
+    assert!(e.starts_with("weir.yaml:7:"), "{e}");
+    assert!(e.contains("inference_pools[0].endpoints[1].address"), "{e}");
+    let e = one_error(&POOL.replace("kserve_grpc", "grpc"));
+    assert!(e.contains("inference_pools[0].protocol"), "{e}");
+    let errs = errors(&format!(
+        "{POOL}    picker: {{ kv_cache_full: 2 }}\nroutes:\n  - name: ai\n    route: {{ pool: llm, cluster: llm }}\n"
+    ));
+    let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 2, "{text:?}");
+    assert!(
+        text[0].contains("weir.yaml:10:15: inference_pools[0].picker.kv_cache_full"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("routes[0].route: set exactly one of cluster, weighted_clusters or pool"),
+        "{text:?}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The admin endpoint (loopback only by default): `/ready`, `/stats/prometheus`,
-//! `/config_dump`, `/clusters`.
+//! `/config_dump`, `/clusters`, `/inference` (pools, each endpoint's models with their reload
+//! state and version, and load) and `POST /inference/reload` (a weight-reload signal).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use serde_json::json;
 
 use crate::drain::Drain;
 use crate::filters::Filters;
+use crate::inference::driver::{Inference, ReloadEvent};
 use crate::metrics::Metrics;
 use crate::state::{now_ms, SharedRuntime};
 
@@ -20,6 +22,7 @@ pub struct AdminApp {
     pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
     pub filters: Arc<Filters>,
+    pub inference: Arc<Inference>,
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
@@ -66,6 +69,77 @@ impl AdminApp {
             .collect();
         json!({ "version": rt.snapshot.version, "clusters": clusters })
     }
+
+    fn pools(&self) -> serde_json::Value {
+        let rt = self.runtime.load();
+        let pools: Vec<_> = rt
+            .pools
+            .iter()
+            .map(|p| {
+                let endpoints: Vec<_> = p
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let reported = e.reported().clone();
+                        let models: Vec<_> = e
+                            .models()
+                            .iter()
+                            .map(|m| {
+                                json!({
+                                    "name": m.name,
+                                    "version": m.reload.version,
+                                    "state": format!("{:?}", m.reload.model_state()).to_lowercase(),
+                                    "last_error": m.reload.last_error,
+                                })
+                            })
+                            .collect();
+                        json!({
+                            "address": e.address.to_string(),
+                            "in_flight": e.in_flight(),
+                            "max_in_flight": e.max_in_flight,
+                            "queue_depth": reported.queue_depth,
+                            "kv_cache": reported.kv_cache,
+                            "models": models,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": p.name,
+                    "waiting": p.waiting.load(Ordering::Relaxed),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        json!({ "version": rt.snapshot.version, "pools": pools })
+    }
+
+    async fn reload_signal(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() <= 64 << 10 => {
+                    body.extend_from_slice(&chunk)
+                }
+                Ok(Some(_)) => return respond(413, "text/plain", "body over 64 KiB\n".into()),
+                Ok(None) => break,
+                Err(e) => return respond(400, "text/plain", format!("{e}\n")),
+            }
+        }
+        let event: ReloadEvent = match serde_json::from_slice(&body) {
+            Ok(e) => e,
+            Err(e) => {
+                return respond(
+                    400,
+                    "text/plain",
+                    format!("expected {{\"pool\", \"endpoint\", \"model\", \"event\": start|finished|failed, \"version\"}}: {e}\n"),
+                )
+            }
+        };
+        match self.inference.signal(&event) {
+            Ok(()) => respond(200, "application/json", format!("{:#}\n", self.pools())),
+            Err(e) => respond(404, "text/plain", format!("{e}\n")),
+        }
+    }
 }
 
 #[async_trait]
@@ -107,10 +181,15 @@ impl ServeHttp for AdminApp {
                 respond(200, "application/json", format!("{dump:#}\n"))
             }
             "/clusters" => respond(200, "application/json", format!("{:#}\n", self.clusters())),
+            "/inference" => respond(200, "application/json", format!("{:#}\n", self.pools())),
+            "/inference/reload" if session.req_header().method == http::Method::POST => {
+                self.reload_signal(session).await
+            }
             _ => respond(
                 404,
                 "text/plain",
-                "not found; try /ready, /stats/prometheus, /config_dump, /clusters\n".into(),
+                "not found; try /ready, /stats/prometheus, /config_dump, /clusters, /inference\n"
+                    .into(),
             ),
         }
     }

@@ -1,12 +1,13 @@
 //! Prometheus metrics. Names and labels are part of weir's interface (README "Metrics"):
 //! change them only with a note to users.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::inference::pool::PoolCounters;
 use crate::state::{now_ms, Runtime};
 
 /// Every metric weir exports.
@@ -138,8 +139,101 @@ impl Metrics {
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!("encoding metrics failed: {e}");
         }
-        String::from_utf8(out).unwrap_or_default()
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        render_pools(runtime, &mut text);
+        text
     }
+}
+
+/// Inference pool metrics, read from the pools' state now.
+fn render_pools(runtime: &Runtime, out: &mut String) {
+    use std::fmt::Write;
+    if runtime.pools.is_empty() {
+        return;
+    }
+    type Counter = fn(&PoolCounters) -> &AtomicU64;
+    let counters: [(&str, &str, Counter); 5] = [
+        (
+            "weir_inference_queued_total",
+            "Requests that waited for a busy pool's replica.",
+            |c| &c.queued,
+        ),
+        (
+            "weir_inference_shed_total",
+            "Requests refused with 429 / RESOURCE_EXHAUSTED: queue full or wait over.",
+            |c| &c.shed,
+        ),
+        (
+            "weir_inference_reload_waits_total",
+            "Requests that waited because every replica of their model was reloading.",
+            |c| &c.reload_waits,
+        ),
+        (
+            "weir_inference_unknown_model_total",
+            "Requests for a model no replica serves.",
+            |c| &c.unknown_model,
+        ),
+        (
+            "weir_inference_streams_cut_total",
+            "Streams ended by a drain deadline.",
+            |c| &c.streams_cut,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for p in &runtime.pools {
+            let _ = writeln!(
+                out,
+                "{name}{{pool=\"{}\"}} {}",
+                p.name,
+                get(&p.counters).load(Ordering::Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP weir_inference_waiting Requests waiting for a replica now.\n# TYPE weir_inference_waiting gauge");
+    for p in &runtime.pools {
+        let _ = writeln!(
+            out,
+            "weir_inference_waiting{{pool=\"{}\"}} {}",
+            p.name,
+            p.waiting.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP weir_inference_streams Streams open to the endpoint.\n# TYPE weir_inference_streams gauge");
+    for p in &runtime.pools {
+        for e in &p.endpoints {
+            let _ = writeln!(
+                out,
+                "weir_inference_streams{{pool=\"{}\",endpoint=\"{}\"}} {}",
+                p.name,
+                e.address,
+                e.in_flight()
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP weir_inference_model_state 1 for the state and version each endpoint's model is in (serving, draining, reloading, warming).\n# TYPE weir_inference_model_state gauge");
+    for p in &runtime.pools {
+        for e in &p.endpoints {
+            for m in e.models().iter() {
+                let state = format!("{:?}", m.reload.model_state()).to_lowercase();
+                let _ = writeln!(
+                    out,
+                    "weir_inference_model_state{{pool=\"{}\",endpoint=\"{}\",model=\"{}\",version=\"{}\",state=\"{state}\"}} 1",
+                    p.name,
+                    e.address,
+                    escape(&m.name),
+                    escape(&m.reload.version)
+                );
+            }
+        }
+    }
+}
+
+/// A Prometheus label value with `\\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Default for Metrics {

@@ -18,6 +18,10 @@ use bytes::Bytes;
 use weir_filters::{FilterStream, LocalResponse, StreamInfo, Verdict};
 
 use crate::drain::{Drain, InFlight};
+use crate::inference::model::{self as infer_model, Extract, MODEL_HEADER};
+use crate::inference::picker::{Need, Pick};
+use crate::inference::pool::{self, Lease, NoReplica, Origin};
+use crate::inference::reload::Signal;
 use crate::metrics::Metrics;
 use crate::retry::{self, Failure};
 use crate::state::{ClusterState, EndpointLoad, Gauge, Runtime, SharedRuntime};
@@ -25,6 +29,40 @@ use crate::{downstream, filters, grpc, reply};
 
 /// Concurrent h2 streams weir opens on one upstream connection (pingora's default is 1).
 const MAX_H2_STREAMS: usize = 128;
+
+/// Pins a request to one version of its model's weights.
+pub const MODEL_VERSION_HEADER: &str = "x-weir-model-version";
+/// The version of the weights that produced a response, as model servers report it.
+pub const WEIGHT_VERSION_HEADER: &str = "x-weight-version";
+/// ORCA load report on a response.
+const ORCA_HEADER: &str = "endpoint-load-metrics";
+
+/// The retry policy of pool routes that set none: another replica, only before the first
+/// response byte, when the chosen one refused the stream or was not ready for it.
+static POOL_RETRY: std::sync::LazyLock<weir_policies::snapshot::RetryPolicy> =
+    std::sync::LazyLock::new(|| weir_policies::snapshot::RetryPolicy {
+        retries: 2,
+        on: weir_policies::snapshot::RetryOn {
+            connect_failure: true,
+            reset: true,
+            statuses: vec![503],
+            grpc_statuses: vec![grpc::code::UNAVAILABLE],
+            ..Default::default()
+        },
+        per_try_timeout: None,
+    });
+
+/// An inference request's state.
+struct InferenceCtx {
+    pool: usize,
+    model: String,
+    adapter: Option<String>,
+    version: Option<String>,
+    prefix: Option<u64>,
+    /// The replica it holds (index into the pool's endpoints).
+    endpoint: usize,
+    lease: Lease,
+}
 
 /// One listener's proxy logic.
 pub struct WeirProxy {
@@ -64,6 +102,8 @@ pub struct RequestCtx {
     /// A reply a filter asked for in a phase where pingora must first unwind (sent by
     /// `fail_to_proxy`).
     local_reply: Option<LocalResponse>,
+    /// Set on requests routed to an inference pool.
+    inference: Option<InferenceCtx>,
     _in_flight: InFlight,
 }
 
@@ -194,7 +234,12 @@ impl WeirProxy {
             &rt.snapshot.clusters[cluster_id],
             &rt.clusters[cluster_id],
         );
-        let Some(policy) = &route.action.retry else {
+        let Some(policy) = route
+            .action
+            .retry
+            .as_ref()
+            .or(route.action.pool.map(|_| &*POOL_RETRY))
+        else {
             return false;
         };
         let allowed = ctx.tries <= policy.retries
@@ -217,6 +262,211 @@ impl WeirProxy {
             .with_label_values(&[cluster.name.as_str()])
             .inc();
         true
+    }
+
+    /// Reads which model the request asks for, waits for a replica of the pool that can take
+    /// it, and holds it in `ctx`. `Ok(true)`: answered here (no such model, shed...). A request
+    /// that names no model goes to any replica.
+    async fn pick_replica(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        pool_id: usize,
+    ) -> Result<bool> {
+        let rt = ctx.runtime.clone().expect("routed before picking");
+        let (cfg, pool) = (&rt.snapshot.pools[pool_id], &rt.pools[pool_id]);
+        let header = |session: &Session, name: &str| {
+            session
+                .req_header()
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        let version = header(session, MODEL_VERSION_HEADER);
+        let (named, prefix) = match header(session, MODEL_HEADER) {
+            Some(m) => (Some(m), None),
+            None => self.read_model(session, ctx.grpc, cfg).await?,
+        };
+        let reply = |status: u16, code: u32, kind: &'static str, message: String| {
+            (status, code, kind, message)
+        };
+        let failed = match named.as_deref().map(|n| (n, pool.resolve(n))) {
+            // Server-wide calls (`ServerReady`, `GET /v1/models`) name no model: any replica
+            // answers them, picked by the cluster's balancer.
+            None => None,
+            Some((n, None)) => Some(reply(
+                404,
+                5, // NOT_FOUND
+                "model_not_found",
+                format!("pool {:?} serves no model {n:?}", cfg.name),
+            )),
+            Some((_, Some((model, adapter)))) => {
+                let need = Need {
+                    model: &model,
+                    version: version.as_deref(),
+                    adapter: adapter.as_deref(),
+                    prefix,
+                };
+                match pool::acquire(pool, cfg, &need, ctx.deadline).await {
+                    Ok((endpoint, lease)) => {
+                        ctx.inference = Some(InferenceCtx {
+                            pool: pool_id,
+                            model: model.clone(),
+                            adapter,
+                            version,
+                            prefix,
+                            endpoint,
+                            lease,
+                        });
+                        None
+                    }
+                    Err(NoReplica::UnknownModel) => Some(reply(
+                        404,
+                        5,
+                        "model_not_found",
+                        format!(
+                            "no replica in pool {:?} serves model {model:?}{}{}",
+                            cfg.name,
+                            version
+                                .as_deref()
+                                .map(|v| format!(" version {v}"))
+                                .unwrap_or_default(),
+                            need.adapter
+                                .map(|a| format!(" with adapter {a}"))
+                                .unwrap_or_default()
+                        ),
+                    )),
+                    Err(NoReplica::Shed) => Some(reply(
+                        429,
+                        grpc::code::RESOURCE_EXHAUSTED,
+                        "rate_limit_exceeded",
+                        format!("every replica of {model:?} is busy and the queue is full"),
+                    )),
+                    Err(NoReplica::Reloading) => Some(reply(
+                        503,
+                        grpc::code::UNAVAILABLE,
+                        "model_reloading",
+                        format!("every replica of {model:?} is still reloading its weights"),
+                    )),
+                }
+            }
+        };
+        let Some((status, code, kind, message)) = failed else {
+            return Ok(false);
+        };
+        if !session.as_downstream_mut().is_body_done() {
+            session.set_keepalive(None);
+        }
+        let local = if ctx.grpc {
+            LocalResponse {
+                status,
+                headers: Vec::new(),
+                body: message.into_bytes(),
+                grpc_status: Some(code),
+                details: String::new(),
+            }
+        } else {
+            let body =
+                serde_json::json!({"error": {"message": message, "type": kind, "code": status}});
+            let mut headers = vec![("content-type".to_string(), b"application/json".to_vec())];
+            if status == 429 {
+                headers.push(("retry-after".to_string(), b"1".to_vec()));
+            }
+            LocalResponse {
+                status,
+                headers,
+                body: body.to_string().into_bytes(),
+                grpc_status: None,
+                details: String::new(),
+            }
+        };
+        reply::send_local(session, ctx.grpc, &local).await?;
+        Ok(true)
+    }
+
+    /// Reads just enough of the body to find the model (the first gRPC message's
+    /// `model_name`, or the JSON `model`), and for JSON the prompt's prefix hash. What is read
+    /// stays in pingora's retry buffer, which replays it upstream.
+    async fn read_model(
+        &self,
+        session: &mut Session,
+        grpc: bool,
+        cfg: &weir_policies::snapshot::InferencePool,
+    ) -> Result<(Option<String>, Option<u64>)> {
+        let downstream = session.as_downstream_mut();
+        // One read is at most 64 KiB: room for the last read past `max_body`.
+        downstream.enable_retry_buffering_up_to(cfg.max_body + (128 << 10));
+        let mut done = downstream.is_body_empty();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let found = if grpc {
+                match infer_model::from_grpc(&buf) {
+                    Extract::NeedMore if done => Extract::Absent,
+                    other => other,
+                }
+            } else {
+                infer_model::from_json(&buf, done)
+            };
+            match found {
+                Extract::Found(m) => {
+                    let prefix = (!grpc && done)
+                        .then(|| infer_model::prompt_prefix(&buf, cfg.picker.prefix_bytes as usize))
+                        .flatten();
+                    // A JSON body is read whole for its prompt's prefix (it is one document the
+                    // server parses whole anyway).
+                    if !grpc && !done && buf.len() < cfg.max_body {
+                        // Keep reading below, then decide again.
+                    } else {
+                        return Ok((Some(m), prefix));
+                    }
+                }
+                Extract::Absent => return Ok((None, None)),
+                Extract::NeedMore => {}
+            }
+            if buf.len() >= cfg.max_body {
+                return Ok((None, None));
+            }
+            match session.as_downstream_mut().read_request_body().await? {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None => done = true,
+            }
+            done |= session.as_downstream_mut().is_body_done();
+        }
+    }
+
+    /// Learns from a replica's response headers: the weights version it served
+    /// (`x-weight-version`) and its load (ORCA `endpoint-load-metrics`).
+    fn observe_replica(&self, ctx: &RequestCtx, resp: &ResponseHeader) {
+        let (Some(inf), Some(rt)) = (ctx.inference.as_ref(), ctx.runtime.as_ref()) else {
+            return;
+        };
+        if let Some(sample) = resp
+            .headers
+            .get(ORCA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::inference::load::from_orca)
+        {
+            inf.lease.endpoint.report(&sample);
+        }
+        let version = resp
+            .headers
+            .get(WEIGHT_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty());
+        if let Some(version) = version {
+            if inf.lease.endpoint.version(&inf.model).as_deref() != Some(version) {
+                let _ = rt.pools[inf.pool].signal(
+                    inf.endpoint,
+                    &inf.model,
+                    Signal::Observed {
+                        version: version.to_string(),
+                    },
+                    Origin::Explicit,
+                );
+            }
+        }
     }
 
     fn count_failure(&self, ctx: &RequestCtx, kind: &str) {
@@ -260,6 +510,7 @@ impl ProxyHttp for WeirProxy {
             filters_response_done: false,
             request_has_body: false,
             local_reply: None,
+            inference: None,
             _in_flight: self.drain.track(),
         }
     }
@@ -323,6 +574,7 @@ impl ProxyHttp for WeirProxy {
         ctx.deadline = timeout.map(|t| ctx.start + t);
         ctx.route = Some(route_id);
         ctx.cluster = Some(cluster_id);
+        let pool = route.action.pool;
         let slot = Gauge::try_acquire(&rt.clusters[cluster_id].active_requests, limit);
         ctx.runtime = Some(rt);
         match slot {
@@ -339,6 +591,9 @@ impl ProxyHttp for WeirProxy {
                 .await?;
                 return Ok(true);
             }
+        }
+        if let Some(pool) = pool {
+            return self.pick_replica(session, ctx, pool).await;
         }
         Ok(false)
     }
@@ -377,17 +632,50 @@ impl ProxyHttp for WeirProxy {
         if ctx.deadline.is_some_and(|d| now >= d) {
             return Err(reply::error(504, "route timeout"));
         }
-        let (_, route, cluster, state) = ctx
-            .parts()
+        let rt = ctx
+            .runtime
+            .clone()
             .ok_or_else(|| reply::error(500, "request not routed"))?;
+        let (Some(route_id), Some(cluster_id)) = (ctx.route, ctx.cluster) else {
+            return Err(reply::error(500, "request not routed"));
+        };
+        let (route, cluster, state) = (
+            &rt.snapshot.routes[route_id],
+            &rt.snapshot.clusters[cluster_id],
+            &rt.clusters[cluster_id],
+        );
         let hash_key = match &cluster.lb {
             LbPolicy::RingHash { ring_hash } => {
                 session.req_header().headers.get(ring_hash.header.as_str())
             }
             _ => None,
         };
-        let Some(ep) = state.pick(&cluster.lb, hash_key.map(|v| v.as_bytes()), &ctx.tried) else {
-            return Err(reply::error(503, "no healthy upstream"));
+        let ep = if let Some(inf) = ctx.inference.as_mut() {
+            if ctx.tries > 0 {
+                // A retry: another replica, picked now (no waiting).
+                let pool = &rt.pools[inf.pool];
+                let need = Need {
+                    model: &inf.model,
+                    version: inf.version.as_deref(),
+                    adapter: inf.adapter.as_deref(),
+                    prefix: inf.prefix,
+                };
+                match pool.pick(&need, &ctx.tried) {
+                    Pick::Replica(i) => {
+                        inf.lease = Lease::new(pool, i);
+                        inf.endpoint = i;
+                    }
+                    _ => return Err(reply::error(503, "no other replica for a retry")),
+                }
+            }
+            inf.endpoint
+        } else {
+            let Some(ep) = state.pick(&cluster.lb, hash_key.map(|v| v.as_bytes()), &ctx.tried)
+            else {
+                return Err(reply::error(503, "no healthy upstream"));
+            };
+            ctx._load = Some(EndpointLoad::new(&state.endpoints[ep]));
+            ep
         };
         let endpoint = &state.endpoints[ep];
         let mut peer = HttpPeer::new(endpoint.address, false, String::new());
@@ -402,8 +690,6 @@ impl ProxyHttp for WeirProxy {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = MAX_H2_STREAMS;
         }
-        let load = EndpointLoad::new(endpoint);
-        ctx._load = Some(load);
         ctx.tried.push(ep);
         ctx.tries += 1;
         Ok(Box::new(peer))
@@ -464,6 +750,7 @@ impl ProxyHttp for WeirProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        self.observe_replica(ctx, resp);
         ctx.record_result(status >= 500);
         if status >= 500 {
             self.count_failure(ctx, "status");
@@ -539,6 +826,12 @@ impl ProxyHttp for WeirProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
+        if ctx.inference.as_ref().is_some_and(|i| i.lease.is_cut()) {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "the replica's drain deadline ended the stream",
+            ));
+        }
         if ctx.filters_response_done || ctx.filters.is_none() {
             return Ok(None);
         }

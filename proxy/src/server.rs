@@ -21,6 +21,7 @@ use crate::control::{ControlOptions, ControlSync};
 use crate::drain::{Drain, DrainSignal};
 use crate::filters::Filters;
 use crate::health::HealthChecker;
+use crate::inference::driver::{Driver, Inference};
 use crate::metrics::Metrics;
 use crate::proxy::WeirProxy;
 use crate::reload::Reloader;
@@ -85,6 +86,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
     filters.set_runtime(runtime.clone());
     let metrics = Arc::new(Metrics::new());
     let drain = Arc::new(Drain::default());
+    let inference = Inference::new(runtime.clone());
 
     for l in &listeners {
         let proxy = WeirProxy {
@@ -111,6 +113,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             metrics: metrics.clone(),
             drain: drain.clone(),
             filters: filters.clone(),
+            inference: inference.clone(),
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());
@@ -120,6 +123,10 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(runtime.clone()),
+    ));
+    server.add_service(background_service(
+        "inference pools",
+        Driver(inference.clone()),
     ));
     let path = match opts.source {
         Source::File(path) => path,

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use weir_policies::model::{LbPolicy, SimpleLb};
 use weir_policies::Snapshot;
 
+use crate::inference::pool::PoolState;
 use crate::lb::{self, Candidate, Ring};
 use crate::outlier::{self, Verdict};
 
@@ -27,6 +28,8 @@ pub struct Runtime {
     pub clusters: Vec<Arc<ClusterState>>,
     /// Installed filter chains, same order as `snapshot.filter_chains`.
     pub filter_chains: Vec<Arc<weir_filters::Chain>>,
+    /// Inference pool state, same order as `snapshot.pools`.
+    pub pools: Vec<Arc<PoolState>>,
 }
 
 /// Where the current [`Runtime`] lives; readers never block writers.
@@ -78,11 +81,24 @@ impl Runtime {
                         .map_or_else(|| Arc::new(AtomicU32::new(0)), |o| o.active_retries.clone()),
                 })
             })
+            .collect::<Vec<Arc<ClusterState>>>();
+        let pools = snapshot
+            .pools
+            .iter()
+            .map(|p| {
+                let old = previous.and_then(|r| r.pools.iter().find(|o| o.name == p.name));
+                Arc::new(PoolState::new(
+                    p,
+                    &clusters[p.cluster].endpoints,
+                    old.map(|o| &**o),
+                ))
+            })
             .collect();
         Self {
             snapshot,
             clusters,
             filter_chains,
+            pools,
         }
     }
 }

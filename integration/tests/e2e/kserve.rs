@@ -10,7 +10,24 @@ use weir_integration::model_server::ModelServer;
 
 use crate::*;
 
-fn triton_client(
+/// Whether the tritonclient venv is there; says so loudly (fails under CI=true) when not.
+pub(crate) fn tritonclient_available() -> bool {
+    if !venv().join("bin/python").exists()
+        || !Command::new(venv().join("bin/python"))
+            .args(["-c", "import tritonclient.grpc"])
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        missing_prerequisite(
+            "tritonclient[grpc]",
+            "not installed in target/bench-venv (.ci/install-deps installs it)",
+        );
+        return false;
+    }
+    true
+}
+
+pub(crate) fn triton_client(
     target: std::net::SocketAddr,
     model: &str,
     tokens: u32,
@@ -32,16 +49,8 @@ fn triton_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tritonclient_streams_inference_through_weir() {
-    if !venv().join("bin/python").exists()
-        || !Command::new(venv().join("bin/python"))
-            .args(["-c", "import tritonclient.grpc"])
-            .status()
-            .is_ok_and(|s| s.success())
-    {
-        return missing_prerequisite(
-            "tritonclient[grpc]",
-            "not installed in target/bench-venv (.ci/install-deps installs it)",
-        );
+    if !tritonclient_available() {
+        return;
     }
     let sim = ModelServer::start(&["llama"]).await;
     let s = start(&format!(

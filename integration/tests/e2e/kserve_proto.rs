@@ -1,4 +1,4 @@
-//! weir's KServe v2 / Triton proto (proxy/proto/inference/grpc_service.proto) against the real
+//! weir's KServe v2 / Triton proto (control-api/proto/inference/grpc_service.proto) against the real
 //! one: the descriptors the tritonclient wheel ships. Every message, field (name, number,
 //! type, repeated, oneof) and method weir declares must be identical.
 
@@ -30,7 +30,7 @@ fn kserve_proto_matches_tritonclient() {
         Ok(r) => r,
         Err(e) => return missing_prerequisite("tritonclient descriptors", &e),
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proxy/proto");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../control-api/proto");
     let set =
         protox::compile(["inference/grpc_service.proto"], [&root]).expect("our proto compiles");
     let file = set

@@ -8,6 +8,7 @@ mod filter_host;
 mod filters;
 mod grpc;
 mod http;
+mod inference;
 mod kserve;
 mod kserve_proto;
 mod lifecycle;

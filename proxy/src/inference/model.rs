@@ -91,6 +91,51 @@ pub fn from_json(body: &[u8], complete: bool) -> Extract {
     }
 }
 
+/// A hash of the first `n` bytes of an OpenAI request's prompt (`prompt`, or the `messages`'
+/// contents in order), for prefix-cache affinity: requests that share a prompt prefix share a
+/// hash. `None` when the body has no prompt or `n` is 0.
+pub fn prompt_prefix(body: &[u8], n: usize) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    if n == 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut text = String::new();
+    let mut push = |s: &str| {
+        if text.len() < n {
+            text.push_str(s);
+        }
+    };
+    match (&v["prompt"], &v["messages"]) {
+        (serde_json::Value::String(p), _) => push(p),
+        (serde_json::Value::Array(ps), _) => ps.iter().filter_map(|p| p.as_str()).for_each(push),
+        (_, serde_json::Value::Array(ms)) => {
+            for m in ms {
+                push(m["role"].as_str().unwrap_or(""));
+                match &m["content"] {
+                    serde_json::Value::String(c) => push(c),
+                    serde_json::Value::Array(parts) => parts
+                        .iter()
+                        .filter_map(|p| p["text"].as_str())
+                        .for_each(&mut push),
+                    _ => {}
+                }
+            }
+        }
+        _ => return None,
+    }
+    if text.is_empty() {
+        return None;
+    }
+    let mut end = n.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text[..end].hash(&mut h);
+    Some(h.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +181,39 @@ mod tests {
             from_grpc(&[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]),
             Extract::Absent
         );
+    }
+
+    #[test]
+    fn prompts_sharing_a_prefix_share_a_hash() {
+        let chat = |text: &str| {
+            serde_json::json!({"model": "m", "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": text}]})
+            .to_string()
+        };
+        let a = prompt_prefix(chat("tell me about rivers and weirs").as_bytes(), 24);
+        let b = prompt_prefix(chat("tell me about lakes").as_bytes(), 24);
+        let c = prompt_prefix(chat("tell me about lakes").as_bytes(), 64);
+        assert!(a.is_some());
+        assert_eq!(a, b, "the first 24 bytes are the same");
+        assert_ne!(b, c, "64 bytes reach the part that differs");
+        let p = |prompt: &str| {
+            prompt_prefix(
+                serde_json::json!({"prompt": prompt}).to_string().as_bytes(),
+                8,
+            )
+        };
+        assert_eq!(p("abcdefgh-1"), p("abcdefgh-2"));
+        assert_ne!(p("abcdefgh"), p("xbcdefgh"));
+        assert_eq!(prompt_prefix(br#"{"model": "m"}"#, 8), None);
+        assert_eq!(prompt_prefix(b"not json", 8), None);
+        assert_eq!(prompt_prefix(chat("x").as_bytes(), 0), None);
+        // Cutting inside a multi-byte character does not panic.
+        assert!(prompt_prefix(
+            serde_json::json!({"prompt": "ééé"}).to_string().as_bytes(),
+            3
+        )
+        .is_some());
     }
 
     #[test]

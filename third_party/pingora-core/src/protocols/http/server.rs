@@ -676,6 +676,17 @@ impl Session {
         }
     }
 
+    /// weir patch: like [`Self::enable_retry_buffering`], with room for `limit` bytes (at
+    /// least the default). Only HTTP/1 and HTTP/2 sessions take the limit.
+    pub fn enable_retry_buffering_up_to(&mut self, limit: usize) {
+        match self {
+            Self::H1(s) => s.enable_retry_buffering_up_to(limit),
+            Self::H2(s) => s.enable_retry_buffering_up_to(limit),
+            Self::Subrequest(s) => s.enable_retry_buffering(),
+            Self::Custom(s) => s.enable_retry_buffering(),
+        }
+    }
+
     pub fn get_retry_buffer(&self) -> Option<Bytes> {
         match self {
             Self::H1(s) => s.get_retry_buffer(),

@@ -893,6 +893,14 @@ impl HttpSession {
         }
     }
 
+    // weir patch: a retry buffer of a chosen size, for callers that read (part of) the body
+    // before choosing the upstream and need all of it replayed.
+    pub fn enable_retry_buffering_up_to(&mut self, limit: usize) {
+        if self.retry_buffer.is_none() {
+            self.retry_buffer = Some(FixedBuffer::new(limit.max(BODY_BUF_LIMIT)))
+        }
+    }
+
     pub fn get_retry_buffer(&self) -> Option<Bytes> {
         self.retry_buffer.as_ref().and_then(|b| {
             if b.is_truncated() {

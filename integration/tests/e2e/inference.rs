@@ -1,0 +1,538 @@
+//! Inference pools end to end: the model read from the request picks a replica, a busy pool
+//! queues then sheds, load reports steer requests, a rolling weight reload under a stream of
+//! gRPC `ModelStreamInfer` clients breaks no stream, requests wait while every replica
+//! reloads, and a backend killed mid-stream ends the stream with a gRPC status.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weir_integration::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use weir_integration::kserve::*;
+use weir_integration::model_server::ModelServer;
+use weir_integration::weir_process::{admin_get, admin_post, Weir};
+
+use crate::*;
+
+/// An `inference_pools` section with one pool `llm`, and a route sending everything to it.
+fn pool_config(protocol: &str, endpoints: &[(SocketAddr, &str)], extra: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|(a, model)| format!("      - {{ address: \"{a}\", models: [{{ name: {model} }}] }}"))
+        .collect();
+    format!(
+        "routes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: {protocol}\n    endpoints:\n{}\n{extra}",
+        eps.join("\n")
+    )
+}
+
+fn pools_json(weir: &Weir) -> serde_json::Value {
+    let (status, body) = admin_get(weir.admin, "/inference").expect("admin /inference");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+/// The admin view of endpoint `addr` of pool `llm`.
+fn endpoint_json(weir: &Weir, addr: SocketAddr) -> serde_json::Value {
+    pools_json(weir)["pools"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["address"] == addr.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("no endpoint {addr}"))
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn reload_signal(weir: &Weir, endpoint: SocketAddr, event: &str, version: &str) {
+    let body = serde_json::json!({"pool": "llm", "endpoint": endpoint.to_string(), "model": "llama",
+        "event": event, "version": version});
+    let (status, text) =
+        admin_post(weir.admin, "/inference/reload", &body.to_string()).expect("admin post");
+    assert_eq!(status, 200, "{event}: {text}");
+}
+
+async fn completion(
+    listen: SocketAddr,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{listen}/v1/completions"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), h1_client().request(req))
+        .await
+        .expect("reply within 20 s")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_requests_reach_a_replica_of_their_model() {
+    // Versions tell the servers apart in the tokens they write ("v3-token0").
+    let llama = ModelServer::start_with(&["llama"], 3).await;
+    // It could serve llama too, but the pool does not say so.
+    let mistral = ModelServer::start_with(&["mistral", "llama"], 5).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(llama.http_addr, "llama"), (mistral.http_addr, "mistral")],
+        "",
+    ));
+    let ask = |model: &str, stream: bool| serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 2, "stream": stream});
+    let (status, body) = completion(s.listen, ask("mistral", false), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("v5-token0"),
+        "mistral's server answered: {body}"
+    );
+    let (status, body) = completion(s.listen, ask("llama", true), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("v3-token1") && body.ends_with("data: [DONE]\n\n"),
+        "llama's server streamed: {body}"
+    );
+    // The header overrides the body for routing (the body goes upstream unchanged).
+    let (_, body) = completion(
+        s.listen,
+        ask("llama", false),
+        &[("x-weir-model", "mistral")],
+    )
+    .await;
+    assert!(body.contains("v5-token0"), "{body}");
+    // A model no replica serves: 404 with an OpenAI-style error, from weir.
+    let (status, body) = completion(s.listen, ask("gpt-5", false), &[]).await;
+    assert_eq!(status, 404, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).expect("json error");
+    assert_eq!(err["error"]["type"], "model_not_found", "{body}");
+    // The model after a 300 KiB prompt: the whole body is read, found and replayed upstream
+    // intact (the server parses it).
+    let long = format!(
+        "{{\"prompt\": \"{}\", \"max_tokens\": 1, \"model\": \"llama\"}}",
+        "x".repeat(300 << 10)
+    );
+    let (status, body) =
+        completion(s.listen, serde_json::from_str(&long).expect("json"), &[]).await;
+    assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
+    assert!(body.contains("v3-token0"), "{body}");
+    // No model named (GET /v1/models): any replica answers.
+    let r = get(&h1_client(), s.listen, "/v1/models").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The version each server reported (x-weight-version) is what the pool now knows.
+    let e = endpoint_json(&s.weir, llama.http_addr);
+    assert_eq!(e["models"][0]["version"], "3", "{e}");
+    assert_eq!(e["models"][0]["state"], "serving", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_pool_queues_then_sheds_with_429() {
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(sim.http_addr, "llama")],
+        "    max_in_flight: 1\n    queue: { max_waiting: 1, max_wait: 1s }\n",
+    ));
+    let listen = s.listen;
+    // One gated stream holds the only slot.
+    let hold = || async move {
+        let req = ::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{listen}/v1/completions"))
+            .header("x-sim-gated", "1")
+            .body(Full::new(Bytes::from(
+                r#"{"model": "llama", "prompt": "p", "max_tokens": 2, "stream": true}"#,
+            )))
+            .unwrap();
+        let resp = h1_client().request(req).await.expect("held stream");
+        assert_eq!(resp.status(), 200);
+        resp
+    };
+    let held = hold().await;
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    // The next request waits in the queue...
+    let queued = tokio::spawn(completion(listen, ask.clone(), &[]));
+    wait_for("a queued request", Duration::from_secs(5), || {
+        pools_json(&s.weir)["pools"][0]["waiting"] == 1
+    });
+    // ...and with the queue full, one more is shed at once.
+    let (status, body) = completion(listen, ask.clone(), &[]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("rate_limit_exceeded"), "{body}");
+    // The held stream ends: the queued request gets the slot.
+    sim.gate.add_permits(1);
+    let text = held
+        .into_body()
+        .collect()
+        .await
+        .expect("held body")
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("[DONE]"));
+    let (status, body) = queued.await.unwrap();
+    assert_eq!(status, 200, "the queued request was served: {body}");
+    // A wait longer than max_wait is shed too.
+    let held = hold().await;
+    let (status, body) = completion(listen, ask.clone(), &[]).await;
+    assert_eq!(status, 429, "{body}");
+    sim.gate.add_permits(1);
+    drop(held);
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
+    assert!(
+        metrics.contains("weir_inference_shed_total{pool=\"llm\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("weir_inference_queued_total{pool=\"llm\"} 2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scraped_load_steers_requests_to_the_idle_replica() {
+    let a = ModelServer::start_with(&["llama"], 1).await;
+    let b = ModelServer::start_with(&["llama"], 2).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
+        "    metrics: { interval: 50ms }\n",
+    ));
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    for (busy, idle, tag) in [(&a, &b, "v2-"), (&b, &a, "v1-")] {
+        busy.load.waiting.store(40, Ordering::Relaxed);
+        busy.load.kv_cache_permille.store(900, Ordering::Relaxed);
+        idle.load.waiting.store(0, Ordering::Relaxed);
+        idle.load.kv_cache_permille.store(100, Ordering::Relaxed);
+        wait_for("the scrape to see the load", Duration::from_secs(5), || {
+            endpoint_json(&s.weir, busy.http_addr)["queue_depth"] == 40
+                && endpoint_json(&s.weir, idle.http_addr)["queue_depth"] == 0
+        });
+        for _ in 0..10 {
+            let (status, body) = completion(s.listen, ask.clone(), &[]).await;
+            assert_eq!(status, 200);
+            assert!(
+                body.contains(tag),
+                "every request to the idle replica: {body}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tritonclient_streams_through_an_inference_pool() {
+    if !crate::kserve::tritonclient_available() {
+        return;
+    }
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], ""));
+    let listen = s.listen;
+    let seen =
+        tokio::task::spawn_blocking(move || crate::kserve::triton_client(listen, "llama", 4))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("tritonclient through the pool failed: {e}"));
+    assert_eq!(seen["server_ready"], true, "no model named: any replica");
+    assert_eq!(seen["model_ready"], true);
+    assert_eq!(seen["unary"]["token"], "v1-token0");
+    assert_eq!(seen["stream"].as_array().map(Vec::len), Some(8), "{seen}");
+    assert_eq!(endpoint_json(&s.weir, sim.addr)["in_flight"], 0);
+}
+
+async fn kserve_client(
+    addr: SocketAddr,
+) -> Result<GrpcInferenceServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await?;
+    Ok(GrpcInferenceServiceClient::new(channel))
+}
+
+fn token_request(model: &str, id: &str, tokens: i64) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        id: id.into(),
+        parameters: HashMap::from([(
+            "max_tokens".to_string(),
+            InferParameter {
+                parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(tokens)),
+            },
+        )]),
+        ..Default::default()
+    }
+}
+
+/// The token a streamed response carries (`v2-token7`), after Triton's 4-byte length.
+fn token_of(r: &ModelInferResponse) -> String {
+    String::from_utf8_lossy(&r.raw_output_contents[0][4..]).into_owned()
+}
+
+fn is_final(r: &ModelInferResponse) -> bool {
+    matches!(
+        r.parameters
+            .get("triton_final_response")
+            .and_then(|p| p.parameter_choice.as_ref()),
+        Some(infer_parameter::ParameterChoice::BoolParam(true))
+    )
+}
+
+/// One `ModelStreamInfer` stream of `tokens` tokens through weir; checks they come in order
+/// from one version and returns that version.
+async fn stream_once(listen: SocketAddr, id: &str, tokens: i64) -> Result<String, String> {
+    let mut client = kserve_client(listen)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(token_request("llama", id, tokens)).await.unwrap();
+    let mut responses = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("{id}: {e}"))?
+        .into_inner();
+    let mut version = None;
+    for i in 0..tokens {
+        let r = responses
+            .message()
+            .await
+            .map_err(|e| format!("{id} token {i}: {e}"))?
+            .ok_or_else(|| format!("{id}: stream ended after {i} of {tokens} tokens"))?;
+        if !r.error_message.is_empty() {
+            return Err(format!("{id}: server error {}", r.error_message));
+        }
+        let r = r.infer_response.ok_or("no response")?;
+        let v = version
+            .get_or_insert_with(|| r.model_version.clone())
+            .clone();
+        let want = format!("v{v}-token{i}");
+        if token_of(&r) != want || r.model_version != v || is_final(&r) != (i == tokens - 1) {
+            return Err(format!(
+                "{id}: got {} (v{}), want {want}",
+                token_of(&r),
+                r.model_version
+            ));
+        }
+    }
+    drop(tx);
+    match responses.message().await {
+        Ok(None) => Ok(version.unwrap_or_default()),
+        other => Err(format!("{id}: stream did not end cleanly: {other:?}")),
+    }
+}
+
+/// Tells a simulated server to load new weights (as an orchestrator would) and waits until
+/// it serves them.
+async fn reload_backend(addr: SocketAddr) {
+    let mut c = kserve_client(addr)
+        .await
+        .expect("connect to the model server");
+    c.repository_model_load(RepositoryModelLoadRequest {
+        model_name: "llama".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("load");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = c
+            .model_ready(ModelReadyRequest {
+                name: "llama".into(),
+                version: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().ready)
+            .unwrap_or(false);
+        if ready {
+            return;
+        }
+        assert!(Instant::now() < until, "model server never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_reload_under_load_breaks_no_stream() {
+    let sims = [
+        ModelServer::start(&["llama"]).await,
+        ModelServer::start(&["llama"]).await,
+        ModelServer::start(&["llama"]).await,
+    ];
+    let eps: Vec<(SocketAddr, &str)> = sims.iter().map(|s| (s.addr, "llama")).collect();
+    let s = start(&pool_config(
+        "kserve_grpc",
+        &eps,
+        "    reload: { drain_deadline: 30s, poll_interval: 100ms }\n",
+    ));
+    let listen = s.listen;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for c in 0..24 {
+        let (stop, done) = (stop.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match stream_once(listen, &format!("c{c}-{n}"), 20).await {
+                    Ok(_) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(e),
+                }
+                n += 1;
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let weir = &s.weir;
+    for sim in &sims {
+        reload_signal(weir, sim.addr, "start", "");
+        // Drained: no stream left on it, and none started.
+        let w = weir.admin;
+        let addr = sim.addr;
+        tokio::task::spawn_blocking(move || {
+            let weir_view = || {
+                let (_, body) = admin_get(w, "/inference").unwrap();
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                v["pools"][0]["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["address"] == addr.to_string())
+                    .cloned()
+                    .unwrap()
+            };
+            wait_for("the drain", Duration::from_secs(20), || {
+                let e = weir_view();
+                e["models"][0]["state"] == "reloading" && e["in_flight"] == 0
+            });
+        })
+        .await
+        .unwrap();
+        reload_backend(sim.addr).await;
+        reload_signal(weir, sim.addr, "finished", "2");
+        let w = weir.admin;
+        tokio::task::spawn_blocking(move || {
+            wait_for("serving v2", Duration::from_secs(10), || {
+                let (_, body) = admin_get(w, "/inference").unwrap();
+                body.contains("\"version\": \"2\"")
+                    && serde_json::from_str::<serde_json::Value>(&body).unwrap()["pools"][0]
+                        ["endpoints"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|e| {
+                            e["address"] == addr.to_string()
+                                && e["models"][0]["state"] == "serving"
+                                && e["models"][0]["version"] == "2"
+                        })
+            });
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    let completed = done.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {} streams failed during the rollout: {:?}",
+        failures.len(),
+        completed + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(completed >= 48, "streams kept flowing: {completed}");
+    // After the rollout every new stream runs on the new weights.
+    for i in 0..6 {
+        assert_eq!(
+            stream_once(listen, &format!("after-{i}"), 3).await,
+            Ok("2".into())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_wait_while_every_replica_reloads() {
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&pool_config(
+        "kserve_grpc",
+        &[(sim.addr, "llama")],
+        "    reload: { max_wait: 20s, poll_interval: 0s }\n",
+    ));
+    reload_signal(&s.weir, sim.addr, "start", "");
+    let listen = s.listen;
+    let waiting = tokio::spawn(async move { stream_once(listen, "patient", 3).await });
+    let admin = s.weir.admin;
+    tokio::task::spawn_blocking(move || {
+        wait_for("the request to wait", Duration::from_secs(10), || {
+            let (_, body) = admin_get(admin, "/inference").unwrap();
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["pools"][0]["waiting"] == 1
+        })
+    })
+    .await
+    .unwrap();
+    assert!(!waiting.is_finished());
+    reload_backend(sim.addr).await;
+    reload_signal(&s.weir, sim.addr, "finished", "2");
+    let version = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served after the reload")
+        .unwrap();
+    assert_eq!(version, Ok("2".to_string()), "it ran on the new weights");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_killed_mid_stream_ends_the_stream_with_a_grpc_status() {
+    let sim = ModelServer::start(&["llama"]).await;
+    sim.load.token_delay_us.store(50_000, Ordering::Relaxed);
+    let s = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], ""));
+    let mut client = kserve_client(s.listen).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(token_request("llama", "doomed", 200))
+        .await
+        .unwrap();
+    let mut responses = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    for _ in 0..2 {
+        let r = responses.message().await.expect("token").expect("token");
+        assert!(r.infer_response.is_some());
+    }
+    sim.kill();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the client learns of the crash instead of hanging");
+    let status = end.expect_err("a crash is not a clean end of stream");
+    assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
+    drop(tx);
+    // weir keeps serving: a new stream to the dead pool gets a status, not a hang.
+    let err = tokio::time::timeout(Duration::from_secs(10), stream_once(s.listen, "after", 2))
+        .await
+        .expect("no hang");
+    assert!(err.is_err(), "{err:?}");
+}
