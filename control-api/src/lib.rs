@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 pub mod policy_dir;
+pub mod reload;
 pub mod resources;
 pub mod server;
 

@@ -178,6 +178,11 @@ impl ControlPlane {
         *lock(&self.shared.config_error) = error;
     }
 
+    /// The whole config being served (every file of the folder).
+    pub fn config(&self) -> Result<weir_policies::model::Config, String> {
+        self.shared.published.borrow().all.resources.to_config()
+    }
+
     pub fn version(&self) -> String {
         self.shared.published.borrow().version.clone()
     }
@@ -190,7 +195,7 @@ impl ControlPlane {
         }
     }
 
-    fn check_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    pub(crate) fn check_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(token) = &self.shared.token else {
             return Ok(());
         };

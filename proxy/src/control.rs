@@ -16,6 +16,7 @@ use weir_policies::model::{Admin, Config};
 use weir_policies::{validate, Snapshot};
 
 use crate::filters::Filters;
+use crate::inference::driver::{Inference, ReloadEvent};
 use crate::metrics::Metrics;
 use crate::state::{Runtime, SharedRuntime};
 
@@ -130,6 +131,59 @@ pub struct ControlSync {
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
     pub filters: Arc<Filters>,
+    pub inference: Arc<Inference>,
+}
+
+/// Follows the control plane's weight-reload events (`WeightReload.Subscribe`) and applies
+/// each to this proxy's pools; reconnects with backoff.
+async fn follow_reloads(opts: ClientOptions, inference: Arc<Inference>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match subscribe_once(&opts, &inference).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::debug!("weight reload events: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn subscribe_once(opts: &ClientOptions, inference: &Arc<Inference>) -> Result<(), String> {
+    use weir_control::pb::weight_reload_client::WeightReloadClient;
+    let channel = tonic::transport::Endpoint::from_shared(opts.url.clone())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", opts.url))?;
+    let mut req = tonic::Request::new(weir_control::pb::SubscribeRequest {
+        node: Some(opts.node.clone()),
+    });
+    weir_control::auth::authorize(&mut req, opts.token.as_deref())?;
+    let mut events = WeightReloadClient::new(channel)
+        .subscribe(req)
+        .await
+        .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+        .into_inner();
+    while let Some(ev) = events
+        .message()
+        .await
+        .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+    {
+        let event = ReloadEvent {
+            pool: ev.pool,
+            endpoint: ev.endpoint,
+            model: ev.model,
+            event: ev.event,
+            version: ev.version,
+            reason: ev.reason,
+        };
+        // Events for pools or endpoints this proxy does not have are not for it.
+        if let Err(e) = inference.signal(&event) {
+            tracing::debug!("weight reload event ignored: {e}");
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -182,6 +236,7 @@ impl BackgroundService for ControlSync {
         };
         tokio::select! {
             _ = client::run(self.opts.client.clone(), self.applied.clone(), apply) => {}
+            _ = follow_reloads(self.opts.client.clone(), self.inference.clone()) => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -140,6 +140,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
                     runtime: runtime.clone(),
                     metrics: metrics.clone(),
                     filters: filters.clone(),
+                    inference: inference.clone(),
                 },
             ));
             None

@@ -9,6 +9,9 @@ use weir_control::auth::{authorize, read_token_file};
 use weir_control::pb::discovery_server::DiscoveryServer;
 use weir_control::pb::status_client::StatusClient;
 use weir_control::pb::status_server::StatusServer;
+use weir_control::pb::weight_reload_client::WeightReloadClient;
+use weir_control::pb::weight_reload_server::WeightReloadServer;
+use weir_control::reload::Relay;
 use weir_control::server::{ControlPlane, MAX_REQUEST_BYTES};
 use weir_control::{policy_dir, DEFAULT_ADDR};
 
@@ -38,6 +41,47 @@ enum Command {
         #[arg(long, env = "WEIR_CONTROL_TOKEN_FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Reload a model's weights on every endpoint of an inference pool, one at a time: drain
+    /// it on every proxy, call the server's reload API (KServe `RepositoryModelLoad`), wait
+    /// until it is ready, return it to rotation.
+    Reload {
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        model: String,
+        /// The version the servers must report afterwards; default: whatever they report.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// How long proxies get to drain an endpoint (default: the pool's drain deadline).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        drain_wait: Option<std::time::Duration>,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: SocketAddr,
+        #[arg(long, env = "WEIR_CONTROL_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Publish one weight-reload event (for orchestrators and trainers that reload servers
+    /// themselves); every proxy hears it.
+    Signal {
+        #[arg(long)]
+        pool: String,
+        /// `ip:port` of the endpoint, as in the pool's config.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        model: String,
+        /// start, finished or failed.
+        #[arg(long)]
+        event: String,
+        #[arg(long, default_value = "")]
+        version: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: SocketAddr,
+        #[arg(long, env = "WEIR_CONTROL_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -56,6 +100,43 @@ async fn main() -> ExitCode {
             token_file,
         } => serve(policies, listen, token_file).await,
         Command::Status { addr, token_file } => status(addr, token_file).await,
+        Command::Reload {
+            pool,
+            model,
+            version,
+            drain_wait,
+            addr,
+            token_file,
+        } => {
+            let req = weir_control::pb::RolloutRequest {
+                pool,
+                model,
+                version,
+                drain_wait_ms: drain_wait.map_or(0, |d| d.as_millis().min(u32::MAX as u128) as u32),
+            };
+            rollout(addr, token_file, req).await
+        }
+        Command::Signal {
+            pool,
+            endpoint,
+            model,
+            event,
+            version,
+            reason,
+            addr,
+            token_file,
+        } => {
+            let ev = weir_control::pb::ReloadEvent {
+                pool,
+                endpoint,
+                model,
+                event,
+                version,
+                reason,
+                sequence: 0,
+            };
+            signal(addr, token_file, ev).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,12 +157,14 @@ async fn serve(
         tracing::warn!("no --token-file: any client may connect");
     }
     let cp = ControlPlane::new(token);
+    let relay = Relay::new(cp.clone());
     tokio::spawn(policy_dir::watch(policies, cp.clone()));
     tracing::info!(%listen, "serving (gRPC, and GET /status as JSON on the same port)");
     let routes = tonic::service::Routes::new(
         DiscoveryServer::new(cp.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
     )
     .add_service(StatusServer::new(cp.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
+    .add_service(WeightReloadServer::new(relay).max_decoding_message_size(MAX_REQUEST_BYTES))
     .into_axum_router()
     .route(
         "/status",
@@ -127,14 +210,65 @@ async fn http_status(cp: ControlPlane) -> axum::response::Response {
         .unwrap_or_default()
 }
 
-async fn status(addr: SocketAddr, token_file: Option<PathBuf>) -> Result<(), String> {
-    let token = read_token_file(token_file.as_deref())?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn connect(addr: SocketAddr) -> Result<tonic::transport::Channel, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let mut client = StatusClient::new(channel);
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))
+}
+
+async fn rollout(
+    addr: SocketAddr,
+    token_file: Option<PathBuf>,
+    req: weir_control::pb::RolloutRequest,
+) -> Result<(), String> {
+    let token = read_token_file(token_file.as_deref())?;
+    let mut client = WeightReloadClient::new(connect(addr).await?);
+    let mut req = tonic::Request::new(req);
+    authorize(&mut req, token.as_deref())?;
+    let mut steps = client
+        .rollout(req)
+        .await
+        .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+        .into_inner();
+    let mut reloaded = 0;
+    while let Some(p) = steps
+        .message()
+        .await
+        .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+    {
+        println!("{} {} {} {}", p.endpoint, p.step, p.version, p.message);
+        match p.step.as_str() {
+            "failed" => return Err(format!("rollout stopped at {}: {}", p.endpoint, p.message)),
+            "finished" => reloaded += 1,
+            _ => {}
+        }
+    }
+    println!("rollout done: {reloaded} endpoints reloaded");
+    Ok(())
+}
+
+async fn signal(
+    addr: SocketAddr,
+    token_file: Option<PathBuf>,
+    ev: weir_control::pb::ReloadEvent,
+) -> Result<(), String> {
+    let token = read_token_file(token_file.as_deref())?;
+    let mut client = WeightReloadClient::new(connect(addr).await?);
+    let mut req = tonic::Request::new(ev);
+    authorize(&mut req, token.as_deref())?;
+    let r = client
+        .publish(req)
+        .await
+        .map_err(|e| format!("{}: {}", e.code(), e.message()))?;
+    println!("published, sequence {}", r.into_inner().sequence);
+    Ok(())
+}
+
+async fn status(addr: SocketAddr, token_file: Option<PathBuf>) -> Result<(), String> {
+    let token = read_token_file(token_file.as_deref())?;
+    let mut client = StatusClient::new(connect(addr).await?);
     let mut req = tonic::Request::new(weir_control::pb::StatusRequest {});
     authorize(&mut req, token.as_deref())?;
     let s = client

@@ -677,3 +677,129 @@ async fn filter_chains_come_from_the_control_plane_and_a_bad_module_is_nacked() 
     let r = get(&h1_client(), listen, "/").await;
     assert_eq!(r.headers["x-from"], "control-plane");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a_stream() {
+    use weir_integration::model_server::ModelServer;
+    let sims = [
+        ModelServer::start(&["llama"]).await,
+        ModelServer::start(&["llama"]).await,
+    ];
+    let f = folder();
+    let (listen, admin, cp) = (addr(), addr(), addr());
+    let eps: Vec<String> = sims
+        .iter()
+        .map(|s| {
+            format!(
+                "      - {{ address: \"{}\", models: [{{ name: llama, version: \"1\" }}] }}",
+                s.addr
+            )
+        })
+        .collect();
+    std::fs::write(
+        f.policies.join("ai.yaml"),
+        format!(
+            "listeners:\n  - {{ name: main, address: \"{listen}\" }}\nroutes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: kserve_grpc\n    endpoints:\n{}\n    reload: {{ drain_deadline: 20s, poll_interval: 0s }}\n",
+            eps.join("\n")
+        ),
+    )
+    .unwrap();
+    let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
+    let weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp, &f.state, admin, Some(&f.token)),
+        admin,
+    );
+    assert_eq!(
+        crate::inference::stream_once(listen, "first", 3).await,
+        Ok("1".into())
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..12 {
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match crate::inference::stream_once(listen, &format!("c{c}"), 10).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The streams are 50 ms long: a 500 ms drain wait lets every proxy drain an endpoint.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(sibling_binary("weir-control"))
+            .args([
+                "reload",
+                "--pool",
+                "llm",
+                "--model",
+                "llama",
+                "--version",
+                "2",
+            ])
+            .args([
+                "--drain-wait",
+                "500ms",
+                "--addr",
+                &cp.to_string(),
+                "--token-file",
+            ])
+            .arg(&f.token)
+            .output()
+            .expect("run weir-control reload")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rollout done: 2 endpoints reloaded"),
+        "{text}"
+    );
+    for s in &sims {
+        assert!(text.contains(&format!("{} finished 2", s.addr)), "{text}");
+    }
+    // The proxy heard both finishes and warmed both endpoints up.
+    let w = weir.admin;
+    tokio::task::spawn_blocking(move || {
+        crate::inference::wait_for("both endpoints serving v2", Duration::from_secs(10), || {
+            let (_, body) = weir_integration::weir_process::admin_get(w, "/inference").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["pools"][0]["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["models"][0]["version"] == "2" && e["models"][0]["state"] == "serving")
+        })
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} broken streams of {}: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 24, "streams kept flowing: {ok}");
+    assert_eq!(
+        crate::inference::stream_once(listen, "last", 3).await,
+        Ok("2".into())
+    );
+}

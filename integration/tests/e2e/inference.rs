@@ -45,7 +45,7 @@ fn endpoint_json(weir: &Weir, addr: SocketAddr) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no endpoint {addr}"))
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
     while !ok() {
         assert!(Instant::now() < until, "timed out waiting for {what}");
@@ -290,7 +290,11 @@ fn is_final(r: &ModelInferResponse) -> bool {
 
 /// One `ModelStreamInfer` stream of `tokens` tokens through weir; checks they come in order
 /// from one version and returns that version.
-async fn stream_once(listen: SocketAddr, id: &str, tokens: i64) -> Result<String, String> {
+pub(crate) async fn stream_once(
+    listen: SocketAddr,
+    id: &str,
+    tokens: i64,
+) -> Result<String, String> {
     let mut client = kserve_client(listen)
         .await
         .map_err(|e| format!("connect: {e}"))?;
