@@ -69,39 +69,8 @@ pub struct Need<'a> {
     pub prefix: Option<u64>,
 }
 
-/// How much each signal weighs; the pool's picker settings.
-#[derive(Clone, Copy, Debug)]
-pub struct Weights {
-    /// Per unit of in-flight fill (in_flight / max_in_flight, or in_flight when unlimited).
-    pub in_flight: f64,
-    /// Per request waiting in the replica's queue.
-    pub queue: f64,
-    /// Per unit of KV-cache use.
-    pub kv_cache: f64,
-    /// Bonus for the replica that holds the prompt's prefix.
-    pub prefix_affinity: f64,
-    /// Bonus for a replica with the adapter already loaded.
-    pub lora_affinity: f64,
-    /// The prefix replica keeps its bonus only while its load is at most this factor of the
-    /// average (bounded-load consistent hashing).
-    pub bounded_load: f64,
-    /// KV-cache use at which a replica takes no new request.
-    pub kv_cache_full: f64,
-}
-
-impl Default for Weights {
-    fn default() -> Self {
-        Self {
-            in_flight: 1.0,
-            queue: 0.5,
-            kv_cache: 1.0,
-            prefix_affinity: 0.5,
-            lora_affinity: 0.3,
-            bounded_load: 1.25,
-            kv_cache_full: 0.98,
-        }
-    }
-}
+/// How much each signal weighs: the pool's `picker` settings.
+pub use weir_policies::model::PickerSettings as Weights;
 
 /// The picker's decision.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

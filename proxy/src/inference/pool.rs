@@ -188,19 +188,10 @@ impl PoolState {
                 })
             })
             .collect();
-        let w = &pool.picker;
         Self {
             name: pool.name.clone(),
             endpoints,
-            weights: Weights {
-                in_flight: w.in_flight,
-                queue: w.queue,
-                kv_cache: w.kv_cache,
-                prefix_affinity: w.prefix_affinity,
-                lora_affinity: w.lora_affinity,
-                bounded_load: w.bounded_load,
-                kv_cache_full: w.kv_cache_full,
-            },
+            weights: pool.picker,
             waiting: previous.map_or_else(Default::default, |p| p.waiting.clone()),
             changed: previous.map_or_else(Default::default, |p| p.changed.clone()),
             counters: previous.map_or_else(Default::default, |p| p.counters.clone()),
