@@ -410,20 +410,16 @@ impl WeirProxy {
                 infer_model::from_json(&buf, done)
             };
             match found {
-                Extract::Found(m) => {
+                // A JSON body is read whole for its prompt's prefix (it is one document the
+                // server parses whole anyway); a gRPC stream goes on at once.
+                Extract::Found(m) if grpc || done || buf.len() >= cfg.max_body => {
                     let prefix = (!grpc && done)
                         .then(|| infer_model::prompt_prefix(&buf, cfg.picker.prefix_bytes as usize))
                         .flatten();
-                    // A JSON body is read whole for its prompt's prefix (it is one document the
-                    // server parses whole anyway).
-                    if !grpc && !done && buf.len() < cfg.max_body {
-                        // Keep reading below, then decide again.
-                    } else {
-                        return Ok((Some(m), prefix));
-                    }
+                    return Ok((Some(m), prefix));
                 }
+                Extract::Found(_) | Extract::NeedMore => {}
                 Extract::Absent => return Ok((None, None)),
-                Extract::NeedMore => {}
             }
             if buf.len() >= cfg.max_body {
                 return Ok((None, None));

@@ -218,15 +218,31 @@ async fn connect(addr: SocketAddr) -> Result<tonic::transport::Channel, String> 
         .map_err(|e| format!("cannot connect to {addr}: {e}"))
 }
 
+/// A `WeightReload` client for `addr` and `body` as an authorized request.
+async fn reload_call<T>(
+    addr: SocketAddr,
+    token_file: Option<PathBuf>,
+    body: T,
+) -> Result<
+    (
+        WeightReloadClient<tonic::transport::Channel>,
+        tonic::Request<T>,
+    ),
+    String,
+> {
+    let token = read_token_file(token_file.as_deref())?;
+    let client = WeightReloadClient::new(connect(addr).await?);
+    let mut req = tonic::Request::new(body);
+    authorize(&mut req, token.as_deref())?;
+    Ok((client, req))
+}
+
 async fn rollout(
     addr: SocketAddr,
     token_file: Option<PathBuf>,
     req: weir_control::pb::RolloutRequest,
 ) -> Result<(), String> {
-    let token = read_token_file(token_file.as_deref())?;
-    let mut client = WeightReloadClient::new(connect(addr).await?);
-    let mut req = tonic::Request::new(req);
-    authorize(&mut req, token.as_deref())?;
+    let (mut client, req) = reload_call(addr, token_file, req).await?;
     let mut steps = client
         .rollout(req)
         .await
@@ -254,10 +270,7 @@ async fn signal(
     token_file: Option<PathBuf>,
     ev: weir_control::pb::ReloadEvent,
 ) -> Result<(), String> {
-    let token = read_token_file(token_file.as_deref())?;
-    let mut client = WeightReloadClient::new(connect(addr).await?);
-    let mut req = tonic::Request::new(ev);
-    authorize(&mut req, token.as_deref())?;
+    let (mut client, req) = reload_call(addr, token_file, ev).await?;
     let r = client
         .publish(req)
         .await
