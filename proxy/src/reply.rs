@@ -70,15 +70,7 @@ pub async fn send(
     for (k, v) in extra {
         resp.insert_header(k.to_string(), *v)?;
     }
-    let mut tasks = vec![HttpTask::Header(Box::new(resp), body.is_none())];
-    if let Some(b) = body {
-        tasks.push(HttpTask::Body(Some(b), true));
-    }
-    session
-        .as_downstream_mut()
-        .response_duplex_vec(tasks)
-        .await?;
-    Ok(())
+    write(session, resp, body).await
 }
 
 /// Writes a reply a filter asked for (`proxy_send_local_response`), as Envoy does: for gRPC
@@ -120,6 +112,11 @@ pub async fn send_local(
         })?;
         resp.append_header(k.clone(), v)?;
     }
+    write(session, resp, body).await
+}
+
+/// Writes `resp` and, when there is one, `body`, ending the response.
+async fn write(session: &mut Session, resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
     let mut tasks = vec![HttpTask::Header(Box::new(resp), body.is_none())];
     if let Some(b) = body {
         tasks.push(HttpTask::Body(Some(b), true));
