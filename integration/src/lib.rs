@@ -4,6 +4,7 @@
 pub mod envoy;
 pub mod grpc_backend;
 pub mod http_backend;
+pub mod inference_client;
 pub mod model_server;
 pub mod weir_process;
 

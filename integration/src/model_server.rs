@@ -75,11 +75,14 @@ impl SimLoad {
         )
     }
 
-    fn token_delay(&self) -> Duration {
-        Duration::from_micros(
-            self.token_delay_us
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
+    /// Waits the configured delay before a token (no wait at all when it is zero).
+    async fn token_delay(&self) {
+        let us = self
+            .token_delay_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if us > 0 {
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
     }
 }
 
@@ -100,6 +103,21 @@ impl Drop for Running {
             .running
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// The response parameter (gRPC) and JSON field (SSE chunks) with [`sent_at`] of the moment
+/// the server handed a token to its transport, so a client in the same process can measure
+/// the time each message took to reach it.
+pub const SENT_PARAM: &str = "sim_sent_ns";
+
+/// Nanoseconds on a clock shared by everything in this process (the server and clients
+/// running beside it).
+pub fn sent_at() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 /// How long a simulated reload keeps the model unready.
@@ -325,7 +343,7 @@ async fn openai(
         let _running = running;
         for i in 0..n {
             if i > 0 {
-                tokio::time::sleep(load.token_delay()).await;
+                load.token_delay().await;
             }
             if gated && i > 0 {
                 match gate.acquire().await {
@@ -333,7 +351,9 @@ async fn openai(
                     Err(_) => return,
                 }
             }
-            let event = format!("data: {}\n\n", chunk(i, i == n - 1));
+            let mut chunk = chunk(i, i == n - 1);
+            chunk[SENT_PARAM] = sent_at().into();
+            let event = format!("data: {chunk}\n\n");
             if tx
                 .send(Ok(hyper::body::Frame::data(event.into())))
                 .await
@@ -520,8 +540,16 @@ impl GrpcInferenceService for Sim {
                 };
                 let n = max_tokens(&req).max(1);
                 for i in 0..n {
-                    tokio::time::sleep(sim.1.token_delay()).await;
-                    let resp = token_response(&req, &m, i, Some(i == n - 1));
+                    sim.1.token_delay().await;
+                    let mut resp = token_response(&req, &m, i, Some(i == n - 1));
+                    resp.parameters.insert(
+                        SENT_PARAM.to_string(),
+                        InferParameter {
+                            parameter_choice: Some(infer_parameter::ParameterChoice::Uint64Param(
+                                sent_at(),
+                            )),
+                        },
+                    );
                     if tx
                         .send(Ok(ModelStreamInferResponse {
                             error_message: String::new(),

@@ -711,7 +711,7 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         admin,
     );
     assert_eq!(
-        crate::inference::stream_once(listen, "first", 3).await,
+        weir_integration::inference_client::stream_once(listen, "first", 3).await,
         Ok("1".into())
     );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -721,7 +721,9 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         clients.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match crate::inference::stream_once(listen, &format!("c{c}"), 10).await {
+                match weir_integration::inference_client::stream_once(listen, &format!("c{c}"), 10)
+                    .await
+                {
                     Ok(_) => ok += 1,
                     Err(e) => failed.push(e),
                 }
@@ -799,7 +801,7 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
     );
     assert!(ok > 24, "streams kept flowing: {ok}");
     assert_eq!(
-        crate::inference::stream_once(listen, "last", 3).await,
+        weir_integration::inference_client::stream_once(listen, "last", 3).await,
         Ok("2".into())
     );
 }

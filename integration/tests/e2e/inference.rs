@@ -3,16 +3,16 @@
 //! gRPC `ModelStreamInfer` clients breaks no stream, requests wait while every replica
 //! reloads, and a backend killed mid-stream ends the stream with a gRPC status.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weir_integration::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
-use weir_integration::kserve::*;
+use weir_integration::inference_client::{
+    kserve_client, reload_backend, reload_signal, reload_through_admin, stream_once, token_request,
+};
 use weir_integration::model_server::ModelServer;
-use weir_integration::weir_process::{admin_get, admin_post, Weir};
+use weir_integration::weir_process::{admin_get, Weir};
 
 use crate::*;
 
@@ -51,14 +51,6 @@ pub(crate) fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool
         assert!(Instant::now() < until, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn reload_signal(weir: &Weir, endpoint: SocketAddr, event: &str, version: &str) {
-    let body = serde_json::json!({"pool": "llm", "endpoint": endpoint.to_string(), "model": "llama",
-        "event": event, "version": version});
-    let (status, text) =
-        admin_post(weir.admin, "/inference/reload", &body.to_string()).expect("admin post");
-    assert_eq!(status, 200, "{event}: {text}");
 }
 
 async fn completion(
@@ -250,121 +242,6 @@ async fn tritonclient_streams_through_an_inference_pool() {
     assert_eq!(endpoint_json(&s.weir, sim.addr)["in_flight"], 0);
 }
 
-async fn kserve_client(
-    addr: SocketAddr,
-) -> Result<GrpcInferenceServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await?;
-    Ok(GrpcInferenceServiceClient::new(channel))
-}
-
-fn token_request(model: &str, id: &str, tokens: i64) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: model.into(),
-        id: id.into(),
-        parameters: HashMap::from([(
-            "max_tokens".to_string(),
-            InferParameter {
-                parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(tokens)),
-            },
-        )]),
-        ..Default::default()
-    }
-}
-
-/// The token a streamed response carries (`v2-token7`), after Triton's 4-byte length.
-fn token_of(r: &ModelInferResponse) -> String {
-    String::from_utf8_lossy(&r.raw_output_contents[0][4..]).into_owned()
-}
-
-fn is_final(r: &ModelInferResponse) -> bool {
-    matches!(
-        r.parameters
-            .get("triton_final_response")
-            .and_then(|p| p.parameter_choice.as_ref()),
-        Some(infer_parameter::ParameterChoice::BoolParam(true))
-    )
-}
-
-/// One `ModelStreamInfer` stream of `tokens` tokens through weir; checks they come in order
-/// from one version and returns that version.
-pub(crate) async fn stream_once(
-    listen: SocketAddr,
-    id: &str,
-    tokens: i64,
-) -> Result<String, String> {
-    let mut client = kserve_client(listen)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(token_request("llama", id, tokens)).await.unwrap();
-    let mut responses = client
-        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("{id}: {e}"))?
-        .into_inner();
-    let mut version = None;
-    for i in 0..tokens {
-        let r = responses
-            .message()
-            .await
-            .map_err(|e| format!("{id} token {i}: {e}"))?
-            .ok_or_else(|| format!("{id}: stream ended after {i} of {tokens} tokens"))?;
-        if !r.error_message.is_empty() {
-            return Err(format!("{id}: server error {}", r.error_message));
-        }
-        let r = r.infer_response.ok_or("no response")?;
-        let v = version
-            .get_or_insert_with(|| r.model_version.clone())
-            .clone();
-        let want = format!("v{v}-token{i}");
-        if token_of(&r) != want || r.model_version != v || is_final(&r) != (i == tokens - 1) {
-            return Err(format!(
-                "{id}: got {} (v{}), want {want}",
-                token_of(&r),
-                r.model_version
-            ));
-        }
-    }
-    drop(tx);
-    match responses.message().await {
-        Ok(None) => Ok(version.unwrap_or_default()),
-        other => Err(format!("{id}: stream did not end cleanly: {other:?}")),
-    }
-}
-
-/// Tells a simulated server to load new weights (as an orchestrator would) and waits until
-/// it serves them.
-async fn reload_backend(addr: SocketAddr) {
-    let mut c = kserve_client(addr)
-        .await
-        .expect("connect to the model server");
-    c.repository_model_load(RepositoryModelLoadRequest {
-        model_name: "llama".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("load");
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ready = c
-            .model_ready(ModelReadyRequest {
-                name: "llama".into(),
-                version: String::new(),
-            })
-            .await
-            .map(|r| r.into_inner().ready)
-            .unwrap_or(false);
-        if ready {
-            return;
-        }
-        assert!(Instant::now() < until, "model server never came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_reload_under_load_breaks_no_stream() {
     let sims = [
@@ -382,7 +259,8 @@ async fn a_rolling_reload_under_load_breaks_no_stream() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
-    for c in 0..24 {
+    // 150 clients, each streaming 20 tokens (100 ms) after another on its own connection.
+    for c in 0..150 {
         let (stop, done) = (stop.clone(), done.clone());
         clients.push(tokio::spawn(async move {
             let mut failures = Vec::new();
@@ -400,52 +278,10 @@ async fn a_rolling_reload_under_load_breaks_no_stream() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let weir = &s.weir;
     for sim in &sims {
-        reload_signal(weir, sim.addr, "start", "");
-        // Drained: no stream left on it, and none started.
-        let w = weir.admin;
-        let addr = sim.addr;
-        tokio::task::spawn_blocking(move || {
-            let weir_view = || {
-                let (_, body) = admin_get(w, "/inference").unwrap();
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                v["pools"][0]["endpoints"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["address"] == addr.to_string())
-                    .cloned()
-                    .unwrap()
-            };
-            wait_for("the drain", Duration::from_secs(20), || {
-                let e = weir_view();
-                e["models"][0]["state"] == "reloading" && e["in_flight"] == 0
-            });
-        })
-        .await
-        .unwrap();
-        reload_backend(sim.addr).await;
-        reload_signal(weir, sim.addr, "finished", "2");
-        let w = weir.admin;
-        tokio::task::spawn_blocking(move || {
-            wait_for("serving v2", Duration::from_secs(10), || {
-                let (_, body) = admin_get(w, "/inference").unwrap();
-                body.contains("\"version\": \"2\"")
-                    && serde_json::from_str::<serde_json::Value>(&body).unwrap()["pools"][0]
-                        ["endpoints"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|e| {
-                            e["address"] == addr.to_string()
-                                && e["models"][0]["state"] == "serving"
-                                && e["models"][0]["version"] == "2"
-                        })
-            });
-        })
-        .await
-        .unwrap();
+        reload_through_admin(s.weir.admin, &[("llm", sim.addr)], sim.addr, "2")
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", s.weir.log()));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -461,7 +297,7 @@ async fn a_rolling_reload_under_load_breaks_no_stream() {
         completed + failures.len() as u64,
         &failures[..failures.len().min(5)]
     );
-    assert!(completed >= 48, "streams kept flowing: {completed}");
+    assert!(completed >= 300, "streams kept flowing: {completed}");
     // After the rollout every new stream runs on the new weights.
     for i in 0..6 {
         assert_eq!(
@@ -479,7 +315,9 @@ async fn requests_wait_while_every_replica_reloads() {
         &[(sim.addr, "llama")],
         "    reload: { max_wait: 20s, poll_interval: 0s }\n",
     ));
-    reload_signal(&s.weir, sim.addr, "start", "");
+    reload_signal(s.weir.admin, "llm", sim.addr, "start", "")
+        .await
+        .unwrap();
     let listen = s.listen;
     let waiting = tokio::spawn(async move { stream_once(listen, "patient", 3).await });
     let admin = s.weir.admin;
@@ -492,8 +330,10 @@ async fn requests_wait_while_every_replica_reloads() {
     .await
     .unwrap();
     assert!(!waiting.is_finished());
-    reload_backend(sim.addr).await;
-    reload_signal(&s.weir, sim.addr, "finished", "2");
+    reload_backend(sim.addr).await.unwrap();
+    reload_signal(s.weir.admin, "llm", sim.addr, "finished", "2")
+        .await
+        .unwrap();
     let version = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
         .expect("served after the reload")

@@ -41,6 +41,23 @@ enum Bench {
         #[arg(long, default_value_t = 50)]
         connections: u32,
     },
+    /// Streamed inference (KServe gRPC and OpenAI SSE) through weir versus direct to two
+    /// simulated model servers: TTFT, per-message latency, tokens/s, and failed streams during
+    /// a rolling weight reload under load.
+    Inference {
+        /// Duration of each measurement, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Concurrent streams in the latency and throughput measurements.
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+        /// Delay between tokens of a paced stream, e.g. 2ms.
+        #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+        token_delay: Duration,
+        /// Concurrent streams during the rolling reload.
+        #[arg(long, default_value_t = 200)]
+        reload_streams: usize,
+    },
     /// Control plane: time from a policy file change until every connected proxy has ACKed.
     Xds {
         /// Numbers of connected proxies (in-process clients that validate every push, as weir does).
@@ -53,6 +70,8 @@ enum Bench {
 }
 
 type Res<T> = Result<T, String>;
+
+mod inference;
 
 mod wasm {
     //! `weir-bench wasm`: what a proxy-wasm filter costs per request in weir and in Envoy.
@@ -462,6 +481,20 @@ fn main() {
             duration,
             connections,
         } => wasm::run(&duration, connections),
+        Bench::Inference {
+            duration,
+            streams,
+            token_delay,
+            reload_streams,
+        } => build_weir().and_then(|weir| {
+            let opts = inference::Opts {
+                duration,
+                streams,
+                token_delay,
+                reload_streams,
+            };
+            inference::run(&weir, opts)
+        }),
         Bench::Xds { proxies, routes } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(xds::run(&proxies, &routes))),
