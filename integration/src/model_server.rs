@@ -54,6 +54,9 @@ pub struct SimLoad {
     pub kv_cache_permille: std::sync::atomic::AtomicU32,
     /// Delay before each streamed token, in microseconds (default 5 ms).
     pub token_delay_us: std::sync::atomic::AtomicU64,
+    /// vLLM's sleep mode (`POST /sleep`, `POST /wake_up`, `GET /is_sleeping`): while asleep
+    /// the weights are gone and completions fail with 503.
+    pub sleeping: std::sync::atomic::AtomicBool,
 }
 
 impl SimLoad {
@@ -250,6 +253,18 @@ async fn openai(
             .body(http_body_util::Full::new(bytes::Bytes::from(load.metrics())).boxed())
             .expect("valid response");
     }
+    match path.as_str() {
+        "/sleep" | "/wake_up" => {
+            load.sleeping
+                .store(path == "/sleep", std::sync::atomic::Ordering::Relaxed);
+            return json_reply(200, serde_json::json!({}));
+        }
+        "/is_sleeping" => {
+            let asleep = load.sleeping.load(std::sync::atomic::Ordering::Relaxed);
+            return json_reply(200, serde_json::json!({ "is_sleeping": asleep }));
+        }
+        _ => {}
+    }
     if path == "/v1/models" {
         let data: Vec<serde_json::Value> = models
             .lock()
@@ -290,10 +305,10 @@ async fn openai(
             serde_json::json!({"error": {"message": format!("model {name:?} not found")}}),
         );
     };
-    if !m.ready {
+    if !m.ready || load.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
         return json_reply(
             503,
-            serde_json::json!({"error": {"message": "model is loading"}}),
+            serde_json::json!({"error": {"message": "model is loading or asleep"}}),
         );
     }
     let n = v["max_tokens"].as_u64().unwrap_or(3).max(1);

@@ -193,6 +193,56 @@ async fn a_busy_pool_queues_then_sheds_with_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sleeping_vllm_replica_is_drained_until_it_wakes() {
+    let asleep = ModelServer::start_with(&["llama"], 1).await;
+    let awake = ModelServer::start_with(&["llama"], 2).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(asleep.http_addr, "llama"), (awake.http_addr, "llama")],
+        "    reload: { poll_interval: 50ms }\n",
+    ));
+    let post = |path: &'static str| {
+        let addr = asleep.http_addr;
+        async move {
+            let req = ::http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{addr}{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            assert_eq!(h1_client().request(req).await.expect(path).status(), 200);
+        }
+    };
+    // vLLM's sleep mode: the server stays up and lists its model, but has no weights.
+    post("/sleep").await;
+    let state = |weir: &Weir| endpoint_json(weir, asleep.http_addr)["models"][0]["state"].clone();
+    wait_for("the poll to see the sleep", Duration::from_secs(5), || {
+        state(&s.weir) != "serving"
+    });
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    for _ in 0..6 {
+        let (status, body) = completion(s.listen, ask.clone(), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("v2-token0"),
+            "only the awake replica serves: {body}"
+        );
+    }
+    post("/wake_up").await;
+    wait_for(
+        "the replica back in rotation",
+        Duration::from_secs(5),
+        || state(&s.weir) == "serving",
+    );
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (status, body) = completion(s.listen, ask.clone(), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        seen.insert(body.contains("v1-token0"));
+    }
+    assert!(seen.contains(&true), "the woken replica serves again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scraped_load_steers_requests_to_the_idle_replica() {
     let a = ModelServer::start_with(&["llama"], 1).await;
     let b = ModelServer::start_with(&["llama"], 2).await;

@@ -344,7 +344,14 @@ impl Inference {
         let listed = match protocol {
             InferenceProtocol::Openai => {
                 match self.http_call(e.address, "GET", "/v1/models", None).await {
-                    Some((200, body)) => Some(openai_models(&body)),
+                    // vLLM's sleep mode: a sleeping server still lists its models but has
+                    // released its weights. Servers without it answer 404: ignored.
+                    Some((200, body)) => {
+                        match self.http_call(e.address, "GET", "/is_sleeping", None).await {
+                            Some((200, s)) if is_sleeping(&s) => Some(HashSet::new()),
+                            _ => Some(openai_models(&body)),
+                        }
+                    }
                     _ => None,
                 }
             }
@@ -401,6 +408,12 @@ fn openai_models(body: &[u8]) -> HashSet<String> {
     serde_json::from_slice::<List>(body)
         .map(|l| l.data.into_iter().map(|i| i.id).collect())
         .unwrap_or_default()
+}
+
+/// Whether a vLLM `GET /is_sleeping` answer says `{"is_sleeping": true}`.
+fn is_sleeping(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v["is_sleeping"] == serde_json::Value::Bool(true))
 }
 
 /// The background service: ticks every pool.
