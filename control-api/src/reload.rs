@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use weir_policies::model::{InferencePool, InferenceProtocol};
+use weir_policies::model::{HttpReload, InferencePool, InferenceProtocol};
 
 use crate::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::kserve::{ModelMetadataRequest, ModelReadyRequest, RepositoryModelLoadRequest};
@@ -143,10 +143,15 @@ impl Relay {
                 InferenceProtocol::KserveGrpc => {
                     kserve_reload(ep, &req.model, pool.reload.max_wait).await
                 }
-                InferenceProtocol::Openai => Err(
-                    "rollouts call KServe's RepositoryModelLoad; OpenAI-style servers have no standard reload call yet: publish start/finished from your own tooling"
-                        .to_string(),
-                ),
+                InferenceProtocol::Openai => match &pool.reload.http {
+                    Some(call) => {
+                        http_reload(ep, &req.model, &req.version, call, pool.reload.max_wait).await
+                    }
+                    None => Err(format!(
+                        "pool {:?} has no reload.http call: OpenAI-style servers have no standard reload API (set reload.http, or publish start/finished from your own tooling)",
+                        pool.name
+                    )),
+                },
             };
             let result = result.and_then(|v| {
                 if req.version.is_empty() || v == req.version {
@@ -227,6 +232,88 @@ async fn kserve_reload(endpoint: &str, model: &str, limit: Duration) -> Result<S
         .last()
         .cloned()
         .ok_or_else(|| "ModelMetadata lists no version".to_string())
+}
+
+/// The pool's own HTTP reload call (`{model}`, `{version}` expanded), then waits (up to
+/// `limit`) until `ready_path` answers 200 (listing the model, when it is a model list).
+/// OpenAI-style servers do not report a weights version: the rollout's `version` is it.
+async fn http_reload(
+    endpoint: &str,
+    model: &str,
+    version: &str,
+    call: &HttpReload,
+    limit: Duration,
+) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    if version.is_empty() {
+        return Err(
+            "an HTTP reload needs the version being rolled out (--version): OpenAI-style servers do not report one"
+                .into(),
+        );
+    }
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let send = |method: &str, path: &str, body: Option<String>| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{endpoint}{path}"));
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or_default(),
+        )));
+        let client = client.clone();
+        async move {
+            let req = req.map_err(|e| e.to_string())?;
+            let call = async {
+                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                Ok::<_, String>((status, body))
+            };
+            tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .map_err(|_| "no answer in 30 s".to_string())?
+        }
+    };
+    let path = HttpReload::expand(&call.path, model, version);
+    let body = call
+        .body
+        .as_deref()
+        .map(|b| HttpReload::expand(b, model, version));
+    let (status, text) = send(&call.method, &path, body)
+        .await
+        .map_err(|e| format!("{} {path}: {e}", call.method))?;
+    if !(200..300).contains(&status) {
+        return Err(format!(
+            "{} {path}: {status} {}",
+            call.method,
+            String::from_utf8_lossy(&text)
+        ));
+    }
+    let until = Instant::now() + limit;
+    loop {
+        if let Ok((200, body)) = send("GET", &call.ready_path, None).await {
+            let listed = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["data"].as_array().cloned());
+            let ready = listed.is_none_or(|models| models.iter().any(|m| m["id"] == model));
+            if ready {
+                return Ok(version.to_string());
+            }
+        }
+        if Instant::now() >= until {
+            return Err(format!("{model} not ready on {endpoint} after {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 type Events = Pin<Box<dyn Stream<Item = Result<ReloadEvent, Status>> + Send>>;

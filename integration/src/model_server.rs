@@ -266,13 +266,40 @@ async fn openai(
         _ => {}
     }
     if path == "/v1/models" {
+        // Models that are loading are not listed.
         let data: Vec<serde_json::Value> = models
             .lock()
             .unwrap()
-            .keys()
-            .map(|name| serde_json::json!({"id": name, "object": "model", "owned_by": "weir-sim"}))
+            .iter()
+            .filter(|(_, m)| m.ready)
+            .map(|(name, _)| serde_json::json!({"id": name, "object": "model", "owned_by": "weir-sim"}))
             .collect();
         return json_reply(200, serde_json::json!({"object": "list", "data": data}));
+    }
+    if path == "/update_weights_from_disk" {
+        // SGLang's reload call: every model of the server loads the weights at `model_path`;
+        // a path ending in a number names the version.
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let v: serde_json::Value = body
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let Some(model_path) = v["model_path"].as_str() else {
+            return json_reply(
+                400,
+                serde_json::json!({"success": false, "message": "model_path is required"}),
+            );
+        };
+        let version = model_path
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok());
+        let names = models.lock().unwrap().keys().cloned().collect();
+        reload(&models, names, version);
+        return json_reply(
+            200,
+            serde_json::json!({"success": true, "message": "loading"}),
+        );
     }
     let chat = match path.as_str() {
         "/v1/chat/completions" => true,
@@ -604,24 +631,7 @@ impl GrpcInferenceService for Sim {
         &self,
         r: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let name = r.get_ref().model_name.clone();
-        self.0
-            .lock()
-            .unwrap()
-            .entry(name.clone())
-            .or_insert(SimModel {
-                version: 0,
-                ready: false,
-            })
-            .ready = false;
-        let state = self.0.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RELOAD_TIME).await;
-            if let Some(m) = state.lock().unwrap().get_mut(&name) {
-                m.version += 1;
-                m.ready = true;
-            }
-        });
+        reload(&self.0, vec![r.get_ref().model_name.clone()], None);
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -634,6 +644,37 @@ impl GrpcInferenceService for Sim {
         }
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
+}
+
+/// Simulates loading new weights for `names`: unready for [`RELOAD_TIME`], then serving
+/// `version` (default: the next one).
+fn reload(
+    models: &Arc<Mutex<HashMap<String, SimModel>>>,
+    names: Vec<String>,
+    version: Option<u32>,
+) {
+    for name in &names {
+        models
+            .lock()
+            .unwrap()
+            .entry(name.clone())
+            .or_insert(SimModel {
+                version: 0,
+                ready: false,
+            })
+            .ready = false;
+    }
+    let models = models.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RELOAD_TIME).await;
+        let mut models = models.lock().unwrap();
+        for name in names {
+            if let Some(m) = models.get_mut(&name) {
+                m.version = version.unwrap_or(m.version + 1);
+                m.ready = true;
+            }
+        }
+    });
 }
 
 /// A response stream fed by a task through a bounded channel.

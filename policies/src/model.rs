@@ -1,6 +1,7 @@
 //! The YAML schema users write by hand. Every struct denies unknown fields so a typo is an
 //! error that names the field, never a silently ignored setting.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -503,6 +504,11 @@ pub struct InferencePool {
     /// prompt); a request whose model is not found within it is refused with 400.
     #[serde(default = "default_max_body")]
     pub max_body: u32,
+    /// Traffic split by weights version during a rollout: model → version → weight. A new
+    /// request that pins no version (`x-weir-model-version`) picks one of the listed versions
+    /// some endpoint is serving now, by weight; with none of them serving, any version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub version_split: BTreeMap<String, BTreeMap<String, u32>>,
 }
 
 fn default_pool_max_in_flight() -> u32 {
@@ -631,6 +637,10 @@ pub struct PoolReload {
     /// OpenAI `GET /v1/models`); 0 turns polling off.
     #[serde(default = "default_poll_interval", with = "crate::duration")]
     pub poll_interval: Duration,
+    /// How `weir-control reload` asks an OpenAI-style server (vLLM, SGLang) to load new
+    /// weights; KServe pools use `RepositoryModelLoad`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpReload>,
 }
 
 impl Default for PoolReload {
@@ -640,7 +650,41 @@ impl Default for PoolReload {
             max_wait: default_reload_wait(),
             warmup: true,
             poll_interval: default_poll_interval(),
+            http: None,
         }
+    }
+}
+
+/// One HTTP request to an endpoint that makes it load new weights, for servers whose reload
+/// API is their own (SGLang's `POST /update_weights_from_disk`, a vLLM deployment's RPC).
+/// `{model}` and `{version}` in `path` and `body` are replaced by the model's name and the
+/// version being rolled out.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpReload {
+    #[serde(default = "default_reload_method")]
+    pub method: String,
+    pub path: String,
+    /// A JSON body, sent with `content-type: application/json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Polled with GET after the call until it answers 200 (and, when it is an OpenAI model
+    /// list, lists the model).
+    #[serde(default = "default_ready_path")]
+    pub ready_path: String,
+}
+
+fn default_reload_method() -> String {
+    "POST".into()
+}
+fn default_ready_path() -> String {
+    "/v1/models".into()
+}
+
+impl HttpReload {
+    /// `text` with `{model}` and `{version}` replaced.
+    pub fn expand(text: &str, model: &str, version: &str) -> String {
+        text.replace("{model}", model).replace("{version}", version)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The validated, compiled form of a config. Immutable: the proxy swaps whole snapshots, and a
 //! request reads the one it started with until it ends.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -239,6 +239,8 @@ pub struct InferencePool {
     pub reload: model::PoolReload,
     pub metrics: Option<model::PoolMetrics>,
     pub max_body: usize,
+    /// model → (version, weight), weights above 0 only.
+    pub version_split: BTreeMap<String, Vec<(String, u32)>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

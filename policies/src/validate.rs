@@ -1,7 +1,7 @@
 //! Turns a parsed [`Config`] into a [`Snapshot`], collecting every problem with the path of the
 //! field it concerns.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -355,6 +355,42 @@ impl Validator {
         })
     }
 
+    /// A pool's `version_split`: each model must be one the pool serves, each split must give
+    /// some version a weight.
+    fn version_split(
+        &mut self,
+        at: &str,
+        p: &model::InferencePool,
+    ) -> BTreeMap<String, Vec<(String, u32)>> {
+        let mut out = BTreeMap::new();
+        for (model, split) in &p.version_split {
+            let field = format!("{at}.version_split.{model}");
+            if !p
+                .endpoints
+                .iter()
+                .any(|e| e.models.iter().any(|m| &m.name == model))
+            {
+                self.problem(
+                    field.clone(),
+                    format!("no endpoint of the pool serves {model:?}"),
+                );
+            }
+            if split.keys().any(String::is_empty) {
+                self.problem(field.clone(), "a version may not be empty");
+            }
+            let weighted: Vec<(String, u32)> = split
+                .iter()
+                .filter(|(_, w)| **w > 0)
+                .map(|(v, w)| (v.clone(), *w))
+                .collect();
+            if weighted.is_empty() {
+                self.problem(field, "give at least one version a weight above 0");
+            }
+            out.insert(model.clone(), weighted);
+        }
+        out
+    }
+
     /// Validates the pools and adds the cluster each one forms to `clusters`.
     fn pools(
         &mut self,
@@ -459,6 +495,25 @@ impl Validator {
             if p.reload.drain_deadline.is_zero() {
                 self.problem(format!("{at}.reload.drain_deadline"), "must be positive");
             }
+            if let Some(h) = &p.reload.http {
+                if p.protocol != model::InferenceProtocol::Openai {
+                    self.problem(
+                        format!("{at}.reload.http"),
+                        "only for openai pools (kserve_grpc pools reload with RepositoryModelLoad)",
+                    );
+                }
+                if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&h.method.as_str()) {
+                    self.problem(
+                        format!("{at}.reload.http.method"),
+                        "expected GET, POST, PUT, PATCH or DELETE",
+                    );
+                }
+                for (name, path) in [("path", &h.path), ("ready_path", &h.ready_path)] {
+                    if !path.starts_with('/') {
+                        self.problem(format!("{at}.reload.http.{name}"), "must start with /");
+                    }
+                }
+            }
             let cluster = clusters.len();
             index.insert(p.name.clone(), cluster);
             clusters.push(Cluster {
@@ -494,6 +549,7 @@ impl Validator {
                 reload: p.reload.clone(),
                 metrics: p.metrics.clone(),
                 max_body: p.max_body as usize,
+                version_split: self.version_split(&at, p),
             });
         }
         out

@@ -348,4 +348,61 @@ fn inference_pool_mistakes_name_their_field() {
         text[1].contains("routes[0].route: set exactly one of cluster, weighted_clusters or pool"),
         "{text:?}"
     );
+    // An HTTP reload call is for OpenAI-style servers only, and must be a sane request.
+    let errs = errors(&POOL.replace(
+        "drain_deadline: 1m }",
+        "drain_deadline: 1m, http: { method: FETCH, path: update } }",
+    ));
+    let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 3, "{text:?}");
+    assert!(text[0].contains("inference_pools[0].reload.http: only for openai pools"));
+    assert!(text[1].contains("inference_pools[0].reload.http.method: expected GET, POST"));
+    assert!(text[2].contains("inference_pools[0].reload.http.path: must start with /"));
+}
+
+#[test]
+fn a_version_split_names_models_the_pool_serves() {
+    let s = load_str(
+        "weir.yaml",
+        &format!("{POOL}    version_split: {{ llama: {{ \"3\": 9, \"4\": 1, \"5\": 0 }} }}\n"),
+    )
+    .expect("valid");
+    assert_eq!(
+        s.pools[0].version_split["llama"],
+        vec![("3".to_string(), 9), ("4".to_string(), 1)],
+        "versions with weight 0 take no traffic"
+    );
+    let errs = errors(&format!(
+        "{POOL}    version_split: {{ mistral: {{ \"1\": 1 }}, llama: {{ \"3\": 0 }} }}\n"
+    ));
+    let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 2, "{text:?}");
+    assert!(
+        text.iter().any(|t| t.contains("weir.yaml:10:")
+            && t.contains("inference_pools[0].version_split.mistral: no endpoint of the pool serves \"mistral\"")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("version_split.llama: give at least one version a weight")),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn an_openai_pool_takes_an_http_reload_call() {
+    let text = POOL.replace("kserve_grpc", "openai").replace(
+        "drain_deadline: 1m }",
+        "drain_deadline: 1m, http: { path: /update_weights_from_disk, body: '{\"model_path\": \"/w/{model}/{version}\"}' } }",
+    );
+    let s = load_str("weir.yaml", &text).expect("valid");
+    let h = s.pools[0].reload.http.as_ref().expect("http reload");
+    assert_eq!(
+        (h.method.as_str(), h.ready_path.as_str()),
+        ("POST", "/v1/models")
+    );
+    assert_eq!(
+        weir_policies::model::HttpReload::expand(h.body.as_deref().unwrap(), "llama", "7"),
+        r#"{"model_path": "/w/llama/7"}"#
+    );
 }

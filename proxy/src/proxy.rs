@@ -303,6 +303,11 @@ impl WeirProxy {
                 format!("pool {:?} serves no model {n:?}", cfg.name),
             )),
             Some((_, Some((model, adapter)))) => {
+                let version = version.or_else(|| {
+                    cfg.version_split
+                        .get(&model)
+                        .and_then(|split| pool.split_version(&model, split))
+                });
                 let need = Need {
                     model: &model,
                     version: version.as_deref(),

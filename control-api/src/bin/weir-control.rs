@@ -42,14 +42,16 @@ enum Command {
         token_file: Option<PathBuf>,
     },
     /// Reload a model's weights on every endpoint of an inference pool, one at a time: drain
-    /// it on every proxy, call the server's reload API (KServe `RepositoryModelLoad`), wait
-    /// until it is ready, return it to rotation.
+    /// it on every proxy, call the server's reload API (KServe `RepositoryModelLoad`; for
+    /// OpenAI pools the pool's `reload.http` call), wait until it is ready, return it to
+    /// rotation.
     Reload {
         #[arg(long)]
         pool: String,
         #[arg(long)]
         model: String,
         /// The version the servers must report afterwards; default: whatever they report.
+        /// Required for OpenAI pools, whose servers report none.
         #[arg(long, default_value = "")]
         version: String,
         /// How long proxies get to drain an endpoint (default: the pool's drain deadline).

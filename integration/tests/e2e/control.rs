@@ -679,7 +679,38 @@ async fn filter_chains_come_from_the_control_plane_and_a_bad_module_is_nacked() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a_stream() {
+async fn weir_control_reload_rolls_a_kserve_pool_through_new_weights_without_breaking_a_stream() {
+    rollout_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weir_control_reload_rolls_an_openai_pool_through_its_http_reload_call() {
+    rollout_under_load(true).await;
+}
+
+/// One stream of `tokens` tokens through `listen` (KServe gRPC, or OpenAI SSE when `openai`);
+/// its weights version.
+async fn one_stream(
+    listen: SocketAddr,
+    openai: bool,
+    id: &str,
+    tokens: u64,
+) -> Result<String, String> {
+    use weir_integration::inference_client::{sse_stream, stream_once};
+    if openai {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        sse_stream(&client, listen, tokens).await.map(|(v, _)| v)
+    } else {
+        stream_once(listen, id, tokens as i64).await
+    }
+}
+
+/// `weir-control reload` rolls a two-replica pool to version 2 while 12 clients stream
+/// through weir: no stream breaks, and the proxy serves version 2 on both afterwards. KServe
+/// pools reload with `RepositoryModelLoad`, OpenAI pools with their `reload.http` call.
+async fn rollout_under_load(openai: bool) {
     use weir_integration::model_server::ModelServer;
     let sims = [
         ModelServer::start(&["llama"]).await,
@@ -692,14 +723,22 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         .map(|s| {
             format!(
                 "      - {{ address: \"{}\", models: [{{ name: llama, version: \"1\" }}] }}",
-                s.addr
+                if openai { s.http_addr } else { s.addr }
             )
         })
         .collect();
+    let (protocol, http) = if openai {
+        (
+            "openai",
+            ", http: { path: /update_weights_from_disk, body: '{\"model_path\": \"/weights/{model}/{version}\"}' }",
+        )
+    } else {
+        ("kserve_grpc", "")
+    };
     std::fs::write(
         f.policies.join("ai.yaml"),
         format!(
-            "listeners:\n  - {{ name: main, address: \"{listen}\" }}\nroutes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: kserve_grpc\n    endpoints:\n{}\n    reload: {{ drain_deadline: 20s, poll_interval: 0s }}\n",
+            "listeners:\n  - {{ name: main, address: \"{listen}\" }}\nroutes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: {protocol}\n    endpoints:\n{}\n    reload: {{ drain_deadline: 20s, poll_interval: 0s{http} }}\n",
             eps.join("\n")
         ),
     )
@@ -710,10 +749,7 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         &control_args(cp, &f.state, admin, Some(&f.token)),
         admin,
     );
-    assert_eq!(
-        weir_integration::inference_client::stream_once(listen, "first", 3).await,
-        Ok("1".into())
-    );
+    assert_eq!(one_stream(listen, openai, "first", 3).await, Ok("1".into()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..12 {
@@ -721,9 +757,7 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         clients.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match weir_integration::inference_client::stream_once(listen, &format!("c{c}"), 10)
-                    .await
-                {
+                match one_stream(listen, openai, &format!("c{c}"), 10).await {
                     Ok(_) => ok += 1,
                     Err(e) => failed.push(e),
                 }
@@ -768,7 +802,10 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         "{text}"
     );
     for s in &sims {
-        assert!(text.contains(&format!("{} finished 2", s.addr)), "{text}");
+        let ep = if openai { s.http_addr } else { s.addr };
+        assert!(text.contains(&format!("{ep} finished 2")), "{text}");
+        // The server itself runs the new weights (the SGLang-style call named version 2).
+        assert_eq!(s.models.lock().unwrap()["llama"].version, 2);
     }
     // The proxy heard both finishes and warmed both endpoints up.
     let w = weir.admin;
@@ -800,8 +837,5 @@ async fn weir_control_reload_rolls_a_pool_through_new_weights_without_breaking_a
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 24, "streams kept flowing: {ok}");
-    assert_eq!(
-        weir_integration::inference_client::stream_once(listen, "last", 3).await,
-        Ok("2".into())
-    );
+    assert_eq!(one_stream(listen, openai, "last", 3).await, Ok("2".into()));
 }

@@ -243,6 +243,39 @@ async fn a_sleeping_vllm_replica_is_drained_until_it_wakes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_split_shares_requests_between_serving_versions() {
+    let old = ModelServer::start_with(&["llama"], 1).await;
+    let new = ModelServer::start_with(&["llama"], 2).await;
+    let s = start(&format!(
+        "routes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: openai\n    endpoints:\n      - {{ address: \"{}\", models: [{{ name: llama, version: \"1\" }}] }}\n      - {{ address: \"{}\", models: [{{ name: llama, version: \"2\" }}] }}\n    reload: {{ poll_interval: 0s }}\n    version_split: {{ llama: {{ \"1\": 3, \"2\": 1 }} }}\n",
+        old.http_addr, new.http_addr
+    ));
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    let count_v2 = |n: usize, headers: &'static [(&'static str, &'static str)]| {
+        let (listen, ask) = (s.listen, ask.clone());
+        async move {
+            let mut v2 = 0;
+            for _ in 0..n {
+                let (status, body) = completion(listen, ask.clone(), headers).await;
+                assert_eq!(status, 200, "{body}");
+                v2 += usize::from(body.contains("v2-token0"));
+            }
+            v2
+        }
+    };
+    // 3:1 — about a quarter of 300 requests on version 2 (the bounds are over 6 sigma wide).
+    let v2 = count_v2(300, &[]).await;
+    assert!((30..=120).contains(&v2), "{v2} of 300 on version 2");
+    // A pinned version wins over the split.
+    assert_eq!(count_v2(10, &[("x-weir-model-version", "2")]).await, 10);
+    // Version 2's only replica drains for a reload: the split falls back to what serves.
+    reload_signal(s.weir.admin, "llm", new.http_addr, "start", "")
+        .await
+        .unwrap();
+    assert_eq!(count_v2(20, &[]).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scraped_load_steers_requests_to_the_idle_replica() {
     let a = ModelServer::start_with(&["llama"], 1).await;
     let b = ModelServer::start_with(&["llama"], 2).await;

@@ -298,6 +298,26 @@ impl PoolState {
         }
     }
 
+    /// The version a new request for `model` runs on under the pool's `split` (version,
+    /// weight): one of the split's versions some endpoint serves now, by weight; `None` when
+    /// none of them is being served.
+    pub fn split_version(&self, model: &str, split: &[(String, u32)]) -> Option<String> {
+        let serving: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                e.models()
+                    .iter()
+                    .find(|m| m.name == model && m.reload.phase == Phase::Serving)
+                    .map(|m| m.reload.version.clone())
+            })
+            .collect();
+        pick_weighted(
+            split.iter().filter(|(v, _)| serving.contains(v)),
+            fastrand::u32(..),
+        )
+    }
+
     /// Whether any model of any endpoint is mid-reload (the driver ticks faster then).
     pub fn reloading(&self) -> bool {
         self.endpoints
@@ -426,5 +446,44 @@ impl WaitSlot {
 impl Drop for WaitSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The entry of `items` (version, weight) that `roll` falls on, each taking a share of the
+/// total weight in order.
+fn pick_weighted<'a>(
+    items: impl Iterator<Item = &'a (String, u32)> + Clone,
+    roll: u32,
+) -> Option<String> {
+    let total: u64 = items.clone().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut at = u64::from(roll) % total;
+    for (v, w) in items {
+        if at < u64::from(*w) {
+            return Some(v.clone());
+        }
+        at -= u64::from(*w);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_weighted;
+
+    #[test]
+    fn weighted_pick_gives_each_entry_its_share() {
+        let split = [("1".to_string(), 3), ("2".to_string(), 1)];
+        let picks: Vec<Option<String>> = (0..4).map(|r| pick_weighted(split.iter(), r)).collect();
+        assert_eq!(
+            picks,
+            ["1", "1", "1", "2"].map(|v| Some(v.to_string())).to_vec()
+        );
+        assert_eq!(pick_weighted(split[1..].iter(), 12345), Some("2".into()));
+        assert_eq!(pick_weighted([].iter(), 7), None);
+        let zero = [("1".to_string(), 0)];
+        assert_eq!(pick_weighted(zero.iter(), 7), None);
     }
 }
