@@ -2,13 +2,13 @@
 //! relays them to every subscribed proxy (late subscribers first get the latest event of each
 //! endpoint's model), and `Rollout` reloads a whole pool one endpoint at a time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -17,7 +17,10 @@ use weir_policies::model::{HttpReload, InferencePool, InferenceProtocol};
 use crate::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::kserve::{ModelMetadataRequest, ModelReadyRequest, RepositoryModelLoadRequest};
 use crate::pb::weight_reload_server::WeightReload;
-use crate::pb::{PublishResponse, ReloadEvent, RolloutProgress, RolloutRequest, SubscribeRequest};
+use crate::pb::{
+    DrainedReport, DrainedResponse, PublishResponse, ReloadEvent, RolloutProgress, RolloutRequest,
+    SubscribeRequest,
+};
 use crate::server::ControlPlane;
 
 /// Events a slow subscriber may fall behind by before it misses some (it is told to resync by
@@ -34,6 +37,9 @@ pub struct Relay {
     /// The newest event by (pool, endpoint, model).
     latest: Arc<Mutex<BTreeMap<EventKey, ReloadEvent>>>,
     sequence: Arc<AtomicU64>,
+    /// Proxies subscribed now (node id → open streams).
+    nodes: Arc<Mutex<HashMap<String, usize>>>,
+    drain_reports: Arc<DrainReports>,
 }
 
 impl Relay {
@@ -44,6 +50,8 @@ impl Relay {
             tx: broadcast::channel(BACKLOG).0,
             latest: Arc::default(),
             sequence: Arc::default(),
+            nodes: Arc::default(),
+            drain_reports: Arc::default(),
         }
     }
 
@@ -87,102 +95,203 @@ impl Relay {
         }
     }
 
-    /// Reloads `model` on every endpoint of `pool` that serves it, one at a time, reporting
-    /// each step to `progress`. Stops at the first failure.
+    /// Reloads `model` on every endpoint of `pool` that serves it, `req.parallel` at a time,
+    /// reporting each step to `progress`. Stops after the first batch with a failure.
     async fn rollout(
         &self,
         pool: InferencePool,
         req: RolloutRequest,
         progress: mpsc::Sender<Result<RolloutProgress, Status>>,
     ) {
-        let say = |endpoint: &str, step: &str, version: &str, message: String| {
-            let p = RolloutProgress {
-                endpoint: endpoint.into(),
-                step: step.into(),
-                version: version.into(),
-                message,
-            };
-            let progress = progress.clone();
-            async move {
-                let _ = progress.send(Ok(p)).await;
+        let endpoints: Vec<&str> = pool
+            .endpoints
+            .iter()
+            .filter(|e| e.models.iter().any(|m| m.name == req.model))
+            .map(|e| e.address.as_str())
+            .collect();
+        let progress = Progress(progress);
+        for batch in endpoints.chunks(req.parallel.max(1) as usize) {
+            let results = futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|ep| self.reload_endpoint(&pool, &req, ep, &progress)),
+            )
+            .await;
+            if results.contains(&false) {
+                return;
             }
-        };
+        }
+    }
+
+    /// One endpoint's reload: start, wait for every subscribed proxy to drain it (at most the
+    /// drain wait), the server's reload call, finished (or failed). Whether it succeeded.
+    async fn reload_endpoint(
+        &self,
+        pool: &InferencePool,
+        req: &RolloutRequest,
+        ep: &str,
+        progress: &Progress,
+    ) -> bool {
         let drain = if req.drain_wait_ms > 0 {
             Duration::from_millis(u64::from(req.drain_wait_ms))
         } else {
             pool.reload.drain_deadline
         };
-        let endpoints = pool
-            .endpoints
-            .iter()
-            .filter(|e| e.models.iter().any(|m| m.name == req.model));
-        for e in endpoints {
-            let ep = e.address.as_str();
-            let publish = |event: &str, version: &str| {
-                self.publish(Self::event(&pool.name, ep, &req.model, event, version))
-            };
-            if let Err(s) = publish("start", "") {
-                return say(ep, "failed", "", s.message().to_string()).await;
-            }
-            say(
+        let publish = |event: &str, version: &str| {
+            self.publish(Self::event(&pool.name, ep, &req.model, event, version))
+        };
+        let start = match publish("start", "") {
+            Ok(sequence) => sequence,
+            Err(s) => return progress.failed(ep, s.message().to_string()).await,
+        };
+        progress
+            .say(
                 ep,
                 "draining",
                 "",
-                format!("waiting {drain:?} for proxies to drain"),
+                format!("waiting up to {drain:?} for proxies to drain"),
             )
             .await;
-            tokio::time::sleep(drain).await;
-            say(
+        let began = Instant::now();
+        let (drained, subscribed) = self.wait_drained(start, drain).await;
+        progress
+            .say(
                 ep,
                 "reloading",
                 "",
-                "asking the server to load new weights".into(),
+                format!(
+                    "{drained} of {subscribed} subscribed proxies drained in {:.2} s; asking the server to load new weights",
+                    began.elapsed().as_secs_f64()
+                ),
             )
             .await;
-            let result = match pool.protocol {
-                InferenceProtocol::KserveGrpc => {
-                    kserve_reload(ep, &req.model, pool.reload.max_wait).await
+        let result = match pool.protocol {
+            InferenceProtocol::KserveGrpc => kserve_reload(ep, &req.model, pool.reload.max_wait).await,
+            InferenceProtocol::Openai => match &pool.reload.http {
+                Some(call) => {
+                    http_reload(ep, &req.model, &req.version, call, pool.reload.max_wait).await
                 }
-                InferenceProtocol::Openai => match &pool.reload.http {
-                    Some(call) => {
-                        http_reload(ep, &req.model, &req.version, call, pool.reload.max_wait).await
-                    }
-                    None => Err(format!(
-                        "pool {:?} has no reload.http call: OpenAI-style servers have no standard reload API (set reload.http, or publish start/finished from your own tooling)",
-                        pool.name
-                    )),
-                },
-            };
-            let result = result.and_then(|v| {
-                if req.version.is_empty() || v == req.version {
-                    Ok(v)
-                } else {
-                    Err(format!(
-                        "the server reports version {v}, not {}",
-                        req.version
-                    ))
-                }
-            });
-            let version = match result {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = self.publish(ReloadEvent {
-                        reason: e.clone(),
-                        ..Self::event(&pool.name, ep, &req.model, "failed", "")
-                    });
-                    return say(ep, "failed", "", e).await;
-                }
-            };
-            if let Err(s) = publish("finished", &version) {
-                return say(ep, "failed", "", s.message().to_string()).await;
+                None => Err(format!(
+                    "pool {:?} has no reload.http call: OpenAI-style servers have no standard reload API (set reload.http, or publish start/finished from your own tooling)",
+                    pool.name
+                )),
+            },
+        };
+        let result = result.and_then(|v| {
+            if req.version.is_empty() || v == req.version {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "the server reports version {v}, not {}",
+                    req.version
+                ))
             }
-            say(
+        });
+        let version = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.publish(ReloadEvent {
+                    reason: e.clone(),
+                    ..Self::event(&pool.name, ep, &req.model, "failed", "")
+                });
+                return progress.failed(ep, e).await;
+            }
+        };
+        if let Err(s) = publish("finished", &version) {
+            return progress.failed(ep, s.message().to_string()).await;
+        }
+        progress
+            .say(
                 ep,
                 "finished",
                 &version,
                 "back in rotation after the proxies' warm-up".into(),
             )
             .await;
+        true
+    }
+
+    /// Waits until every proxy subscribed now has reported the start event `sequence`
+    /// drained, for at most `limit`. Returns (drained, subscribed) at the end.
+    async fn wait_drained(&self, sequence: u64, limit: Duration) -> (usize, usize) {
+        let until = Instant::now() + limit;
+        loop {
+            let changed = self.drain_reports.notify.notified();
+            let counts = {
+                let nodes = lock(&self.nodes);
+                let reports = lock(&self.drain_reports.by_start);
+                let done = reports
+                    .get(&sequence)
+                    .map_or(0, |d| nodes.keys().filter(|n| d.contains(*n)).count());
+                (done, nodes.len())
+            };
+            let now = Instant::now();
+            if counts.0 == counts.1 || now >= until {
+                lock(&self.drain_reports.by_start).remove(&sequence);
+                return counts;
+            }
+            let _ =
+                tokio::time::timeout((until - now).min(Duration::from_millis(100)), changed).await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drain reports from proxies: the node ids that drained each start event, by its sequence.
+#[derive(Default)]
+struct DrainReports {
+    by_start: Mutex<BTreeMap<u64, HashSet<String>>>,
+    notify: Notify,
+}
+
+/// Where a rollout reports its steps.
+struct Progress(mpsc::Sender<Result<RolloutProgress, Status>>);
+
+impl Progress {
+    async fn say(&self, endpoint: &str, step: &str, version: &str, message: String) {
+        let p = RolloutProgress {
+            endpoint: endpoint.into(),
+            step: step.into(),
+            version: version.into(),
+            message,
+        };
+        let _ = self.0.send(Ok(p)).await;
+    }
+
+    /// Reports a failed step; returns false (the endpoint was not reloaded).
+    async fn failed(&self, endpoint: &str, message: String) -> bool {
+        self.say(endpoint, "failed", "", message).await;
+        false
+    }
+}
+
+/// Counts a proxy's open `Subscribe` stream in `nodes` while it lives.
+struct Subscribed {
+    nodes: Arc<Mutex<HashMap<String, usize>>>,
+    node: String,
+}
+
+impl Subscribed {
+    fn new(nodes: &Arc<Mutex<HashMap<String, usize>>>, node: String) -> Self {
+        *lock(nodes).entry(node.clone()).or_default() += 1;
+        Self {
+            nodes: nodes.clone(),
+            node,
+        }
+    }
+}
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        let mut nodes = lock(&self.nodes);
+        if let Some(n) = nodes.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                nodes.remove(&self.node);
+            }
         }
     }
 }
@@ -317,7 +426,7 @@ async fn http_reload(
 }
 
 type Events = Pin<Box<dyn Stream<Item = Result<ReloadEvent, Status>> + Send>>;
-type Progress = Pin<Box<dyn Stream<Item = Result<RolloutProgress, Status>> + Send>>;
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<RolloutProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl WeightReload for Relay {
@@ -334,6 +443,14 @@ impl WeightReload for Relay {
 
     async fn subscribe(&self, req: Request<SubscribeRequest>) -> Result<Response<Events>, Status> {
         self.cp.check_token(&req)?;
+        let node = req
+            .get_ref()
+            .node
+            .as_ref()
+            .map(|n| n.id.clone())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Status::invalid_argument("node.id is required"))?;
+        let subscribed = Subscribed::new(&self.nodes, node);
         let mut rx = self.tx.subscribe();
         let backlog: Vec<ReloadEvent> = {
             let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
@@ -343,6 +460,7 @@ impl WeightReload for Relay {
         };
         let (tx, out) = mpsc::channel(64);
         tokio::spawn(async move {
+            let _subscribed = subscribed;
             let mut seen = 0;
             for ev in backlog {
                 seen = ev.sequence;
@@ -351,7 +469,12 @@ impl WeightReload for Relay {
                 }
             }
             loop {
-                match rx.recv().await {
+                // Ends as soon as the proxy goes away, so it no longer counts as subscribed.
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    next = rx.recv() => next,
+                };
+                match next {
                     // Already sent as part of the backlog.
                     Ok(ev) if ev.sequence <= seen => {}
                     Ok(ev) => {
@@ -374,9 +497,35 @@ impl WeightReload for Relay {
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
-    type RolloutStream = Progress;
+    async fn drained(
+        &self,
+        req: Request<DrainedReport>,
+    ) -> Result<Response<DrainedResponse>, Status> {
+        self.cp.check_token(&req)?;
+        let r = req.into_inner();
+        let node = r
+            .node
+            .map(|n| n.id)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Status::invalid_argument("node.id is required"))?;
+        let mut reports = lock(&self.drain_reports.by_start);
+        reports.entry(r.sequence).or_default().insert(node);
+        // Reports for starts no rollout waits on (published by other tooling) are not kept
+        // forever.
+        while reports.len() > 1024 {
+            reports.pop_first();
+        }
+        drop(reports);
+        self.drain_reports.notify.notify_waiters();
+        Ok(Response::new(DrainedResponse {}))
+    }
 
-    async fn rollout(&self, req: Request<RolloutRequest>) -> Result<Response<Progress>, Status> {
+    type RolloutStream = ProgressStream;
+
+    async fn rollout(
+        &self,
+        req: Request<RolloutRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
         self.cp.check_token(&req)?;
         let req = req.into_inner();
         let config = self.cp.config().map_err(Status::failed_precondition)?;

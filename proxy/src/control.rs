@@ -160,7 +160,9 @@ async fn subscribe_once(opts: &ClientOptions, inference: &Arc<Inference>) -> Res
         node: Some(opts.node.clone()),
     });
     weir_control::auth::authorize(&mut req, opts.token.as_deref())?;
-    let mut events = WeightReloadClient::new(channel)
+    let client = WeightReloadClient::new(channel);
+    let mut events = client
+        .clone()
         .subscribe(req)
         .await
         .map_err(|e| format!("{}: {}", e.code(), e.message()))?
@@ -170,6 +172,7 @@ async fn subscribe_once(opts: &ClientOptions, inference: &Arc<Inference>) -> Res
         .await
         .map_err(|e| format!("{}: {}", e.code(), e.message()))?
     {
+        let sequence = ev.sequence;
         let event = ReloadEvent {
             pool: ev.pool,
             endpoint: ev.endpoint,
@@ -181,6 +184,26 @@ async fn subscribe_once(opts: &ClientOptions, inference: &Arc<Inference>) -> Res
         // Events for pools or endpoints this proxy does not have are not for it.
         if let Err(e) = inference.signal(&event) {
             tracing::debug!("weight reload event ignored: {e}");
+        }
+        if event.event == "start" {
+            // Tell the control plane once no stream of ours is left on the endpoint (at
+            // once, when we do not have it), so a rollout need not wait out the deadline.
+            let (inference, mut client, opts) = (inference.clone(), client.clone(), opts.clone());
+            tokio::spawn(async move {
+                inference.wait_drained(&event).await;
+                let mut req = tonic::Request::new(weir_control::pb::DrainedReport {
+                    node: Some(opts.node.clone()),
+                    pool: event.pool,
+                    endpoint: event.endpoint,
+                    model: event.model,
+                    sequence,
+                });
+                if weir_control::auth::authorize(&mut req, opts.token.as_deref()).is_ok() {
+                    if let Err(e) = client.drained(req).await {
+                        tracing::debug!("drain report: {e}");
+                    }
+                }
+            });
         }
     }
     Ok(())

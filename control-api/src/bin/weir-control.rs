@@ -41,7 +41,8 @@ enum Command {
         #[arg(long, env = "WEIR_CONTROL_TOKEN_FILE")]
         token_file: Option<PathBuf>,
     },
-    /// Reload a model's weights on every endpoint of an inference pool, one at a time: drain
+    /// Reload a model's weights on every endpoint of an inference pool, one (or --parallel N)
+    /// at a time: drain
     /// it on every proxy, call the server's reload API (KServe `RepositoryModelLoad`; for
     /// OpenAI pools the pool's `reload.http` call), wait until it is ready, return it to
     /// rotation.
@@ -54,9 +55,13 @@ enum Command {
         /// Required for OpenAI pools, whose servers report none.
         #[arg(long, default_value = "")]
         version: String,
-        /// How long proxies get to drain an endpoint (default: the pool's drain deadline).
+        /// Longest wait for proxies to drain an endpoint (default: the pool's drain
+        /// deadline); the rollout moves on as soon as every subscribed proxy reports it drained.
         #[arg(long, value_parser = humantime::parse_duration)]
         drain_wait: Option<std::time::Duration>,
+        /// Endpoints reloaded at once.
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
         #[arg(long, default_value = DEFAULT_ADDR)]
         addr: SocketAddr,
         #[arg(long, env = "WEIR_CONTROL_TOKEN_FILE")]
@@ -107,6 +112,7 @@ async fn main() -> ExitCode {
             model,
             version,
             drain_wait,
+            parallel,
             addr,
             token_file,
         } => {
@@ -115,6 +121,7 @@ async fn main() -> ExitCode {
                 model,
                 version,
                 drain_wait_ms: drain_wait.map_or(0, |d| d.as_millis().min(u32::MAX as u128) as u32),
+                parallel,
             };
             rollout(addr, token_file, req).await
         }

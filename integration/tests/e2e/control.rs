@@ -707,9 +707,10 @@ async fn one_stream(
     }
 }
 
-/// `weir-control reload` rolls a two-replica pool to version 2 while 12 clients stream
-/// through weir: no stream breaks, and the proxy serves version 2 on both afterwards. KServe
-/// pools reload with `RepositoryModelLoad`, OpenAI pools with their `reload.http` call.
+/// `weir-control reload` rolls a two-replica pool to version 2 (one at a time for KServe,
+/// both at once for OpenAI) while 12 clients stream through weir: the proxy reports each
+/// drain, no stream breaks, and the proxy serves version 2 on both afterwards. KServe pools
+/// reload with `RepositoryModelLoad`, OpenAI pools with their `reload.http` call.
 async fn rollout_under_load(openai: bool) {
     use weir_integration::model_server::ModelServer;
     let sims = [
@@ -766,7 +767,9 @@ async fn rollout_under_load(openai: bool) {
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // The streams are 50 ms long: a 500 ms drain wait lets every proxy drain an endpoint.
+    // The streams are 50 ms long; the proxy reports each endpoint drained long before the
+    // 20 s drain wait. The OpenAI pool reloads both endpoints at once: requests wait for them.
+    let parallel = if openai { "2" } else { "1" };
     let out = tokio::task::spawn_blocking(move || {
         Command::new(sibling_binary("weir-control"))
             .args([
@@ -779,8 +782,10 @@ async fn rollout_under_load(openai: bool) {
                 "2",
             ])
             .args([
+                "--parallel",
+                parallel,
                 "--drain-wait",
-                "500ms",
+                "20s",
                 "--addr",
                 &cp.to_string(),
                 "--token-file",
@@ -800,6 +805,11 @@ async fn rollout_under_load(openai: bool) {
     assert!(
         text.contains("rollout done: 2 endpoints reloaded"),
         "{text}"
+    );
+    assert_eq!(
+        text.matches("1 of 1 subscribed proxies drained").count(),
+        2,
+        "the proxy reported each drain: {text}"
     );
     for s in &sims {
         let ep = if openai { s.http_addr } else { s.addr };

@@ -115,6 +115,45 @@ impl Inference {
         self.apply(id, index, &ev.model, signal, Origin::Explicit)
     }
 
+    /// Waits until this proxy has no stream left on the endpoint and model `ev` names, that
+    /// is until the model is no longer draining there (or this proxy does not have it), for at
+    /// most the pool's drain deadline and a little more.
+    pub async fn wait_drained(&self, ev: &ReloadEvent) {
+        let until = Instant::now()
+            + Duration::from_secs(2)
+            + self
+                .runtime
+                .load()
+                .snapshot
+                .pools
+                .iter()
+                .find(|p| p.name == ev.pool)
+                .map_or(Duration::ZERO, |p| p.reload.drain_deadline);
+        while Instant::now() < until {
+            let rt = self.runtime.load_full();
+            let draining = rt
+                .snapshot
+                .pools
+                .iter()
+                .position(|p| p.name == ev.pool)
+                .and_then(|id| {
+                    rt.pools[id]
+                        .endpoints
+                        .iter()
+                        .find(|e| e.address.to_string() == ev.endpoint)
+                })
+                .is_some_and(|e| {
+                    e.models().iter().any(|m| {
+                        m.name == ev.model && matches!(m.reload.phase, Phase::Draining { .. })
+                    })
+                });
+            if !draining {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Applies `signal` to pool `id`'s endpoint `index` in the current runtime and starts
     /// what it asks for.
     fn apply(
