@@ -151,6 +151,15 @@ pub type HttpClient = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
+/// An HTTP/1.1 client with keep-alive and `TCP_NODELAY` (a request's head and body are
+/// separate writes: with Nagle's algorithm the body would wait for the server's delayed ACK).
+pub fn http_client() -> HttpClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
 /// One streamed OpenAI completion of `tokens` tokens of `llama` from `addr`, read event by
 /// event as it arrives: checks the tokens come in order from one version and the stream ends
 /// with `data: [DONE]`. Returns the version and the timings.

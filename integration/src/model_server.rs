@@ -206,6 +206,8 @@ where
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            // As model servers do (uvicorn, Triton): each token goes out when it is written.
+            let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             all.lock().unwrap().spawn(async move {
                 let svc = hyper::service::service_fn(handler);

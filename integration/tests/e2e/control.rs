@@ -696,12 +696,11 @@ async fn one_stream(
     id: &str,
     tokens: u64,
 ) -> Result<String, String> {
-    use weir_integration::inference_client::{sse_stream, stream_once};
+    use weir_integration::inference_client::{http_client, sse_stream, stream_once};
     if openai {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
-        sse_stream(&client, listen, tokens).await.map(|(v, _)| v)
+        sse_stream(&http_client(), listen, tokens)
+            .await
+            .map(|(v, _)| v)
     } else {
         stream_once(listen, id, tokens as i64).await
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weir_integration::inference_client::{
-    kserve_client, reload_through_admin, sse_stream, stream_on, HttpClient, StreamTimes,
+    http_client, kserve_client, reload_through_admin, sse_stream, stream_on, StreamTimes,
 };
 use weir_integration::model_server::ModelServer;
 use weir_integration::weir_process::{admin_get, free_port};
@@ -107,9 +107,7 @@ async fn load(
         tasks.push(tokio::spawn(async move {
             let mut out = Load::default();
             let mut grpc = None;
-            let http: HttpClient =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http();
+            let http = http_client();
             let mut n = 0u64;
             while !until.done(start) {
                 let result = match protocol {
@@ -227,15 +225,38 @@ fn row(out: &mut String, protocol: Protocol, target: &str, l: &Load) {
     );
 }
 
-const HEADER: &str = "| protocol | target | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | per message p50 µs | p99 µs | p99.9 µs | failed | weir CPU µs/token |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+const HEADER: &str = "| protocol | target | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | per message p50 µs | p99 µs | p99.9 µs | failed | weir CPU µs/token |\n|---|---|---|---|---|---|---|---|---|---|---|";
 
-pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
-    tokio::runtime::Runtime::new()
-        .map_err(|e| e.to_string())?
-        .block_on(bench(weir_bin, opts))
+/// Puts the calling thread (and the threads it starts later) on CPU `cpu`.
+fn pin_to(cpu: usize) -> Res<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; sched_setaffinity reads
+    // `size_of::<cpu_set_t>()` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
-async fn bench(weir_bin: &Path, opts: Opts) -> Res<()> {
+pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
+    // The proxy gets a core of its own, as it would in production, and the clients and model
+    // servers the other, direct or through weir: tokens/s then shows whether weir keeps up.
+    let pinned = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    if pinned {
+        pin_to(0)?;
+    }
+    tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())?
+        .block_on(bench(weir_bin, opts, pinned))
+}
+
+async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
     let sims = [
         ModelServer::start(&["llama"]).await,
         ModelServer::start(&["llama"]).await,
@@ -245,10 +266,16 @@ async fn bench(weir_bin: &Path, opts: Opts) -> Res<()> {
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let conf = dir.path().join("weir.yaml");
     std::fs::write(&conf, config(listen, admin, &sims)).map_err(|e| e.to_string())?;
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(weir_bin);
+        c
+    } else {
+        Command::new(weir_bin)
+    };
     let weir = Proc::spawn(
         "weir",
-        Command::new(weir_bin)
-            .args(["run", "--threads", "1", "--config"])
+        cmd.args(["run", "--threads", "1", "--config"])
             .arg(&conf)
             .env("RUST_LOG", "warn"),
         &dir.path().join("weir.log"),
@@ -285,8 +312,13 @@ async fn bench(weir_bin: &Path, opts: Opts) -> Res<()> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nweir-bench inference: 2 simulated model servers (in the benchmark process), weir with 1 worker thread, {:?} per measurement, release build\n",
-        opts.duration
+        "\nweir-bench inference: 2 simulated model servers (in the benchmark process), weir with 1 worker thread, {:?} per measurement, release build; {}\n",
+        opts.duration,
+        if pinned {
+            "clients and servers on CPU 0, weir on CPU 1"
+        } else {
+            "one CPU: clients, servers and weir share it"
+        }
     );
     let mut failed = 0;
 
@@ -354,7 +386,7 @@ async fn bench(weir_bin: &Path, opts: Opts) -> Res<()> {
     let fast_tokens = 1000;
     let _ = writeln!(
         out,
-        "\nUnpaced: {} concurrent streams of {fast_tokens} tokens, no delay between tokens (client, servers and weir share the machine's cores)\n\n{HEADER}",
+        "\nUnpaced: {} concurrent streams of {fast_tokens} tokens, no delay between tokens\n\n{HEADER}",
         opts.streams
     );
     let mut worst_ratio = f64::INFINITY;

@@ -52,7 +52,7 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         streams: usize,
         /// Delay between tokens of a paced stream, e.g. 2ms.
-        #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
         token_delay: Duration,
         /// Concurrent streams during the rolling reload.
         #[arg(long, default_value_t = 200)]
