@@ -14,6 +14,7 @@ mod kserve_proto;
 mod lifecycle;
 mod reload;
 mod resilience;
+mod sockmap;
 
 use std::net::SocketAddr;
 use std::time::Duration;
