@@ -134,7 +134,7 @@ impl Capture {
             if got <= 0 {
                 return n;
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8
+            if from.sll_pkttype == libc::PACKET_OUTGOING
                 && tcp_payload(&buf[..got as usize], port) > 0
             {
                 n += 1;
