@@ -65,13 +65,32 @@ impl Weir {
 
     /// Starts `weir run ARGS --drain-timeout 10s` with its log in `dir`, and waits for `/ready`.
     pub fn spawn(dir: tempfile::TempDir, args: &[String], admin: SocketAddr) -> Self {
+        Self::spawn_wrapped(dir, args, admin, &[])
+    }
+
+    /// [`Weir::spawn`] through `wrapper` (a command that runs the rest of its arguments, such
+    /// as `capsh --drop=... --`), when not empty.
+    pub fn spawn_wrapped(
+        dir: tempfile::TempDir,
+        args: &[String],
+        admin: SocketAddr,
+        wrapper: &[&str],
+    ) -> Self {
         let config_path = dir.path().join("weir.yaml");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.path().join("weir.log"))
             .expect("log file");
-        let child = Command::new(weir_binary())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(weir_binary());
+                c
+            }
+            None => Command::new(weir_binary()),
+        };
+        let child = cmd
             .arg("run")
             .args(args)
             .args(["--drain-timeout", "10s"])

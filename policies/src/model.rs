@@ -29,6 +29,55 @@ pub struct Config {
     /// Policy folders only (`weir-control`): the proxies this file's resources go to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<Scope>,
+    /// The eBPF sockmap fast path for local connections: `sockmap`, or
+    /// `{ mode: sockmap, cgroup: PATH }`. Attached at start; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_path: Option<FastPath>,
+}
+
+/// `fast_path:` as written: a mode, or a mode with settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(
+    untagged,
+    expecting = "sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2 }"
+)]
+pub enum FastPath {
+    Mode(FastPathMode),
+    Settings(FastPathSettings),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FastPathMode {
+    Off,
+    /// `sock_ops` + `sk_msg` programs in a sockhash move bytes between local sockets.
+    Sockmap,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FastPathSettings {
+    pub mode: FastPathMode,
+    /// The cgroup v2 whose sockets are seen (default: the hierarchy's root). Both ends of a
+    /// connection must be in it to be accelerated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::path::PathBuf>,
+}
+
+impl FastPath {
+    pub fn mode(&self) -> FastPathMode {
+        match self {
+            FastPath::Mode(m) => *m,
+            FastPath::Settings(s) => s.mode,
+        }
+    }
+
+    pub fn cgroup(&self) -> Option<&std::path::Path> {
+        match self {
+            FastPath::Mode(_) => None,
+            FastPath::Settings(s) => s.cgroup.as_deref(),
+        }
+    }
 }
 
 /// Which proxies a policy file applies to; every condition given must hold.

@@ -23,6 +23,7 @@ pub struct AdminApp {
     pub drain: Arc<Drain>,
     pub filters: Arc<Filters>,
     pub inference: Arc<Inference>,
+    pub fast_path: Arc<crate::fast_path::FastPathState>,
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
@@ -172,6 +173,7 @@ impl ServeHttp for AdminApp {
                     );
                     text += &host.metrics().render();
                 }
+                self.fast_path.render(&mut text);
                 respond(200, "text/plain; version=0.0.4", text)
             }
             "/config_dump" => {
@@ -182,13 +184,18 @@ impl ServeHttp for AdminApp {
             }
             "/clusters" => respond(200, "application/json", format!("{:#}\n", self.clusters())),
             "/inference" => respond(200, "application/json", format!("{:#}\n", self.pools())),
+            "/ebpf" => respond(
+                200,
+                "application/json",
+                format!("{:#}\n", self.fast_path.status()),
+            ),
             "/inference/reload" if session.req_header().method == http::Method::POST => {
                 self.reload_signal(session).await
             }
             _ => respond(
                 404,
                 "text/plain",
-                "not found; try /ready, /stats/prometheus, /config_dump, /clusters, /inference\n"
+                "not found; try /ready, /stats/prometheus, /config_dump, /clusters, /inference, /ebpf\n"
                     .into(),
             ),
         }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod control;
 pub mod downstream;
 pub mod drain;
+pub mod fast_path;
 pub mod filters;
 pub mod grpc;
 pub mod health;

@@ -66,6 +66,54 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The eBPF sockmap fast path.
+    Ebpf {
+        #[command(subcommand)]
+        command: EbpfCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EbpfCommand {
+    /// What a running weir has attached, with its counters (asked on its admin endpoint).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+    },
+}
+
+/// Prints `GET /ebpf` of the weir whose admin endpoint is `admin`, for people.
+fn ebpf_status(admin: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))
+        .map_err(|e| format!("no weir admin endpoint on {admin}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(conn, "GET /ebpf HTTP/1.0\r\nHost: {admin}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| format!("{admin}/ebpf did not answer JSON ({e}): {text}"))?;
+    println!("mode: {}", v["mode"].as_str().unwrap_or("?"));
+    if v["attached"] != true {
+        println!("attached: no ({})", v["reason"].as_str().unwrap_or("?"));
+        return Ok(());
+    }
+    println!(
+        "attached: yes, to cgroup {}",
+        v["cgroup"].as_str().unwrap_or("?")
+    );
+    for p in v["programs"].as_array().into_iter().flatten() {
+        println!("  program {}", p.as_str().unwrap_or("?"));
+    }
+    println!("ports in scope: {}", v["ports"]);
+    println!("sockets in the sockhash: {}", v["sockets"]);
+    println!("counters:");
+    for (name, value) in v["counters"].as_object().into_iter().flatten() {
+        println!("  {name}: {value}");
+    }
+    Ok(())
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -113,6 +161,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
+        Command::Ebpf {
+            command: EbpfCommand::Status { admin },
+        } => match ebpf_status(admin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weir ebpf status: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Validate { files } => {
             let mut ok = true;
             for f in files {

@@ -19,6 +19,7 @@ use weir_control::client::Applied;
 use crate::admin::AdminApp;
 use crate::control::{ControlOptions, ControlSync};
 use crate::drain::{Drain, DrainSignal};
+use crate::fast_path::{FastPathState, ScopeSync};
 use crate::filters::Filters;
 use crate::health::HealthChecker;
 use crate::inference::driver::{Driver, Inference};
@@ -78,6 +79,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             std::process::exit(1);
         }
     };
+    let fast_path = FastPathState::start(&snapshot);
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::new(
         Arc::new(snapshot),
         None,
@@ -114,6 +116,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             drain: drain.clone(),
             filters: filters.clone(),
             inference: inference.clone(),
+            fast_path: fast_path.clone(),
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());
@@ -127,6 +130,13 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
     server.add_service(background_service(
         "inference pools",
         Driver(inference.clone()),
+    ));
+    server.add_service(background_service(
+        "sockmap fast path",
+        ScopeSync {
+            state: fast_path,
+            runtime: runtime.clone(),
+        },
     ));
     let path = match opts.source {
         Source::File(path) => path,

@@ -102,13 +102,17 @@ pub struct Setup {
 }
 
 pub fn config_text(listen: SocketAddr, admin: SocketAddr, rest: &str) -> String {
-    format!("admin:\n  address: \"{admin}\"\nlisteners:\n  - name: main\n    address: \"{listen}\"\n{rest}")
+    format!(
+        "admin:\n  address: \"{admin}\"\nlisteners:\n  - name: main\n    address: \"{listen}\"\n{rest}{}",
+        sockmap::fast_path_for_suites()
+    )
 }
 
 pub fn start(rest: &str) -> Setup {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let weir = Weir::start(&config_text(listen, admin, rest), admin);
+    sockmap::check_fast_path_for_suites(&weir);
     Setup { weir, listen }
 }
 

@@ -8,6 +8,9 @@ use std::thread;
 
 use weir_ebpf::FastPath;
 use weir_integration::sockmap_env::{can_load_bpf, Capture, TestCgroup};
+use weir_integration::weir_process::{admin_get, free_port, Weir};
+
+use crate::*;
 
 /// Deterministic, position-dependent bytes: a reordered or lost chunk shows.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -44,6 +47,24 @@ fn echo_server() -> (u16, thread::JoinHandle<()>) {
     (port, h)
 }
 
+/// Reads until EOF. On a socket whose peer redirects into it, Linux's `tcp_bpf_recvmsg` can
+/// answer a blocking read at EOF with EAGAIN once (woken by the FIN with no message queued);
+/// the next read returns 0. Event-loop clients (epoll, tokio) never notice; a blocking client
+/// must read again, as this does. Any other error fails.
+fn read_to_eof(conn: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut eagain = 0;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && eagain < 3 => eagain += 1,
+            Err(e) => panic!("read after {} bytes: {e}", out.len()),
+        }
+    }
+}
+
 /// Sends `data` on a new connection to `port` (writing and reading at once), half-closes,
 /// and returns everything echoed back until the server closes.
 fn echo(conn: TcpStream, data: &[u8]) -> Vec<u8> {
@@ -55,9 +76,8 @@ fn echo(conn: TcpStream, data: &[u8]) -> Vec<u8> {
         }
         writer.shutdown(std::net::Shutdown::Write).unwrap();
     });
-    let mut back = Vec::new();
     let mut conn = conn;
-    conn.read_to_end(&mut back).unwrap();
+    let back = read_to_eof(&mut conn);
     w.join().unwrap();
     back
 }
@@ -131,5 +151,256 @@ fn sockets_in_scope_are_redirected_byte_exact_and_detach_leaves_them_working() {
     assert!(
         capture.payload_segments(port) > 0,
         "new connections use TCP again"
+    );
+}
+
+/// Set in the environment of a nested run of this test binary: every weir the proxy-core
+/// suites start gets the fast path, attached to one cgroup the nested process is in.
+const SUITES_ENV: &str = "WEIR_E2E_FAST_PATH";
+
+/// The `fast_path:` line [`crate::config_text`] adds under [`SUITES_ENV`]; empty otherwise.
+pub fn fast_path_for_suites() -> String {
+    static CGROUP: std::sync::OnceLock<TestCgroup> = std::sync::OnceLock::new();
+    if std::env::var_os(SUITES_ENV).is_none() {
+        return String::new();
+    }
+    let cg = CGROUP.get_or_init(|| TestCgroup::enter("suites"));
+    format!(
+        "fast_path: {{ mode: sockmap, cgroup: \"{}\" }}\n",
+        cg.path.display()
+    )
+}
+
+/// Under [`SUITES_ENV`], fails the test unless its weir really attached the fast path.
+pub fn check_fast_path_for_suites(weir: &Weir) {
+    if std::env::var_os(SUITES_ENV).is_some() {
+        let v = ebpf_json(weir);
+        assert_eq!(v["attached"], true, "the fast path is on: {v}");
+    }
+}
+
+fn ebpf_json(weir: &Weir) -> serde_json::Value {
+    let (status, body) = admin_get(weir.admin, "/ebpf").expect("admin /ebpf");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+fn fast_path_config(cg: &TestCgroup, rest: &str) -> String {
+    format!(
+        "{rest}fast_path: {{ mode: sockmap, cgroup: \"{}\" }}\n",
+        cg.path.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
+    use weir_integration::grpc_backend::GrpcBackend;
+    use weir_integration::http_backend::HttpBackend;
+    if !can_load_bpf("sockmap through weir") {
+        return;
+    }
+    let cg = TestCgroup::enter("weir");
+    let http = HttpBackend::start("h").await;
+    let grpc = GrpcBackend::start("g").await;
+    let s = start(&fast_path_config(
+        &cg,
+        &format!(
+            "routes:\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: all\n    route: {{ cluster: h }}\nclusters:\n{}{}",
+            cluster("h", "http1", &[http.addr], ""),
+            cluster("g", "h2c", &[grpc.addr], "")
+        ),
+    ));
+    let v = ebpf_json(&s.weir);
+    assert_eq!(v["attached"], true, "{v}");
+    let ports: Vec<u64> = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    for p in [s.listen.port(), http.addr.port(), grpc.addr.port()] {
+        assert!(ports.contains(&u64::from(p)), "{p} in scope: {v}");
+    }
+    let capture = Capture::on_lo();
+
+    // 32 clients at once, each POSTing 1 MiB and getting it back, plus one 32 MiB body.
+    let client = h1_client();
+    let mut tasks = Vec::new();
+    for i in 0..33u8 {
+        let (client, listen) = (client.clone(), s.listen);
+        tasks.push(tokio::spawn(async move {
+            let body = pattern(if i == 32 { 32 << 20 } else { 1 << 20 }, i);
+            let req = ::http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{listen}/echo-body"))
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap();
+            let resp = client.request(req).await.expect("response");
+            assert_eq!(resp.status(), 200);
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert!(got == body, "client {i}: body echoed byte-exact");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // gRPC: 4 MiB messages there and back on one h2 connection.
+    let mut g = crate::grpc::client(s.listen).await;
+    for i in 0..4u8 {
+        let payload = pattern(4 << 20, 100 + i);
+        let reply = g
+            .unary(weir_integration::pb::Msg {
+                text: format!("m{i}"),
+                n: i64::from(i),
+                payload: payload.clone(),
+            })
+            .await
+            .expect("unary through the fast path")
+            .into_inner();
+        assert!(reply.payload == payload, "message {i} byte-exact");
+    }
+
+    // A gRPC stream the client half-closes: every message, the server's last word after the
+    // half-close, and the OK trailers arrive. (TCP half-close is covered by the first test;
+    // weir's HTTP/1.1 side answers a client FIN by ending the request, as pingora does.)
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut replies = g
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi opens")
+        .into_inner();
+    for i in 0..50 {
+        tx.send(crate::grpc::msg(&format!("b{i}"), i))
+            .await
+            .unwrap();
+        let r = replies.message().await.unwrap().expect("echo");
+        assert_eq!(r.text, format!("g:b{i}"));
+    }
+    drop(tx);
+    let last = replies
+        .message()
+        .await
+        .unwrap()
+        .expect("summary after half-close");
+    assert_eq!((last.text.as_str(), last.n), ("g:done", 50));
+    assert!(replies.message().await.unwrap().is_none(), "OK trailers");
+    // Clients that vanish mid-upload leave weir serving.
+    for _ in 0..8 {
+        let mut c = TcpStream::connect(s.listen).unwrap();
+        write!(
+            c,
+            "POST /echo-body HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n"
+        )
+        .unwrap();
+        c.write_all(&pattern(2 << 20, 9)).unwrap();
+        drop(c);
+    }
+    let r = get(&client, s.listen, "/after").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let v = ebpf_json(&s.weir);
+    let c = &v["counters"];
+    assert!(c["sockets_inserted"].as_u64().unwrap() >= 4, "{v}");
+    assert!(
+        c["bytes_redirected"].as_u64().unwrap() > 2 * (64 << 20),
+        "the bodies went through the fast path: {v}"
+    );
+    for port in [s.listen.port(), http.addr.port(), grpc.addr.port()] {
+        assert_eq!(
+            capture.payload_segments(port),
+            0,
+            "no payload on lo for port {port}"
+        );
+    }
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
+    assert!(metrics.contains("weir_sockmap_attached 1"), "{metrics}");
+    assert!(metrics.contains("weir_sockmap_messages_redirected_total "));
+    // `weir ebpf status` tells the same, for people.
+    let out = std::process::Command::new(weir_integration::weir_process::weir_binary())
+        .args(["ebpf", "status", "--admin", &s.weir.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("attached: yes, to cgroup"), "{text}");
+    assert!(text.contains("messages_redirected: "), "{text}");
+}
+
+#[test]
+fn without_bpf_privileges_weir_says_why_and_serves() {
+    if !can_load_bpf("sockmap without privileges") {
+        return;
+    }
+    let cg = TestCgroup::enter("noprivs");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = rt.block_on(weir_integration::http_backend::HttpBackend::start("h"));
+    let (listen, admin) = (
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.yaml");
+    std::fs::write(
+        &path,
+        crate::config_text(
+            listen,
+            admin,
+            &fast_path_config(
+                &cg,
+                &format!(
+                    "routes:\n  - name: all\n    route: {{ cluster: h }}\nclusters:\n{}",
+                    cluster("h", "http1", &[http.addr], "")
+                ),
+            ),
+        ),
+    )
+    .unwrap();
+    // Root without the capabilities BPF needs, as in a locked-down container.
+    let weir = Weir::spawn_wrapped(
+        dir,
+        &["--config".into(), path.display().to_string()],
+        admin,
+        &[
+            "capsh",
+            "--drop=cap_bpf,cap_sys_admin,cap_net_admin,cap_perfmon",
+            "--",
+            "-c",
+            "exec \"$0\" \"$@\"",
+        ],
+    );
+    let v = ebpf_json(&weir);
+    assert_eq!(v["attached"], false, "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("CAP_BPF"), "{reason}");
+    assert!(
+        weir.log().contains("sockmap fast path unavailable"),
+        "{}",
+        weir.log()
+    );
+    let r = rt.block_on(get(&h1_client(), listen, "/still-serving"));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn proxy_core_suites_pass_with_the_fast_path_on() {
+    if !can_load_bpf("proxy suites on the fast path") {
+        return;
+    }
+    // This test binary again, with only the HTTP and gRPC suites, each weir on the fast path.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["http::", "grpc::", "--test-threads", "4"])
+        .env(SUITES_ENV, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let passed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<u32>().ok());
+    assert!(
+        out.status.success() && passed.is_some_and(|n| n >= 10),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

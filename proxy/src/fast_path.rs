@@ -1,0 +1,176 @@
+//! The eBPF sockmap fast path in the running proxy: attached at start when the config asks
+//! for it (`fast_path: sockmap`) and the process may load BPF, otherwise logged and left off;
+//! its scope follows the config (listener ports and loopback upstream ports); its state and
+//! counters are on the admin endpoint (`/ebpf`, `/stats/prometheus`).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::json;
+use weir_policies::model::FastPathMode;
+use weir_policies::Snapshot;
+
+use crate::state::SharedRuntime;
+
+/// The fast path's state in this proxy.
+pub struct FastPathState {
+    attached: Mutex<Option<weir_ebpf::FastPath>>,
+    /// Why the configured fast path is not attached.
+    unavailable: Option<String>,
+    configured: bool,
+}
+
+/// The ports whose local connections go through the fast path: every listener's, and every
+/// upstream endpoint's on a loopback address (pools included: they are clusters).
+pub fn ports(snapshot: &Snapshot) -> BTreeSet<u16> {
+    let listeners = snapshot.listeners.iter().map(|l| l.address.port());
+    let upstreams = snapshot
+        .clusters
+        .iter()
+        .flat_map(|c| &c.endpoints)
+        .filter(|e| e.address.ip().is_loopback())
+        .map(|e| e.address.port());
+    listeners.chain(upstreams).collect()
+}
+
+impl FastPathState {
+    /// Attaches the fast path if `snapshot` asks for it; logs why not when it cannot.
+    pub fn start(snapshot: &Snapshot) -> Arc<Self> {
+        let config = snapshot.source.fast_path.as_ref();
+        let configured = config.is_some_and(|f| f.mode() == FastPathMode::Sockmap);
+        if !configured {
+            return Arc::new(Self {
+                attached: Mutex::new(None),
+                unavailable: None,
+                configured,
+            });
+        }
+        let cgroup = config
+            .and_then(|f| f.cgroup().map(|p| p.to_path_buf()))
+            .unwrap_or_else(weir_ebpf::default_cgroup);
+        let attached = weir_ebpf::FastPath::attach(&cgroup).and_then(|mut f| {
+            f.set_ports(ports(snapshot))?;
+            Ok(f)
+        });
+        let (attached, unavailable) = match attached {
+            Ok(f) => {
+                tracing::info!(cgroup = %cgroup.display(), ports = ?f.ports(), "sockmap fast path attached");
+                (Some(f), None)
+            }
+            Err(e) => {
+                tracing::warn!("sockmap fast path unavailable, running without it: {e}");
+                (None, Some(e.to_string()))
+            }
+        };
+        Arc::new(Self {
+            attached: Mutex::new(attached),
+            unavailable,
+            configured,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<weir_ebpf::FastPath>> {
+        self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the scope in line with `snapshot`.
+    fn follow(&self, snapshot: &Snapshot) {
+        if let Some(f) = self.lock().as_mut() {
+            let want = ports(snapshot);
+            if *f.ports() != want {
+                match f.set_ports(want) {
+                    Ok(()) => tracing::info!(ports = ?f.ports(), "sockmap fast path scope"),
+                    Err(e) => tracing::warn!("sockmap fast path scope not updated: {e}"),
+                }
+            }
+        }
+    }
+
+    /// What `/ebpf` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let attached = self.lock();
+        let mode = if self.configured { "sockmap" } else { "off" };
+        match attached.as_ref() {
+            None => json!({
+                "mode": mode,
+                "attached": false,
+                "reason": self.unavailable.clone().unwrap_or_else(|| "not configured (fast_path: sockmap)".into()),
+            }),
+            Some(f) => {
+                let counters = f.counters().map(|c| {
+                    c.fields()
+                        .iter()
+                        .map(|(name, _, v)| (name.to_string(), json!(v)))
+                        .collect::<serde_json::Map<_, _>>()
+                });
+                json!({
+                    "mode": mode,
+                    "attached": true,
+                    "programs": ["sock_ops weir_sockops", "sk_msg weir_msg"],
+                    "cgroup": f.cgroup().display().to_string(),
+                    "ports": f.ports(),
+                    "sockets": f.sockets(),
+                    "counters": counters.map_or_else(|e| json!({"error": e.to_string()}), serde_json::Value::Object),
+                })
+            }
+        }
+    }
+
+    /// The fast path's Prometheus metrics.
+    pub fn render(&self, out: &mut String) {
+        let attached = self.lock();
+        let _ = writeln!(
+            out,
+            "# HELP weir_sockmap_attached Whether the eBPF sockmap fast path is attached.\n# TYPE weir_sockmap_attached gauge\nweir_sockmap_attached {}",
+            u8::from(attached.is_some())
+        );
+        let Some(f) = attached.as_ref() else { return };
+        let _ = writeln!(
+            out,
+            "# HELP weir_sockmap_sockets Sockets in the fast path's sockhash now.\n# TYPE weir_sockmap_sockets gauge\nweir_sockmap_sockets {}",
+            f.sockets()
+        );
+        if let Ok(c) = f.counters() {
+            for (name, help, v) in c.fields() {
+                let _ = writeln!(
+                    out,
+                    "# HELP weir_sockmap_{name}_total {help}\n# TYPE weir_sockmap_{name}_total counter\nweir_sockmap_{name}_total {v}"
+                );
+            }
+        }
+    }
+}
+
+/// Keeps the fast path's scope in line with the config as it reloads.
+pub struct ScopeSync {
+    pub state: Arc<FastPathState>,
+    pub runtime: SharedRuntime,
+}
+
+#[async_trait]
+impl BackgroundService for ScopeSync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if self.state.lock().is_none() {
+            return;
+        }
+        let mut seen = String::new();
+        loop {
+            let rt = self.runtime.load_full();
+            if rt.snapshot.version != seen {
+                seen = rt.snapshot.version.clone();
+                self.state.follow(&rt.snapshot);
+            }
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        // Detach at shutdown: accelerated connections finish on their own.
+        self.state.lock().take();
+    }
+}
