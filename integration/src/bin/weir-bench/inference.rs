@@ -19,7 +19,7 @@ use weir_integration::inference_client::{
 use weir_integration::model_server::ModelServer;
 use weir_integration::weir_process::{admin_get, free_port};
 
-use super::{cpu_of, Proc, Res};
+use super::{cpu_of, pin_to, Proc, Res};
 
 pub struct Opts {
     /// How long each measurement runs.
@@ -226,23 +226,6 @@ fn row(out: &mut String, protocol: Protocol, target: &str, l: &Load) {
 }
 
 const HEADER: &str = "| protocol | target | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | per message p50 µs | p99 µs | p99.9 µs | failed | weir CPU µs/token |\n|---|---|---|---|---|---|---|---|---|---|---|";
-
-/// Puts the calling thread (and the threads it starts later) on CPU `cpu`.
-fn pin_to(cpu: usize) -> Res<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; sched_setaffinity reads
-    // `size_of::<cpu_set_t>()` bytes of it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(format!(
-                "sched_setaffinity: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    Ok(())
-}
 
 pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
     // The proxy gets a core of its own, as it would in production, and the clients and model

