@@ -8,7 +8,6 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use weir_integration::inference_client::{
 use weir_integration::model_server::ModelServer;
 use weir_integration::weir_process::{admin_get, free_port};
 
-use super::{cpu_of, pin_to, Proc, Res};
+use super::{cpu_of, pin_to, spawn_weir, Res};
 
 pub struct Opts {
     /// How long each measurement runs.
@@ -179,6 +178,34 @@ impl Until {
     }
 }
 
+/// The same load straight to the servers (`direct`) and through weir (`listen`, whose CPU
+/// is counted), one after the other; adds both rows to `out`.
+#[allow(clippy::too_many_arguments)]
+async fn both(
+    p: Protocol,
+    direct: Vec<SocketAddr>,
+    listen: SocketAddr,
+    weir_pid: u32,
+    streams: usize,
+    tokens: u64,
+    duration: Duration,
+    out: &mut String,
+) -> (Load, Load) {
+    let d = load(p, direct, streams, tokens, Until::After(duration), None).await;
+    let w = load(
+        p,
+        vec![listen],
+        streams,
+        tokens,
+        Until::After(duration),
+        Some(weir_pid),
+    )
+    .await;
+    row(out, p, "direct", &d);
+    row(out, p, "weir", &w);
+    (d, w)
+}
+
 fn config(listen: SocketAddr, admin: SocketAddr, sims: &[ModelServer]) -> String {
     let eps = |http: bool| -> String {
         sims.iter()
@@ -249,20 +276,7 @@ async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let conf = dir.path().join("weir.yaml");
     std::fs::write(&conf, config(listen, admin, &sims)).map_err(|e| e.to_string())?;
-    let mut cmd = if pinned {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "1"]).arg(weir_bin);
-        c
-    } else {
-        Command::new(weir_bin)
-    };
-    let weir = Proc::spawn(
-        "weir",
-        cmd.args(["run", "--threads", "1", "--config"])
-            .arg(&conf)
-            .env("RUST_LOG", "warn"),
-        &dir.path().join("weir.log"),
-    )?;
+    let weir = spawn_weir(weir_bin, &conf, &dir.path().join("weir.log"), pinned)?;
     let ready_by = Instant::now() + Duration::from_secs(20);
     while !matches!(admin_get(admin, "/ready"), Ok((200, _))) {
         if Instant::now() > ready_by {
@@ -325,26 +339,17 @@ async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
             None,
         )
         .await;
-        let d = load(
+        let (d, w) = both(
             p,
             direct(p),
+            listen,
+            pid,
             opts.streams,
             paced_tokens,
-            Until::After(opts.duration),
-            None,
+            opts.duration,
+            &mut out,
         )
         .await;
-        let w = load(
-            p,
-            vec![listen],
-            opts.streams,
-            paced_tokens,
-            Until::After(opts.duration),
-            Some(pid),
-        )
-        .await;
-        row(&mut out, p, "direct", &d);
-        row(&mut out, p, "weir", &w);
         failed += d.failures.len() + w.failures.len();
         added.push((p, d, w));
     }
@@ -374,26 +379,17 @@ async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
     );
     let mut worst_ratio = f64::INFINITY;
     for p in [Protocol::Grpc, Protocol::Sse] {
-        let d = load(
+        let (d, w) = both(
             p,
             direct(p),
+            listen,
+            pid,
             opts.streams,
             fast_tokens,
-            Until::After(opts.duration),
-            None,
+            opts.duration,
+            &mut out,
         )
         .await;
-        let w = load(
-            p,
-            vec![listen],
-            opts.streams,
-            fast_tokens,
-            Until::After(opts.duration),
-            Some(pid),
-        )
-        .await;
-        row(&mut out, p, "direct", &d);
-        row(&mut out, p, "weir", &w);
         failed += d.failures.len() + w.failures.len();
         worst_ratio = worst_ratio.min(w.tokens_per_s() / d.tokens_per_s().max(1e-9));
     }

@@ -621,6 +621,25 @@ impl Proc {
     }
 }
 
+/// Starts `weir run --threads 1 --config CONF` (on CPU 1 alone when `pinned`), logging to
+/// `log`.
+fn spawn_weir(weir_bin: &Path, conf: &Path, log: &Path, pinned: bool) -> Res<Proc> {
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(weir_bin);
+        c
+    } else {
+        Command::new(weir_bin)
+    };
+    Proc::spawn(
+        "weir",
+        cmd.args(["run", "--threads", "1", "--config"])
+            .arg(conf)
+            .env("RUST_LOG", "warn"),
+        log,
+    )
+}
+
 /// CPU time (user + system) process `pid` used so far.
 fn cpu_of(pid: u32) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -764,14 +783,7 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
     )
     .map_err(|e| e.to_string())?;
     {
-        let weir = Proc::spawn(
-            "weir",
-            Command::new(&weir_bin)
-                .args(["run", "--threads", "1", "--config"])
-                .arg(d.join("weir.yaml"))
-                .env("RUST_LOG", "warn"),
-            &d.join("weir.log"),
-        )?;
+        let weir = spawn_weir(&weir_bin, &d.join("weir.yaml"), &d.join("weir.log"), false)?;
         wait_port(weir_port, "weir")?;
         rows.push(measure("weir", weir_port, Some(weir.0.id()), args)?);
     }

@@ -6,13 +6,14 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weir_integration::sockmap_env::TestCgroup;
 use weir_integration::weir_process::{admin_get, free_port};
 
-use super::{cpu_of, install_tools, pin_to, start_nginx, wait_port, wrk, Proc, Res, WrkResult};
+use super::{
+    cpu_of, install_tools, pin_to, spawn_weir, start_nginx, wait_port, wrk, Res, WrkResult,
+};
 
 pub struct Opts {
     pub duration: String,
@@ -106,20 +107,7 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let mut cmd = if pinned {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "1"]).arg(weir_bin);
-            c
-        } else {
-            Command::new(weir_bin)
-        };
-        let weir = Proc::spawn(
-            "weir",
-            cmd.args(["run", "--threads", "1", "--config"])
-                .arg(&conf)
-                .env("RUST_LOG", "warn"),
-            &d.join(format!("weir-{fast}.log")),
-        )?;
+        let weir = spawn_weir(weir_bin, &conf, &d.join(format!("weir-{fast}.log")), pinned)?;
         wait_port(port, "weir")?;
         let ebpf = admin_get(([127, 0, 0, 1], admin).into(), "/ebpf")
             .map(|(_, b)| b)
