@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 // weir's sockmap fast path. `weir_sockops` puts established TCP sockets between two local
-// endpoints into `weir_socks` when one end's port is in `weir_ports` (the proxy's listener and
-// upstream ports, written by the proxy). `weir_msg` then hands every message sent on such a
+// endpoints (loopback, or addresses in `weir_addrs`) into `weir_socks` when one end's port is
+// in `weir_ports` (the proxy's listener and upstream ports; both maps written by the proxy). `weir_msg` then hands every message sent on such a
 // socket straight to its peer's receive queue, skipping the loopback TCP stack. A peer not in
 // the map (the other end is not local, or was never inserted) is a miss: the message goes the
 // ordinary way (SK_PASS), never dropped.
@@ -32,6 +32,15 @@ struct {
 	__type(key, struct sock_key);
 	__type(value, __u32);
 } weir_socks SEC(".maps");
+
+// Local IPv4 addresses besides 127.0.0.0/8 (network order) -> 1: the node's own addresses,
+// where a node proxy and the pods on the node meet.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} weir_addrs SEC(".maps");
 
 // Ports whose connections are accelerated (host order) -> 1.
 struct {
@@ -67,7 +76,7 @@ static __always_inline void count(__u32 which, __u64 n)
 static __always_inline int is_local(__u32 ip4)
 {
 	// 127.0.0.0/8, in network order the first byte is the low byte.
-	return (ip4 & 0xff) == 127;
+	return (ip4 & 0xff) == 127 || bpf_map_lookup_elem(&weir_addrs, &ip4);
 }
 
 static __always_inline int in_scope(__u32 local_port, __u32 remote_port)

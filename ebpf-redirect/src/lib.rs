@@ -13,9 +13,10 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
 use aya::Ebpf;
 
@@ -148,9 +149,11 @@ pub struct FastPath {
     bpf: Ebpf,
     socks: Option<SockHash<MapData, SockKey>>,
     ports: HashMap<MapData, u32, u8>,
+    addrs: HashMap<MapData, u32, u8>,
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
     in_scope: BTreeSet<u16>,
+    local: BTreeSet<Ipv4Addr>,
 }
 
 const COUNTERS: u32 = 5;
@@ -166,29 +169,10 @@ impl FastPath {
             source,
         })?;
         let mut bpf = Ebpf::load(bytes)?;
-        let map = |bpf: &mut Ebpf, name: &'static str| {
-            bpf.take_map(name).ok_or(Error::Map {
-                what: name,
-                source: aya::maps::MapError::InvalidName { name: name.into() },
-            })
-        };
-        let socks: SockHash<MapData, SockKey> = SockHash::try_from(map(&mut bpf, "weir_socks")?)
-            .map_err(|source| Error::Map {
-                what: "weir_socks",
-                source,
-            })?;
-        let ports =
-            HashMap::try_from(map(&mut bpf, "weir_ports")?).map_err(|source| Error::Map {
-                what: "weir_ports",
-                source,
-            })?;
-        let counters =
-            PerCpuArray::try_from(map(&mut bpf, "weir_counters")?).map_err(|source| {
-                Error::Map {
-                    what: "weir_counters",
-                    source,
-                }
-            })?;
+        let socks: SockHash<MapData, SockKey> = take_map(&mut bpf, "weir_socks")?;
+        let ports = take_map(&mut bpf, "weir_ports")?;
+        let addrs = take_map(&mut bpf, "weir_addrs")?;
+        let counters = take_map(&mut bpf, "weir_counters")?;
         let program = |what: &'static str| move |source| Error::Program { what, source };
         let msg: &mut SkMsg = bpf
             .program_mut("weir_msg")
@@ -212,9 +196,11 @@ impl FastPath {
             bpf,
             socks: Some(socks),
             ports,
+            addrs,
             counters,
             cgroup: cgroup.to_path_buf(),
             in_scope: BTreeSet::new(),
+            local: BTreeSet::new(),
         })
     }
 
@@ -234,6 +220,35 @@ impl FastPath {
         }
         self.in_scope = want;
         Ok(())
+    }
+
+    /// Makes exactly `addrs` the local addresses, besides 127.0.0.0/8, whose connections may
+    /// be accelerated (both ends must be local; a port in scope decides). A node proxy gives
+    /// the node's own addresses here.
+    pub fn set_addresses(
+        &mut self,
+        addrs: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> Result<(), Error> {
+        let want: BTreeSet<Ipv4Addr> = addrs.into_iter().filter(|a| !a.is_loopback()).collect();
+        let map_err = |source| Error::Map {
+            what: "weir_addrs",
+            source,
+        };
+        // Keys in network order, as the programs see addresses.
+        let key = |a: &Ipv4Addr| u32::from_ne_bytes(a.octets());
+        for gone in self.local.difference(&want) {
+            self.addrs.remove(&key(gone)).map_err(map_err)?;
+        }
+        for new in want.difference(&self.local) {
+            self.addrs.insert(key(new), 1, 0).map_err(map_err)?;
+        }
+        self.local = want;
+        Ok(())
+    }
+
+    /// The local addresses in scope now, besides loopback.
+    pub fn addresses(&self) -> &BTreeSet<Ipv4Addr> {
+        &self.local
     }
 
     /// The ports in scope now.
@@ -275,6 +290,18 @@ impl FastPath {
             bytes_redirected: v[4],
         })
     }
+}
+
+/// Takes the map `name` out of `bpf` as a typed map.
+fn take_map<T: TryFrom<Map, Error = MapError>>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, Error> {
+    let map = bpf.take_map(name).ok_or(Error::Map {
+        what: name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| Error::Map { what: name, source })
 }
 
 impl Drop for FastPath {

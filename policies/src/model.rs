@@ -62,6 +62,10 @@ pub struct FastPathSettings {
     /// connection must be in it to be accelerated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<std::path::PathBuf>,
+    /// More addresses local to this node, besides loopback and the node's own interface
+    /// addresses: for a node proxy, the IPs of the pods on the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::Ipv4Addr>,
 }
 
 impl FastPath {
@@ -76,6 +80,13 @@ impl FastPath {
         match self {
             FastPath::Mode(_) => None,
             FastPath::Settings(s) => s.cgroup.as_deref(),
+        }
+    }
+
+    pub fn addresses(&self) -> &[std::net::Ipv4Addr] {
+        match self {
+            FastPath::Mode(_) => &[],
+            FastPath::Settings(s) => &s.addresses,
         }
     }
 }

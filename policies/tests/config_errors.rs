@@ -406,3 +406,29 @@ fn an_openai_pool_takes_an_http_reload_call() {
         r#"{"model_path": "/w/llama/7"}"#
     );
 }
+
+#[test]
+fn fast_path_takes_a_mode_or_settings() {
+    use weir_policies::model::FastPathMode;
+    let s = load_str("weir.yaml", "fast_path: sockmap\n").expect("valid");
+    let f = s.source.fast_path.as_ref().expect("fast_path");
+    assert_eq!((f.mode(), f.cgroup()), (FastPathMode::Sockmap, None));
+    let s = load_str(
+        "weir.yaml",
+        "fast_path: { mode: sockmap, cgroup: /sys/fs/cgroup/unified, addresses: [10.0.0.5] }\n",
+    )
+    .expect("valid");
+    let f = s.source.fast_path.as_ref().expect("fast_path");
+    assert_eq!(
+        f.cgroup(),
+        Some(std::path::Path::new("/sys/fs/cgroup/unified"))
+    );
+    assert_eq!(
+        f.addresses(),
+        &["10.0.0.5".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    let e = one_error("admin: { address: \"127.0.0.1:15000\" }\nfast_path: fastest\n");
+    assert!(e.starts_with("weir.yaml:2:"), "{e}");
+    assert!(e.contains("fast_path"), "{e}");
+    assert!(e.contains("sockmap, off, or { mode: sockmap"), "{e}");
+}

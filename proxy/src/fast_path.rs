@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,15 +26,40 @@ pub struct FastPathState {
     configured: bool,
 }
 
+/// The addresses local to this node besides loopback: the node's interface addresses and
+/// those the config adds (pods on the node, for a node proxy).
+pub fn addresses(snapshot: &Snapshot) -> BTreeSet<Ipv4Addr> {
+    let interfaces = if_addrs::get_if_addrs()
+        .map_err(|e| tracing::warn!("listing interface addresses: {e}"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| match i.ip() {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        });
+    let configured = snapshot
+        .source
+        .fast_path
+        .iter()
+        .flat_map(|f| f.addresses().iter().copied());
+    interfaces
+        .chain(configured)
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
 /// The ports whose local connections go through the fast path: every listener's, and every
-/// upstream endpoint's on a loopback address (pools included: they are clusters).
-pub fn ports(snapshot: &Snapshot) -> BTreeSet<u16> {
+/// upstream endpoint's on a local address (pools included: they are clusters).
+pub fn ports(snapshot: &Snapshot, local: &BTreeSet<Ipv4Addr>) -> BTreeSet<u16> {
     let listeners = snapshot.listeners.iter().map(|l| l.address.port());
     let upstreams = snapshot
         .clusters
         .iter()
         .flat_map(|c| &c.endpoints)
-        .filter(|e| e.address.ip().is_loopback())
+        .filter(|e| match e.address.ip() {
+            IpAddr::V4(a) => a.is_loopback() || local.contains(&a),
+            IpAddr::V6(a) => a.is_loopback(),
+        })
         .map(|e| e.address.port());
     listeners.chain(upstreams).collect()
 }
@@ -54,12 +80,14 @@ impl FastPathState {
             .and_then(|f| f.cgroup().map(|p| p.to_path_buf()))
             .unwrap_or_else(weir_ebpf::default_cgroup);
         let attached = weir_ebpf::FastPath::attach(&cgroup).and_then(|mut f| {
-            f.set_ports(ports(snapshot))?;
+            let local = addresses(snapshot);
+            f.set_ports(ports(snapshot, &local))?;
+            f.set_addresses(local)?;
             Ok(f)
         });
         let (attached, unavailable) = match attached {
             Ok(f) => {
-                tracing::info!(cgroup = %cgroup.display(), ports = ?f.ports(), "sockmap fast path attached");
+                tracing::info!(cgroup = %cgroup.display(), ports = ?f.ports(), addresses = ?f.addresses(), "sockmap fast path attached");
                 (Some(f), None)
             }
             Err(e) => {
@@ -81,10 +109,13 @@ impl FastPathState {
     /// Brings the scope in line with `snapshot`.
     fn follow(&self, snapshot: &Snapshot) {
         if let Some(f) = self.lock().as_mut() {
-            let want = ports(snapshot);
-            if *f.ports() != want {
-                match f.set_ports(want) {
-                    Ok(()) => tracing::info!(ports = ?f.ports(), "sockmap fast path scope"),
+            let local = addresses(snapshot);
+            let want = ports(snapshot, &local);
+            if *f.ports() != want || *f.addresses() != local {
+                match f.set_ports(want).and_then(|()| f.set_addresses(local)) {
+                    Ok(()) => {
+                        tracing::info!(ports = ?f.ports(), addresses = ?f.addresses(), "sockmap fast path scope")
+                    }
                     Err(e) => tracing::warn!("sockmap fast path scope not updated: {e}"),
                 }
             }
@@ -114,6 +145,7 @@ impl FastPathState {
                     "programs": ["sock_ops weir_sockops", "sk_msg weir_msg"],
                     "cgroup": f.cgroup().display().to_string(),
                     "ports": f.ports(),
+                    "addresses": f.addresses(),
                     "sockets": f.sockets(),
                     "counters": counters.map_or_else(|e| json!({"error": e.to_string()}), serde_json::Value::Object),
                 })

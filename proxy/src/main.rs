@@ -108,6 +108,7 @@ fn ebpf_status(admin: std::net::SocketAddr) -> Result<(), String> {
         println!("  program {}", p.as_str().unwrap_or("?"));
     }
     println!("ports in scope: {}", v["ports"]);
+    println!("local addresses besides loopback: {}", v["addresses"]);
     println!("sockets in the sockhash: {}", v["sockets"]);
     println!("counters:");
     for (name, value) in v["counters"].as_object().into_iter().flatten() {

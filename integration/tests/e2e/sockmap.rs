@@ -404,3 +404,52 @@ fn proxy_core_suites_pass_with_the_fast_path_on() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn node_addresses_are_in_scope_only_when_given() {
+    if !can_load_bpf("sockmap node addresses") {
+        return;
+    }
+    let Some(node_ip) = if_addrs::get_if_addrs()
+        .unwrap()
+        .into_iter()
+        .find_map(|i| match i.ip() {
+            std::net::IpAddr::V4(a) if !a.is_loopback() => Some(a),
+            _ => None,
+        })
+    else {
+        panic!("this test needs a non-loopback IPv4 address on the machine");
+    };
+    let cg = TestCgroup::enter("addrs");
+    let listener = TcpListener::bind((node_ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    // An echo server on the node's own address (a node proxy's side of a pod connection).
+    let listener = TcpListener::bind((node_ip, port)).unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut conn = conn;
+                let mut w = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let mut fast = FastPath::attach(&cg.path).expect("attach");
+    fast.set_ports([port]).unwrap();
+    let data = pattern(1 << 20, 3);
+    // The port is in scope but the address is not local to the fast path: left to TCP.
+    let back = echo(TcpStream::connect((node_ip, port)).unwrap(), &data);
+    assert!(back == data);
+    assert_eq!(fast.counters().unwrap().sockets_inserted, 0);
+    // Once the proxy says the address is the node's, its connections are accelerated.
+    fast.set_addresses([node_ip]).unwrap();
+    let capture = Capture::on_lo();
+    let back = echo(TcpStream::connect((node_ip, port)).unwrap(), &data);
+    assert!(back == data, "byte-exact");
+    let c = fast.counters().unwrap();
+    assert_eq!(c.sockets_inserted, 2, "{c:?}");
+    assert_eq!(c.bytes_redirected, 2 * data.len() as u64, "{c:?}");
+    assert_eq!(capture.payload_segments(port), 0);
+}
