@@ -32,7 +32,7 @@ pub struct Config {
     /// The eBPF sockmap fast path for local connections: `sockmap`, or
     /// `{ mode: sockmap, cgroup: PATH }`. Attached at start; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fast_path: Option<FastPath>,
+    pub fast_path: Option<Box<FastPath>>,
 }
 
 /// `fast_path:` as written: a mode, or a mode with settings.
