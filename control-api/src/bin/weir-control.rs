@@ -4,6 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// The same allocator as weir: config pushes are allocation-heavy.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use weir_control::auth::{authorize, read_token_file};
 use weir_control::pb::discovery_server::DiscoveryServer;

@@ -83,6 +83,10 @@ enum Bench {
     },
 }
 
+// The allocator weir and weir-control run with, for the parts measured in process (xds).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type Res<T> = Result<T, String>;
 
 mod inference;
