@@ -33,6 +33,90 @@ pub struct Config {
     /// `{ mode: sockmap, cgroup: PATH }`. Attached at start; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fast_path: Option<Box<FastPath>>,
+    /// One JSON line per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<Box<AccessLog>>,
+}
+
+/// The access log: one JSON object per line per request, written off the request path.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// `stdout`, or a file that lines are appended to. Read at start.
+    #[serde(default = "default_access_log_path")]
+    pub path: String,
+    /// The fields of each line, in this order.
+    #[serde(default = "default_access_log_fields")]
+    pub fields: Vec<AccessLogField>,
+    /// Lines held while the writer is behind; further lines are dropped and counted
+    /// (`weir_access_log_dropped_total`), never waited for.
+    #[serde(default = "default_access_log_buffer")]
+    pub buffer: u32,
+}
+
+/// What an access log line can carry.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogField {
+    /// When the request ended, RFC 3339 UTC with milliseconds.
+    Time,
+    Listener,
+    Route,
+    Cluster,
+    /// The upstream endpoint of the last attempt.
+    Upstream,
+    /// Attempts made (retries + 1).
+    Tries,
+    /// The client's address.
+    Downstream,
+    Method,
+    Authority,
+    /// Path and query.
+    Path,
+    /// `HTTP/1.1`, `HTTP/2`.
+    Protocol,
+    /// The response status sent (0: none, the client went away).
+    Status,
+    DurationMs,
+    RequestBytes,
+    ResponseBytes,
+    UserAgent,
+    /// `x-request-id`.
+    RequestId,
+    /// Inference requests: the model and the version that served it.
+    Model,
+    ModelVersion,
+    /// Why the request failed, when it did.
+    Error,
+}
+
+fn default_access_log_path() -> String {
+    "stdout".into()
+}
+fn default_access_log_fields() -> Vec<AccessLogField> {
+    use AccessLogField::*;
+    vec![
+        Time,
+        Listener,
+        Route,
+        Cluster,
+        Upstream,
+        Method,
+        Authority,
+        Path,
+        Protocol,
+        Status,
+        DurationMs,
+        RequestBytes,
+        ResponseBytes,
+        Tries,
+        Downstream,
+        RequestId,
+        Error,
+    ]
+}
+fn default_access_log_buffer() -> u32 {
+    8192
 }
 
 /// `fast_path:` as written: a mode, or a mode with settings.

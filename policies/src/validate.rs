@@ -61,6 +61,17 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
             compiled.filter_chain = chain;
         }
     }
+    if let Some(log) = &config.access_log {
+        if log.path.is_empty() {
+            v.problem("access_log.path", "stdout, or a file path");
+        }
+        if log.buffer == 0 {
+            v.problem("access_log.buffer", "must be at least 1");
+        }
+        if log.fields.is_empty() {
+            v.problem("access_log.fields", "name at least one field");
+        }
+    }
     if !v.problems.is_empty() {
         return Err(v.problems);
     }

@@ -432,3 +432,28 @@ fn fast_path_takes_a_mode_or_settings() {
     assert!(e.contains("fast_path"), "{e}");
     assert!(e.contains("sockmap, off, or { mode: sockmap"), "{e}");
 }
+
+#[test]
+fn access_log_fields_are_named_and_checked() {
+    use weir_policies::model::AccessLogField;
+    let s = load_str(
+        "weir.yaml",
+        "access_log: { path: /tmp/a.log, fields: [time, status, model], buffer: 16 }\n",
+    )
+    .expect("valid");
+    let log = s.source.access_log.as_ref().expect("access_log");
+    assert_eq!(
+        log.fields,
+        vec![
+            AccessLogField::Time,
+            AccessLogField::Status,
+            AccessLogField::Model
+        ]
+    );
+    let e = one_error("access_log: { fields: [time, staus] }\n");
+    assert!(e.starts_with("weir.yaml:1:"), "{e}");
+    assert!(e.contains("access_log.fields"), "{e}");
+    assert!(e.contains("unknown variant `staus`"), "{e}");
+    let e = one_error("access_log: { buffer: 0 }\n");
+    assert!(e.contains("access_log.buffer: must be at least 1"), "{e}");
+}

@@ -24,6 +24,7 @@ pub struct AdminApp {
     pub filters: Arc<Filters>,
     pub inference: Arc<Inference>,
     pub fast_path: Arc<crate::fast_path::FastPathState>,
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
@@ -174,6 +175,9 @@ impl ServeHttp for AdminApp {
                     text += &host.metrics().render();
                 }
                 self.fast_path.render(&mut text);
+                if let Some(log) = &self.access_log {
+                    log.render(&mut text);
+                }
                 respond(200, "text/plain; version=0.0.4", text)
             }
             "/config_dump" => {

@@ -242,11 +242,7 @@ impl BackgroundService for ControlSync {
                     }),
             }
             .inspect_err(|_| metrics.reloads.with_label_values(&["error"]).inc())?;
-            if snapshot.source.listeners != old.snapshot.source.listeners {
-                tracing::warn!(
-                    "listener changes take effect on restart; routes and clusters apply now"
-                );
-            }
+            crate::reload::warn_restart_only(&snapshot, &old.snapshot);
             let chains = filters
                 .install(&snapshot, Some(&old))
                 .inspect_err(|_| metrics.reloads.with_label_values(&["error"]).inc())?;

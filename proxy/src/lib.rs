@@ -1,5 +1,6 @@
 //! weir's data plane: an L7 proxy on pingora. `weir run` starts [`server::run`].
 
+pub mod access_log;
 pub mod admin;
 pub mod control;
 pub mod downstream;

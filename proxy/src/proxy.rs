@@ -72,6 +72,7 @@ pub struct WeirProxy {
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// Per-request state.
@@ -973,5 +974,70 @@ impl ProxyHttp for WeirProxy {
             .duration
             .with_label_values(&[self.listener.as_str(), route, cluster])
             .observe(ctx.start.elapsed().as_secs_f64());
+        self.access_log(session, e, ctx, code.parse().unwrap_or(0), route, cluster);
+    }
+}
+
+impl WeirProxy {
+    /// Queues the request's access log line, when the config asks for one.
+    fn access_log(
+        &self,
+        session: &Session,
+        e: Option<&Error>,
+        ctx: &RequestCtx,
+        status: u16,
+        route: &str,
+        cluster: &str,
+    ) {
+        let Some(log) = &self.access_log else { return };
+        let runtime = ctx
+            .runtime
+            .clone()
+            .unwrap_or_else(|| self.runtime.load_full());
+        let Some(config) = runtime.snapshot.source.access_log.as_deref() else {
+            return;
+        };
+        let req = session.req_header();
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let upstream = ctx
+            .cluster
+            .zip(ctx.tried.last())
+            .and_then(|(c, &i)| runtime.snapshot.clusters[c].endpoints.get(i))
+            .map(|ep| ep.address.to_string());
+        let served = ctx
+            .inference
+            .as_ref()
+            .and_then(|i| i.lease.endpoint.version(&i.model).filter(|v| !v.is_empty()));
+        let entry = crate::access_log::Entry {
+            listener: &self.listener,
+            route,
+            cluster,
+            upstream,
+            tries: ctx.tries,
+            downstream: session.client_addr().map(|a| a.to_string()),
+            method: req.method.as_str(),
+            authority: req
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| header("host"))
+                .unwrap_or(""),
+            path: req.uri.path_and_query().map_or("", |p| p.as_str()),
+            protocol: match req.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            status,
+            duration_ms: ctx.start.elapsed().as_secs_f64() * 1e3,
+            request_bytes: session.body_bytes_read(),
+            response_bytes: session.body_bytes_sent(),
+            user_agent: header("user-agent"),
+            request_id: header("x-request-id"),
+            model: ctx.inference.as_ref().map(|i| i.model.as_str()),
+            model_version: served.as_deref(),
+            error: e.map(|e| e.to_string()),
+        };
+        log.log(&config.fields, &entry);
     }
 }

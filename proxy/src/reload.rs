@@ -55,11 +55,7 @@ impl Reloader {
                 if snapshot.version == old.snapshot.version {
                     return;
                 }
-                if snapshot.source.listeners != old.snapshot.source.listeners
-                    || snapshot.source.admin != old.snapshot.source.admin
-                {
-                    tracing::warn!("listener or admin changes take effect on restart; routes and clusters apply now");
-                }
+                warn_restart_only(&snapshot, &old.snapshot);
                 let version = snapshot.version.clone();
                 let chains = match self.filters.install(&snapshot, Some(&old)) {
                     Ok(chains) => chains,
@@ -82,6 +78,30 @@ impl Reloader {
                 tracing::info!(from = %old.snapshot.version, to = %version, "config reloaded");
             }
         }
+    }
+}
+
+/// Logs which changes from `old` to `new` wait for a restart (what is bound or opened at
+/// start); everything else applies at once.
+pub fn warn_restart_only(new: &Snapshot, old: &Snapshot) {
+    let (n, o) = (&new.source, &old.source);
+    let log_target = |c: &weir_policies::model::Config| {
+        c.access_log.as_ref().map(|l| (l.path.clone(), l.buffer))
+    };
+    let waiting: Vec<&str> = [
+        ("listeners", n.listeners != o.listeners),
+        ("admin", n.admin != o.admin),
+        ("fast_path", n.fast_path != o.fast_path),
+        ("access_log path and buffer", log_target(n) != log_target(o)),
+    ]
+    .into_iter()
+    .filter_map(|(what, changed)| changed.then_some(what))
+    .collect();
+    if !waiting.is_empty() {
+        tracing::warn!(
+            "changes to {} take effect on restart; the rest applies now",
+            waiting.join(", ")
+        );
     }
 }
 

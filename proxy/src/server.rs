@@ -80,6 +80,16 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         }
     };
     let fast_path = FastPathState::start(&snapshot);
+    let access_log = match snapshot.source.access_log.as_deref() {
+        None => None,
+        Some(config) => match crate::access_log::AccessLog::start(config) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                eprintln!("weir: cannot open the access log {}: {e}", config.path);
+                std::process::exit(1);
+            }
+        },
+    };
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::new(
         Arc::new(snapshot),
         None,
@@ -97,6 +107,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             runtime: runtime.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),
+            access_log: access_log.clone(),
         };
         let mut service =
             http_proxy_service_with_name(&conf, proxy, &format!("listener {}", l.name));
@@ -117,6 +128,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             filters: filters.clone(),
             inference: inference.clone(),
             fast_path: fast_path.clone(),
+            access_log: access_log.clone(),
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());

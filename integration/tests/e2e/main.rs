@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `weir` binary between real clients and real backends, all on
 //! 127.0.0.1. One test binary for the crate (modules below) keeps CI's link time down.
 
+mod access_log;
 mod bad_input;
 mod control;
 mod envoy_compat;
