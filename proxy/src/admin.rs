@@ -158,6 +158,12 @@ impl ServeHttp for AdminApp {
         }
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
+            // The live admin page: static HTML whose script reads the JSON endpoints below.
+            "/" => respond(
+                200,
+                "text/html; charset=utf-8",
+                include_str!("admin_page.html").into(),
+            ),
             "/ready" if self.drain.is_draining() => respond(503, "text/plain", "DRAINING\n".into()),
             "/ready" => respond(200, "text/plain", "LIVE\n".into()),
             "/stats/prometheus" => {
@@ -199,7 +205,7 @@ impl ServeHttp for AdminApp {
             _ => respond(
                 404,
                 "text/plain",
-                "not found; try /ready, /stats/prometheus, /config_dump, /clusters, /inference, /ebpf\n"
+                "not found; try /, /ready, /stats/prometheus, /config_dump, /clusters, /inference, /ebpf\n"
                     .into(),
             ),
         }

@@ -2,6 +2,7 @@
 //! 127.0.0.1. One test binary for the crate (modules below) keeps CI's link time down.
 
 mod access_log;
+mod admin_page;
 mod bad_input;
 mod control;
 mod envoy_compat;
