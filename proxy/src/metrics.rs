@@ -22,6 +22,13 @@ pub struct Metrics {
     ejected: IntGaugeVec,
     active: IntGaugeVec,
     config: IntGaugeVec,
+    /// Inference: request start to the first response body byte, by pool and model.
+    pub ttft: HistogramVec,
+    /// Inference: between consecutive response body chunks of a stream.
+    pub inter_token: HistogramVec,
+    /// Inference: response body chunks streamed (a streaming server sends each token or
+    /// message in its own), by pool and model; its rate is tokens/s.
+    pub tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,6 +88,35 @@ impl Metrics {
             "The active config version (value 1).",
             &["version"],
         );
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let ttft = histogram(
+            "weir_inference_ttft_seconds",
+            "Inference requests: time from the request to the first response byte (time to first token).",
+            vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+            &["pool", "model"],
+        );
+        let inter_token = histogram(
+            "weir_inference_inter_token_seconds",
+            "Inference streams: time between consecutive response chunks (inter-token latency).",
+            vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
+            &["pool", "model"],
+        );
+        let tokens = counter(
+            "weir_inference_tokens_total",
+            "Inference streams: response chunks streamed (one per token or message from streaming servers).",
+            &["pool", "model"],
+        );
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "weir_request_duration_seconds",
@@ -107,6 +143,9 @@ impl Metrics {
             ejected,
             active,
             config,
+            ttft,
+            inter_token,
+            tokens,
         }
     }
 

@@ -62,6 +62,8 @@ struct InferenceCtx {
     /// The replica it holds (index into the pool's endpoints).
     endpoint: usize,
     lease: Lease,
+    /// When the last response chunk went through (none yet: the first is the TTFT).
+    last_chunk: Option<Instant>,
 }
 
 /// One listener's proxy logic.
@@ -325,6 +327,7 @@ impl WeirProxy {
                             prefix,
                             endpoint,
                             lease,
+                            last_chunk: None,
                         });
                         None
                     }
@@ -834,6 +837,9 @@ impl ProxyHttp for WeirProxy {
                 "the replica's drain deadline ended the stream",
             ));
         }
+        if body.as_ref().is_some_and(|b| !b.is_empty()) {
+            self.observe_token(ctx);
+        }
         if ctx.filters_response_done || ctx.filters.is_none() {
             return Ok(None);
         }
@@ -979,6 +985,29 @@ impl ProxyHttp for WeirProxy {
 }
 
 impl WeirProxy {
+    /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.
+    fn observe_token(&self, ctx: &mut RequestCtx) {
+        let start = ctx.start;
+        let (Some(i), Some(rt)) = (ctx.inference.as_mut(), ctx.runtime.as_deref()) else {
+            return;
+        };
+        let now = Instant::now();
+        let labels = [rt.snapshot.pools[i.pool].name.as_str(), i.model.as_str()];
+        match i.last_chunk.replace(now) {
+            None => self
+                .metrics
+                .ttft
+                .with_label_values(&labels)
+                .observe((now - start).as_secs_f64()),
+            Some(before) => self
+                .metrics
+                .inter_token
+                .with_label_values(&labels)
+                .observe((now - before).as_secs_f64()),
+        }
+        self.metrics.tokens.with_label_values(&labels).inc();
+    }
+
     /// Queues the request's access log line, when the config asks for one.
     fn access_log(
         &self,

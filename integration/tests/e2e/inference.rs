@@ -193,6 +193,45 @@ async fn a_busy_pool_queues_then_sheds_with_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_feed_the_ttft_inter_token_and_token_metrics() {
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], ""));
+    for i in 0..2 {
+        assert_eq!(
+            stream_once(s.listen, &format!("m{i}"), 5).await,
+            Ok("1".into())
+        );
+    }
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    // Two streams of five messages, each sent 5 ms after the one before.
+    assert_eq!(
+        value("weir_inference_tokens_total{model=\"llama\",pool=\"llm\"}"),
+        10.0
+    );
+    assert_eq!(
+        value("weir_inference_ttft_seconds_count{model=\"llama\",pool=\"llm\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("weir_inference_inter_token_seconds_count{model=\"llama\",pool=\"llm\"}"),
+        8.0
+    );
+    let gaps = value("weir_inference_inter_token_seconds_sum{model=\"llama\",pool=\"llm\"}");
+    assert!(
+        gaps >= 8.0 * 0.004,
+        "the gaps are the server's pacing: {gaps}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sleeping_vllm_replica_is_drained_until_it_wakes() {
     let asleep = ModelServer::start_with(&["llama"], 1).await;
     let awake = ModelServer::start_with(&["llama"], 2).await;
