@@ -6,6 +6,7 @@ pub mod grpc_backend;
 pub mod http_backend;
 pub mod inference_client;
 pub mod model_server;
+pub mod otlp_receiver;
 pub mod sockmap_env;
 pub mod weir_process;
 

@@ -36,6 +36,37 @@ pub struct Config {
     /// One JSON line per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<Box<AccessLog>>,
+    /// OpenTelemetry traces exported over OTLP/gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Box<Tracing>>,
+}
+
+/// Traces: a server span per request, a client span per upstream attempt, W3C trace context.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Read at start.
+    pub otlp_endpoint: String,
+    /// Share of new traces recorded, 0 to 1; a request that carries a `traceparent` follows
+    /// its caller's decision.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Finished spans held for export; further spans are dropped and counted.
+    #[serde(default = "default_trace_queue")]
+    pub queue: u32,
+}
+
+fn default_sampling() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "weir".into()
+}
+fn default_trace_queue() -> u32 {
+    4096
 }
 
 /// The access log: one JSON object per line per request, written off the request path.

@@ -61,6 +61,20 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
             compiled.filter_chain = chain;
         }
     }
+    if let Some(t) = &config.tracing {
+        if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://")) {
+            v.problem(
+                "tracing.otlp_endpoint",
+                "expected a URL such as http://127.0.0.1:4317",
+            );
+        }
+        if !(0.0..=1.0).contains(&t.sampling) {
+            v.problem("tracing.sampling", "must be between 0 and 1");
+        }
+        if t.queue == 0 {
+            v.problem("tracing.queue", "must be at least 1");
+        }
+    }
     if let Some(log) = &config.access_log {
         if log.path.is_empty() {
             v.problem("access_log.path", "stdout, or a file path");

@@ -25,6 +25,7 @@ pub struct AdminApp {
     pub inference: Arc<Inference>,
     pub fast_path: Arc<crate::fast_path::FastPathState>,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    pub tracer: Option<Arc<crate::telemetry::Tracer>>,
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
@@ -183,6 +184,9 @@ impl ServeHttp for AdminApp {
                 self.fast_path.render(&mut text);
                 if let Some(log) = &self.access_log {
                     log.render(&mut text);
+                }
+                if let Some(tracer) = &self.tracer {
+                    tracer.render(&mut text);
                 }
                 respond(200, "text/plain; version=0.0.4", text)
             }

@@ -19,3 +19,4 @@ pub mod reply;
 pub mod retry;
 pub mod server;
 pub mod state;
+pub mod telemetry;

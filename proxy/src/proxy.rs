@@ -2,6 +2,7 @@
 //! `weir_policies::routing`, [`crate::lb`], [`crate::retry`], [`crate::outlier`] and
 //! [`crate::reply`].
 
+use opentelemetry::KeyValue;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,6 +65,8 @@ struct InferenceCtx {
     lease: Lease,
     /// When the last response chunk went through (none yet: the first is the TTFT).
     last_chunk: Option<Instant>,
+    first_chunk: Option<Instant>,
+    chunks: u64,
 }
 
 /// One listener's proxy logic.
@@ -75,6 +78,7 @@ pub struct WeirProxy {
     pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    pub tracer: Option<Arc<crate::telemetry::Tracer>>,
 }
 
 /// Per-request state.
@@ -107,6 +111,10 @@ pub struct RequestCtx {
     local_reply: Option<LocalResponse>,
     /// Set on requests routed to an inference pool.
     inference: Option<InferenceCtx>,
+    /// The request's trace, when tracing is on.
+    trace: Option<crate::telemetry::RequestTrace>,
+    /// The gRPC status the upstream answered with (headers or trailers), when not OK.
+    grpc_status: Option<u32>,
     _in_flight: InFlight,
 }
 
@@ -328,6 +336,8 @@ impl WeirProxy {
                             endpoint,
                             lease,
                             last_chunk: None,
+                            first_chunk: None,
+                            chunks: 0,
                         });
                         None
                     }
@@ -516,6 +526,8 @@ impl ProxyHttp for WeirProxy {
             request_has_body: false,
             local_reply: None,
             inference: None,
+            trace: None,
+            grpc_status: None,
             _in_flight: self.drain.track(),
         }
     }
@@ -537,6 +549,7 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.trace = self.tracer.as_ref().map(|t| t.start(session.req_header()));
         let rt = self.runtime.load_full();
         ctx.grpc = routing::is_grpc(&session.req_header().headers);
         let mut selected = self.route(&rt, session.req_header());
@@ -695,6 +708,20 @@ impl ProxyHttp for WeirProxy {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = MAX_H2_STREAMS;
         }
+        if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
+            let mut attributes = vec![
+                KeyValue::new("server.address", endpoint.address.ip().to_string()),
+                KeyValue::new("server.port", i64::from(endpoint.address.port())),
+                KeyValue::new("weir.cluster", cluster.name.clone()),
+            ];
+            if ctx.tries > 0 {
+                attributes.push(KeyValue::new(
+                    "http.request.resend_count",
+                    i64::from(ctx.tries),
+                ));
+            }
+            tracer.attempt(trace, attributes);
+        }
         ctx.tried.push(ep);
         ctx.tries += 1;
         Ok(Box::new(peer))
@@ -706,6 +733,9 @@ impl ProxyHttp for WeirProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_ref()) {
+            tracer.inject(trace, upstream);
+        }
         let Some((_, route, cluster, _)) = ctx.parts() else {
             return Ok(());
         };
@@ -755,6 +785,9 @@ impl ProxyHttp for WeirProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
+            tracer.attempt_status(trace, status);
+        }
         self.observe_replica(ctx, resp);
         ctx.record_result(status >= 500);
         if status >= 500 {
@@ -766,6 +799,7 @@ impl ProxyHttp for WeirProxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|s| *s != 0);
+        ctx.grpc_status = grpc_status;
         let retry = self.may_retry(session, ctx, Failure::Status(status))
             || grpc_status.is_some_and(|g| self.may_retry(session, ctx, Failure::Grpc(g)));
         if retry {
@@ -862,6 +896,13 @@ impl ProxyHttp for WeirProxy {
         trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Bytes>> {
+        if let Some(s) = trailers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            ctx.grpc_status = Some(s);
+        }
         let Some(stream) = ctx.filters.as_mut() else {
             return Ok(None);
         };
@@ -967,6 +1008,7 @@ impl ProxyHttp for WeirProxy {
             Some(r) => r.status.as_u16(),
             None => e.map_or(0, |e| reply::status_for_error(e.etype(), e.esource())),
         };
+        let trace = ctx.trace.take();
         let (route, cluster) = match ctx.parts() {
             Some((_, r, c, _)) => (r.name.as_str(), c.name.as_str()),
             None => ("", ""),
@@ -980,11 +1022,102 @@ impl ProxyHttp for WeirProxy {
             .duration
             .with_label_values(&[self.listener.as_str(), route, cluster])
             .observe(ctx.start.elapsed().as_secs_f64());
-        self.access_log(session, e, ctx, code.parse().unwrap_or(0), route, cluster);
+        let status = code.parse().unwrap_or(0);
+        self.access_log(session, e, ctx, status, route, cluster);
+        self.end_trace(session, e, ctx, trace, status, route, cluster);
     }
 }
 
 impl WeirProxy {
+    /// Ends the request's trace: the server span with the OpenTelemetry HTTP, RPC and GenAI
+    /// attributes that apply.
+    #[allow(clippy::too_many_arguments)]
+    fn end_trace(
+        &self,
+        session: &Session,
+        e: Option<&Error>,
+        ctx: &RequestCtx,
+        trace: Option<crate::telemetry::RequestTrace>,
+        status: u16,
+        route: &str,
+        cluster: &str,
+    ) {
+        let (Some(tracer), Some(trace)) = (&self.tracer, trace) else {
+            return;
+        };
+        let req = session.req_header();
+        let path = req.uri.path();
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", req.method.as_str().to_string()),
+            KeyValue::new("url.path", path.to_string()),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new(
+                "network.protocol.version",
+                if req.version == http::Version::HTTP_2 {
+                    "2"
+                } else {
+                    "1.1"
+                },
+            ),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("weir.listener", self.listener.clone()),
+            KeyValue::new("weir.route", route.to_string()),
+            KeyValue::new("weir.cluster", cluster.to_string()),
+        ];
+        if let Some(a) = req.uri.authority().map(|a| a.host()).or_else(|| {
+            req.headers
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(|h| h.split(':').next().unwrap_or(h))
+        }) {
+            attrs.push(KeyValue::new("server.address", a.to_string()));
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            attrs.push(KeyValue::new("client.address", addr.ip().to_string()));
+        }
+        let name = if ctx.grpc {
+            let (service, method) = path
+                .trim_start_matches('/')
+                .split_once('/')
+                .unwrap_or((path, ""));
+            attrs.push(KeyValue::new("rpc.system", "grpc"));
+            attrs.push(KeyValue::new("rpc.service", service.to_string()));
+            attrs.push(KeyValue::new("rpc.method", method.to_string()));
+            attrs.push(KeyValue::new(
+                "rpc.grpc.status_code",
+                i64::from(ctx.grpc_status.unwrap_or(0)),
+            ));
+            path.trim_start_matches('/').to_string()
+        } else if route.is_empty() {
+            req.method.as_str().to_string()
+        } else {
+            format!("{} {route}", req.method.as_str())
+        };
+        if let Some(i) = &ctx.inference {
+            attrs.push(KeyValue::new("gen_ai.request.model", i.model.clone()));
+            if let Some(v) = i.lease.endpoint.version(&i.model).filter(|v| !v.is_empty()) {
+                attrs.push(KeyValue::new("weir.inference.model_version", v));
+            }
+            attrs.push(KeyValue::new(
+                "weir.inference.endpoint",
+                i.lease.endpoint.address.to_string(),
+            ));
+            if let Some(first) = i.first_chunk {
+                attrs.push(KeyValue::new(
+                    "gen_ai.server.time_to_first_token",
+                    (first - ctx.start).as_secs_f64(),
+                ));
+            }
+            attrs.push(KeyValue::new(
+                "weir.inference.response_chunks",
+                i64::try_from(i.chunks).unwrap_or(i64::MAX),
+            ));
+        }
+        let failed = status == 0 || status >= 500 || e.is_some();
+        let error = e.map(|e| e.to_string());
+        tracer.finish(trace, name, attrs, error.as_deref(), failed);
+    }
+
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.
     fn observe_token(&self, ctx: &mut RequestCtx) {
         let start = ctx.start;
@@ -992,6 +1125,8 @@ impl WeirProxy {
             return;
         };
         let now = Instant::now();
+        i.chunks += 1;
+        i.first_chunk.get_or_insert(now);
         let labels = [rt.snapshot.pools[i.pool].name.as_str(), i.model.as_str()];
         match i.last_chunk.replace(now) {
             None => self

@@ -80,6 +80,13 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         }
     };
     let fast_path = FastPathState::start(&snapshot);
+    let (tracer, trace_exporter) = match snapshot.source.tracing.as_deref() {
+        Some(config) => {
+            let (t, e) = crate::telemetry::Tracer::new(config);
+            (Some(t), Some(e))
+        }
+        None => (None, None),
+    };
     let access_log = match snapshot.source.access_log.as_deref() {
         None => None,
         Some(config) => match crate::access_log::AccessLog::start(config) {
@@ -108,6 +115,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             metrics: metrics.clone(),
             drain: drain.clone(),
             access_log: access_log.clone(),
+            tracer: tracer.clone(),
         };
         let mut service =
             http_proxy_service_with_name(&conf, proxy, &format!("listener {}", l.name));
@@ -129,6 +137,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             inference: inference.clone(),
             fast_path: fast_path.clone(),
             access_log: access_log.clone(),
+            tracer: tracer.clone(),
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());
@@ -143,6 +152,9 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         "inference pools",
         Driver(inference.clone()),
     ));
+    if let Some(exporter) = trace_exporter {
+        server.add_service(background_service("trace export", exporter));
+    }
     server.add_service(background_service(
         "sockmap fast path",
         ScopeSync {

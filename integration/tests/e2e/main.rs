@@ -17,6 +17,7 @@ mod lifecycle;
 mod reload;
 mod resilience;
 mod sockmap;
+mod traces;
 
 use std::net::SocketAddr;
 use std::time::Duration;

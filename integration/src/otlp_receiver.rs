@@ -1,0 +1,117 @@
+//! An OTLP/gRPC trace receiver on 127.0.0.1 (the collector side of `TraceService`, from the
+//! `opentelemetry-proto` types): keeps every span it is sent, with its resource's
+//! `service.name`, for tests and benchmarks to look at.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// A received span and the service that sent it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub service: String,
+    pub span: Span,
+}
+
+impl Received {
+    /// The attribute `key` as text (strings, ints, doubles and bools).
+    pub fn attr(&self, key: &str) -> Option<String> {
+        let v = self
+            .span
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)?
+            .value
+            .as_ref()?
+            .value
+            .as_ref()?;
+        Some(match v {
+            Value::StringValue(s) => s.clone(),
+            Value::IntValue(i) => i.to_string(),
+            Value::DoubleValue(d) => d.to_string(),
+            Value::BoolValue(b) => b.to_string(),
+            other => format!("{other:?}"),
+        })
+    }
+
+    pub fn trace_id(&self) -> String {
+        hex::encode(&self.span.trace_id)
+    }
+
+    pub fn span_id(&self) -> String {
+        hex::encode(&self.span.span_id)
+    }
+
+    pub fn parent_id(&self) -> String {
+        hex::encode(&self.span.parent_span_id)
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct OtlpReceiver {
+    pub spans: Arc<Mutex<Vec<Received>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for OtlpReceiver {
+    async fn export(
+        &self,
+        req: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    spans.push(Received {
+                        service: service.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl OtlpReceiver {
+    /// Serves on a free port until the process ends; returns the receiver and its address.
+    pub async fn start() -> (Self, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let receiver = Self::default();
+        let svc = TraceServiceServer::new(receiver.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        (receiver, addr)
+    }
+
+    pub fn spans(&self) -> Vec<Received> {
+        self.spans.lock().unwrap().clone()
+    }
+}

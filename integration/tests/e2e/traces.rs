@@ -1,0 +1,242 @@
+//! OpenTelemetry traces through weir, received by a real OTLP/gRPC collector endpoint: a
+//! server span per request, a client span per upstream attempt (retries visible), W3C trace
+//! context continued from the caller or started, and sent upstream with the right parent.
+
+use std::time::{Duration, Instant};
+
+use weir_integration::grpc_backend::GrpcBackend;
+use weir_integration::http_backend::HttpBackend;
+use weir_integration::otlp_receiver::{OtlpReceiver, Received};
+use weir_integration::weir_process::admin_get;
+
+use crate::*;
+
+const CALLER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CALLER_SPAN: &str = "b7ad6b7169203331";
+
+/// The spans of trace `trace` once there are at least `n`.
+async fn spans_of(receiver: &OtlpReceiver, trace: &str, n: usize) -> Vec<Received> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spans: Vec<Received> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id() == trace)
+            .collect();
+        if spans.len() >= n {
+            return spans;
+        }
+        assert!(
+            Instant::now() < until,
+            "{} of {n} spans of {trace}: {:#?}",
+            spans.len(),
+            receiver.spans()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn kind(s: &Received) -> i32 {
+    s.span.kind
+}
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_reach_the_collector_with_parents_links_and_attributes() {
+    let (receiver, otlp) = OtlpReceiver::start().await;
+    let backend = HttpBackend::start("b").await;
+    let grpc = GrpcBackend::start("g").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let s = start(&format!(
+        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0, service_name: weir-test }}\nroutes:\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: flaky\n    match: {{ path: {{ prefix: /flaky }} }}\n    route: {{ cluster: dead, retry: {{ retries: 2, retry_on: [connect-failure] }} }}\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}{}{}",
+        cluster("b", "http1", &[backend.addr], ""),
+        cluster("g", "h2c", &[grpc.addr], ""),
+        cluster("dead", "http1", &[dead_addr], "")
+    ));
+    let client = h1_client();
+
+    // A caller's trace is continued; the upstream sees weir's client span as its parent.
+    let traceparent = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    let r = send(
+        &client,
+        s.listen,
+        "GET",
+        "/api/items?x=1",
+        &[
+            ("traceparent", &traceparent),
+            ("tracestate", "vendor=opaque"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let upstream = r.json()["headers"].clone();
+    let up: Vec<&str> = upstream["traceparent"]
+        .as_str()
+        .expect("traceparent upstream")
+        .split('-')
+        .collect();
+    assert_eq!(
+        (up[0], up[1], up[3]),
+        ("00", CALLER_TRACE, "01"),
+        "{upstream}"
+    );
+    assert_ne!(up[2], CALLER_SPAN, "weir's span is the upstream's parent");
+    assert_eq!(upstream["tracestate"], "vendor=opaque");
+    let spans = spans_of(&receiver, CALLER_TRACE, 2).await;
+    let server = spans
+        .iter()
+        .find(|s| kind(s) == SERVER)
+        .expect("server span");
+    let client_span = spans
+        .iter()
+        .find(|s| kind(s) == CLIENT)
+        .expect("client span");
+    assert_eq!(server.service, "weir-test");
+    assert_eq!(
+        server.parent_id(),
+        CALLER_SPAN,
+        "child of the caller's span"
+    );
+    assert_eq!(
+        client_span.parent_id(),
+        server.span_id(),
+        "attempt under the request"
+    );
+    assert_eq!(
+        client_span.span_id(),
+        up[2],
+        "the upstream's parent is the attempt"
+    );
+    assert_eq!(server.span.name, "GET api");
+    for (k, v) in [
+        ("http.request.method", "GET"),
+        ("url.path", "/api/items"),
+        ("http.response.status_code", "200"),
+        ("network.protocol.version", "1.1"),
+        ("weir.route", "api"),
+        ("weir.cluster", "b"),
+    ] {
+        assert_eq!(server.attr(k).as_deref(), Some(v), "{k} on {server:?}");
+    }
+    assert_eq!(
+        client_span.attr("server.port"),
+        Some(backend.addr.port().to_string())
+    );
+    assert_eq!(
+        client_span.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+
+    // No traceparent: weir starts the trace and passes it on.
+    let r = get(&client, s.listen, "/api/new").await;
+    let started = r.json()["headers"]["traceparent"]
+        .as_str()
+        .expect("traceparent started by weir")
+        .split('-')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let spans = spans_of(&receiver, &started, 2).await;
+    let root = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert!(root.span.parent_span_id.is_empty(), "a root span");
+
+    // Retries: one client span per attempt, all under the request's span, which failed.
+    let flaky_parent = "00-11111111111111111111111111111111-2222222222222222-01";
+    let r = send(
+        &client,
+        s.listen,
+        "GET",
+        "/flaky",
+        &[("traceparent", flaky_parent)],
+    )
+    .await;
+    assert!(r.status >= 500, "{}", r.status);
+    let spans = spans_of(&receiver, "11111111111111111111111111111111", 4).await;
+    let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    let attempts: Vec<&Received> = spans.iter().filter(|s| kind(s) == CLIENT).collect();
+    assert_eq!(attempts.len(), 3, "first try and two retries: {spans:#?}");
+    assert!(attempts.iter().all(|a| a.parent_id() == server.span_id()));
+    assert_eq!(
+        attempts
+            .iter()
+            .filter_map(|a| a.attr("http.request.resend_count"))
+            .collect::<Vec<_>>(),
+        vec!["1".to_string(), "2".to_string()]
+    );
+    let error = 2; // STATUS_CODE_ERROR
+    assert_eq!(server.span.status.as_ref().map(|s| s.code), Some(error));
+
+    // gRPC: the RPC attributes.
+    let grpc_parent = "00-33333333333333333333333333333333-4444444444444444-01";
+    let mut g = crate::grpc::client(s.listen).await;
+    let mut req = tonic::Request::new(crate::grpc::msg("hi", 1));
+    req.metadata_mut()
+        .insert("traceparent", grpc_parent.parse().unwrap());
+    g.unary(req).await.expect("unary");
+    let spans = spans_of(&receiver, "33333333333333333333333333333333", 2).await;
+    let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert_eq!(server.span.name, "weir.test.Echo/Unary");
+    for (k, v) in [
+        ("rpc.system", "grpc"),
+        ("rpc.service", "weir.test.Echo"),
+        ("rpc.method", "Unary"),
+        ("rpc.grpc.status_code", "0"),
+        ("network.protocol.version", "2"),
+    ] {
+        assert_eq!(server.attr(k).as_deref(), Some(v), "{k} on {server:?}");
+    }
+
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
+    assert!(
+        metrics.contains("weir_trace_spans_dropped_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("weir_trace_spans_exported_total 0\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsampled_requests_export_nothing_but_still_propagate() {
+    let (receiver, otlp) = OtlpReceiver::start().await;
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 0.0 }}\nroutes:\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let client = h1_client();
+    for _ in 0..5 {
+        let r = get(&client, s.listen, "/x").await;
+        let tp = r.json()["headers"]["traceparent"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            tp.ends_with("-00"),
+            "not sampled, still a trace context: {tp}"
+        );
+    }
+    // A caller that sampled wins over the ratio.
+    let parent = "00-55555555555555555555555555555555-6666666666666666-01";
+    get_with(&client, s.listen, "/x", &[("traceparent", parent)]).await;
+    let spans = spans_of(&receiver, "55555555555555555555555555555555", 2).await;
+    assert_eq!(spans.len(), 2);
+    assert_eq!(
+        receiver.spans().len(),
+        2,
+        "only the caller-sampled request was recorded"
+    );
+}
+
+async fn get_with(
+    client: &HttpClient,
+    listen: std::net::SocketAddr,
+    path: &str,
+    h: &[(&str, &str)],
+) {
+    assert_eq!(send(client, listen, "GET", path, h).await.status, 200);
+}
