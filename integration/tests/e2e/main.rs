@@ -14,6 +14,7 @@ mod inference;
 mod kserve;
 mod kserve_proto;
 mod lifecycle;
+mod metrics;
 mod reload;
 mod resilience;
 mod sockmap;
