@@ -61,6 +61,10 @@ impl Received {
 #[derive(Clone, Default)]
 pub struct OtlpReceiver {
     pub spans: Arc<Mutex<Vec<Received>>>,
+    /// Spans received, kept or not.
+    pub count: Arc<std::sync::atomic::AtomicU64>,
+    /// Count only (a benchmark's millions of spans are not kept).
+    count_only: bool,
 }
 
 #[tonic::async_trait]
@@ -69,8 +73,22 @@ impl TraceService for OtlpReceiver {
         &self,
         req: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let req = req.into_inner();
+        if self.count_only {
+            let n: usize = req
+                .resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .map(|ss| ss.spans.len())
+                .sum();
+            self.count
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         let mut spans = self.spans.lock().unwrap();
-        for rs in req.into_inner().resource_spans {
+        for rs in req.resource_spans {
             let service = rs
                 .resource
                 .iter()
@@ -82,6 +100,8 @@ impl TraceService for OtlpReceiver {
                 })
                 .unwrap_or_default();
             for ss in rs.scope_spans {
+                self.count
+                    .fetch_add(ss.spans.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 for span in ss.spans {
                     spans.push(Received {
                         service: service.clone(),
@@ -99,9 +119,21 @@ impl TraceService for OtlpReceiver {
 impl OtlpReceiver {
     /// Serves on a free port until the process ends; returns the receiver and its address.
     pub async fn start() -> (Self, SocketAddr) {
+        Self::serve(Self::default()).await
+    }
+
+    /// [`OtlpReceiver::start`] that only counts spans.
+    pub async fn start_counting() -> (Self, SocketAddr) {
+        Self::serve(Self {
+            count_only: true,
+            ..Self::default()
+        })
+        .await
+    }
+
+    async fn serve(receiver: Self) -> (Self, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let receiver = Self::default();
         let svc = TraceServiceServer::new(receiver.clone());
         tokio::spawn(
             tonic::transport::Server::builder()

@@ -793,6 +793,44 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
         rows.push(measure("weir", weir_port, Some(weir.0.id()), args)?);
     }
 
+    // weir again, tracing every request and exporting the spans to a collector (an OTLP
+    // receiver that counts them, on a runtime of its own).
+    let collector = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let (spans, otlp) =
+        collector.block_on(weir_integration::otlp_receiver::OtlpReceiver::start_counting());
+    let traced_port = free_port();
+    let base = std::fs::read_to_string(d.join("weir.yaml")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        d.join("weir-traced.yaml"),
+        base.replace(
+            &format!("127.0.0.1:{weir_port}"),
+            &format!("127.0.0.1:{traced_port}"),
+        )
+        .replace(
+            &format!("127.0.0.1:{weir_admin}"),
+            &format!("127.0.0.1:{}", free_port()),
+        ) + &format!("tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0 }}\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    {
+        let weir = spawn_weir(
+            &weir_bin,
+            &d.join("weir-traced.yaml"),
+            &d.join("weir-traced.log"),
+            false,
+        )?;
+        wait_port(traced_port, "weir (traced)")?;
+        rows.push(measure(
+            "weir + traces (100%)",
+            traced_port,
+            Some(weir.0.id()),
+            args,
+        )?);
+        // Let the last batches reach the collector.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let spans_received = spans.count.load(std::sync::atomic::Ordering::Relaxed);
+
     // Envoy, --concurrency 1.
     let envoy_port = free_port();
     let envoy_admin = free_port();
@@ -855,7 +893,20 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
         )?);
     }
 
-    print!("{}", table(&rows, duration, connections, wrk_threads));
+    let mut out = table(&rows, duration, connections, wrk_threads);
+    let plain = rows.iter().find(|r| r.name == "weir");
+    let traced = rows.iter().find(|r| r.name.starts_with("weir + traces"));
+    if let (Some(p), Some(t)) = (plain, traced) {
+        let _ = writeln!(
+            out,
+            "Tracing at 100% with OTLP export: req/s {:+.1}%, proxy CPU/req {:+.1} µs ({} spans reached the collector for {} requests). Target: under 5% throughput cost.",
+            100.0 * (t.wrk.rps / p.wrk.rps.max(1.0) - 1.0),
+            t.cpu_us_per_req.unwrap_or(0.0) - p.cpu_us_per_req.unwrap_or(0.0),
+            spans_received,
+            t.wrk.requests
+        );
+    }
+    print!("{out}");
     Ok(())
 }
 
