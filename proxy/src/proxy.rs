@@ -2,11 +2,11 @@
 //! `weir_policies::routing`, [`crate::lb`], [`crate::retry`], [`crate::outlier`] and
 //! [`crate::reply`].
 
-use opentelemetry::KeyValue;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use opentelemetry::KeyValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -113,7 +113,8 @@ pub struct RequestCtx {
     inference: Option<InferenceCtx>,
     /// The request's trace, when tracing is on.
     trace: Option<crate::telemetry::RequestTrace>,
-    /// The gRPC status the upstream answered with (headers or trailers), when not OK.
+    /// The gRPC status the upstream answered with (trailers, or the headers of a trailers-only
+    /// reply).
     grpc_status: Option<u32>,
     _in_flight: InFlight,
 }
