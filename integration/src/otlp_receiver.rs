@@ -1,10 +1,16 @@
-//! An OTLP/gRPC trace receiver on 127.0.0.1 (the collector side of `TraceService`, from the
-//! `opentelemetry-proto` types): keeps every span it is sent, with its resource's
-//! `service.name`, for tests and benchmarks to look at.
+//! An OTLP/gRPC receiver on 127.0.0.1 (the collector side of `TraceService` and
+//! `MetricsService`, from the `opentelemetry-proto` types): keeps every span it is sent, with
+//! its resource's `service.name`, and the metrics exports, for tests and benchmarks to look at.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -65,6 +71,21 @@ pub struct OtlpReceiver {
     pub count: Arc<std::sync::atomic::AtomicU64>,
     /// Count only (a benchmark's millions of spans are not kept).
     count_only: bool,
+    /// Every metrics export received, in order.
+    pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for OtlpReceiver {
+    async fn export(
+        &self,
+        req: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        self.metrics.lock().unwrap().push(req.into_inner());
+        Ok(Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -138,6 +159,7 @@ impl OtlpReceiver {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(MetricsServiceServer::new(receiver.clone()))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         (receiver, addr)

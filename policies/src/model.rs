@@ -39,6 +39,27 @@ pub struct Config {
     /// OpenTelemetry traces exported over OTLP/gRPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Box<Tracing>>,
+    /// The metrics of `/stats/prometheus`, also pushed over OTLP/gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_metrics: Option<Box<OtlpMetrics>>,
+}
+
+/// Metrics pushed to an OpenTelemetry collector.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpMetrics {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Read at start.
+    pub endpoint: String,
+    /// How often every metric is sent (cumulative values).
+    #[serde(default = "default_otlp_interval", with = "crate::duration")]
+    pub interval: Duration,
+    /// `service.name` of the metrics.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_otlp_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Traces: a server span per request, a client span per upstream attempt, W3C trace context.

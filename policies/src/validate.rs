@@ -75,6 +75,17 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
             v.problem("tracing.queue", "must be at least 1");
         }
     }
+    if let Some(m) = &config.otlp_metrics {
+        if !(m.endpoint.starts_with("http://") || m.endpoint.starts_with("https://")) {
+            v.problem(
+                "otlp_metrics.endpoint",
+                "expected a URL such as http://127.0.0.1:4317",
+            );
+        }
+        if m.interval.is_zero() {
+            v.problem("otlp_metrics.interval", "must be positive");
+        }
+    }
     if let Some(log) = &config.access_log {
         if log.path.is_empty() {
             v.problem("access_log.path", "stdout, or a file path");

@@ -19,13 +19,48 @@ use crate::state::{now_ms, SharedRuntime};
 
 pub struct AdminApp {
     pub runtime: SharedRuntime,
-    pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
-    pub filters: Arc<Filters>,
     pub inference: Arc<Inference>,
+    pub fast_path: Arc<crate::fast_path::FastPathState>,
+    /// What `/stats/prometheus` shows (also what is exported over OTLP).
+    pub exposition: Arc<Exposition>,
+}
+
+/// Everything that has metrics, rendered as one Prometheus text exposition.
+pub struct Exposition {
+    pub runtime: SharedRuntime,
+    pub metrics: Arc<Metrics>,
+    pub filters: Arc<Filters>,
     pub fast_path: Arc<crate::fast_path::FastPathState>,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     pub tracer: Option<Arc<crate::telemetry::Tracer>>,
+}
+
+impl Exposition {
+    /// The Prometheus text exposition of every metric, read now.
+    pub fn render(&self) -> String {
+        let rt = self.runtime.load();
+        let mut text = self.metrics.render(&rt);
+        if let Some(host) = self.filters.started() {
+            text += &format!(
+                "# HELP weir_wasm_filter_failures_total Filter callbacks that trapped, ran out of CPU time or memory.\n\
+                 # TYPE weir_wasm_filter_failures_total counter\nweir_wasm_filter_failures_total {}\n\
+                 # HELP weir_wasm_vm_restarts_total Filter VMs recreated after a failure.\n\
+                 # TYPE weir_wasm_vm_restarts_total counter\nweir_wasm_vm_restarts_total {}\n",
+                host.failures(),
+                host.vm_restarts()
+            );
+            text += &host.metrics().render();
+        }
+        self.fast_path.render(&mut text);
+        if let Some(log) = &self.access_log {
+            log.render(&mut text);
+        }
+        if let Some(tracer) = &self.tracer {
+            tracer.render(&mut text);
+        }
+        text
+    }
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
@@ -167,29 +202,11 @@ impl ServeHttp for AdminApp {
             ),
             "/ready" if self.drain.is_draining() => respond(503, "text/plain", "DRAINING\n".into()),
             "/ready" => respond(200, "text/plain", "LIVE\n".into()),
-            "/stats/prometheus" => {
-                let rt = self.runtime.load();
-                let mut text = self.metrics.render(&rt);
-                if let Some(host) = self.filters.started() {
-                    text += &format!(
-                        "# HELP weir_wasm_filter_failures_total Filter callbacks that trapped, ran out of CPU time or memory.\n\
-                         # TYPE weir_wasm_filter_failures_total counter\nweir_wasm_filter_failures_total {}\n\
-                         # HELP weir_wasm_vm_restarts_total Filter VMs recreated after a failure.\n\
-                         # TYPE weir_wasm_vm_restarts_total counter\nweir_wasm_vm_restarts_total {}\n",
-                        host.failures(),
-                        host.vm_restarts()
-                    );
-                    text += &host.metrics().render();
-                }
-                self.fast_path.render(&mut text);
-                if let Some(log) = &self.access_log {
-                    log.render(&mut text);
-                }
-                if let Some(tracer) = &self.tracer {
-                    tracer.render(&mut text);
-                }
-                respond(200, "text/plain; version=0.0.4", text)
-            }
+            "/stats/prometheus" => respond(
+                200,
+                "text/plain; version=0.0.4",
+                self.exposition.render(),
+            ),
             "/config_dump" => {
                 let rt = self.runtime.load();
                 let dump =

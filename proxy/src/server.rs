@@ -80,6 +80,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         }
     };
     let fast_path = FastPathState::start(&snapshot);
+    let snapshot_otlp_metrics = snapshot.source.otlp_metrics.as_deref().cloned();
     let (tracer, trace_exporter) = match snapshot.source.tracing.as_deref() {
         Some(config) => {
             let (t, e) = crate::telemetry::Tracer::new(config);
@@ -128,16 +129,30 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         server.add_service(service);
         tracing::info!(listener = %l.name, address = %l.address, "listening");
     }
+    let exposition = Arc::new(crate::admin::Exposition {
+        runtime: runtime.clone(),
+        metrics: metrics.clone(),
+        filters: filters.clone(),
+        fast_path: fast_path.clone(),
+        access_log: access_log.clone(),
+        tracer: tracer.clone(),
+    });
+    if let Some(otlp) = snapshot_otlp_metrics {
+        server.add_service(background_service(
+            "otlp metrics",
+            crate::telemetry::MetricsExport {
+                config: otlp,
+                exposition: exposition.clone(),
+            },
+        ));
+    }
     if let Some(addr) = admin {
         let app = AdminApp {
             runtime: runtime.clone(),
-            metrics: metrics.clone(),
             drain: drain.clone(),
-            filters: filters.clone(),
             inference: inference.clone(),
             fast_path: fast_path.clone(),
-            access_log: access_log.clone(),
-            tracer: tracer.clone(),
+            exposition: exposition.clone(),
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());

@@ -390,3 +390,253 @@ impl BackgroundService for Exporter {
         }
     }
 }
+
+/// Pushes every metric of [`crate::admin::Exposition`] to an OTLP/gRPC collector at an
+/// interval: the numbers `/stats/prometheus` shows, as cumulative OTLP sums, gauges and
+/// histograms.
+pub struct MetricsExport {
+    pub config: weir_policies::model::OtlpMetrics,
+    pub exposition: Arc<crate::admin::Exposition>,
+}
+
+#[async_trait]
+impl BackgroundService for MetricsExport {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+        let channel = match tonic::transport::Endpoint::from_shared(self.config.endpoint.clone()) {
+            Ok(e) => e.timeout(Duration::from_secs(5)).connect_lazy(),
+            Err(e) => {
+                tracing::error!("otlp_metrics.endpoint: {e}");
+                return;
+            }
+        };
+        let mut client = MetricsServiceClient::new(channel);
+        let started = unix_nanos(SystemTime::now());
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.config.interval) => {}
+            }
+            let text = self.exposition.render();
+            match otlp_metrics::request(&text, &self.config.service_name, started) {
+                Ok(req) => {
+                    if let Err(e) = client.export(req).await {
+                        tracing::debug!("OTLP metrics export failed: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("metrics not exported: {e}"),
+            }
+        }
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Prometheus text exposition → OTLP `ExportMetricsServiceRequest`.
+pub mod otlp_metrics {
+    use std::collections::BTreeMap;
+
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{
+        any_value, AnyValue, InstrumentationScope, KeyValue,
+    };
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
+        Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prometheus_parse::{Scrape, Value};
+
+    fn string(key: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(v.to_string())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The request carrying every metric of `text`; `start` is when counting began.
+    pub fn request(
+        text: &str,
+        service: &str,
+        start: u64,
+    ) -> Result<ExportMetricsServiceRequest, String> {
+        let now = super::unix_nanos(std::time::SystemTime::now());
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .map_err(|e| format!("the exposition does not parse: {e}"))?;
+        let labels_key = |l: &prometheus_parse::Labels| {
+            let mut v: Vec<(String, String)> =
+                l.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort();
+            v
+        };
+        // Histogram sums arrive as their own `<name>_sum` samples.
+        let sums: BTreeMap<(String, Vec<(String, String)>), f64> = scrape
+            .samples
+            .iter()
+            .filter_map(|s| {
+                let base = s.metric.strip_suffix("_sum")?;
+                let v = match s.value {
+                    Value::Untyped(v) | Value::Counter(v) | Value::Gauge(v) => v,
+                    _ => return None,
+                };
+                Some(((base.to_string(), labels_key(&s.labels)), v))
+            })
+            .collect();
+        let histograms: std::collections::HashSet<&str> = scrape
+            .samples
+            .iter()
+            .filter(|s| matches!(s.value, Value::Histogram(_)))
+            .map(|s| s.metric.as_str())
+            .collect();
+        let mut metrics: BTreeMap<String, Metric> = BTreeMap::new();
+        for s in &scrape.samples {
+            let is_part = ["_sum", "_count"].iter().any(|suffix| {
+                s.metric
+                    .strip_suffix(suffix)
+                    .is_some_and(|b| histograms.contains(b))
+            });
+            if is_part {
+                continue;
+            }
+            let attributes: Vec<KeyValue> = labels_key(&s.labels)
+                .iter()
+                .map(|(k, v)| string(k, v))
+                .collect();
+            let point = |v: f64| NumberDataPoint {
+                attributes: attributes.clone(),
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                value: Some(number_data_point::Value::AsDouble(v)),
+                ..Default::default()
+            };
+            let entry = metrics.entry(s.metric.clone()).or_insert_with(|| Metric {
+                name: s.metric.clone(),
+                description: scrape.docs.get(&s.metric).cloned().unwrap_or_default(),
+                ..Default::default()
+            });
+            match (&s.value, &mut entry.data) {
+                (Value::Counter(v), None) => {
+                    entry.data = Some(metric::Data::Sum(Sum {
+                        data_points: vec![point(*v)],
+                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        is_monotonic: true,
+                    }))
+                }
+                (Value::Counter(v), Some(metric::Data::Sum(sum))) => {
+                    sum.data_points.push(point(*v))
+                }
+                (Value::Gauge(v) | Value::Untyped(v), None) => {
+                    entry.data = Some(metric::Data::Gauge(Gauge {
+                        data_points: vec![point(*v)],
+                    }))
+                }
+                (Value::Gauge(v) | Value::Untyped(v), Some(metric::Data::Gauge(g))) => {
+                    g.data_points.push(point(*v))
+                }
+                (Value::Histogram(buckets), data) => {
+                    let mut buckets = buckets.clone();
+                    buckets.sort_by(|a, b| a.less_than.total_cmp(&b.less_than));
+                    let count = buckets.last().map_or(0.0, |b| b.count) as u64;
+                    let mut before = 0.0;
+                    let bucket_counts: Vec<u64> = buckets
+                        .iter()
+                        .map(|b| {
+                            let n = (b.count - before).max(0.0) as u64;
+                            before = b.count;
+                            n
+                        })
+                        .collect();
+                    let dp = HistogramDataPoint {
+                        attributes: attributes.clone(),
+                        start_time_unix_nano: start,
+                        time_unix_nano: now,
+                        count,
+                        sum: sums
+                            .get(&(s.metric.clone(), labels_key(&s.labels)))
+                            .copied(),
+                        bucket_counts,
+                        explicit_bounds: buckets
+                            .iter()
+                            .map(|b| b.less_than)
+                            .filter(|b| b.is_finite())
+                            .collect(),
+                        ..Default::default()
+                    };
+                    match data {
+                        Some(metric::Data::Histogram(h)) => h.data_points.push(dp),
+                        _ => {
+                            *data = Some(metric::Data::Histogram(Histogram {
+                                data_points: vec![dp],
+                                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                            }))
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![string("service.name", service)],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(InstrumentationScope {
+                        name: "weir".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    metrics: metrics.into_values().collect(),
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+    #[test]
+    fn the_exposition_becomes_otlp_sums_gauges_and_histograms() {
+        let text = "# HELP c_total A counter.\n# TYPE c_total counter\nc_total{route=\"a\"} 3\nc_total{route=\"b\"} 4\n\
+            # HELP g A gauge.\n# TYPE g gauge\ng 7\n\
+            # HELP h A histogram.\n# TYPE h histogram\nh_bucket{le=\"0.1\"} 2\nh_bucket{le=\"1\"} 5\nh_bucket{le=\"+Inf\"} 6\nh_sum 2.5\nh_count 6\n";
+        let req = super::otlp_metrics::request(text, "weir", 1).unwrap();
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let by = |n: &str| metrics.iter().find(|m| m.name == n).unwrap();
+        match by("c_total").data.as_ref().unwrap() {
+            Data::Sum(s) => {
+                assert!(s.is_monotonic);
+                assert_eq!(s.data_points.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(by("g").data, Some(Data::Gauge(_))));
+        match by("h").data.as_ref().unwrap() {
+            Data::Histogram(h) => {
+                let p = &h.data_points[0];
+                assert_eq!((p.count, p.sum), (6, Some(2.5)));
+                assert_eq!(p.explicit_bounds, vec![0.1, 1.0]);
+                assert_eq!(p.bucket_counts, vec![2, 3, 1]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !metrics
+                .iter()
+                .any(|m| m.name == "h_sum" || m.name == "h_count"),
+            "a histogram's parts are not metrics of their own"
+        );
+        assert_eq!(by("c_total").description, "A counter.");
+    }
+}

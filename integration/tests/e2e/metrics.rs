@@ -91,3 +91,74 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_numbers_reach_an_otlp_collector() {
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
+    let backend = HttpBackend::start("b").await;
+    let (receiver, otlp) = OtlpReceiver::start().await;
+    let s = start(&format!(
+        "otlp_metrics: {{ endpoint: \"http://{otlp}\", interval: 100ms, service_name: weir-m }}\nroutes:\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let client = h1_client();
+    for _ in 0..4 {
+        assert_eq!(get(&client, s.listen, "/x").await.status, 200);
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let exports = receiver.metrics.lock().unwrap().clone();
+        let found = exports.last().and_then(|req| {
+            let rm = &req.resource_metrics[0];
+            let service = rm
+                .resource
+                .as_ref()?
+                .attributes
+                .iter()
+                .find(|a| a.key == "service.name")?;
+            assert!(
+                matches!(
+                    service.value.as_ref().and_then(|v| v.value.as_ref()),
+                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) if s == "weir-m"
+                ),
+                "{service:?}"
+            );
+            let metrics = &rm.scope_metrics[0].metrics;
+            let requests = metrics.iter().find(|m| m.name == "weir_requests_total")?;
+            let Some(Data::Sum(sum)) = &requests.data else {
+                return None;
+            };
+            let total: f64 = sum
+                .data_points
+                .iter()
+                .filter_map(|p| match p.value {
+                    Some(number_data_point::Value::AsDouble(v)) => Some(v),
+                    _ => None,
+                })
+                .sum();
+            let duration = metrics
+                .iter()
+                .find(|m| m.name == "weir_request_duration_seconds")?;
+            let Some(Data::Histogram(h)) = &duration.data else {
+                return None;
+            };
+            Some((
+                total,
+                h.data_points.iter().map(|p| p.count).sum::<u64>(),
+                sum.is_monotonic,
+            ))
+        });
+        if let Some((total, count, monotonic)) = found {
+            if total == 4.0 {
+                assert_eq!(count, 4, "the duration histogram counts the same requests");
+                assert!(monotonic, "a counter is a monotonic sum");
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no export with 4 requests: {exports:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
