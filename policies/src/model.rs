@@ -87,7 +87,7 @@ fn default_service_name() -> String {
     "weir".into()
 }
 fn default_trace_queue() -> u32 {
-    4096
+    16384
 }
 
 /// The access log: one JSON object per line per request, written off the request path.

@@ -27,12 +27,17 @@ use weir_policies::model::Tracing as Config;
 
 /// Spans exported in one OTLP request at most.
 const BATCH: usize = 512;
-/// Longest a finished span waits before it is exported.
-const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Longest a finished span waits before it is exported. The exporter sleeps in between
+/// (rather than waiting on the queue) so a request never wakes another thread; it is woken
+/// early only when the queue is half full.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 /// The tracer shared by every listener.
 pub struct Tracer {
     tx: mpsc::Sender<SpanData>,
+    /// Wakes the exporter before its time when the queue is half full.
+    half_full: tokio::sync::Notify,
+    capacity: usize,
     sampler: Sampler,
     ids: RandomIdGenerator,
     propagator: TraceContextPropagator,
@@ -104,6 +109,8 @@ impl Tracer {
         let (tx, rx) = mpsc::channel(config.queue.max(1) as usize);
         let tracer = Arc::new(Self {
             tx,
+            half_full: tokio::sync::Notify::new(),
+            capacity: config.queue.max(1) as usize,
             sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 config.sampling.clamp(0.0, 1.0),
             ))),
@@ -266,6 +273,9 @@ impl Tracer {
                 Err(_) => self.dropped.fetch_add(1, Ordering::Relaxed),
             };
         }
+        if self.tx.capacity() < self.capacity / 2 {
+            self.half_full.notify_one();
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -346,37 +356,26 @@ impl BackgroundService for Exporter {
                 .with_service_name(self.config.service_name.clone())
                 .build(),
         );
-        let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let mut done = false;
-            tokio::select! {
-                _ = shutdown.changed() => done = true,
-                got = rx.recv() => match got {
-                    Some(span) => {
-                        batch.push(span);
-                        // Take what else is there, up to a batch, then wait a little for more.
-                        while batch.len() < BATCH {
-                            match rx.try_recv() {
-                                Ok(span) => batch.push(span),
-                                Err(_) => break,
-                            }
-                        }
-                        if batch.len() < BATCH {
-                            let until = tokio::time::Instant::now() + FLUSH_EVERY;
-                            while batch.len() < BATCH {
-                                match tokio::time::timeout_at(until, rx.recv()).await {
-                                    Ok(Some(span)) => batch.push(span),
-                                    _ => break,
-                                }
-                            }
-                        }
+            let done = tokio::select! {
+                _ = shutdown.changed() => true,
+                _ = tokio::time::sleep(FLUSH_EVERY) => false,
+                _ = self.tracer.half_full.notified() => false,
+            };
+            // Everything queued now, in batches.
+            loop {
+                let mut batch = Vec::with_capacity(BATCH);
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(span) => batch.push(span),
+                        Err(_) => break,
                     }
-                    None => done = true,
-                },
-            }
-            if !batch.is_empty() {
+                }
+                if batch.is_empty() {
+                    break;
+                }
                 let n = batch.len() as u64;
-                match exporter.export(std::mem::take(&mut batch)).await {
+                match exporter.export(batch).await {
                     Ok(()) => self.tracer.exported.fetch_add(n, Ordering::Relaxed),
                     Err(e) => {
                         tracing::debug!("OTLP export of {n} spans failed: {e}");
