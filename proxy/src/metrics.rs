@@ -22,6 +22,10 @@ pub struct Metrics {
     ejected: IntGaugeVec,
     active: IntGaugeVec,
     config: IntGaugeVec,
+    /// Request start to the end of the response, by the endpoint that answered it.
+    pub endpoint_duration: HistogramVec,
+    /// Responses by the endpoint that answered and status class (`2xx` .. `5xx`, `none`).
+    pub endpoint_responses: IntCounterVec,
     /// Inference: request start to the first response body byte, by pool and model.
     pub ttft: HistogramVec,
     /// Inference: between consecutive response body chunks of a stream.
@@ -112,6 +116,20 @@ impl Metrics {
             ],
             &["pool", "model"],
         );
+        let endpoint_duration = histogram(
+            "weir_upstream_request_duration_seconds",
+            "Time from request start to the end of the response, by the endpoint of the last attempt.",
+            vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ],
+            &["cluster", "endpoint"],
+        );
+        let endpoint_responses = counter(
+            "weir_upstream_responses_total",
+            "Requests by the endpoint of the last attempt and response status class (none: no response).",
+            &["cluster", "endpoint", "class"],
+        );
         let tokens = counter(
             "weir_inference_tokens_total",
             "Inference streams: response chunks streamed (one per token or message from streaming servers).",
@@ -146,6 +164,8 @@ impl Metrics {
             ttft,
             inter_token,
             tokens,
+            endpoint_duration,
+            endpoint_responses,
         }
     }
 

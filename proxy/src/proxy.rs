@@ -1024,6 +1024,29 @@ impl ProxyHttp for WeirProxy {
             .with_label_values(&[self.listener.as_str(), route, cluster])
             .observe(ctx.start.elapsed().as_secs_f64());
         let status = code.parse().unwrap_or(0);
+        if let Some((rt, cluster_id, &ep)) = ctx
+            .runtime
+            .as_deref()
+            .zip(ctx.cluster)
+            .and_then(|(rt, c)| Some((rt, c, ctx.tried.last()?)))
+        {
+            if let Some(endpoint) = rt.snapshot.clusters[cluster_id].endpoints.get(ep) {
+                let addr = endpoint.address.to_string();
+                let labels = [cluster, addr.as_str()];
+                self.metrics
+                    .endpoint_duration
+                    .with_label_values(&labels)
+                    .observe(ctx.start.elapsed().as_secs_f64());
+                let class = match status {
+                    100..=599 => ["1xx", "2xx", "3xx", "4xx", "5xx"][usize::from(status / 100 - 1)],
+                    _ => "none",
+                };
+                self.metrics
+                    .endpoint_responses
+                    .with_label_values(&[cluster, addr.as_str(), class])
+                    .inc();
+            }
+        }
         self.access_log(session, e, ctx, status, route, cluster);
         self.end_trace(session, e, ctx, trace, status, route, cluster);
     }

@@ -71,6 +71,29 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
         }
         other => panic!("duration histogram: {other:?}\n{text}"),
     }
+    let backend_addr = backend.addr.to_string();
+    match sample(
+        &scrape,
+        "weir_upstream_responses_total",
+        &[("endpoint", backend_addr.as_str()), ("class", "2xx")],
+    ) {
+        Some(Value::Counter(n)) => assert_eq!(*n, 7.0),
+        other => panic!("responses by endpoint: {other:?}\n{text}"),
+    }
+    match sample(
+        &scrape,
+        "weir_upstream_request_duration_seconds",
+        &[("endpoint", backend_addr.as_str())],
+    ) {
+        Some(Value::Histogram(buckets)) => {
+            let inf = buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .expect("+Inf bucket");
+            assert_eq!(inf.count, 7.0);
+        }
+        other => panic!("duration by endpoint: {other:?}\n{text}"),
+    }
     match sample(&scrape, "weir_access_log_lines_total", &[]) {
         Some(Value::Counter(n)) => assert_eq!(*n, 10.0),
         other => panic!("access log lines: {other:?}\n{text}"),
