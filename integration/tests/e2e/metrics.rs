@@ -8,6 +8,28 @@ use weir_integration::weir_process::admin_get;
 
 use crate::*;
 
+/// The value of a counter or gauge sample; panics with the exposition when absent.
+fn number(scrape: &Scrape, text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    match sample(scrape, metric, labels) {
+        Some(Value::Counter(n) | Value::Gauge(n) | Value::Untyped(n)) => *n,
+        other => panic!("{metric} {labels:?}: {other:?}\n{text}"),
+    }
+}
+
+/// The observation count of a histogram sample.
+fn observations(scrape: &Scrape, text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    match sample(scrape, metric, labels) {
+        Some(Value::Histogram(buckets)) => {
+            buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .expect("+Inf bucket")
+                .count
+        }
+        other => panic!("{metric} {labels:?}: {other:?}\n{text}"),
+    }
+}
+
 fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<&'a Value> {
     scrape
         .samples
@@ -41,66 +63,45 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
     let (status, text) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert_eq!(status, 200);
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
-    match sample(
-        &scrape,
-        "weir_requests_total",
-        &[("route", "api"), ("code", "200")],
-    ) {
-        Some(Value::Counter(n)) => assert_eq!(*n, 7.0),
-        other => panic!("weir_requests_total for api: {other:?}\n{text}"),
+    let endpoint = backend.addr.to_string();
+    let endpoint = endpoint.as_str();
+    for (metric, labels, want) in [
+        (
+            "weir_requests_total",
+            vec![("route", "api"), ("code", "200")],
+            7.0,
+        ),
+        (
+            "weir_requests_total",
+            vec![("route", ""), ("code", "404")],
+            3.0,
+        ),
+        (
+            "weir_upstream_responses_total",
+            vec![("endpoint", endpoint), ("class", "2xx")],
+            7.0,
+        ),
+        ("weir_access_log_lines_total", vec![], 10.0),
+        ("weir_sockmap_attached", vec![], 0.0),
+    ] {
+        assert_eq!(
+            number(&scrape, &text, metric, &labels),
+            want,
+            "{metric} {labels:?}"
+        );
     }
-    match sample(
-        &scrape,
-        "weir_requests_total",
-        &[("route", ""), ("code", "404")],
-    ) {
-        Some(Value::Counter(n)) => assert_eq!(*n, 3.0),
-        other => panic!("weir_requests_total for no route: {other:?}\n{text}"),
-    }
-    match sample(
-        &scrape,
-        "weir_request_duration_seconds",
-        &[("route", "api")],
-    ) {
-        Some(Value::Histogram(buckets)) => {
-            let inf = buckets
-                .iter()
-                .find(|b| b.less_than.is_infinite())
-                .expect("+Inf bucket");
-            assert_eq!(inf.count, 7.0);
-        }
-        other => panic!("duration histogram: {other:?}\n{text}"),
-    }
-    let backend_addr = backend.addr.to_string();
-    match sample(
-        &scrape,
-        "weir_upstream_responses_total",
-        &[("endpoint", backend_addr.as_str()), ("class", "2xx")],
-    ) {
-        Some(Value::Counter(n)) => assert_eq!(*n, 7.0),
-        other => panic!("responses by endpoint: {other:?}\n{text}"),
-    }
-    match sample(
-        &scrape,
-        "weir_upstream_request_duration_seconds",
-        &[("endpoint", backend_addr.as_str())],
-    ) {
-        Some(Value::Histogram(buckets)) => {
-            let inf = buckets
-                .iter()
-                .find(|b| b.less_than.is_infinite())
-                .expect("+Inf bucket");
-            assert_eq!(inf.count, 7.0);
-        }
-        other => panic!("duration by endpoint: {other:?}\n{text}"),
-    }
-    match sample(&scrape, "weir_access_log_lines_total", &[]) {
-        Some(Value::Counter(n)) => assert_eq!(*n, 10.0),
-        other => panic!("access log lines: {other:?}\n{text}"),
-    }
-    match sample(&scrape, "weir_sockmap_attached", &[]) {
-        Some(Value::Gauge(n)) => assert_eq!(*n, 0.0),
-        other => panic!("sockmap gauge: {other:?}\n{text}"),
+    for (metric, labels) in [
+        ("weir_request_duration_seconds", ("route", "api")),
+        (
+            "weir_upstream_request_duration_seconds",
+            ("endpoint", endpoint),
+        ),
+    ] {
+        assert_eq!(
+            observations(&scrape, &text, metric, &[labels]),
+            7.0,
+            "{metric}"
+        );
     }
     assert!(
         sample(&scrape, "weir_trace_spans_queued_total", &[]).is_some(),
