@@ -1,6 +1,7 @@
 //! The `WeightReload` service: orchestrators publish weight-reload events, the control plane
 //! relays them to every subscribed proxy (late subscribers first get the latest event of each
-//! endpoint's model), and `Rollout` reloads a whole pool one endpoint at a time.
+//! endpoint's model), and `Rollout` reloads a whole pool, `parallel` endpoints at a time,
+//! moving on from each drain as soon as every subscribed proxy reports it (`Drained`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
