@@ -22,6 +22,8 @@ pub struct Metrics {
     ejected: IntGaugeVec,
     active: IntGaugeVec,
     config: IntGaugeVec,
+    /// Proxy-wasm: one phase's round trip through the filter chain (on the filter threads).
+    pub filter_time: HistogramVec,
     /// Request start to the end of the response, by the endpoint that answered it.
     pub endpoint_duration: HistogramVec,
     /// Responses by the endpoint that answered and status class (`2xx` .. `5xx`, `none`).
@@ -116,6 +118,15 @@ impl Metrics {
             ],
             &["pool", "model"],
         );
+        let filter_time = histogram(
+            "weir_wasm_filter_phase_seconds",
+            "Proxy-wasm: wall time of one phase through the filter chain, by phase.",
+            vec![
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                0.1,
+            ],
+            &["phase"],
+        );
         let endpoint_duration = histogram(
             "weir_upstream_request_duration_seconds",
             "Time from request start to the end of the response, by the endpoint of the last attempt.",
@@ -166,6 +177,7 @@ impl Metrics {
             tokens,
             endpoint_duration,
             endpoint_responses,
+            filter_time,
         }
     }
 

@@ -184,9 +184,11 @@ impl WeirProxy {
         ctx.filters_request_done = eos;
         ctx.request_has_body = !eos;
         let mut stream = chain.stream();
+        let started = Instant::now();
         let verdict = stream
             .request_headers(info, filters::request_pairs(session.req_header()), eos)
             .await;
+        self.filter_timed("request_headers", started);
         ctx.filters = Some(stream);
         match verdict {
             Verdict::Continue(None) => Ok(Some(false)),
@@ -635,7 +637,9 @@ impl ProxyHttp for WeirProxy {
         }
         ctx.filters_request_done = end_of_stream;
         let chunk = body.take().map(Vec::from).unwrap_or_default();
+        let started = Instant::now();
         let verdict = stream.request_body(chunk, end_of_stream).await;
+        self.filter_timed("request_body", started);
         let out = self.filter_stop(ctx, verdict)?;
         // `None` would tell pingora the body ended; held data is an empty chunk instead.
         *body = Some(out.map(Bytes::from).unwrap_or_default());
@@ -842,9 +846,11 @@ impl ProxyHttp for WeirProxy {
                 .get(http::header::CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes() == b"0");
         ctx.filters_response_done = no_body;
+        let started = Instant::now();
         let verdict = stream
             .response_headers(filters::response_pairs(resp), no_body)
             .await;
+        self.filter_timed("response_headers", started);
         if let Some(pairs) = self.filter_stop(ctx, verdict)? {
             filters::apply_response_pairs(resp, pairs)?;
             // A body filter that drops Content-Length needs chunked framing on HTTP/1.1.
@@ -885,7 +891,9 @@ impl ProxyHttp for WeirProxy {
         let chunk = body.take().map(Vec::from).unwrap_or_default();
         let stream = ctx.filters.as_mut().expect("checked above");
         // pingora calls this phase synchronously: wait for the filter thread in place.
+        let started = Instant::now();
         let verdict = stream.response_body_blocking(chunk, end_of_stream);
+        self.filter_timed("response_body", started);
         let out = self.filter_stop(ctx, verdict)?;
         *body = out.filter(|b| !b.is_empty()).map(Bytes::from);
         Ok(None)
@@ -907,7 +915,9 @@ impl ProxyHttp for WeirProxy {
         let Some(stream) = ctx.filters.as_mut() else {
             return Ok(None);
         };
+        let started = Instant::now();
         let verdict = stream.response_trailers(filters::map_pairs(trailers)).await;
+        self.filter_timed("response_trailers", started);
         if let Some(pairs) = self.filter_stop(ctx, verdict)? {
             filters::apply_map_pairs(trailers, pairs)?;
         }
@@ -1053,6 +1063,14 @@ impl ProxyHttp for WeirProxy {
 }
 
 impl WeirProxy {
+    /// Records one filter phase's time since `started`.
+    fn filter_timed(&self, phase: &str, started: Instant) {
+        self.metrics
+            .filter_time
+            .with_label_values(&[phase])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Ends the request's trace: the server span with the OpenTelemetry HTTP, RPC and GenAI
     /// attributes that apply.
     #[allow(clippy::too_many_arguments)]

@@ -126,6 +126,17 @@ async fn header_filters_on_listener_and_route_chains() {
             "{name}: the listener chain did not run"
         );
     }
+    // Four requests went through a chain: each one's header phases were timed.
+    for phase in ["request_headers", "response_headers"] {
+        assert_eq!(
+            metric(
+                &s.weir,
+                &format!("weir_wasm_filter_phase_seconds_count{{phase=\"{phase}\"}}")
+            ),
+            4.0,
+            "{phase}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
