@@ -254,27 +254,45 @@ impl ResourceSet {
         self.items.values().map(|e| e.resource.clone()).collect()
     }
 
-    /// What turns `self` into `newer`: resources added or changed, and keys removed.
+    /// What turns `self` into `newer`: resources added or changed, and keys removed. One walk
+    /// over both sorted maps side by side (an endpoint change in a 10,000-route set costs a
+    /// pass, not 10,000 lookups).
     pub fn diff(&self, newer: &ResourceSet) -> (Vec<Resource>, Vec<ResourceKey>) {
-        let changed = newer
-            .items
-            .iter()
-            .filter(|(k, e)| {
-                self.items
-                    .get(*k)
-                    .is_none_or(|old| old.resource.version != e.resource.version)
-            })
-            .map(|(_, e)| e.resource.clone())
-            .collect();
-        let removed = self
-            .items
-            .keys()
-            .filter(|k| !newer.items.contains_key(*k))
-            .map(|(t, n)| ResourceKey {
-                r#type: t.clone(),
-                name: n.clone(),
-            })
-            .collect();
+        use std::cmp::Ordering;
+        let key = |(t, n): &(String, String)| ResourceKey {
+            r#type: t.clone(),
+            name: n.clone(),
+        };
+        let (mut changed, mut removed) = (Vec::new(), Vec::new());
+        let mut old = self.items.iter().peekable();
+        let mut new = newer.items.iter().peekable();
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((ko, _)), Some((kn, _))) => ko.cmp(kn),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some((k, _)) = old.next() {
+                        removed.push(key(k));
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some((_, e)) = new.next() {
+                        changed.push(e.resource.clone());
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some((_, o)), Some((_, n))) = (old.next(), new.next()) {
+                        if o.resource.version != n.resource.version {
+                            changed.push(n.resource.clone());
+                        }
+                    }
+                }
+            }
+        }
         (changed, removed)
     }
 
@@ -381,6 +399,25 @@ clusters:
         applied.apply(false, changed, &removed).unwrap();
         assert_eq!(applied, b);
         assert_ne!(a.version(), b.version());
+    }
+
+    #[test]
+    fn a_diff_turns_one_set_into_the_other_both_ways() {
+        let a = ResourceSet::from_config(&config(CONFIG));
+        let b = ResourceSet::from_config(&config(
+            &CONFIG
+                .replace("name: second", "name: third")
+                .replace("127.0.0.1:2", "127.0.0.1:3"),
+        ));
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            let (changed, removed) = from.diff(to);
+            assert_eq!(removed.len(), 1, "one route gone");
+            assert_eq!(changed.len(), 2, "one route new, one endpoint set changed");
+            let mut applied = from.clone();
+            applied.apply(false, changed, &removed).unwrap();
+            assert!(applied == *to);
+        }
+        assert_eq!(a.diff(&a), (vec![], vec![]));
     }
 
     #[test]
