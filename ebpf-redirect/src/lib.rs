@@ -146,7 +146,8 @@ impl fmt::Display for Counters {
 
 /// The attached fast path. Detached on drop.
 pub struct FastPath {
-    bpf: Ebpf,
+    /// Owns the loaded programs and their links; dropping it detaches both.
+    _programs: Ebpf,
     socks: Option<SockHash<MapData, SockKey>>,
     ports: HashMap<MapData, u32, u8>,
     addrs: HashMap<MapData, u32, u8>,
@@ -193,7 +194,7 @@ impl FastPath {
         ops.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program("attaching sock_ops to the cgroup"))?;
         Ok(Self {
-            bpf,
+            _programs: bpf,
             socks: Some(socks),
             ports,
             addrs,
@@ -306,12 +307,11 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
 
 impl Drop for FastPath {
     fn drop(&mut self) {
-        // The programs detach when `bpf` drops. The sockhash is left to the kernel: sockets in
-        // it keep their redirect until they close and leave it by themselves, so no live
-        // socket is ever taken out. Its fd is the one thing kept (one per attach).
+        // The programs detach when `_programs` drops. The sockhash is left to the kernel:
+        // sockets in it keep their redirect until they close and leave it by themselves, so no
+        // live socket is ever taken out. Its fd is the one thing kept (one per attach).
         if let Some(socks) = self.socks.take() {
             std::mem::forget(socks);
         }
-        let _ = &self.bpf;
     }
 }

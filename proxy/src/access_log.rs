@@ -12,7 +12,6 @@ use weir_policies::model::{AccessLog as Config, AccessLogField};
 /// The running access log.
 pub struct AccessLog {
     tx: SyncSender<String>,
-    path: String,
     pub written: AtomicU64,
     pub dropped: AtomicU64,
 }
@@ -59,15 +58,9 @@ impl AccessLog {
             .spawn(move || write_lines(rx, out))?;
         Ok(std::sync::Arc::new(Self {
             tx,
-            path: config.path.clone(),
             written: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }))
-    }
-
-    /// Where lines go (fixed at start).
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// Queues the line for `entry` with `fields`; drops it when the queue is full.

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceState,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
@@ -96,10 +96,6 @@ struct Attempt {
 impl RequestTrace {
     pub fn sampled(&self) -> bool {
         self.context.is_sampled()
-    }
-
-    pub fn trace_id(&self) -> TraceId {
-        self.context.trace_id()
     }
 }
 
