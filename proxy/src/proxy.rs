@@ -67,6 +67,8 @@ struct InferenceCtx {
     last_chunk: Option<Instant>,
     first_chunk: Option<Instant>,
     chunks: u64,
+    /// This stream's inter-token histogram and token counter, looked up at its first chunk.
+    stream_metrics: Option<(prometheus::Histogram, prometheus::IntCounter)>,
 }
 
 /// One listener's proxy logic.
@@ -341,6 +343,7 @@ impl WeirProxy {
                             last_chunk: None,
                             first_chunk: None,
                             chunks: 0,
+                            stream_metrics: None,
                         });
                         None
                     }
@@ -1169,20 +1172,21 @@ impl WeirProxy {
         let now = Instant::now();
         i.chunks += 1;
         i.first_chunk.get_or_insert(now);
-        let labels = [rt.snapshot.pools[i.pool].name.as_str(), i.model.as_str()];
-        match i.last_chunk.replace(now) {
-            None => self
-                .metrics
+        let (inter_token, tokens) = i.stream_metrics.get_or_insert_with(|| {
+            let labels = [rt.snapshot.pools[i.pool].name.as_str(), i.model.as_str()];
+            self.metrics
                 .ttft
                 .with_label_values(&labels)
-                .observe((now - start).as_secs_f64()),
-            Some(before) => self
-                .metrics
-                .inter_token
-                .with_label_values(&labels)
-                .observe((now - before).as_secs_f64()),
+                .observe((now - start).as_secs_f64());
+            (
+                self.metrics.inter_token.with_label_values(&labels),
+                self.metrics.tokens.with_label_values(&labels),
+            )
+        });
+        if let Some(before) = i.last_chunk.replace(now) {
+            inter_token.observe((now - before).as_secs_f64());
         }
-        self.metrics.tokens.with_label_values(&labels).inc();
+        tokens.inc();
     }
 
     /// Queues the request's access log line, when the config asks for one.
