@@ -114,7 +114,7 @@ pub struct RequestCtx {
     /// Set on requests routed to an inference pool.
     inference: Option<InferenceCtx>,
     /// The request's trace, when tracing is on.
-    trace: Option<crate::telemetry::RequestTrace>,
+    trace: Option<Box<crate::telemetry::RequestTrace>>,
     /// The gRPC status the upstream answered with (trailers, or the headers of a trailers-only
     /// reply).
     grpc_status: Option<u32>,
@@ -555,7 +555,10 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.trace = self.tracer.as_ref().map(|t| t.start(session.req_header()));
+        ctx.trace = self
+            .tracer
+            .as_ref()
+            .map(|t| Box::new(t.start(session.req_header())));
         let rt = self.runtime.load_full();
         ctx.grpc = routing::is_grpc(&session.req_header().headers);
         let mut selected = self.route(&rt, session.req_header());
@@ -1082,7 +1085,7 @@ impl WeirProxy {
         session: &Session,
         e: Option<&Error>,
         ctx: &RequestCtx,
-        trace: Option<crate::telemetry::RequestTrace>,
+        trace: Option<Box<crate::telemetry::RequestTrace>>,
         status: u16,
         route: &str,
         cluster: &str,
@@ -1093,7 +1096,7 @@ impl WeirProxy {
         let req = session.req_header();
         let path = req.uri.path();
         let mut attrs = vec![
-            KeyValue::new("http.request.method", req.method.as_str().to_string()),
+            KeyValue::new("http.request.method", method_name(&req.method)),
             KeyValue::new("url.path", path.to_string()),
             KeyValue::new("url.scheme", "http"),
             KeyValue::new(
@@ -1160,7 +1163,7 @@ impl WeirProxy {
         }
         let failed = status == 0 || status >= 500 || e.is_some();
         let error = e.map(|e| e.to_string());
-        tracer.finish(trace, name, attrs, error.as_deref(), failed);
+        tracer.finish(*trace, name, attrs, error.as_deref(), failed);
     }
 
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.
@@ -1249,5 +1252,16 @@ impl WeirProxy {
             error: e.map(|e| e.to_string()),
         };
         log.log(&config.fields, &entry);
+    }
+}
+
+/// The method as a `'static` attribute value (no allocation for the standard ones).
+fn method_name(m: &http::Method) -> opentelemetry::Value {
+    const NAMES: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match NAMES.iter().find(|n| **n == m.as_str()) {
+        Some(n) => (*n).into(),
+        None => m.as_str().to_string().into(),
     }
 }
