@@ -76,12 +76,20 @@ impl AccessLog {
 
     /// The access log's Prometheus metrics.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(
+        use crate::metrics::write_plain;
+        write_plain(
             out,
-            "# HELP weir_access_log_lines_total Access log lines queued for writing.\n# TYPE weir_access_log_lines_total counter\nweir_access_log_lines_total {}\n# HELP weir_access_log_dropped_total Access log lines dropped because the writer was behind.\n# TYPE weir_access_log_dropped_total counter\nweir_access_log_dropped_total {}",
+            "counter",
+            "weir_access_log_lines_total",
+            "Access log lines queued for writing.",
             self.written.load(Ordering::Relaxed),
-            self.dropped.load(Ordering::Relaxed)
+        );
+        write_plain(
+            out,
+            "counter",
+            "weir_access_log_dropped_total",
+            "Access log lines dropped because the writer was behind.",
+            self.dropped.load(Ordering::Relaxed),
         );
     }
 }

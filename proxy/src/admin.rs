@@ -42,13 +42,19 @@ impl Exposition {
         let rt = self.runtime.load();
         let mut text = self.metrics.render(&rt);
         if let Some(host) = self.filters.started() {
-            text += &format!(
-                "# HELP weir_wasm_filter_failures_total Filter callbacks that trapped, ran out of CPU time or memory.\n\
-                 # TYPE weir_wasm_filter_failures_total counter\nweir_wasm_filter_failures_total {}\n\
-                 # HELP weir_wasm_vm_restarts_total Filter VMs recreated after a failure.\n\
-                 # TYPE weir_wasm_vm_restarts_total counter\nweir_wasm_vm_restarts_total {}\n",
+            crate::metrics::write_plain(
+                &mut text,
+                "counter",
+                "weir_wasm_filter_failures_total",
+                "Filter callbacks that trapped, ran out of CPU time or memory.",
                 host.failures(),
-                host.vm_restarts()
+            );
+            crate::metrics::write_plain(
+                &mut text,
+                "counter",
+                "weir_wasm_vm_restarts_total",
+                "Filter VMs recreated after a failure.",
+                host.vm_restarts(),
             );
             text += &host.metrics().render();
         }

@@ -4,7 +4,6 @@
 //! counters are on the admin endpoint (`/ebpf`, `/stats/prometheus`).
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +15,7 @@ use serde_json::json;
 use weir_policies::model::FastPathMode;
 use weir_policies::Snapshot;
 
+use crate::metrics::write_plain;
 use crate::state::SharedRuntime;
 
 /// The fast path's state in this proxy.
@@ -156,22 +156,29 @@ impl FastPathState {
     /// The fast path's Prometheus metrics.
     pub fn render(&self, out: &mut String) {
         let attached = self.lock();
-        let _ = writeln!(
+        write_plain(
             out,
-            "# HELP weir_sockmap_attached Whether the eBPF sockmap fast path is attached.\n# TYPE weir_sockmap_attached gauge\nweir_sockmap_attached {}",
-            u8::from(attached.is_some())
+            "gauge",
+            "weir_sockmap_attached",
+            "Whether the eBPF sockmap fast path is attached.",
+            u8::from(attached.is_some()),
         );
         let Some(f) = attached.as_ref() else { return };
-        let _ = writeln!(
+        write_plain(
             out,
-            "# HELP weir_sockmap_sockets Sockets in the fast path's sockhash now.\n# TYPE weir_sockmap_sockets gauge\nweir_sockmap_sockets {}",
-            f.sockets()
+            "gauge",
+            "weir_sockmap_sockets",
+            "Sockets in the fast path's sockhash now.",
+            f.sockets(),
         );
         if let Ok(c) = f.counters() {
             for (name, help, v) in c.fields() {
-                let _ = writeln!(
+                write_plain(
                     out,
-                    "# HELP weir_sockmap_{name}_total {help}\n# TYPE weir_sockmap_{name}_total counter\nweir_sockmap_{name}_total {v}"
+                    "counter",
+                    &format!("weir_sockmap_{name}_total"),
+                    help,
+                    v,
                 );
             }
         }

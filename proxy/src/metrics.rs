@@ -312,3 +312,19 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// Appends one unlabelled metric (`kind`: `counter` or `gauge`) in Prometheus text format, for
+/// values that live outside the registry.
+pub fn write_plain(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}

@@ -305,7 +305,6 @@ impl Tracer {
 
     /// The tracer's Prometheus metrics.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
         for (name, help, v) in [
             ("queued", "Finished spans queued for export.", &self.queued),
             (
@@ -320,10 +319,12 @@ impl Tracer {
                 &self.export_failures,
             ),
         ] {
-            let _ = writeln!(
+            crate::metrics::write_plain(
                 out,
-                "# HELP weir_trace_spans_{name}_total {help}\n# TYPE weir_trace_spans_{name}_total counter\nweir_trace_spans_{name}_total {}",
-                v.load(Ordering::Relaxed)
+                "counter",
+                &format!("weir_trace_spans_{name}_total"),
+                help,
+                v.load(Ordering::Relaxed),
             );
         }
     }
