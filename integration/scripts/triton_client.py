@@ -42,4 +42,6 @@ for request in range(2):
             break
 client.stop_stream()
 out["stream"] = streamed
-print(json.dumps(out))
+# Close explicitly: left to __del__ at interpreter exit, grpc's channel close can wait forever.
+client.close()
+print(json.dumps(out), flush=True)
