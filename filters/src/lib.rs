@@ -9,6 +9,7 @@
 pub mod abi;
 mod host;
 pub mod metrics;
+mod queue;
 pub mod sandbox;
 mod shared;
 mod types;
@@ -17,12 +18,9 @@ mod worker;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use wasmtime::{Engine, Linker, Module};
 
 pub use abi::Pairs;
@@ -55,9 +53,6 @@ pub enum FilterError {
     Start { chain: String, error: String },
 }
 
-/// How long the proxy polls for a filter thread's reply before it yields to the scheduler.
-const REPLY_SPIN: Duration = Duration::from_micros(5);
-
 /// Checks a module without running it: reads it, verifies `sha256` when given, and compiles
 /// it (`weir validate` uses this so a bad module is found before deployment).
 pub fn check_module(path: &std::path::Path, sha256: Option<&str>) -> Result<(), FilterError> {
@@ -88,10 +83,11 @@ pub struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
     modules: Mutex<HashMap<[u8; 32], Module>>,
-    threads: Vec<Sender<Job>>,
-    /// Per filter thread: streams that ended, picked up with the thread's next job (ending a
-    /// stream does not wake the thread).
-    ends: Vec<Mutex<Vec<u64>>>,
+    threads: Vec<queue::JobQueue>,
+    /// Per filter thread: the CPU it is pinned to, if pinning worked.
+    thread_cpu: Vec<Option<usize>>,
+    /// Per CPU number: the filter threads pinned to it.
+    by_cpu: Vec<Vec<usize>>,
     thread_ids: Mutex<Vec<i32>>,
     next_thread: AtomicUsize,
     next_stream: AtomicU64,
@@ -107,8 +103,7 @@ pub struct Inner {
 
 impl Inner {
     fn send(&self, thread: usize, job: Job) {
-        // A stopped thread drops the job; its reply channel then reads as closed.
-        let _ = self.threads[thread].send(job);
+        self.threads[thread].push(job);
     }
 
     fn count_failure(&self) {
@@ -202,12 +197,15 @@ impl FilterHost {
         config.memory_init_cow(false);
         let engine = Engine::new(&config).map_err(|e| FilterError::Engine(format!("{e:#}")))?;
         let linker = host::linker(&engine).map_err(|e| FilterError::Engine(format!("{e:#}")))?;
-        let mut senders = Vec::new();
-        let mut receivers = Vec::new();
-        for _ in 0..threads.max(1) {
-            let (tx, rx) = std::sync::mpsc::channel();
-            senders.push(tx);
-            receivers.push(rx);
+        let cpus = allowed_cpus();
+        let thread_cpu: Vec<Option<usize>> = (0..threads.max(1))
+            .map(|i| (!cpus.is_empty()).then(|| cpus[i % cpus.len()]))
+            .collect();
+        let mut by_cpu = vec![Vec::new(); cpus.iter().max().map_or(0, |m| m + 1)];
+        for (i, cpu) in thread_cpu.iter().enumerate() {
+            if let Some(cpu) = cpu {
+                by_cpu[*cpu].push(i);
+            }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (root_calls, root_calls_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -215,8 +213,9 @@ impl FilterHost {
             engine: engine.clone(),
             linker,
             modules: Mutex::default(),
-            ends: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
-            threads: senders,
+            threads: (0..threads.max(1)).map(|_| Default::default()).collect(),
+            thread_cpu: thread_cpu.clone(),
+            by_cpu,
             thread_ids: Mutex::default(),
             next_thread: AtomicUsize::new(0),
             next_stream: AtomicU64::new(1),
@@ -251,18 +250,21 @@ impl FilterHost {
                 }
             })
             .map_err(|e| FilterError::Thread(e.to_string()))?;
-        for (index, rx) in receivers.into_iter().enumerate() {
+        for (index, &cpu) in thread_cpu.iter().enumerate() {
             let worker = Worker::new(index, inner.clone());
             let ready = ready_tx.clone();
             std::thread::Builder::new()
                 .name(format!("weir-filter-{index}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to(cpu);
+                    }
                     if let Err(e) = sandbox::install(sandbox::ThreadKind::Filter) {
                         let _ = ready.send(Err(e.to_string()));
                         return;
                     }
                     let _ = ready.send(Ok(unsafe { libc::gettid() }));
-                    worker.run(rx);
+                    worker.run();
                 })
                 .map_err(|e| FilterError::Thread(e.to_string()))?;
         }
@@ -463,12 +465,19 @@ impl Chain {
         &self.plugins
     }
 
-    /// Opens a stream on the next filter thread (round robin).
+    /// Opens a stream on a filter thread pinned to the CPU the caller runs on, so that each
+    /// phase hands the CPU over and back instead of waking another CPU (round robin over all
+    /// threads when none is pinned there).
     pub fn stream(self: &Arc<Self>) -> FilterStream {
-        let n = self.inner.threads.len();
+        let inner = &self.inner;
+        let next = inner.next_thread.fetch_add(1, Ordering::Relaxed);
+        let thread = match current_cpu().and_then(|cpu| inner.by_cpu.get(cpu)) {
+            Some(local) if !local.is_empty() => local[next % local.len()],
+            _ => next % inner.threads.len(),
+        };
         FilterStream {
             chain: self.clone(),
-            thread: self.inner.next_thread.fetch_add(1, Ordering::Relaxed) % n,
+            thread,
             id: self.inner.next_stream.fetch_add(1, Ordering::Relaxed),
             started: false,
             ended: false,
@@ -495,8 +504,12 @@ pub struct FilterStream {
 }
 
 impl FilterStream {
-    async fn send(&self, phase: Phase) -> Reply {
-        let (tx, mut rx) = oneshot::channel();
+    /// Sends a phase and waits for the reply by blocking this thread. A filter callback takes
+    /// microseconds (at most the callback deadline): handing the CPU straight to the filter
+    /// thread pinned to it and back costs far less than going through the async scheduler,
+    /// and no other task could use those microseconds anyway.
+    fn send(&self, phase: Phase) -> Reply {
+        let (tx, rx) = queue::reply_channel();
         self.chain.inner.send(
             self.thread,
             Job::Phase {
@@ -506,17 +519,9 @@ impl FilterStream {
                 reply: Some(tx),
             },
         );
-        // A filter callback takes microseconds: wait for it in place for a moment rather than
-        // going through the scheduler (park, wake, reschedule) for every phase.
-        let spin_until = std::time::Instant::now() + REPLY_SPIN;
-        while std::time::Instant::now() < spin_until {
-            match rx.try_recv() {
-                Ok(reply) => return reply,
-                Err(oneshot::error::TryRecvError::Closed) => break,
-                Err(oneshot::error::TryRecvError::Empty) => std::hint::spin_loop(),
-            }
-        }
-        rx.await.unwrap_or_else(|_| Reply {
+        let local =
+            self.chain.inner.thread_cpu[self.thread].is_some_and(|c| Some(c) == current_cpu());
+        rx.recv(local).unwrap_or_else(|| Reply {
             outcome: Outcome::Fail("the filter thread is gone".into()),
             headers: None,
             body: None,
@@ -550,7 +555,7 @@ impl FilterStream {
     /// Sends a phase, and while a filter holds the stream for callouts, runs them and
     /// delivers their results.
     async fn phase(&self, phase: Phase) -> Reply {
-        let reply = self.send(phase).await;
+        let reply = self.send(phase);
         self.drive(reply).await
     }
 
@@ -574,7 +579,7 @@ impl FilterStream {
             };
             let result = self.chain.inner.callouts.call(call).await;
             let pending: Vec<_> = calls.collect();
-            reply = self.send(Phase::CallResult { token, result }).await;
+            reply = self.send(Phase::CallResult { token, result });
             reply.calls.splice(0..0, pending);
         }
     }
@@ -658,18 +663,17 @@ impl FilterStream {
     }
 
     /// [`Self::response_body`] for synchronous callers on a runtime thread (pingora's
-    /// response body phase): waits for the filter thread by parking this thread, without
-    /// handing the runtime over. Only a filter that pauses for a callout here needs the
-    /// runtime; that rare case goes through `block_in_place`.
+    /// response body phase). Only a filter that pauses for a callout here needs the runtime;
+    /// that rare case goes through `block_in_place`.
     pub fn response_body_blocking(
         &mut self,
         chunk: Vec<u8>,
         end_of_stream: bool,
     ) -> Verdict<Option<Vec<u8>>> {
-        let mut reply = park_on(self.send(Phase::ResponseBody {
+        let mut reply = self.send(Phase::ResponseBody {
             chunk,
             eos: end_of_stream,
-        }));
+        });
         if matches!(reply.outcome, Outcome::Paused) {
             reply = tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(self.drive(reply))
@@ -692,31 +696,52 @@ impl FilterStream {
     pub fn end(&mut self) {
         if self.started && !self.ended {
             self.ended = true;
-            self.chain.inner.ends[self.thread]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(self.id);
+            self.chain.inner.threads[self.thread].push_quiet(Job::End { stream: self.id });
         }
     }
 }
 
-/// Polls `f` to completion on this thread, parking between polls.
-fn park_on<F: std::future::Future>(f: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
+/// One filter thread per CPU this process may run on: every proxy thread then finds one pinned
+/// to its CPU.
+pub fn default_threads() -> usize {
+    allowed_cpus().len().max(1)
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
         }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park();
+}
+
+/// Pins the calling thread to `cpu` (a failure leaves it unpinned, which costs speed only).
+fn pin_to(cpu: usize) {
+    // SAFETY: as above; sched_setaffinity reads the set.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        tracing::warn!(
+            cpu,
+            "pinning a filter thread: {}",
+            std::io::Error::last_os_error()
+        );
     }
+}
+
+/// The CPU the calling thread runs on now (vDSO, no system call).
+fn current_cpu() -> Option<usize> {
+    // SAFETY: no arguments, no memory.
+    usize::try_from(unsafe { libc::sched_getcpu() }).ok()
 }
 
 impl Drop for FilterStream {

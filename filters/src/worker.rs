@@ -4,17 +4,15 @@
 
 use std::collections::HashMap;
 use std::mem::take;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
 
 use crate::abi::{Pairs, ACTION_CONTINUE};
 use crate::host::{
     HostState, StreamData, DIRTY_REQUEST_HEADERS, DIRTY_REQUEST_TRAILERS, DIRTY_RESPONSE_HEADERS,
     DIRTY_RESPONSE_TRAILERS,
 };
+use crate::queue::JobQueue;
 use crate::shared::QueueOwner;
 use crate::types::{Callout, CalloutResult, LocalResponse, StreamInfo};
 use crate::vm::{Plugin, Vm};
@@ -33,7 +31,7 @@ pub enum Job {
         stream: u64,
         chain: u64,
         phase: Phase,
-        reply: Option<oneshot::Sender<Reply>>,
+        reply: Option<crate::queue::ReplyTx>,
     },
     QueueReady {
         owner: QueueOwner,
@@ -45,6 +43,11 @@ pub enum Job {
         filter: usize,
         token: u32,
         result: CalloutResult,
+    },
+    /// The proxy is done with a stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
+    /// Queued without a wake-up.
+    End {
+        stream: u64,
     },
     /// Runs a closure on the thread (tests use it to prove the sandbox).
     Exec(Box<dyn FnOnce() + Send>),
@@ -162,8 +165,6 @@ enum Step {
     Stop(Outcome),
 }
 
-/// How long a filter thread polls for the next job before it sleeps.
-const SPIN: Duration = Duration::from_micros(5);
 /// Longest delay of `proxy_on_log` after a stream ends, when the thread is otherwise idle.
 const END_FLUSH: Duration = Duration::from_millis(5);
 
@@ -186,59 +187,44 @@ impl Worker {
         }
     }
 
-    pub fn run(mut self, jobs: Receiver<Job>) {
+    pub fn run(mut self) {
+        let inner = self.inner.clone();
+        let jobs = &inner.threads[self.index];
+        jobs.attach();
+        // However the thread ends, jobs sent to it from now on fail instead of waiting.
+        struct Close<'a>(&'a JobQueue);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _close = Close(jobs);
         loop {
-            let job = match self.next_job(&jobs) {
-                Ok(job) => job,
-                Err(()) => return,
-            };
-            match job {
+            match self.next_job(jobs) {
                 Some(Job::Stop) => return,
                 Some(job) => self.handle(job),
                 None => {}
             }
-            self.end_streams();
             self.ticks();
             self.send_root_calls();
             self.recreate_failed();
         }
     }
 
-    /// The next job, or `None` when a tick or pending stream ends are due. Under load the
-    /// next job usually comes within microseconds: polling for a short while first costs less
-    /// than sleeping and being woken (a futex round trip and two context switches).
-    fn next_job(&self, jobs: &Receiver<Job>) -> Result<Option<Job>, ()> {
-        let spin_until = Instant::now() + SPIN;
-        loop {
-            match jobs.try_recv() {
-                Ok(j) => return Ok(Some(j)),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(()),
-                Err(std::sync::mpsc::TryRecvError::Empty) if Instant::now() < spin_until => {
-                    std::hint::spin_loop()
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-            }
+    /// The next job, or `None` when a tick or pending stream ends are due. The thread never
+    /// polls: it shares its CPU with the proxy threads that send it work, and a poll there
+    /// would only keep them from running.
+    fn next_job(&self, jobs: &JobQueue) -> Option<Job> {
+        if let Some(job) = jobs.pop() {
+            return Some(job);
         }
         let mut wait = self.next_tick_in();
-        if !self.inner.ends[self.index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-        {
-            return Ok(None);
-        }
         if !self.streams.is_empty() {
             // Streams that end are queued without waking this thread; look at least this often.
             wait = Some(wait.map_or(END_FLUSH, |w| w.min(END_FLUSH)));
         }
-        match wait {
-            Some(d) => match jobs.recv_timeout(d) {
-                Ok(j) => Ok(Some(j)),
-                Err(RecvTimeoutError::Timeout) => Ok(None),
-                Err(RecvTimeoutError::Disconnected) => Err(()),
-            },
-            None => jobs.recv().map(Some).map_err(|_| ()),
-        }
+        jobs.wait(wait);
+        jobs.pop()
     }
 
     /// Hands callouts root contexts made to the proxy side, which runs them and sends the
@@ -259,18 +245,11 @@ impl Worker {
         }
     }
 
-    /// Runs `proxy_on_log`/`done`/`delete` for the streams that ended.
-    fn end_streams(&mut self) {
-        let ended = std::mem::take(
-            &mut *self.inner.ends[self.index]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for id in ended {
-            if let Some(mut stream) = self.streams.remove(&id) {
-                if let Some(chain) = self.chains.get_mut(&stream.chain) {
-                    end(chain, &mut stream);
-                }
+    /// Runs `proxy_on_log`/`done`/`delete` for a stream that ended.
+    fn end_stream(&mut self, id: u64) {
+        if let Some(mut stream) = self.streams.remove(&id) {
+            if let Some(chain) = self.chains.get_mut(&stream.chain) {
+                end(chain, &mut stream);
             }
         }
     }
@@ -394,7 +373,7 @@ impl Worker {
             } => {
                 let r = self.phase(stream, chain, phase);
                 if let Some(tx) = reply {
-                    let _ = tx.send(r);
+                    tx.send(r);
                 }
             }
             Job::QueueReady { owner, queue } => {
@@ -431,6 +410,7 @@ impl Worker {
                     vm.store.data_mut().root_call_result = None;
                 }
             }
+            Job::End { stream } => self.end_stream(stream),
             Job::Exec(f) => f(),
             Job::Stop => {}
         }

@@ -54,7 +54,8 @@ enum Command {
         /// Worker threads per listener.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Sandboxed threads running proxy-wasm filters (default: as many as --threads).
+        /// Sandboxed threads running proxy-wasm filters, pinned round robin to the CPUs weir may
+        /// use (default: one per CPU).
         #[arg(long)]
         filter_threads: Option<usize>,
         /// Longest wait for in-flight requests after SIGTERM, e.g. 30s.
@@ -249,7 +250,8 @@ fn main() -> ExitCode {
                     RunOptions {
                         source,
                         threads,
-                        filter_threads: filter_threads.unwrap_or(threads),
+                        filter_threads: filter_threads
+                            .unwrap_or_else(weir_filters::default_threads),
                         drain_timeout,
                     },
                 ),

@@ -62,6 +62,41 @@ fn info() -> StreamInfo {
     }
 }
 
+/// A proxy thread waits for its filter thread by blocking. One task may run many phases in a
+/// row without returning to the scheduler (a long body read in one poll); the wait must not
+/// depend on the scheduler (tokio's oneshot did: after 128 polls its cooperative budget ran out
+/// and it left its wake-up to the scheduler, so the thread slept forever).
+#[tokio::test(flavor = "current_thread")]
+async fn many_phases_in_one_task_poll_all_complete() {
+    let host = host(weir_filters::default_threads());
+    let chain = host
+        .install(
+            "c",
+            &[plugin(
+                "header_rewrite",
+                r#"{"response_set": {"x-n": "1"}}"#,
+            )],
+            None,
+        )
+        .expect("install");
+    let mut s = chain.stream();
+    let v = s.request_headers(info(), request("/", &[]), false).await;
+    assert!(matches!(v, Verdict::Continue(_)), "{v:?}");
+    let mut body = 0;
+    // Every phase completes at once: this future never returns Pending to the runtime.
+    for i in 0..1000u32 {
+        let chunk = i.to_be_bytes().to_vec();
+        let Verdict::Continue(Some(out)) = s.request_body(chunk.clone(), i == 999).await else {
+            panic!("body chunk {i} held or failed")
+        };
+        assert_eq!(out, chunk);
+        body += out.len();
+    }
+    assert_eq!(body, 4000);
+    s.end();
+    host.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_rewrite_filter_edits_request_and_response_headers() {
     let host = host(2);

@@ -148,10 +148,11 @@ mod wasm {
         envoy::bootstrap(port, admin, filters, "nginx", &[("nginx", nginx)])
     }
 
-    /// Mean wall time of one phase round trip to a filter thread (send, wake, a header
-    /// callback in wasm, reply), in process, with the header filter.
-    fn round_trip_us() -> Res<f64> {
-        let host = FilterHost::start(1, Arc::new(NoCallouts)).map_err(|e| e.to_string())?;
+    /// One phase's round trip to a filter thread (send, wake, a header callback in wasm,
+    /// reply), in process, with the header filter: mean (wall µs, process CPU µs).
+    fn round_trip_us() -> Res<(f64, f64)> {
+        let host = FilterHost::start(weir_filters::default_threads(), Arc::new(NoCallouts))
+            .map_err(|e| e.to_string())?;
         let plugin = PluginConfig {
             name: "bench".into(),
             root_id: String::new(),
@@ -178,6 +179,7 @@ mod wasm {
         ];
         let n = 20_000;
         let start = Instant::now();
+        let cpu0 = super::cpu_of(std::process::id());
         rt.block_on(async {
             for _ in 0..n {
                 let mut s = chain.stream();
@@ -190,8 +192,10 @@ mod wasm {
                 s.end();
             }
         });
+        let cpu = super::cpu_of(std::process::id()).saturating_sub(cpu0);
         host.shutdown();
-        Ok(start.elapsed().as_secs_f64() * 1e6 / (2 * n) as f64)
+        let per = |d: f64| d * 1e6 / (2 * n) as f64;
+        Ok((per(start.elapsed().as_secs_f64()), per(cpu.as_secs_f64())))
     }
 
     pub fn run(duration: &str, connections: u32) -> Res<()> {
@@ -210,7 +214,7 @@ mod wasm {
             let weir = Proc::spawn(
                 "weir",
                 Command::new(&weir_bin)
-                    .args(["run", "--threads", "1", "--filter-threads", "1", "--config"])
+                    .args(["run", "--threads", "1", "--config"])
                     .arg(&cfg)
                     .env("RUST_LOG", "warn"),
                 &d.join("weir.log"),
@@ -250,7 +254,7 @@ mod wasm {
         rows: &[(String, &str, Row)],
         duration: &str,
         connections: u32,
-        hop: f64,
+        hop: (f64, f64),
         _d: &Path,
     ) -> String {
         let base = |proxy: &str| {
@@ -265,7 +269,7 @@ mod wasm {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nweir-bench wasm: wrk -t1 -c{connections} -d{duration}, HTTP/1.1 GET, one nginx upstream; 1 worker thread per proxy (weir: plus 1 sandboxed filter thread, its CPU included)\n"
+            "\nweir-bench wasm: wrk -t1 -c{connections} -d{duration}, HTTP/1.1 GET, one nginx upstream; 1 worker thread per proxy (weir: plus one sandboxed filter thread per CPU, their CPU included)\n"
         );
         let _ = writeln!(out, "| proxy | filter | req/s | p50 ms | p99 ms | errors | CPU µs/req | filter cost µs/req | cost vs envoy |");
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
@@ -291,7 +295,9 @@ mod wasm {
         }
         let _ = writeln!(
             out,
-            "\nFilter-thread round trip (in process, one phase: send, wake, header callback in wasm, reply): {hop:.1} µs wall"
+            "\nFilter-thread round trip (in process, one phase: send, wake, header callback in wasm, reply): {:.1} µs wall, {:.1} µs CPU",
+            hop.0,
+            hop.1
         );
         let _ = writeln!(
             out,
