@@ -9,9 +9,11 @@ use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
+use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 use weir_policies::Snapshot;
 
 use weir_control::client::Applied;
@@ -108,6 +110,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
     let drain = Arc::new(Drain::default());
     let inference = Inference::new(runtime.clone());
 
+    let mut listening = Vec::new();
     for l in &listeners {
         let proxy = WeirProxy {
             filter_chain: l.filter_chain,
@@ -126,7 +129,10 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             app.server_options = Some(options);
         }
         service.add_tcp(&l.address.to_string());
-        server.add_service(service);
+        listening.push(server.add_service(Bound {
+            service,
+            address: l.address.to_string(),
+        }));
         tracing::info!(listener = %l.name, address = %l.address, "listening");
     }
     let exposition = Arc::new(crate::admin::Exposition {
@@ -156,7 +162,10 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         };
         let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&addr.to_string());
-        server.add_service(service);
+        // `/ready` answers once every listener accepts connections, not before.
+        server
+            .add_service(service)
+            .add_dependencies(listening.iter());
         tracing::info!(address = %addr, "admin listening");
     }
     server.add_service(background_service(
@@ -212,4 +221,54 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         }),
     });
     std::process::exit(0)
+}
+
+/// A listening service that reports itself ready once its socket is bound. pingora's own
+/// listening services report ready before they bind (inside their start), so a service that
+/// depends on one (the admin endpoint, whose `/ready` says the proxy takes traffic) could
+/// start while the listener still refuses connections. pingora records every socket it binds
+/// in the shared table of listening fds, keyed by the address given to `add_tcp`.
+struct Bound<S> {
+    service: S,
+    address: String,
+}
+
+#[async_trait::async_trait]
+impl<S: pingora::services::Service> ServiceWithDependents for Bound<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready: ServiceReadyNotifier,
+    ) {
+        let bound = fds.clone().map(|fds| {
+            let address = self.address.clone();
+            tokio::spawn(async move {
+                while fds.lock().get(&address).is_none() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                ready.notify_ready();
+            })
+        });
+        self.service
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await;
+        // A service that ends (or never bound) must not leave its dependents waiting.
+        if let Some(task) = bound {
+            task.abort();
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.service.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.service.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.service.listen_addresses()
+    }
 }

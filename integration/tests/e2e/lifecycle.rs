@@ -140,3 +140,32 @@ fn refuses_to_start_when_a_listener_port_is_taken() {
         "{err}"
     );
 }
+
+/// `/ready` means every listener takes connections: pingora starts its services on their own
+/// threads in no fixed order, so without the admin endpoint waiting for the listeners' sockets
+/// a client that saw `/ready` could be refused (CI saw it once). Each of several starts with
+/// many listeners checks every listener the instant `/ready` answers.
+#[test]
+fn ready_answers_only_once_every_listener_accepts() {
+    use weir_integration::weir_process::{free_port, Weir};
+    for _ in 0..5 {
+        let ports: Vec<u16> = (0..12).map(|_| free_port()).collect();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listeners: String = ports
+            .iter()
+            .map(|p| format!("  - {{ name: l{p}, address: \"127.0.0.1:{p}\" }}\n"))
+            .collect();
+        let weir = Weir::start(
+            &format!("admin: {{ address: \"{admin}\" }}\nlisteners:\n{listeners}clusters: [{{ name: c, endpoints: [{{ address: \"127.0.0.1:1\" }}] }}]\n"),
+            admin,
+        );
+        for p in &ports {
+            std::net::TcpStream::connect(("127.0.0.1", *p)).unwrap_or_else(|e| {
+                panic!(
+                    "listener 127.0.0.1:{p} refused after /ready: {e}\n{}",
+                    weir.log()
+                )
+            });
+        }
+    }
+}
