@@ -1,6 +1,7 @@
 //! The proxy's side of the discovery stream: connect, apply pushes atomically, ACK or NACK,
 //! reconnect with backoff when the control plane goes away.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -140,28 +141,91 @@ where
     Ok(())
 }
 
+/// Where the proxy's discovery stream stands, for metrics and the admin endpoint; [`run`]
+/// keeps it current.
+#[derive(Debug, Default)]
+pub struct StreamStatus {
+    inner: Mutex<StreamState>,
+}
+
+/// A copy of [`StreamStatus`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StreamState {
+    /// The stream is open now.
+    pub connected: bool,
+    /// Streams opened since start (1 plus the reconnects).
+    pub streams_opened: u64,
+    /// Why the last attempt to connect, or the last open stream, failed.
+    pub last_stream_error: Option<String>,
+    /// Pushes ACKed and NACKed since start.
+    pub acks: u64,
+    pub nacks: u64,
+    /// The version of the last push ACKed (the config this proxy runs).
+    pub acked_version: Option<String>,
+    /// The newest push, when it was NACKed: its version and the reason. Cleared by the next ACK.
+    pub rejected: Option<Rejected>,
+}
+
+/// A push the proxy refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejected {
+    pub version: String,
+    pub error: String,
+}
+
+impl StreamStatus {
+    pub fn get(&self) -> StreamState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn disconnected(&self, error: String) {
+        let mut s = self.lock();
+        s.connected = false;
+        s.last_stream_error = Some(error);
+    }
+}
+
 /// Follows the control plane forever: every push is applied (see [`Update`]) and handed to
 /// `apply`; success is ACKed, failure NACKed with its text (and the previous state kept).
-/// Reconnects with exponential backoff (100 ms to 5 s).
-pub async fn run<F>(opts: ClientOptions, mut current: Applied, mut apply: F)
-where
+/// Reconnects with exponential backoff (100 ms to 5 s). `status` follows along.
+pub async fn run<F>(
+    opts: ClientOptions,
+    mut current: Applied,
+    status: Arc<StreamStatus>,
+    mut apply: F,
+) where
     F: FnMut(&str, Update) -> Result<(), String> + Send,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
         match open(&opts, &current.version).await {
-            Err(e) => tracing::warn!("control plane: {e}; retrying in {backoff:?}"),
+            Err(e) => {
+                tracing::warn!("control plane: {e}; retrying in {backoff:?}");
+                status.disconnected(e);
+            }
             Ok((tx, mut stream)) => {
                 tracing::info!(url = %opts.url, "control plane stream open");
+                {
+                    let mut s = status.lock();
+                    s.connected = true;
+                    s.streams_opened += 1;
+                }
                 loop {
                     let resp = match stream.message().await {
                         Ok(Some(r)) => r,
                         Ok(None) => {
                             tracing::warn!("control plane closed the stream");
+                            status.disconnected("the control plane closed the stream".into());
                             break;
                         }
                         Err(s) => {
-                            tracing::warn!("control plane stream: {}: {}", s.code(), s.message());
+                            let e = format!("{}: {}", s.code(), s.message());
+                            tracing::warn!("control plane stream: {e}");
+                            status.disconnected(e);
                             break;
                         }
                     };
@@ -169,13 +233,26 @@ where
                     let nonce = resp.nonce.clone();
                     let version = resp.version_info.clone();
                     let answer = match handle(&mut current, resp, &mut apply) {
-                        Ok(()) => DiscoveryRequest {
-                            version_info: version,
-                            response_nonce: nonce,
-                            ..Default::default()
-                        },
+                        Ok(()) => {
+                            let mut s = status.lock();
+                            s.acks += 1;
+                            s.acked_version = Some(version.clone());
+                            s.rejected = None;
+                            DiscoveryRequest {
+                                version_info: version,
+                                response_nonce: nonce,
+                                ..Default::default()
+                            }
+                        }
                         Err(e) => {
                             tracing::error!(%version, "rejected push, keeping {}: {e}", current.version);
+                            let mut s = status.lock();
+                            s.nacks += 1;
+                            s.rejected = Some(Rejected {
+                                version: version.clone(),
+                                error: e.clone(),
+                            });
+                            drop(s);
                             DiscoveryRequest {
                                 version_info: current.version.clone(),
                                 response_nonce: nonce,
@@ -188,6 +265,7 @@ where
                         }
                     };
                     if tx.send(answer).await.is_err() {
+                        status.disconnected("the stream's request side closed".into());
                         break;
                     }
                 }

@@ -34,6 +34,8 @@ pub struct Exposition {
     pub fast_path: Arc<crate::fast_path::FastPathState>,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     pub tracer: Option<Arc<crate::telemetry::Tracer>>,
+    /// The control plane's discovery stream, in `--control-plane` mode.
+    pub control: Option<Arc<weir_control::client::StreamStatus>>,
 }
 
 impl Exposition {
@@ -64,6 +66,9 @@ impl Exposition {
         }
         if let Some(tracer) = &self.tracer {
             tracer.render(&mut text);
+        }
+        if let Some(control) = &self.control {
+            crate::metrics::render_control(&control.get(), &mut text);
         }
         text
     }
@@ -226,13 +231,20 @@ impl ServeHttp for AdminApp {
                 "application/json",
                 format!("{:#}\n", self.fast_path.status()),
             ),
+            "/control" => {
+                let state = match &self.exposition.control {
+                    Some(c) => json!({ "source": "control plane", "stream": c.get() }),
+                    None => json!({ "source": "file" }),
+                };
+                respond(200, "application/json", format!("{state:#}\n"))
+            }
             "/inference/reload" if session.req_header().method == http::Method::POST => {
                 self.reload_signal(session).await
             }
             _ => respond(
                 404,
                 "text/plain",
-                "not found; try /, /ready, /stats/prometheus, /config_dump, /clusters, /inference, /ebpf\n"
+                "not found; try /, /ready, /stats/prometheus, /config_dump, /clusters, /inference, /ebpf, /control\n"
                     .into(),
             ),
         }

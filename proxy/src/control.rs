@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
-use weir_control::client::{self, Applied, ClientOptions, Update};
+use weir_control::client::{self, Applied, ClientOptions, StreamStatus, Update};
 use weir_control::resources::ResourceSet;
 use weir_policies::model::{Admin, Config};
 use weir_policies::{validate, Snapshot};
@@ -128,6 +128,8 @@ pub fn initial(opts: &ControlOptions) -> Result<(Snapshot, Applied), String> {
 pub struct ControlSync {
     pub opts: ControlOptions,
     pub applied: Applied,
+    /// Where the discovery stream stands (metrics, admin `/control`).
+    pub status: Arc<StreamStatus>,
     pub runtime: SharedRuntime,
     pub metrics: Arc<Metrics>,
     pub filters: Arc<Filters>,
@@ -254,7 +256,7 @@ impl BackgroundService for ControlSync {
             Ok(())
         };
         tokio::select! {
-            _ = client::run(self.opts.client.clone(), self.applied.clone(), apply) => {}
+            _ = client::run(self.opts.client.clone(), self.applied.clone(), self.status.clone(), apply) => {}
             _ = follow_reloads(self.opts.client.clone(), self.inference.clone()) => {}
             _ = shutdown.changed() => {}
         }

@@ -211,8 +211,41 @@ impl Metrics {
             tracing::error!("encoding metrics failed: {e}");
         }
         let mut text = String::from_utf8(out).unwrap_or_default();
+        render_connections(runtime, &mut text);
         render_pools(runtime, &mut text);
         text
+    }
+}
+
+/// Upstream connections per endpoint, read from the endpoints' counters now.
+fn render_connections(runtime: &Runtime, out: &mut String) {
+    use std::fmt::Write;
+    type Counter = fn(&crate::state::EndpointState) -> &AtomicU64;
+    let counters: [(&str, &str, Counter); 2] = [
+        (
+            "weir_upstream_connections_opened_total",
+            "Upstream connections opened to the endpoint.",
+            |e| &e.connections_opened,
+        ),
+        (
+            "weir_upstream_connections_reused_total",
+            "Upstream requests sent on a pooled connection (HTTP/1.1 keep-alive, or another h2 stream).",
+            |e| &e.connections_reused,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for c in &runtime.clusters {
+            for e in &c.endpoints {
+                let _ = writeln!(
+                    out,
+                    "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                    escape(&c.name),
+                    e.address,
+                    get(e).load(Ordering::Relaxed)
+                );
+            }
+        }
     }
 }
 
@@ -327,4 +360,43 @@ pub fn write_plain(
         out,
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
     );
+}
+
+/// The control plane's discovery stream: connected, pushes ACKed and NACKed, the version
+/// ACKed last and, while the newest push stands refused, its version.
+pub fn render_control(s: &weir_control::client::StreamState, out: &mut String) {
+    use std::fmt::Write;
+    write_plain(
+        out,
+        "gauge",
+        "weir_control_connected",
+        "1 while the discovery stream to the control plane is open.",
+        u8::from(s.connected),
+    );
+    write_plain(
+        out,
+        "counter",
+        "weir_control_streams_opened_total",
+        "Discovery streams opened (the first and every reconnect).",
+        s.streams_opened,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP weir_control_pushes_total Control plane pushes by answer (ack: applied, nack: refused and the last good config kept).\n# TYPE weir_control_pushes_total counter\nweir_control_pushes_total{{result=\"ack\"}} {}\nweir_control_pushes_total{{result=\"nack\"}} {}",
+        s.acks, s.nacks
+    );
+    if let Some(v) = &s.acked_version {
+        let _ = writeln!(
+            out,
+            "# HELP weir_control_acked_version_info The version of the last push ACKed (value 1).\n# TYPE weir_control_acked_version_info gauge\nweir_control_acked_version_info{{version=\"{}\"}} 1",
+            escape(v)
+        );
+    }
+    if let Some(r) = &s.rejected {
+        let _ = writeln!(
+            out,
+            "# HELP weir_control_rejected_version_info The newest push's version while it stands NACKed (value 1; the reason is on the admin endpoint's /control).\n# TYPE weir_control_rejected_version_info gauge\nweir_control_rejected_version_info{{version=\"{}\"}} 1",
+            escape(&r.version)
+        );
+    }
 }

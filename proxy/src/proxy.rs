@@ -738,6 +738,29 @@ impl ProxyHttp for WeirProxy {
         Ok(Box::new(peer))
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(rt), Some(cluster), Some(&ep)) =
+            (ctx.runtime.as_deref(), ctx.cluster, ctx.tried.last())
+        {
+            let e = &rt.clusters[cluster].endpoints[ep];
+            let counter = if reused {
+                &e.connections_reused
+            } else {
+                &e.connections_opened
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,

@@ -135,7 +135,10 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         }));
         tracing::info!(listener = %l.name, address = %l.address, "listening");
     }
+    let control_status = matches!(opts.source, Source::Control(_))
+        .then(|| Arc::new(weir_control::client::StreamStatus::default()));
     let exposition = Arc::new(crate::admin::Exposition {
+        control: control_status.clone(),
         runtime: runtime.clone(),
         metrics: metrics.clone(),
         filters: filters.clone(),
@@ -195,6 +198,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
                 ControlSync {
                     opts: control,
                     applied,
+                    status: control_status.unwrap_or_default(),
                     runtime: runtime.clone(),
                     metrics: metrics.clone(),
                     filters: filters.clone(),

@@ -176,6 +176,9 @@ pub struct EndpointState {
     times_ejected: AtomicU32,
     /// `now_ms()` until which the endpoint is ejected; 0 when it is not.
     ejected_until: AtomicU64,
+    /// Upstream connections opened to the endpoint, and requests sent on a pooled one.
+    pub connections_opened: AtomicU64,
+    pub connections_reused: AtomicU64,
 }
 
 impl EndpointState {
@@ -191,6 +194,8 @@ impl EndpointState {
             consecutive_failures: AtomicU32::new(0),
             times_ejected: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            connections_opened: AtomicU64::new(0),
+            connections_reused: AtomicU64::new(0),
         }
     }
 

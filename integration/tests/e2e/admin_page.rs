@@ -82,6 +82,7 @@ async fn the_admin_page_shows_the_proxy_live() {
         "llama",
         "serving",
         &s.listen.to_string(),
+        "<td>source</td><td>file</td>",
     ] {
         assert!(dom.contains(text), "{text:?} on the page: {dom}");
     }

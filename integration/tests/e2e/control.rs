@@ -288,6 +288,33 @@ async fn publish_and_wait_for_nack(
     cp.status().proxies[0].clone()
 }
 
+/// The control plane samples of the proxy's `/stats/prometheus`, as `name{labels} value`
+/// lines read by a real Prometheus parser.
+fn control_metrics(admin: SocketAddr) -> Vec<String> {
+    let (_, text) =
+        weir_integration::weir_process::admin_get(admin, "/stats/prometheus").expect("metrics");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition");
+    let mut lines: Vec<String> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric.starts_with("weir_control_"))
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                ref other => panic!("{}: {other:?}", s.metric),
+            };
+            if s.labels.is_empty() {
+                format!("{} {value}", s.metric)
+            } else {
+                format!("{}{{{}}} {value}", s.metric, s.labels)
+            }
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
 fn resources(text: &str) -> ResourceSet {
     ResourceSet::from_config(&weir_policies::parse("test.yaml", text).expect("parses"))
 }
@@ -332,6 +359,35 @@ async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
         "a",
         "last good config still serves"
     );
+    // The proxy's own account: its metrics and admin `/control`.
+    let metrics = control_metrics(admin);
+    for want in [
+        "weir_control_connected 1".to_string(),
+        format!(
+            "weir_control_acked_version_info{{version=\"{}\"}} 1",
+            p.acked_version
+        ),
+        format!(
+            "weir_control_rejected_version_info{{version=\"{}\"}} 1",
+            p.nacked_version
+        ),
+        "weir_control_pushes_total{result=\"nack\"} 1".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want} in {metrics:#?}");
+    }
+    let (_, body) = weir_integration::weir_process::admin_get(admin, "/control").unwrap();
+    let state: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        state["stream"]["rejected"]["version"],
+        p.nacked_version.as_str()
+    );
+    assert!(
+        state["stream"]["rejected"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown cluster \"nowhere\""),
+        "{state}"
+    );
 
     // An endpoint-only change after the NACK: a delta of one resource, ACKed and applied.
     let moved = resources(&policy(
@@ -343,6 +399,19 @@ async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
     cp.publish(moved);
     wait_until(|| cp.status().proxies[0].acked_version == moved_version).await;
     assert_eq!(backend_of(listen).await, "b");
+    let metrics = control_metrics(admin);
+    assert!(
+        metrics.contains(&format!(
+            "weir_control_acked_version_info{{version=\"{moved_version}\"}} 1"
+        )),
+        "{metrics:#?}"
+    );
+    assert!(
+        !metrics
+            .iter()
+            .any(|m| m.starts_with("weir_control_rejected")),
+        "an ACK clears the rejection: {metrics:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -358,7 +427,9 @@ async fn survives_control_plane_restarts_and_starts_from_the_persisted_config() 
     );
     assert_eq!(backend_of(listen).await, "a");
 
+    assert!(control_metrics(admin).contains(&"weir_control_connected 1".to_string()));
     drop(control);
+    wait_until(|| control_metrics(admin).contains(&"weir_control_connected 0".to_string())).await;
     for _ in 0..20 {
         assert_eq!(
             backend_of(listen).await,

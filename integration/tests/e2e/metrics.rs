@@ -103,6 +103,29 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
             "{metric}"
         );
     }
+    // Every upstream request either opened a connection or reused a pooled one; one client
+    // sending one request at a time over keep-alive lets weir reuse its upstream connection.
+    let opened = number(
+        &scrape,
+        &text,
+        "weir_upstream_connections_opened_total",
+        &[("cluster", "b"), ("endpoint", endpoint)],
+    );
+    let reused = number(
+        &scrape,
+        &text,
+        "weir_upstream_connections_reused_total",
+        &[("cluster", "b"), ("endpoint", endpoint)],
+    );
+    assert_eq!(opened + reused, 7.0, "{text}");
+    assert!(
+        (1.0..7.0).contains(&opened),
+        "pooled connections reused: {text}"
+    );
+    assert!(
+        sample(&scrape, "weir_control_connected", &[]).is_none(),
+        "no control plane metrics for a file config"
+    );
     assert!(
         sample(&scrape, "weir_trace_spans_queued_total", &[]).is_some(),
         "{text}"

@@ -404,19 +404,24 @@ mod xds {
             // What weir does with a push: validate it into a new snapshot (a whole config, or
             // the current snapshot with new endpoints).
             let mut current: Option<weir_policies::Snapshot> = None;
-            tokio::spawn(client::run(opts, Applied::default(), move |_v, update| {
-                let next = match (update, &current) {
-                    (Update::Full(config), _) => weir_policies::validate::compile(config),
-                    (Update::Endpoints(changes), Some(old)) => {
-                        weir_policies::validate::with_endpoints(old, &changes)
-                    }
-                    (Update::Endpoints(_), None) => {
-                        return Err("endpoints before any config".into())
-                    }
-                };
-                current = Some(next.map_err(|p| format!("{p:?}"))?);
-                Ok(())
-            }));
+            tokio::spawn(client::run(
+                opts,
+                Applied::default(),
+                Default::default(),
+                move |_v, update| {
+                    let next = match (update, &current) {
+                        (Update::Full(config), _) => weir_policies::validate::compile(config),
+                        (Update::Endpoints(changes), Some(old)) => {
+                            weir_policies::validate::with_endpoints(old, &changes)
+                        }
+                        (Update::Endpoints(_), None) => {
+                            return Err("endpoints before any config".into())
+                        }
+                    };
+                    current = Some(next.map_err(|p| format!("{p:?}"))?);
+                    Ok(())
+                },
+            ));
         }
         all_acked(&cp, proxies, "")
             .await
