@@ -99,7 +99,7 @@ impl Weir {
             .stderr(log)
             .spawn()
             .expect("spawn weir");
-        let weir = Self {
+        let mut weir = Self {
             child: Some(child),
             dir,
             admin,
@@ -109,11 +109,17 @@ impl Weir {
         weir
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let end = Instant::now() + Duration::from_secs(15);
         while Instant::now() < end {
             if let Ok((200, _)) = admin_get(self.admin, "/ready") {
                 return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "weir exited ({status}) before it was ready; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -332,6 +332,7 @@ async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
         "a",
         &[("a", "http1", vec![a.addr]), ("grpc", "h2c", vec![g.addr])],
     ));
+    let good_version = good.version();
     cp.publish(good);
     let cp_addr = serve_in_process(cp.clone()).await;
     let _weir = Weir::spawn(
@@ -363,10 +364,7 @@ async fn proxy_nacks_an_invalid_push_and_keeps_its_last_good_config() {
     let metrics = control_metrics(admin);
     for want in [
         "weir_control_connected 1".to_string(),
-        format!(
-            "weir_control_acked_version_info{{version=\"{}\"}} 1",
-            p.acked_version
-        ),
+        format!("weir_control_acked_version_info{{version=\"{good_version}\"}} 1"),
         format!(
             "weir_control_rejected_version_info{{version=\"{}\"}} 1",
             p.nacked_version

@@ -148,8 +148,8 @@ fn refuses_to_start_when_a_listener_port_is_taken() {
 #[test]
 fn ready_answers_only_once_every_listener_accepts() {
     use weir_integration::weir_process::{free_port, Weir};
-    for _ in 0..5 {
-        let ports: Vec<u16> = (0..12).map(|_| free_port()).collect();
+    for _ in 0..4 {
+        let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
         let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let listeners: String = ports
             .iter()
