@@ -341,6 +341,23 @@ async fn openai(
         );
     }
     let n = v["max_tokens"].as_u64().unwrap_or(3).max(1);
+    // The prompt's "tokens": its words (the prompt, or every message's content).
+    let prompt_tokens = v["messages"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| m["content"].as_str())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_else(|| v["prompt"].as_str().into_iter().collect())
+        .iter()
+        .map(|t| t.split_whitespace().count() as u64)
+        .sum::<u64>();
+    let usage = serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": n,
+        "total_tokens": prompt_tokens + n});
+    let include_usage = v["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
     let version = m.version.to_string();
     let chunk = move |i: u64, last: bool| {
         let text = format!("v{version}-token{i} ");
@@ -366,7 +383,7 @@ async fn openai(
             200,
             serde_json::json!({"object": if chat { "chat.completion" } else { "text_completion" },
             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-            "usage": {"completion_tokens": n}}),
+            "usage": usage}),
         );
         r.headers_mut()
             .insert("x-weight-version", weight_version.parse().expect("ascii"));
@@ -405,6 +422,15 @@ async fn openai(
             {
                 return;
             }
+        }
+        if include_usage {
+            // As OpenAI does: a last event with no choices and the whole request's usage.
+            let event = serde_json::json!({"id": "sim", "choices": [], "usage": usage});
+            let _ = tx
+                .send(Ok(hyper::body::Frame::data(
+                    format!("data: {event}\n\n").into(),
+                )))
+                .await;
         }
         let _ = tx
             .send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(

@@ -138,6 +138,10 @@ pub enum AccessLogField {
     /// Inference requests: the model and the version that served it.
     Model,
     ModelVersion,
+    /// OpenAI-compatible inference: prompt and completion tokens, as the server's `usage`
+    /// reports them (absent when it sends none).
+    InputTokens,
+    OutputTokens,
     /// Why the request failed, when it did.
     Error,
 }

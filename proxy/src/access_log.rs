@@ -36,6 +36,7 @@ pub struct Entry<'a> {
     pub request_id: Option<&'a str>,
     pub model: Option<&'a str>,
     pub model_version: Option<&'a str>,
+    pub usage: Option<crate::inference::usage::Usage>,
     pub error: Option<String>,
 }
 
@@ -147,6 +148,8 @@ pub fn format_line(fields: &[AccessLogField], e: &Entry<'_>) -> String {
             F::RequestId => ("request_id", e.request_id.into()),
             F::Model => ("model", e.model.into()),
             F::ModelVersion => ("model_version", e.model_version.into()),
+            F::InputTokens => ("input_tokens", e.usage.map(|u| u.input).into()),
+            F::OutputTokens => ("output_tokens", e.usage.map(|u| u.output).into()),
             F::Error => ("error", e.error.clone().into()),
         };
         if i > 0 {
@@ -186,6 +189,7 @@ mod tests {
             request_id: None,
             model: None,
             model_version: None,
+            usage: None,
             error: None,
         }
     }

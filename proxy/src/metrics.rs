@@ -35,6 +35,9 @@ pub struct Metrics {
     /// Inference: response body chunks streamed (a streaming server sends each token or
     /// message in its own), by pool and model; its rate is tokens/s.
     pub tokens: IntCounterVec,
+    /// Inference: tokens the server reports in its `usage` (OpenAI-compatible), by `type`
+    /// (input: the prompt, output: the completion).
+    pub usage_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -146,6 +149,11 @@ impl Metrics {
             "Inference streams: response chunks streamed (one per token or message from streaming servers).",
             &["pool", "model"],
         );
+        let usage_tokens = counter(
+            "weir_inference_usage_tokens_total",
+            "Inference: tokens as the server's usage reports them, by type (input: prompt, output: completion).",
+            &["pool", "model", "type"],
+        );
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "weir_request_duration_seconds",
@@ -175,6 +183,7 @@ impl Metrics {
             ttft,
             inter_token,
             tokens,
+            usage_tokens,
             endpoint_duration,
             endpoint_responses,
             filter_time,

@@ -11,7 +11,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
-use weir_policies::model::{LbPolicy, UpstreamProtocol};
+use weir_policies::model::{InferenceProtocol, LbPolicy, UpstreamProtocol};
 use weir_policies::routing::{self, RequestView};
 use weir_policies::snapshot::{Cluster, Route};
 
@@ -23,6 +23,7 @@ use crate::inference::model::{self as infer_model, Extract, MODEL_HEADER};
 use crate::inference::picker::{Need, Pick};
 use crate::inference::pool::{self, Lease, NoReplica, Origin};
 use crate::inference::reload::Signal;
+use crate::inference::usage::UsageScanner;
 use crate::metrics::Metrics;
 use crate::retry::{self, Failure};
 use crate::state::{ClusterState, EndpointLoad, Gauge, Runtime, SharedRuntime};
@@ -69,6 +70,8 @@ struct InferenceCtx {
     chunks: u64,
     /// This stream's inter-token histogram and token counter, looked up at its first chunk.
     stream_metrics: Option<(prometheus::Histogram, prometheus::IntCounter)>,
+    /// OpenAI-compatible pools: the `usage` the server reports in its response.
+    usage: Option<UsageScanner>,
 }
 
 /// One listener's proxy logic.
@@ -344,6 +347,8 @@ impl WeirProxy {
                             first_chunk: None,
                             chunks: 0,
                             stream_metrics: None,
+                            usage: (cfg.protocol == InferenceProtocol::Openai)
+                                .then(UsageScanner::default),
                         });
                         None
                     }
@@ -907,7 +912,10 @@ impl ProxyHttp for WeirProxy {
                 "the replica's drain deadline ended the stream",
             ));
         }
-        if body.as_ref().is_some_and(|b| !b.is_empty()) {
+        if let Some(b) = body.as_ref().filter(|b| !b.is_empty()) {
+            if let Some(usage) = ctx.inference.as_mut().and_then(|i| i.usage.as_mut()) {
+                usage.feed(b);
+            }
             self.observe_token(ctx);
         }
         if ctx.filters_response_done || ctx.filters.is_none() {
@@ -1086,6 +1094,17 @@ impl ProxyHttp for WeirProxy {
                     .inc();
             }
         }
+        if let (Some(i), Some(rt)) = (ctx.inference.as_ref(), ctx.runtime.as_deref()) {
+            if let Some(u) = i.usage.as_ref().and_then(|u| u.last) {
+                let pool = rt.snapshot.pools[i.pool].name.as_str();
+                for (kind, n) in [("input", u.input), ("output", u.output)] {
+                    self.metrics
+                        .usage_tokens
+                        .with_label_values(&[pool, i.model.as_str(), kind])
+                        .inc_by(n);
+                }
+            }
+        }
         self.access_log(session, e, ctx, status, route, cluster);
         self.end_trace(session, e, ctx, trace, status, route, cluster);
     }
@@ -1183,6 +1202,14 @@ impl WeirProxy {
                 "weir.inference.response_chunks",
                 i64::try_from(i.chunks).unwrap_or(i64::MAX),
             ));
+            if let Some(u) = i.usage.as_ref().and_then(|u| u.last) {
+                let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                attrs.push(KeyValue::new("gen_ai.usage.input_tokens", tokens(u.input)));
+                attrs.push(KeyValue::new(
+                    "gen_ai.usage.output_tokens",
+                    tokens(u.output),
+                ));
+            }
         }
         let failed = status == 0 || status >= 500 || e.is_some();
         let error = e.map(|e| e.to_string());
@@ -1272,6 +1299,7 @@ impl WeirProxy {
             request_id: header("x-request-id"),
             model: ctx.inference.as_ref().map(|i| i.model.as_str()),
             model_version: served.as_deref(),
+            usage: ctx.inference.as_ref().and_then(|i| i.usage.as_ref()?.last),
             error: e.map(|e| e.to_string()),
         };
         log.log(&config.fields, &entry);

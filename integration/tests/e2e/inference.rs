@@ -231,6 +231,80 @@ async fn streams_feed_the_ttft_inter_token_and_token_metrics() {
     );
 }
 
+/// Tokens in and out as an OpenAI-compatible server's `usage` reports them: from a JSON
+/// reply and from the last event of an SSE stream that asked for it, into the metrics, the
+/// access log and nothing for a stream that did not ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_tokens_reported_by_the_server_are_counted() {
+    let sim = ModelServer::start(&["llama"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    let s = start(&pool_config(
+        "openai",
+        &[(sim.http_addr, "llama")],
+        &format!(
+            "access_log: {{ path: \"{}\", fields: [path, model, input_tokens, output_tokens] }}\n",
+            log_path.display()
+        ),
+    ));
+    let asks = [
+        serde_json::json!({"model": "llama", "prompt": "one two three four", "max_tokens": 5,
+            "stream": true, "stream_options": {"include_usage": true}}),
+        serde_json::json!({"model": "llama", "prompt": "a b", "max_tokens": 2}),
+        serde_json::json!({"model": "llama", "prompt": "not counted", "max_tokens": 3, "stream": true}),
+    ];
+    for ask in asks {
+        let (status, body) = completion(s.listen, ask, &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition");
+    let tokens = |kind: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|x| {
+                x.metric == "weir_inference_usage_tokens_total"
+                    && x.labels.get("type") == Some(kind)
+                    && x.labels.get("model") == Some("llama")
+            })
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) => v,
+                ref v => panic!("{v:?}"),
+            })
+            .unwrap_or_else(|| panic!("{kind} tokens in {metrics}"))
+    };
+    assert_eq!(tokens("input"), 4.0 + 2.0, "{metrics}");
+    assert_eq!(tokens("output"), 5.0 + 2.0, "{metrics}");
+    let lines: Vec<serde_json::Value> = wait_for_lines(&log_path, 3)
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // Lines in any order: each request's logging runs after its response went out.
+    let mut usage: Vec<String> = lines
+        .iter()
+        .map(|l| format!("{} {}", l["input_tokens"], l["output_tokens"]))
+        .collect();
+    usage.sort();
+    assert_eq!(usage, ["2 2", "4 5", "null null"], "{lines:?}");
+}
+
+/// The first `n` lines of the file at `path`, once it has them (the access log's writer
+/// thread writes them a moment after the requests end).
+fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(String::from).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(std::time::Instant::now() < end, "{n} lines in {text:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sleeping_vllm_replica_is_drained_until_it_wakes() {
     let asleep = ModelServer::start_with(&["llama"], 1).await;

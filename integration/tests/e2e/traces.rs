@@ -240,3 +240,52 @@ async fn get_with(
 ) {
     assert_eq!(send(client, listen, "GET", path, h).await.status, 200);
 }
+
+/// An inference request's server span carries the GenAI attributes: the model, the time to
+/// first token, and the tokens in and out that the server's `usage` reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inference_spans_carry_the_genai_attributes() {
+    use http_body_util::{BodyExt, Full};
+    let (receiver, otlp) = OtlpReceiver::start().await;
+    let sim = weir_integration::model_server::ModelServer::start(&["llama"]).await;
+    let s = start(&format!(
+        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0 }}\nroutes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: openai\n    endpoints:\n      - {{ address: \"{}\", models: [{{ name: llama }}] }}\n",
+        sim.http_addr
+    ));
+    let ask = serde_json::json!({"model": "llama", "prompt": "one two three", "max_tokens": 4,
+        "stream": true, "stream_options": {"include_usage": true}});
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/v1/completions", s.listen))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+        .body(Full::new(bytes::Bytes::from(ask.to_string())))
+        .unwrap();
+    let resp = h1_client().request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"data: [DONE]\n\n"), "{body:?}");
+    let spans = spans_of(&receiver, CALLER_TRACE, 2).await;
+    let server = spans
+        .iter()
+        .find(|s| kind(s) == SERVER)
+        .expect("server span");
+    assert_eq!(
+        server.attr("gen_ai.request.model").as_deref(),
+        Some("llama")
+    );
+    assert_eq!(
+        server.attr("gen_ai.usage.input_tokens").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        server.attr("gen_ai.usage.output_tokens").as_deref(),
+        Some("4")
+    );
+    let ttft: f64 = server
+        .attr("gen_ai.server.time_to_first_token")
+        .expect("time to first token")
+        .parse()
+        .unwrap();
+    assert!(ttft > 0.0 && ttft < 10.0, "{ttft}");
+}

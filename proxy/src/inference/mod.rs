@@ -8,3 +8,4 @@ pub mod model;
 pub mod picker;
 pub mod pool;
 pub mod reload;
+pub mod usage;
