@@ -20,6 +20,11 @@ pub struct Folder {
 
 /// Reads and validates the folder, or returns every error with file, line and field.
 pub fn load(dir: &Path) -> Result<Folder, String> {
+    validate(&read(dir)?)
+}
+
+/// The folder's policy files, `(path, text)` in name order.
+fn read(dir: &Path) -> Result<Vec<(String, String)>, String> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: cannot read the folder: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -35,7 +40,11 @@ pub fn load(dir: &Path) -> Result<Folder, String> {
     if files.is_empty() {
         return Err(format!("{}: no .yaml files", dir.display()));
     }
-    let (snapshot, spans) = load_many(&files).map_err(|e| e.to_string())?;
+    Ok(files)
+}
+
+fn validate(files: &[(String, String)]) -> Result<Folder, String> {
+    let (snapshot, spans) = load_many(files).map_err(|e| e.to_string())?;
     let config = &snapshot.source;
     Ok(Folder {
         all: ResourceSet::from_config(config),
@@ -60,7 +69,8 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
     })
     .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
     // The first load only once the watch is in place, so no change slips in between.
-    reload(&dir, &cp);
+    let mut last = None;
+    reload(&dir, &cp, &mut last);
     let _watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
@@ -75,13 +85,33 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
         // React at once (an endpoint change should reach proxies in milliseconds), then fold
         // the rest of a burst of events (an editor, a `cp -r`) into one more reload.
         while rx.try_recv().is_ok() {}
-        reload(&dir, &cp);
+        reload(&dir, &cp, &mut last);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-fn reload(dir: &Path, cp: &ControlPlane) {
-    match load(dir) {
+/// Loads the folder into `cp` unless its files are byte for byte the ones loaded `last`: most
+/// events (a temporary file written next to a policy before its rename, an editor's swap
+/// file, a touch) change no policy, and parsing 10,000 routes again costs hundreds of ms.
+fn reload(dir: &Path, cp: &ControlPlane, last: &mut Option<Vec<(String, String)>>) {
+    let files = match read(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::error!(
+                "policy folder unreadable, still serving version {}:\n{e}",
+                cp.version()
+            );
+            cp.set_config_error(Some(e));
+            *last = None;
+            return;
+        }
+    };
+    if last.as_ref() == Some(&files) {
+        return;
+    }
+    let result = validate(&files);
+    *last = Some(files);
+    match result {
         Ok(folder) => {
             cp.set_config_error(None);
             cp.publish_folder(folder);
