@@ -118,7 +118,9 @@ pub enum HostMatch {
 pub enum PathMatch {
     Exact(String),
     Prefix(String),
-    Regex(Regex),
+    /// Shared with the snapshots before and after that use the same pattern, so a new config
+    /// neither compiles it again nor starts its per-thread match caches over.
+    Regex(Arc<Regex>),
 }
 
 #[derive(Debug)]
@@ -133,7 +135,8 @@ pub struct HeaderMatch {
 pub enum HeaderRule {
     Exact(String),
     Prefix(String),
-    Regex(Regex),
+    /// Shared like [`PathMatch::Regex`].
+    Regex(Arc<Regex>),
     Present(bool),
 }
 

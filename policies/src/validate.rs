@@ -160,16 +160,16 @@ pub fn content_version(text: &str) -> String {
 struct Validator {
     problems: Vec<Problem>,
     /// The regexes this config uses, by pattern.
-    regexes: HashMap<String, Regex>,
+    regexes: HashMap<String, Arc<Regex>>,
 }
 
 /// Regexes of the last compiled config. Compiling a regex costs far more than everything else
 /// about a route, and a new config mostly repeats the previous one's: reusing them makes a
 /// push of 10,000 routes with one change cost about what the change costs.
-static REGEX_CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Regex>>> =
+static REGEX_CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Arc<Regex>>>> =
     std::sync::LazyLock::new(Default::default);
 
-fn lock_cache() -> std::sync::MutexGuard<'static, HashMap<String, Regex>> {
+fn lock_cache() -> std::sync::MutexGuard<'static, HashMap<String, Arc<Regex>>> {
     REGEX_CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -194,7 +194,7 @@ impl Validator {
         }
     }
 
-    fn regex(&mut self, field: &str, text: &str) -> Option<Regex> {
+    fn regex(&mut self, field: &str, text: &str) -> Option<Arc<Regex>> {
         if let Some(r) = self.regexes.get(text) {
             return Some(r.clone());
         }
@@ -202,7 +202,7 @@ impl Validator {
         // Anchored: a route regex must match the whole value, as in Envoy.
         match cached
             .map(Ok)
-            .unwrap_or_else(|| Regex::new(&format!("^(?:{text})$")))
+            .unwrap_or_else(|| Regex::new(&format!("^(?:{text})$")).map(Arc::new))
         {
             Ok(r) => {
                 self.regexes.insert(text.to_string(), r.clone());
