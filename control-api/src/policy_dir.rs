@@ -46,16 +46,20 @@ fn read(dir: &Path) -> Result<Vec<(String, String)>, String> {
 fn validate(files: &[(String, String)]) -> Result<Folder, String> {
     let (snapshot, spans) = load_many(files).map_err(|e| e.to_string())?;
     let config = &snapshot.source;
-    Ok(Folder {
-        all: ResourceSet::from_config(config),
-        files: spans
-            .into_iter()
-            .map(|s| {
-                let set = ResourceSet::from_span(config, &s);
-                (s.scope, set)
-            })
-            .collect(),
-    })
+    let files: Vec<(Option<Scope>, ResourceSet)> = spans
+        .into_iter()
+        .map(|s| {
+            let set = ResourceSet::from_span(config, &s);
+            (s.scope, set)
+        })
+        .collect();
+    // The files' spans cover the whole config: the union of their sets is the whole set,
+    // without serializing every resource a second time.
+    let mut all = ResourceSet::default();
+    for (_, set) in &files {
+        all.merge(set);
+    }
+    Ok(Folder { all, files })
 }
 
 /// Loads the folder into `cp` now and again whenever it changes, until the process ends.

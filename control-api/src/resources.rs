@@ -90,17 +90,17 @@ fn entry<T: Serialize>(kind: &str, name: &str, body: &T, decoded: Decoded) -> En
 }
 
 fn decode_entry(r: Resource) -> Result<Entry, String> {
-    let what = format!("{} {:?}", r.r#type, r.name);
+    let what = || format!("{} {:?}", r.r#type, r.name);
     let decoded = match r.r#type.as_str() {
-        LISTENER => Decoded::Listener(decode(&what, &r.body)?),
+        LISTENER => Decoded::Listener(decode(what, &r.body)?),
         ROUTE => {
-            let b: RouteBody = decode(&what, &r.body)?;
+            let b: RouteBody = decode(what, &r.body)?;
             Decoded::Route(b.order, b.route)
         }
-        CLUSTER => Decoded::Cluster(decode(&what, &r.body)?),
-        ENDPOINTS => Decoded::Endpoints(decode::<EndpointsBody>(&what, &r.body)?.endpoints),
-        FILTER_CHAIN => Decoded::FilterChain(decode(&what, &r.body)?),
-        INFERENCE_POOL => Decoded::InferencePool(decode(&what, &r.body)?),
+        CLUSTER => Decoded::Cluster(decode(what, &r.body)?),
+        ENDPOINTS => Decoded::Endpoints(decode::<EndpointsBody>(what, &r.body)?.endpoints),
+        FILTER_CHAIN => Decoded::FilterChain(decode(what, &r.body)?),
+        INFERENCE_POOL => Decoded::InferencePool(decode(what, &r.body)?),
         other => return Err(format!("unknown resource type {other:?} ({:?})", r.name)),
     };
     Ok(Entry {
@@ -355,8 +355,12 @@ impl ResourceSet {
     }
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(what: &str, body: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("{what}: {e}"))
+/// Decodes a body; `what` names the resource in the error (formatted only then).
+fn decode<T: for<'de> Deserialize<'de>>(
+    what: impl FnOnce() -> String,
+    body: &[u8],
+) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("{}: {e}", what()))
 }
 
 #[cfg(test)]
@@ -382,6 +386,27 @@ clusters:
         let set = ResourceSet::from_config(&c);
         assert_eq!(set.len(), 5);
         assert_eq!(set.to_config().unwrap(), c);
+    }
+
+    #[test]
+    fn a_folder_set_is_the_union_of_its_files_sets() {
+        let files = [
+            ("a.yaml".to_string(), CONFIG.to_string()),
+            (
+                "b.yaml".to_string(),
+                "routes: [{ name: third, route: { cluster: d } }]\nclusters: [{ name: d, endpoints: [{ address: \"127.0.0.1:4\" }] }]\n"
+                    .to_string(),
+            ),
+        ];
+        let (snapshot, spans) = weir_policies::load_many(&files).unwrap();
+        let mut union = ResourceSet::default();
+        for s in &spans {
+            union.merge(&ResourceSet::from_span(&snapshot.source, s));
+        }
+        let whole = ResourceSet::from_config(&snapshot.source);
+        assert_eq!(union.len(), 8);
+        assert!(union == whole);
+        assert_eq!(union.version(), whole.version());
     }
 
     #[test]

@@ -296,7 +296,7 @@ pub enum ListenerProtocol {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
-    #[serde(default, rename = "match")]
+    #[serde(default, rename = "match", skip_serializing_if = "RouteMatch::is_any")]
     pub matches: RouteMatch,
     #[serde(rename = "route")]
     pub action: RouteAction,
@@ -310,18 +310,25 @@ pub struct Route {
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     /// Only requests arriving on this listener.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listener: Option<String>,
     /// `example.com`, `*.example.com` or `*`; compared without the port, case-insensitively.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathMatch>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
     /// Matches gRPC requests (`content-type: application/grpc*`) by service and method.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcMatch>,
+}
+
+impl RouteMatch {
+    /// Matches every request (no condition set).
+    pub fn is_any(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Exactly one of `exact`, `prefix`, `regex` (anchored: it must match the whole path).
@@ -368,25 +375,29 @@ pub struct GrpcMatch {
 #[serde(deny_unknown_fields)]
 pub struct RouteAction {
     /// The target cluster; exclusive with `weighted_clusters` and `pool`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// An inference pool: the model named by the request picks the replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub weighted_clusters: Vec<WeightedCluster>,
     /// Longest wait for the upstream: for the response to start, and for each later read.
     /// Bounded further by a gRPC client's `grpc-timeout`. Absent: no limit.
-    #[serde(default, with = "crate::duration::opt")]
+    #[serde(
+        default,
+        with = "crate::duration::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
     /// Replaces the part of the path that matched `match.path.prefix`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_rewrite: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "HeaderMutation::is_empty")]
     pub request_headers: HeaderMutation,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "HeaderMutation::is_empty")]
     pub response_headers: HeaderMutation,
 }
 
@@ -421,10 +432,16 @@ fn default_retries() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct HeaderMutation {
     /// Set (replacing any existing value), in order.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub add: Vec<HeaderValue>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<String>,
+}
+
+impl HeaderMutation {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
