@@ -221,6 +221,7 @@ impl Metrics {
         }
         let mut text = String::from_utf8(out).unwrap_or_default();
         render_connections(runtime, &mut text);
+        render_circuit_breakers(runtime, &mut text);
         render_pools(runtime, &mut text);
         text
     }
@@ -256,6 +257,48 @@ fn render_connections(runtime: &Runtime, out: &mut String) {
             }
         }
     }
+}
+
+/// Each cluster's circuit breaker: requests and retries in flight against their limits, read
+/// now.
+fn render_circuit_breakers(runtime: &Runtime, out: &mut String) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP weir_upstream_cluster_active Requests and retries in flight to the cluster (what its circuit breaker counts).\n# TYPE weir_upstream_cluster_active gauge"
+    );
+    let mut open = String::new();
+    for (c, state) in runtime.snapshot.clusters.iter().zip(&runtime.clusters) {
+        let name = escape(&c.name);
+        for (kind, active, max) in [
+            (
+                "requests",
+                &state.active_requests,
+                c.circuit_breaker.max_requests,
+            ),
+            (
+                "retries",
+                &state.active_retries,
+                c.circuit_breaker.max_retries,
+            ),
+        ] {
+            let active = active.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "weir_upstream_cluster_active{{cluster=\"{name}\",kind=\"{kind}\"}} {active}"
+            );
+            let _ = writeln!(
+                open,
+                "weir_upstream_circuit_breaker_open{{cluster=\"{name}\",kind=\"{kind}\"}} {}",
+                u8::from(active >= max)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP weir_upstream_circuit_breaker_open 1 while the cluster's circuit breaker refuses more (in flight reached max_requests or max_retries).\n# TYPE weir_upstream_circuit_breaker_open gauge"
+    );
+    out.push_str(&open);
 }
 
 /// Inference pool metrics, read from the pools' state now.

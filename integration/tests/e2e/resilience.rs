@@ -159,7 +159,8 @@ async fn outlier_detection_ejects_after_consecutive_5xx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn circuit_breaker_rejects_over_max_requests() {
     let slow = HttpBackend::start("slow").await;
-    slow.delay_all(500);
+    // Long enough for the metrics to be read while two requests are held.
+    slow.delay_all(1000);
     let s = start(&format!(
         "routes:\n  - name: all\n    route: {{ cluster: cb }}\nclusters:\n{}",
         cluster(
@@ -176,6 +177,29 @@ async fn circuit_breaker_rejects_over_max_requests() {
         let listen = s.listen;
         tasks.push(tokio::spawn(async move { get(&c, listen, "/").await }));
     }
+    // While the two slow requests are in flight, the breaker reads open.
+    let metric = |name: &str| {
+        let (_, text) =
+            weir_integration::weir_process::admin_get(s.weir.admin, "/stats/prometheus")
+                .expect("metrics");
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .expect("valid exposition");
+        scrape
+            .samples
+            .iter()
+            .find(|x| {
+                x.metric == name
+                    && x.labels.get("cluster") == Some("cb")
+                    && x.labels.get("kind") == Some("requests")
+            })
+            .map(|x| match x.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                ref v => panic!("{name}: {v:?}"),
+            })
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    wait_until(|| metric("weir_upstream_cluster_active") == 2.0).await;
+    assert_eq!(metric("weir_upstream_circuit_breaker_open"), 1.0);
     let mut ok = 0;
     let mut overflow = 0;
     for t in tasks {
@@ -190,4 +214,7 @@ async fn circuit_breaker_rejects_over_max_requests() {
         }
     }
     assert_eq!((ok, overflow), (2, 4));
+    // Slots are given back when a request's logging ends, just after its response went out.
+    wait_until(|| metric("weir_upstream_cluster_active") == 0.0).await;
+    assert_eq!(metric("weir_upstream_circuit_breaker_open"), 0.0);
 }
