@@ -3,6 +3,11 @@
 //! started here, and sent upstream with the attempt's span as parent. Finished spans go
 //! through a bounded queue to a background exporter (OTLP over gRPC); a full queue drops
 //! spans and counts them, and the request path never waits for export.
+//!
+//! The API's sampler, id generator and propagator decide and carry the context; a finished
+//! span is built straight as its OTLP message, and the exporter sends batches of them with the
+//! generated OTLP client. Going through the SDK's `SpanData` and span exporter instead cost a
+//! conversion per span and a regrouping by resource and scope per batch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,13 +16,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceState,
+    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState,
 };
-use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::{span, status, Span, SpanFlags, Status};
+use opentelemetry_proto::transform::common::tonic::Attributes;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanExporter,
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample,
 };
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
@@ -34,14 +40,13 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 /// The tracer shared by every listener.
 pub struct Tracer {
-    tx: mpsc::Sender<SpanData>,
+    tx: mpsc::Sender<Span>,
     /// Wakes the exporter before its time when the queue is half full.
     half_full: tokio::sync::Notify,
     capacity: usize,
     sampler: Sampler,
     ids: RandomIdGenerator,
     propagator: TraceContextPropagator,
-    scope: InstrumentationScope,
     pub queued: AtomicU64,
     pub dropped: AtomicU64,
     pub exported: AtomicU64,
@@ -51,7 +56,7 @@ pub struct Tracer {
 /// The background service that exports what the tracer queues.
 pub struct Exporter {
     config: Config,
-    rx: Mutex<Option<mpsc::Receiver<SpanData>>>,
+    rx: Mutex<Option<mpsc::Receiver<Span>>>,
     tracer: Arc<Tracer>,
 }
 
@@ -83,7 +88,7 @@ pub struct RequestTrace {
     start: SystemTime,
     attempt: Option<Attempt>,
     /// Finished attempts' client spans.
-    spans: Vec<SpanData>,
+    spans: Vec<Span>,
 }
 
 struct Attempt {
@@ -112,9 +117,6 @@ impl Tracer {
             ))),
             ids: RandomIdGenerator::default(),
             propagator: TraceContextPropagator::new(),
-            scope: InstrumentationScope::builder("weir")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             exported: AtomicU64::new(0),
@@ -195,19 +197,10 @@ impl Tracer {
             attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
         }
         let failed = error.is_some() || a.status.is_none_or(|s| s >= 500);
-        let status = match (failed, error) {
-            (false, _) => Status::Unset,
-            (true, Some(e)) => Status::error(e.to_string()),
-            (true, None) => Status::error("upstream attempt failed"),
-        };
-        t.spans.push(self.span(
-            SpanContext::new(
-                t.context.trace_id(),
-                a.span,
-                t.context.trace_flags(),
-                false,
-                t.context.trace_state().clone(),
-            ),
+        let status = failed.then(|| error.unwrap_or("upstream attempt failed"));
+        t.spans.push(span_message(
+            &t.context,
+            a.span,
             t.context.span_id(),
             false,
             SpanKind::Client,
@@ -248,13 +241,10 @@ impl Tracer {
         if !t.sampled() {
             return;
         }
-        let status = match (failed, error) {
-            (false, _) => Status::Unset,
-            (true, Some(e)) => Status::error(e.to_string()),
-            (true, None) => Status::error("request failed"),
-        };
-        let server = self.span(
-            t.context.clone(),
+        let status = failed.then(|| error.unwrap_or("request failed"));
+        let server = span_message(
+            &t.context,
+            t.context.span_id(),
             t.parent.unwrap_or(SpanId::INVALID),
             t.parent.is_some(),
             SpanKind::Server,
@@ -271,35 +261,6 @@ impl Tracer {
         }
         if self.tx.capacity() < self.capacity / 2 {
             self.half_full.notify_one();
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn span(
-        &self,
-        context: SpanContext,
-        parent: SpanId,
-        parent_remote: bool,
-        kind: SpanKind,
-        name: String,
-        start: SystemTime,
-        attributes: Vec<KeyValue>,
-        status: Status,
-    ) -> SpanData {
-        SpanData {
-            span_context: context,
-            parent_span_id: parent,
-            parent_span_is_remote: parent_remote,
-            span_kind: kind,
-            name: name.into(),
-            start_time: start,
-            end_time: SystemTime::now(),
-            attributes,
-            dropped_attributes_count: 0,
-            events: Default::default(),
-            links: Default::default(),
-            status,
-            instrumentation_scope: self.scope.clone(),
         }
     }
 
@@ -330,29 +291,98 @@ impl Tracer {
     }
 }
 
+/// A finished span as its OTLP message. `status`: the error's description when it failed.
+#[allow(clippy::too_many_arguments)]
+fn span_message(
+    trace: &SpanContext,
+    id: SpanId,
+    parent: SpanId,
+    parent_remote: bool,
+    kind: SpanKind,
+    name: String,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+    status: Option<&str>,
+) -> Span {
+    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
+    let mut flags =
+        u32::from(trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
+    if parent_remote {
+        flags |= SpanFlags::ContextIsRemoteMask as u32;
+    }
+    Span {
+        trace_id: trace.trace_id().to_bytes().to_vec(),
+        span_id: id.to_bytes().to_vec(),
+        trace_state: trace.trace_state().header(),
+        parent_span_id: if parent == SpanId::INVALID {
+            Vec::new()
+        } else {
+            parent.to_bytes().to_vec()
+        },
+        flags,
+        name,
+        kind: match kind {
+            SpanKind::Server => span::SpanKind::Server,
+            SpanKind::Client => span::SpanKind::Client,
+            SpanKind::Producer => span::SpanKind::Producer,
+            SpanKind::Consumer => span::SpanKind::Consumer,
+            SpanKind::Internal => span::SpanKind::Internal,
+        } as i32,
+        start_time_unix_nano: unix_nanos(start),
+        end_time_unix_nano: unix_nanos(SystemTime::now()),
+        attributes: Attributes::from(attributes).0,
+        status: Some(match status {
+            None => Status::default(),
+            Some(e) => Status {
+                code: status::StatusCode::Error as i32,
+                message: e.to_string(),
+            },
+        }),
+        ..Default::default()
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Exporter {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let Some(mut rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        let mut exporter = match opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(self.config.otlp_endpoint.clone())
-            .with_timeout(Duration::from_secs(5))
-            .build()
-        {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("OTLP trace exporter: {e}; spans will be dropped");
-                return;
-            }
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope};
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+        let channel =
+            match tonic::transport::Endpoint::from_shared(self.config.otlp_endpoint.clone()) {
+                Ok(e) => e.timeout(Duration::from_secs(5)).connect_lazy(),
+                Err(e) => {
+                    tracing::error!("tracing.otlp_endpoint: {e}; spans will be dropped");
+                    return;
+                }
+            };
+        let mut client = TraceServiceClient::new(channel);
+        let string = |key: &str, v: &str| opentelemetry_proto::tonic::common::v1::KeyValue {
+            key: key.to_string(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(v.to_string())),
+            }),
+            ..Default::default()
         };
-        exporter.set_resource(
-            &opentelemetry_sdk::Resource::builder()
-                .with_service_name(self.config.service_name.clone())
-                .build(),
-        );
+        let resource = Resource {
+            attributes: vec![
+                string("service.name", &self.config.service_name),
+                string("telemetry.sdk.name", "weir"),
+                string("telemetry.sdk.language", "rust"),
+                string("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
+            ],
+            ..Default::default()
+        };
+        let scope = InstrumentationScope {
+            name: "weir".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        };
         loop {
             let done = tokio::select! {
                 _ = shutdown.changed() => true,
@@ -372,8 +402,28 @@ impl BackgroundService for Exporter {
                     break;
                 }
                 let n = batch.len() as u64;
-                match exporter.export(batch).await {
-                    Ok(()) => self.tracer.exported.fetch_add(n, Ordering::Relaxed),
+                let request = ExportTraceServiceRequest {
+                    resource_spans: vec![ResourceSpans {
+                        resource: Some(resource.clone()),
+                        scope_spans: vec![ScopeSpans {
+                            scope: Some(scope.clone()),
+                            spans: batch,
+                            schema_url: String::new(),
+                        }],
+                        schema_url: String::new(),
+                    }],
+                };
+                match client.export(request).await {
+                    Ok(answer) => {
+                        // A collector may take part of a batch (OTLP partial success).
+                        let rejected = answer
+                            .into_inner()
+                            .partial_success
+                            .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0));
+                        self.tracer
+                            .exported
+                            .fetch_add(n.saturating_sub(rejected), Ordering::Relaxed)
+                    }
                     Err(e) => {
                         tracing::debug!("OTLP export of {n} spans failed: {e}");
                         self.tracer.export_failures.fetch_add(1, Ordering::Relaxed)
