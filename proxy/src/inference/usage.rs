@@ -33,9 +33,11 @@ struct Raw {
 /// counts are cumulative, so the last one is the total).
 #[derive(Debug, Default)]
 pub struct UsageScanner {
-    /// Bytes kept from the previous chunk: the tail that may begin the needle, or everything
-    /// from a needle whose object has not ended yet.
-    carry: Vec<u8>,
+    /// The body's last bytes, which may begin the needle (fewer than its length).
+    tail: [u8; NEEDLE.len() - 1],
+    tail_len: usize,
+    /// Everything from a needle whose object has not ended yet.
+    pending: Vec<u8>,
     pub last: Option<Usage>,
 }
 
@@ -97,17 +99,56 @@ fn object_after(buf: &[u8], at: usize) -> Object {
 }
 
 impl UsageScanner {
-    /// Reads the next chunk of the response body.
+    /// Reads the next chunk of the response body. A chunk is searched where it lies; bytes
+    /// are copied only when a needle or its object straddles two chunks.
     pub fn feed(&mut self, chunk: &[u8]) {
-        let joined;
-        let buf: &[u8] = if self.carry.is_empty() {
-            chunk
-        } else {
-            let mut b = std::mem::take(&mut self.carry);
-            b.extend_from_slice(chunk);
-            joined = b;
-            &joined
-        };
+        if !self.pending.is_empty() {
+            let mut buf = std::mem::take(&mut self.pending);
+            buf.extend_from_slice(chunk);
+            self.scan_then_keep_tail(&buf);
+            return;
+        }
+        // A needle that begins in the last chunk's tail and ends in this one.
+        let old = self.tail_len;
+        if old > 0 {
+            let head = chunk.len().min(NEEDLE.len() - 1);
+            let mut window = [0u8; 2 * (NEEDLE.len() - 1)];
+            window[..old].copy_from_slice(&self.tail[..old]);
+            window[old..old + head].copy_from_slice(&chunk[..head]);
+            if let Some(at) = memmem::find(&window[..old + head], NEEDLE).filter(|&at| at < old) {
+                let mut buf = Vec::with_capacity(old - at + chunk.len());
+                buf.extend_from_slice(&self.tail[at..old]);
+                buf.extend_from_slice(chunk);
+                self.scan_then_keep_tail(&buf);
+                return;
+            }
+        }
+        self.scan(chunk);
+        if self.pending.is_empty() {
+            // The new tail: the last bytes of the old tail and this chunk together.
+            let mut joined = [0u8; 2 * (NEEDLE.len() - 1)];
+            let take = chunk.len().min(NEEDLE.len() - 1);
+            joined[..old].copy_from_slice(&self.tail[..old]);
+            joined[old..old + take].copy_from_slice(&chunk[chunk.len() - take..]);
+            self.keep_tail(&joined[..old + take]);
+        }
+    }
+
+    fn scan_then_keep_tail(&mut self, buf: &[u8]) {
+        self.scan(buf);
+        if self.pending.is_empty() {
+            self.keep_tail(buf);
+        }
+    }
+
+    fn keep_tail(&mut self, buf: &[u8]) {
+        let keep = buf.len().min(NEEDLE.len() - 1);
+        self.tail[..keep].copy_from_slice(&buf[buf.len() - keep..]);
+        self.tail_len = keep;
+    }
+
+    /// Reads every usage object in `buf`; one cut off at its end is kept in `pending`.
+    fn scan(&mut self, buf: &[u8]) {
         let finder = memmem::Finder::new(NEEDLE);
         let mut from = 0;
         while let Some(found) = finder.find(&buf[from..]) {
@@ -127,15 +168,12 @@ impl UsageScanner {
                 Object::Other => from = key + NEEDLE.len(),
                 Object::Incomplete => {
                     if buf.len() - key <= MAX_OBJECT {
-                        self.carry = buf[key..].to_vec();
+                        self.pending = buf[key..].to_vec();
                     }
                     return;
                 }
             }
         }
-        // The needle may begin at the very end of this chunk.
-        let keep = buf.len().min(NEEDLE.len() - 1);
-        self.carry = buf[buf.len() - keep..].to_vec();
     }
 }
 
@@ -219,6 +257,30 @@ mod tests {
     }
 
     #[test]
+    fn a_body_fed_one_byte_at_a_time_is_still_read() {
+        let body = b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"usage\": {\"prompt_tokens\": 6, \"completion_tokens\": 5}}\n\n";
+        let chunks: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(
+            scan(&chunks),
+            Some(Usage {
+                input: 6,
+                output: 5
+            })
+        );
+        for size in 2..12 {
+            let chunks: Vec<&[u8]> = body.chunks(size).collect();
+            assert_eq!(
+                scan(&chunks),
+                Some(Usage {
+                    input: 6,
+                    output: 5
+                }),
+                "{size}"
+            );
+        }
+    }
+
+    #[test]
     fn text_that_mentions_usage_and_garbage_give_nothing() {
         assert_eq!(
             scan(&[br#"{"text":"the \"usage\": {\"prompt_tokens\": 5} field"}"#]),
@@ -233,7 +295,7 @@ mod tests {
             s.feed(&[b' '; 100]);
         }
         assert!(
-            s.carry.len() <= MAX_OBJECT,
+            s.pending.len() <= MAX_OBJECT,
             "an endless object is dropped, not kept"
         );
         s.feed(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
