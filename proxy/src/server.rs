@@ -246,15 +246,22 @@ impl<S: pingora::services::Service> ServiceWithDependents for Bound<S> {
         listeners_per_fd: usize,
         ready: ServiceReadyNotifier,
     ) {
-        let bound = fds.clone().map(|fds| {
-            let address = self.address.clone();
-            tokio::spawn(async move {
-                while fds.lock().get(&address).is_none() {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+        let bound = match fds.clone() {
+            Some(fds) => {
+                let address = self.address.clone();
+                Some(tokio::spawn(async move {
+                    while fds.lock().get(&address).is_none() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    ready.notify_ready();
+                }))
+            }
+            // No table to watch (not on Unix): ready as pingora's own services are.
+            None => {
                 ready.notify_ready();
-            })
-        });
+                None
+            }
+        };
         self.service
             .start_service(fds, shutdown, listeners_per_fd)
             .await;
@@ -270,6 +277,13 @@ impl<S: pingora::services::Service> ServiceWithDependents for Bound<S> {
 
     fn threads(&self) -> Option<usize> {
         self.service.threads()
+    }
+
+    fn runtime_opts_override(
+        &self,
+        global: &pingora::server::RuntimeOpts,
+    ) -> Option<pingora::server::RuntimeOpts> {
+        self.service.runtime_opts_override(global)
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {

@@ -257,6 +257,12 @@ async fn usage_tokens_reported_by_the_server_are_counted() {
         let (status, body) = completion(s.listen, ask, &[]).await;
         assert_eq!(status, 200, "{body}");
     }
+    // Every request's line is written, so its logging phase (which counts the tokens first)
+    // has run.
+    let lines: Vec<serde_json::Value> = wait_for_lines(&log_path, 3)
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
     let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
         .expect("valid exposition");
@@ -277,10 +283,6 @@ async fn usage_tokens_reported_by_the_server_are_counted() {
     };
     assert_eq!(tokens("input"), 4.0 + 2.0, "{metrics}");
     assert_eq!(tokens("output"), 5.0 + 2.0, "{metrics}");
-    let lines: Vec<serde_json::Value> = wait_for_lines(&log_path, 3)
-        .iter()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
     // Lines in any order: each request's logging runs after its response went out.
     let mut usage: Vec<String> = lines
         .iter()

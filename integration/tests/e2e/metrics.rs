@@ -60,9 +60,22 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
     for _ in 0..3 {
         assert_eq!(get(&client, s.listen, "/elsewhere").await.status, 404);
     }
-    let (status, text) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
-    assert_eq!(status, 200);
-    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+    // A request is counted in its logging phase, just after its response went out: read
+    // once the last one is in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (text, scrape) = loop {
+        let (status, text) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
+        assert_eq!(status, 200);
+        let scrape =
+            Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+        let logged = sample(&scrape, "weir_access_log_lines_total", &[]);
+        if matches!(logged, Some(Value::Counter(n)) if *n >= 10.0)
+            || std::time::Instant::now() > deadline
+        {
+            break (text, scrape);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let endpoint = backend.addr.to_string();
     let endpoint = endpoint.as_str();
     for (metric, labels, want) in [
