@@ -263,26 +263,13 @@ async fn usage_tokens_reported_by_the_server_are_counted() {
         .iter()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
-    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
-        .expect("valid exposition");
     let tokens = |kind: &str| {
-        scrape
-            .samples
-            .iter()
-            .find(|x| {
-                x.metric == "weir_inference_usage_tokens_total"
-                    && x.labels.get("type") == Some(kind)
-                    && x.labels.get("model") == Some("llama")
-            })
-            .map(|x| match x.value {
-                prometheus_parse::Value::Counter(v) => v,
-                ref v => panic!("{v:?}"),
-            })
-            .unwrap_or_else(|| panic!("{kind} tokens in {metrics}"))
+        let labels = [("model", "llama"), ("type", kind)];
+        let (v, text) = metric_value(s.weir.admin, "weir_inference_usage_tokens_total", &labels);
+        v.unwrap_or_else(|| panic!("{kind} tokens in {text}"))
     };
-    assert_eq!(tokens("input"), 4.0 + 2.0, "{metrics}");
-    assert_eq!(tokens("output"), 5.0 + 2.0, "{metrics}");
+    assert_eq!(tokens("input"), 4.0 + 2.0);
+    assert_eq!(tokens("output"), 5.0 + 2.0);
     // Lines in any order: each request's logging runs after its response went out.
     let mut usage: Vec<String> = lines
         .iter()

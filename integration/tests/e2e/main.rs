@@ -138,3 +138,31 @@ pub fn clusters_json(weir: &Weir) -> serde_json::Value {
         weir_integration::weir_process::admin_get(weir.admin, "/clusters").expect("clusters");
     serde_json::from_str(&body).expect("json")
 }
+
+/// Counter or gauge `metric` with (at least) these labels on the `/stats/prometheus` of the
+/// weir whose admin endpoint is `admin`, read by a real Prometheus parser; `None` when absent.
+/// The exposition comes along for failure messages.
+pub fn metric_value(
+    admin: SocketAddr,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> (Option<f64>, String) {
+    let (_, text) =
+        weir_integration::weir_process::admin_get(admin, "/stats/prometheus").expect("metrics");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition");
+    let value = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == metric
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k).is_some_and(|x| x == *v))
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+            ref other => panic!("{metric}: {other:?}"),
+        });
+    (value, text)
+}

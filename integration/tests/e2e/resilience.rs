@@ -179,24 +179,12 @@ async fn circuit_breaker_rejects_over_max_requests() {
     }
     // While the two slow requests are in flight, the breaker reads open.
     let metric = |name: &str| {
-        let (_, text) =
-            weir_integration::weir_process::admin_get(s.weir.admin, "/stats/prometheus")
-                .expect("metrics");
-        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-            .expect("valid exposition");
-        scrape
-            .samples
-            .iter()
-            .find(|x| {
-                x.metric == name
-                    && x.labels.get("cluster") == Some("cb")
-                    && x.labels.get("kind") == Some("requests")
-            })
-            .map(|x| match x.value {
-                prometheus_parse::Value::Gauge(v) => v,
-                ref v => panic!("{name}: {v:?}"),
-            })
-            .unwrap_or_else(|| panic!("{name} in {text}"))
+        let (v, text) = metric_value(
+            s.weir.admin,
+            name,
+            &[("cluster", "cb"), ("kind", "requests")],
+        );
+        v.unwrap_or_else(|| panic!("{name} in {text}"))
     };
     wait_until(|| metric("weir_upstream_cluster_active") == 2.0).await;
     assert_eq!(metric("weir_upstream_circuit_breaker_open"), 1.0);
