@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use weir_policies::load_many;
-use weir_policies::model::Scope;
+use std::collections::HashMap;
+
+use weir_policies::load_many_with;
+use weir_policies::model::{Config, Scope};
+use weir_policies::ConfigErrors;
 
 use crate::resources::ResourceSet;
 use crate::server::ControlPlane;
@@ -20,7 +23,38 @@ pub struct Folder {
 
 /// Reads and validates the folder, or returns every error with file, line and field.
 pub fn load(dir: &Path) -> Result<Folder, String> {
-    validate(&read(dir)?)
+    validate(&read(dir)?, &mut Parsed::default())
+}
+
+/// Each file's raw model from its last parse, by path, with the text it came from: a reload
+/// parses only the files that changed (10,000 routes take ~50 ms to parse, a copy of the
+/// parsed model about a third of that). Validation still covers the whole folder.
+#[derive(Default)]
+pub struct Parsed {
+    files: HashMap<String, (String, Config)>,
+    /// Files actually parsed (not found unchanged), since creation.
+    parses: usize,
+}
+
+impl Parsed {
+    fn parse(&mut self, file: &str, text: &str) -> Result<Config, ConfigErrors> {
+        if let Some((was, config)) = self.files.get(file) {
+            if was == text {
+                return Ok(config.clone());
+            }
+        }
+        self.parses += 1;
+        let config = weir_policies::parse(file, text)?;
+        self.files
+            .insert(file.to_string(), (text.to_string(), config.clone()));
+        Ok(config)
+    }
+
+    /// Forgets files no longer in the folder.
+    fn keep_only(&mut self, files: &[(String, String)]) {
+        self.files
+            .retain(|path, _| files.iter().any(|(p, _)| p == path));
+    }
 }
 
 /// The folder's policy files, `(path, text)` in name order.
@@ -43,8 +77,10 @@ fn read(dir: &Path) -> Result<Vec<(String, String)>, String> {
     Ok(files)
 }
 
-fn validate(files: &[(String, String)]) -> Result<Folder, String> {
-    let (snapshot, spans) = load_many(files).map_err(|e| e.to_string())?;
+fn validate(files: &[(String, String)], parsed: &mut Parsed) -> Result<Folder, String> {
+    parsed.keep_only(files);
+    let (snapshot, spans) =
+        load_many_with(files, |file, text| parsed.parse(file, text)).map_err(|e| e.to_string())?;
     let config = &snapshot.source;
     let files: Vec<(Option<Scope>, ResourceSet)> = spans
         .into_iter()
@@ -73,8 +109,8 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
     })
     .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
     // The first load only once the watch is in place, so no change slips in between.
-    let mut last = None;
-    reload(&dir, &cp, &mut last);
+    let (mut last, mut parsed) = (None, Parsed::default());
+    reload(&dir, &cp, &mut last, &mut parsed);
     let _watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
@@ -89,7 +125,7 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
         // React at once (an endpoint change should reach proxies in milliseconds), then fold
         // the rest of a burst of events (an editor, a `cp -r`) into one more reload.
         while rx.try_recv().is_ok() {}
-        reload(&dir, &cp, &mut last);
+        reload(&dir, &cp, &mut last, &mut parsed);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -97,7 +133,12 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
 /// Loads the folder into `cp` unless its files are byte for byte the ones loaded `last`: most
 /// events (a temporary file written next to a policy before its rename, an editor's swap
 /// file, a touch) change no policy, and parsing 10,000 routes again costs hundreds of ms.
-fn reload(dir: &Path, cp: &ControlPlane, last: &mut Option<Vec<(String, String)>>) {
+fn reload(
+    dir: &Path,
+    cp: &ControlPlane,
+    last: &mut Option<Vec<(String, String)>>,
+    parsed: &mut Parsed,
+) {
     let files = match read(dir) {
         Ok(files) => files,
         Err(e) => {
@@ -113,7 +154,7 @@ fn reload(dir: &Path, cp: &ControlPlane, last: &mut Option<Vec<(String, String)>
     if last.as_ref() == Some(&files) {
         return;
     }
-    let result = validate(&files);
+    let result = validate(&files, parsed);
     *last = Some(files);
     match result {
         Ok(folder) => {
@@ -127,5 +168,55 @@ fn reload(dir: &Path, cp: &ControlPlane, last: &mut Option<Vec<(String, String)>
             );
             cp.set_config_error(Some(e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_parses_only_the_files_that_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "routes.yaml",
+            "listeners: [{ name: l, address: \"127.0.0.1:1\" }]\nroutes: [{ name: r, route: { cluster: c } }]\n",
+        );
+        write(
+            "clusters.yaml",
+            "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:2\" }] }]\n",
+        );
+        let mut parsed = Parsed::default();
+        let first = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap();
+        assert_eq!(parsed.parses, 2);
+        assert_eq!(first.all.version(), load(dir.path()).unwrap().all.version());
+
+        write(
+            "clusters.yaml",
+            "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:3\" }] }]\n",
+        );
+        let second = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap();
+        assert_eq!(parsed.parses, 3, "only the changed file parsed again");
+        assert_eq!(
+            second.all.version(),
+            load(dir.path()).unwrap().all.version()
+        );
+        assert_ne!(second.all.version(), first.all.version());
+
+        // A broken file is reported; the next good version of it parses again.
+        write("clusters.yaml", "clusters: [{ name: c, endpoints: 7 }]\n");
+        let e = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap_err();
+        assert!(e.contains("clusters.yaml"), "{e}");
+        write(
+            "clusters.yaml",
+            "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:2\" }] }]\n",
+        );
+        let again = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap();
+        assert_eq!(again.all.version(), first.all.version());
+
+        std::fs::remove_file(dir.path().join("clusters.yaml")).unwrap();
+        assert!(validate(&read(dir.path()).unwrap(), &mut parsed).is_err());
+        assert_eq!(parsed.files.len(), 1, "a removed file is forgotten");
     }
 }

@@ -14,5 +14,5 @@ pub mod snapshot;
 pub mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{load_many, load_str, parse, FileSpan, EMBEDDED_DEFAULT};
+pub use load::{load_many, load_many_with, load_str, parse, FileSpan, EMBEDDED_DEFAULT};
 pub use snapshot::Snapshot;

@@ -48,6 +48,16 @@ pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
 /// concatenated in the order given, then validated together, so a route in one file may use a
 /// cluster from another. Errors still name the file, line and field where the problem is.
 pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>), ConfigErrors> {
+    load_many_with(files, parse)
+}
+
+/// [`load_many`] with each file's text turned into its raw model by `parse` (given the file's
+/// name and text): a caller that watches a folder can hand back what it parsed before for a
+/// file that did not change.
+pub fn load_many_with(
+    files: &[(String, String)],
+    mut parse: impl FnMut(&str, &str) -> Result<Config, ConfigErrors>,
+) -> Result<(Snapshot, Vec<FileSpan>), ConfigErrors> {
     let mut merged = Config::default();
     let mut spans = Vec::new();
     let mut errors = Vec::new();
