@@ -367,7 +367,7 @@ mod xds {
         }
     }
 
-    async fn one(proxies: usize, routes: usize) -> Res<(Duration, Duration, Duration)> {
+    async fn one(proxies: usize, routes: usize) -> Res<(Duration, Duration, Duration, Duration)> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = dir.path().join("mesh.yaml");
         let write = |text: String| {
@@ -471,23 +471,49 @@ mod xds {
             )
         })?;
         let endpoint_push = start.elapsed();
-        Ok((full, endpoint_file, endpoint_push))
+
+        // The same config with the clusters in a file of their own (a layout where endpoints
+        // are generated apart from hand-written routes): an endpoint change there re-reads
+        // only that file. The split itself changes no resource, so nothing is pushed for it.
+        let text = policy(routes, 1, 6060);
+        let cut = text.find("clusters:\n").ok_or("no clusters section")?;
+        let split = dir.path().join("zz-clusters.yaml");
+        std::fs::write(&split, &text[cut..]).map_err(|e| e.to_string())?;
+        write(text[..cut].to_string())?;
+        all_acked(&cp, proxies, &new_version)
+            .await
+            .map_err(|e| format!("split: {e}"))?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let old = cp.version();
+        let start = Instant::now();
+        let tmp = dir.path().join("zz-clusters.tmp");
+        std::fs::write(&tmp, &policy(routes, 1, 5050)[cut..])
+            .and_then(|_| std::fs::rename(&tmp, &split))
+            .map_err(|e| e.to_string())?;
+        all_acked(&cp, proxies, &old)
+            .await
+            .map_err(|e| format!("endpoint change in its own file: {e}"))?;
+        let endpoint_own_file = start.elapsed();
+        Ok((full, endpoint_file, endpoint_push, endpoint_own_file))
     }
 
     pub async fn run(proxies: &[usize], routes: &[usize]) -> Res<()> {
         let mut out = String::from(
-            "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir)\n\n| proxies | routes | all routes changed | 1 endpoint changed (file) | 1 endpoint changed (push only) |\n|---|---|---|---|---|\n",
+            "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir)\n\n| proxies | routes | all routes changed | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|\n",
         );
         for &r in routes {
             for &n in proxies {
-                let (full, ep_file, ep_push) = one(n, r).await?;
-                eprintln!("  {n} proxies, {r} routes: {full:?} / {ep_file:?} / {ep_push:?}");
+                let (full, ep_file, ep_push, ep_own) = one(n, r).await?;
+                eprintln!(
+                    "  {n} proxies, {r} routes: {full:?} / {ep_file:?} / {ep_push:?} / {ep_own:?}"
+                );
                 let _ = writeln!(
                     out,
-                    "| {n} | {r} | {:.1} ms | {:.1} ms | {:.1} ms |",
+                    "| {n} | {r} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
                     full.as_secs_f64() * 1e3,
                     ep_file.as_secs_f64() * 1e3,
-                    ep_push.as_secs_f64() * 1e3
+                    ep_push.as_secs_f64() * 1e3,
+                    ep_own.as_secs_f64() * 1e3
                 );
             }
         }
