@@ -26,28 +26,37 @@ pub fn load(dir: &Path) -> Result<Folder, String> {
     validate(&read(dir)?, &mut Parsed::default())
 }
 
-/// Each file's raw model from its last parse, by path, with the text it came from: a reload
-/// parses only the files that changed (10,000 routes take ~50 ms to parse, a copy of the
-/// parsed model about a third of that). Validation still covers the whole folder.
+/// Each file's last parse (its raw model, or why it does not parse), by path, with the text
+/// it came from: a reload parses only the files that changed (10,000 routes take ~50 ms to
+/// parse, a copy of the parsed model about a third of that). Validation still covers the
+/// whole folder.
 #[derive(Default)]
 pub struct Parsed {
-    files: HashMap<String, (String, Config)>,
+    files: HashMap<String, (String, Result<Config, ConfigErrors>)>,
     /// Files actually parsed (not found unchanged), since creation.
     parses: usize,
 }
 
 impl Parsed {
     fn parse(&mut self, file: &str, text: &str) -> Result<Config, ConfigErrors> {
-        if let Some((was, config)) = self.files.get(file) {
+        if let Some((was, parsed)) = self.files.get(file) {
             if was == text {
-                return Ok(config.clone());
+                return parsed.clone();
             }
         }
         self.parses += 1;
-        let config = weir_policies::parse(file, text)?;
+        let parsed = weir_policies::parse(file, text);
         self.files
-            .insert(file.to_string(), (text.to_string(), config.clone()));
-        Ok(config)
+            .insert(file.to_string(), (text.to_string(), parsed.clone()));
+        parsed
+    }
+
+    /// Whether `files` are, byte for byte, the files of the last validation.
+    fn unchanged(&self, files: &[(String, String)]) -> bool {
+        files.len() == self.files.len()
+            && files
+                .iter()
+                .all(|(path, text)| self.files.get(path).is_some_and(|(was, _)| was == text))
     }
 
     /// Forgets files no longer in the folder.
@@ -109,8 +118,8 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
     })
     .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
     // The first load only once the watch is in place, so no change slips in between.
-    let (mut last, mut parsed) = (None, Parsed::default());
-    reload(&dir, &cp, &mut last, &mut parsed);
+    let mut parsed = Parsed::default();
+    reload(&dir, &cp, &mut parsed);
     let _watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
@@ -125,20 +134,15 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
         // React at once (an endpoint change should reach proxies in milliseconds), then fold
         // the rest of a burst of events (an editor, a `cp -r`) into one more reload.
         while rx.try_recv().is_ok() {}
-        reload(&dir, &cp, &mut last, &mut parsed);
+        reload(&dir, &cp, &mut parsed);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-/// Loads the folder into `cp` unless its files are byte for byte the ones loaded `last`: most
-/// events (a temporary file written next to a policy before its rename, an editor's swap
-/// file, a touch) change no policy, and parsing 10,000 routes again costs hundreds of ms.
-fn reload(
-    dir: &Path,
-    cp: &ControlPlane,
-    last: &mut Option<Vec<(String, String)>>,
-    parsed: &mut Parsed,
-) {
+/// Loads the folder into `cp` unless its files are byte for byte the ones validated last:
+/// most events (a temporary file written next to a policy before its rename, an editor's
+/// swap file, a touch) change no policy, and validating 10,000 routes again costs tens of ms.
+fn reload(dir: &Path, cp: &ControlPlane, parsed: &mut Parsed) {
     let files = match read(dir) {
         Ok(files) => files,
         Err(e) => {
@@ -147,16 +151,15 @@ fn reload(
                 cp.version()
             );
             cp.set_config_error(Some(e));
-            *last = None;
+            // The next readable folder is validated again, even if unchanged, to clear this.
+            *parsed = Parsed::default();
             return;
         }
     };
-    if last.as_ref() == Some(&files) {
+    if parsed.unchanged(&files) {
         return;
     }
-    let result = validate(&files, parsed);
-    *last = Some(files);
-    match result {
+    match validate(&files, parsed) {
         Ok(folder) => {
             cp.set_config_error(None);
             cp.publish_folder(folder);
