@@ -291,10 +291,7 @@ async fn publish_and_wait_for_nack(
 /// The control plane samples of the proxy's `/stats/prometheus`, as `name{labels} value`
 /// lines read by a real Prometheus parser.
 fn control_metrics(admin: SocketAddr) -> Vec<String> {
-    let (_, text) =
-        weir_integration::weir_process::admin_get(admin, "/stats/prometheus").expect("metrics");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .expect("valid exposition");
+    let (scrape, _) = scrape(admin);
     let mut lines: Vec<String> = scrape
         .samples
         .iter()

@@ -139,19 +139,24 @@ pub fn clusters_json(weir: &Weir) -> serde_json::Value {
     serde_json::from_str(&body).expect("json")
 }
 
-/// Counter or gauge `metric` with (at least) these labels on the `/stats/prometheus` of the
-/// weir whose admin endpoint is `admin`, read by a real Prometheus parser; `None` when absent.
-/// The exposition comes along for failure messages.
-pub fn metric_value(
-    admin: SocketAddr,
-    metric: &str,
-    labels: &[(&str, &str)],
-) -> (Option<f64>, String) {
-    let (_, text) =
+/// The `/stats/prometheus` of the weir whose admin endpoint is `admin`, read by a real
+/// Prometheus parser, and its text (for failure messages).
+pub fn scrape(admin: SocketAddr) -> (prometheus_parse::Scrape, String) {
+    let (status, text) =
         weir_integration::weir_process::admin_get(admin, "/stats/prometheus").expect("metrics");
+    assert_eq!(status, 200, "{text}");
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("valid exposition");
-    let value = scrape
+    (scrape, text)
+}
+
+/// The sample of `metric` with (at least) these labels.
+pub fn sample<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> Option<&'a prometheus_parse::Value> {
+    scrape
         .samples
         .iter()
         .find(|s| {
@@ -160,9 +165,21 @@ pub fn metric_value(
                     .iter()
                     .all(|(k, v)| s.labels.get(k).is_some_and(|x| x == *v))
         })
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
-            ref other => panic!("{metric}: {other:?}"),
-        });
+        .map(|s| &s.value)
+}
+
+/// Counter or gauge `metric` with (at least) these labels on the `/stats/prometheus` of the
+/// weir whose admin endpoint is `admin`; `None` when absent. The exposition comes along for
+/// failure messages.
+pub fn metric_value(
+    admin: SocketAddr,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> (Option<f64>, String) {
+    let (scrape, text) = scrape(admin);
+    let value = sample(&scrape, metric, labels).map(|v| match v {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => *v,
+        other => panic!("{metric}: {other:?}"),
+    });
     (value, text)
 }

@@ -4,7 +4,6 @@
 use prometheus_parse::{Scrape, Value};
 use weir_integration::http_backend::HttpBackend;
 use weir_integration::otlp_receiver::OtlpReceiver;
-use weir_integration::weir_process::admin_get;
 
 use crate::*;
 
@@ -30,19 +29,6 @@ fn observations(scrape: &Scrape, text: &str, metric: &str, labels: &[(&str, &str
     }
 }
 
-fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<&'a Value> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| {
-            s.metric == metric
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(k).is_some_and(|x| x == *v))
-        })
-        .map(|s| &s.value)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_prometheus_text_parses_and_counts_match_the_requests() {
     let backend = HttpBackend::start("b").await;
@@ -64,10 +50,7 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
     // once the last one is in.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let (text, scrape) = loop {
-        let (status, text) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
-        assert_eq!(status, 200);
-        let scrape =
-            Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+        let (scrape, text) = scrape(s.weir.admin);
         let logged = sample(&scrape, "weir_access_log_lines_total", &[]);
         if matches!(logged, Some(Value::Counter(n)) if *n >= 10.0)
             || std::time::Instant::now() > deadline
