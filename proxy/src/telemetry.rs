@@ -203,7 +203,7 @@ impl Tracer {
             a.span,
             t.context.span_id(),
             false,
-            SpanKind::Client,
+            span::SpanKind::Client,
             "upstream".into(),
             a.start,
             attributes,
@@ -247,7 +247,7 @@ impl Tracer {
             t.context.span_id(),
             t.parent.unwrap_or(SpanId::INVALID),
             t.parent.is_some(),
-            SpanKind::Server,
+            span::SpanKind::Server,
             name,
             t.start,
             attributes,
@@ -298,7 +298,7 @@ fn span_message(
     id: SpanId,
     parent: SpanId,
     parent_remote: bool,
-    kind: SpanKind,
+    kind: span::SpanKind,
     name: String,
     start: SystemTime,
     attributes: Vec<KeyValue>,
@@ -321,13 +321,7 @@ fn span_message(
         },
         flags,
         name,
-        kind: match kind {
-            SpanKind::Server => span::SpanKind::Server,
-            SpanKind::Client => span::SpanKind::Client,
-            SpanKind::Producer => span::SpanKind::Producer,
-            SpanKind::Consumer => span::SpanKind::Consumer,
-            SpanKind::Internal => span::SpanKind::Internal,
-        } as i32,
+        kind: kind as i32,
         start_time_unix_nano: unix_nanos(start),
         end_time_unix_nano: unix_nanos(SystemTime::now()),
         attributes: Attributes::from(attributes).0,
@@ -350,7 +344,7 @@ impl BackgroundService for Exporter {
         };
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope};
+        use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
         use opentelemetry_proto::tonic::resource::v1::Resource;
         use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
         let channel =
@@ -362,13 +356,7 @@ impl BackgroundService for Exporter {
                 }
             };
         let mut client = TraceServiceClient::new(channel);
-        let string = |key: &str, v: &str| opentelemetry_proto::tonic::common::v1::KeyValue {
-            key: key.to_string(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(v.to_string())),
-            }),
-            ..Default::default()
-        };
+        use otlp_metrics::string;
         let resource = Resource {
             attributes: vec![
                 string("service.name", &self.config.service_name),
@@ -496,7 +484,8 @@ pub mod otlp_metrics {
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use prometheus_parse::{Scrape, Value};
 
-    fn string(key: &str, v: &str) -> KeyValue {
+    /// A string attribute.
+    pub(super) fn string(key: &str, v: &str) -> KeyValue {
         KeyValue {
             key: key.to_string(),
             value: Some(AnyValue {
