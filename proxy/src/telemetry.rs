@@ -5,10 +5,15 @@
 //! spans and counts them, and the request path never waits for export.
 //!
 //! The API's sampler, id generator and propagator decide and carry the context; a finished
-//! span is built straight as its OTLP message, and the exporter sends batches of them with the
-//! generated OTLP client. Going through the SDK's `SpanData` and span exporter instead cost a
-//! conversion per span and a regrouping by resource and scope per batch.
+//! span is built straight as its OTLP message and encoded on the worker thread that finished
+//! it, into batches of protobuf bytes that the exporter frames as an OTLP export request.
+//! Only those batches cross threads: handing the exporter the span messages themselves (a
+//! few dozen small allocations each) made every worker free memory on another thread, and
+//! the allocator then fed the workers fresh pages (a page fault every few requests), which
+//! cost more CPU than the spans.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -28,7 +33,8 @@ use opentelemetry_sdk::trace::{
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use tokio::sync::mpsc;
+use prost::bytes::{BufMut, Bytes};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use weir_policies::model::Tracing as Config;
 
 /// Spans exported in one OTLP request at most.
@@ -38,9 +44,35 @@ const BATCH: usize = 512;
 /// early only when the queue is half full.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
+/// Encoded spans waiting for export: each batch is at most [`BATCH`] spans, each span one
+/// `ScopeSpans.spans` field (number 2) as protobuf bytes.
+#[derive(Default)]
+struct Queue {
+    batches: VecDeque<Batch>,
+    /// Spans in all batches.
+    spans: usize,
+    /// Buffers of exported batches, for the next ones: a batch that started empty would
+    /// grow into fresh memory (page faults) every time.
+    free: Vec<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    spans: usize,
+}
+
+/// `ScopeSpans.spans`.
+const SPANS_FIELD: u32 = 2;
+
+thread_local! {
+    /// Where a worker encodes a request's spans before it takes the queue's lock.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The tracer shared by every listener.
 pub struct Tracer {
-    tx: mpsc::Sender<Span>,
+    queue: Mutex<Queue>,
     /// Wakes the exporter before its time when the queue is half full.
     half_full: tokio::sync::Notify,
     capacity: usize,
@@ -56,7 +88,6 @@ pub struct Tracer {
 /// The background service that exports what the tracer queues.
 pub struct Exporter {
     config: Config,
-    rx: Mutex<Option<mpsc::Receiver<Span>>>,
     tracer: Arc<Tracer>,
 }
 
@@ -107,9 +138,8 @@ impl RequestTrace {
 impl Tracer {
     /// The tracer and the exporter service it feeds.
     pub fn new(config: &Config) -> (Arc<Self>, Exporter) {
-        let (tx, rx) = mpsc::channel(config.queue.max(1) as usize);
         let tracer = Arc::new(Self {
-            tx,
+            queue: Mutex::default(),
             half_full: tokio::sync::Notify::new(),
             capacity: config.queue.max(1) as usize,
             sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -124,7 +154,6 @@ impl Tracer {
         });
         let exporter = Exporter {
             config: config.clone(),
-            rx: Mutex::new(Some(rx)),
             tracer: tracer.clone(),
         };
         (tracer, exporter)
@@ -253,14 +282,53 @@ impl Tracer {
             attributes,
             status,
         );
-        for span in t.spans.into_iter().chain([server]) {
-            match self.tx.try_send(span) {
-                Ok(()) => self.queued.fetch_add(1, Ordering::Relaxed),
-                Err(_) => self.dropped.fetch_add(1, Ordering::Relaxed),
-            };
+        let n = t.spans.len() + 1;
+        let queued = SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            for span in t.spans.iter().chain([&server]) {
+                prost::encoding::message::encode(SPANS_FIELD, span, scratch);
+            }
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.spans + n > self.capacity {
+                return None;
+            }
+            if q.batches.back().is_none_or(|b| b.spans + n > BATCH) {
+                let bytes = q.free.pop().unwrap_or_default();
+                q.batches.push_back(Batch { bytes, spans: 0 });
+            }
+            let batch = q.batches.back_mut().expect("pushed above");
+            batch.bytes.extend_from_slice(scratch);
+            batch.spans += n;
+            q.spans += n;
+            Some(q.spans)
+        });
+        match queued {
+            Some(total) => {
+                self.queued.fetch_add(n as u64, Ordering::Relaxed);
+                if total >= self.capacity / 2 {
+                    self.half_full.notify_one();
+                }
+            }
+            None => {
+                self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
-        if self.tx.capacity() < self.capacity / 2 {
-            self.half_full.notify_one();
+    }
+
+    /// The oldest batch of queued spans.
+    fn next_batch(&self) -> Option<Batch> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = q.batches.pop_front()?;
+        q.spans -= batch.spans;
+        Some(batch)
+    }
+
+    /// Takes back the buffer of a batch that was exported.
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.free.len() < self.capacity.div_ceil(BATCH) {
+            q.free.push(bytes);
         }
     }
 
@@ -336,30 +404,23 @@ fn span_message(
     }
 }
 
-#[async_trait]
-impl BackgroundService for Exporter {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(mut rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
-        };
-        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+/// The fields of an OTLP `ExportTraceServiceRequest` that come before its spans: one
+/// `ResourceSpans` (weir's resource) holding one `ScopeSpans` (weir's scope).
+struct RequestFraming {
+    /// `ResourceSpans.resource` (field 1), encoded.
+    resource: Vec<u8>,
+    /// `ScopeSpans.scope` (field 1), encoded.
+    scope: Vec<u8>,
+}
+
+impl RequestFraming {
+    fn new(service_name: &str) -> Self {
         use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
         use opentelemetry_proto::tonic::resource::v1::Resource;
-        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
-        let channel =
-            match tonic::transport::Endpoint::from_shared(self.config.otlp_endpoint.clone()) {
-                Ok(e) => e.timeout(Duration::from_secs(5)).connect_lazy(),
-                Err(e) => {
-                    tracing::error!("tracing.otlp_endpoint: {e}; spans will be dropped");
-                    return;
-                }
-            };
-        let mut client = TraceServiceClient::new(channel);
         use otlp_metrics::string;
         let resource = Resource {
             attributes: vec![
-                string("service.name", &self.config.service_name),
+                string("service.name", service_name),
                 string("telemetry.sdk.name", "weir"),
                 string("telemetry.sdk.language", "rust"),
                 string("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
@@ -371,37 +432,122 @@ impl BackgroundService for Exporter {
             version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         };
+        let (mut r, mut s) = (Vec::new(), Vec::new());
+        prost::encoding::message::encode(1, &resource, &mut r);
+        prost::encoding::message::encode(1, &scope, &mut s);
+        Self {
+            resource: r,
+            scope: s,
+        }
+    }
+
+    /// The export request carrying `spans` (encoded `ScopeSpans.spans` fields).
+    fn request(&self, spans: &[u8]) -> Bytes {
+        let scope_spans = self.scope.len() + spans.len();
+        let resource_spans =
+            self.resource.len() + key_len(2) + encoded_len_varint(scope_spans as u64) + scope_spans;
+        let mut out = Vec::with_capacity(
+            key_len(1) + encoded_len_varint(resource_spans as u64) + resource_spans,
+        );
+        // ExportTraceServiceRequest.resource_spans (1) { resource (1), scope_spans (2) {
+        // scope (1), spans (2)... } }
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        encode_varint(resource_spans as u64, &mut out);
+        out.put_slice(&self.resource);
+        encode_key(2, WireType::LengthDelimited, &mut out);
+        encode_varint(scope_spans as u64, &mut out);
+        out.put_slice(&self.scope);
+        out.put_slice(spans);
+        out.into()
+    }
+}
+
+/// gRPC codec of the OTLP export call for a request already encoded: [`RequestFraming`]
+/// writes it, the answer is decoded as usual.
+#[derive(Default)]
+struct EncodedExport;
+
+impl tonic::codec::Codec for EncodedExport {
+    type Encode = Bytes;
+    type Decode = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    type Encoder = EncodedExport;
+    type Decoder = EncodedExport;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedExport
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        EncodedExport
+    }
+}
+
+impl tonic::codec::Encoder for EncodedExport {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EncodedExport {
+    type Item = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("OTLP export answer: {e}")))
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Exporter {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+        let channel =
+            match tonic::transport::Endpoint::from_shared(self.config.otlp_endpoint.clone()) {
+                Ok(e) => e.timeout(Duration::from_secs(5)).connect_lazy(),
+                Err(e) => {
+                    tracing::error!("tracing.otlp_endpoint: {e}; spans will be dropped");
+                    return;
+                }
+            };
+        let mut client = tonic::client::Grpc::new(channel);
+        let framing = RequestFraming::new(&self.config.service_name);
         loop {
             let done = tokio::select! {
                 _ = shutdown.changed() => true,
                 _ = tokio::time::sleep(FLUSH_EVERY) => false,
                 _ = self.tracer.half_full.notified() => false,
             };
-            // Everything queued now, in batches.
-            loop {
-                let mut batch = Vec::with_capacity(BATCH);
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(span) => batch.push(span),
-                        Err(_) => break,
+            // Everything queued now, a batch per request.
+            while let Some(batch) = self.tracer.next_batch() {
+                let n = batch.spans as u64;
+                let request = framing.request(&batch.bytes);
+                self.tracer.recycle(batch.bytes);
+                let answer = match client.ready().await {
+                    Ok(()) => {
+                        client
+                            .unary(
+                                tonic::Request::new(request),
+                                http::uri::PathAndQuery::from_static(EXPORT),
+                                EncodedExport,
+                            )
+                            .await
                     }
-                }
-                if batch.is_empty() {
-                    break;
-                }
-                let n = batch.len() as u64;
-                let request = ExportTraceServiceRequest {
-                    resource_spans: vec![ResourceSpans {
-                        resource: Some(resource.clone()),
-                        scope_spans: vec![ScopeSpans {
-                            scope: Some(scope.clone()),
-                            spans: batch,
-                            schema_url: String::new(),
-                        }],
-                        schema_url: String::new(),
-                    }],
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
                 };
-                match client.export(request).await {
+                match answer {
                     Ok(answer) => {
                         // A collector may take part of a batch (OTLP partial success).
                         let rejected = answer
@@ -640,6 +786,80 @@ pub mod otlp_metrics {
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+    /// What the worker threads queue and the exporter frames is an OTLP export request: a
+    /// collector decodes every span, in order, under weir's resource and scope; batches hold
+    /// at most `BATCH` spans, and a full queue drops whole requests' spans and counts them.
+    #[test]
+    fn queued_spans_frame_as_an_otlp_export_request() {
+        use opentelemetry::KeyValue;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use pingora::http::RequestHeader;
+        use prost::Message;
+
+        let config = weir_policies::model::Tracing {
+            otlp_endpoint: "http://127.0.0.1:1".into(),
+            sampling: 1.0,
+            service_name: "svc".into(),
+            queue: 2 * super::BATCH as u32 + 10,
+        };
+        let (tracer, _) = super::Tracer::new(&config);
+        let req = RequestHeader::build("GET", b"/x", None).unwrap();
+        // Requests of two spans each (one attempt), until the queue is full.
+        let requests = super::BATCH + 10;
+        for i in 0..requests {
+            let mut t = tracer.start(&req);
+            tracer.attempt(&mut t, vec![KeyValue::new("attempt", i as i64)]);
+            tracer.attempt_status(&mut t, 200);
+            tracer.finish(
+                t,
+                format!("GET r{i}"),
+                vec![KeyValue::new("i", i as i64)],
+                None,
+                false,
+            );
+        }
+        let queued = (2 * super::BATCH + 10) / 2 * 2;
+        assert_eq!(
+            tracer.queued.load(std::sync::atomic::Ordering::Relaxed),
+            queued as u64
+        );
+        assert_eq!(
+            tracer.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            (2 * requests - queued) as u64
+        );
+
+        let framing = super::RequestFraming::new("svc");
+        let mut names = Vec::new();
+        while let Some(batch) = tracer.next_batch() {
+            assert!(batch.spans <= super::BATCH);
+            let req = ExportTraceServiceRequest::decode(framing.request(&batch.bytes)).unwrap();
+            assert_eq!(req.resource_spans.len(), 1);
+            let rs = &req.resource_spans[0];
+            let service = &rs.resource.as_ref().unwrap().attributes[0];
+            assert_eq!(service.key, "service.name");
+            assert_eq!(rs.scope_spans[0].scope.as_ref().unwrap().name, "weir");
+            let spans = &rs.scope_spans[0].spans;
+            assert_eq!(spans.len(), batch.spans);
+            for pair in spans.chunks(2) {
+                // The attempt, then its request's server span, its parent.
+                assert_eq!(pair[0].name, "upstream");
+                assert_eq!(pair[0].parent_span_id, pair[1].span_id);
+                assert_eq!(pair[0].trace_id, pair[1].trace_id);
+                names.push(pair[1].name.clone());
+            }
+            tracer.recycle(batch.bytes);
+        }
+        let expected: Vec<String> = (0..queued / 2).map(|i| format!("GET r{i}")).collect();
+        assert_eq!(names, expected);
+
+        // The next batch reuses an exported batch's buffer.
+        let t = tracer.start(&req);
+        tracer.finish(t, "GET again".into(), Vec::new(), None, false);
+        let batch = tracer.next_batch().unwrap();
+        assert_eq!(batch.spans, 1);
+        assert!(batch.bytes.capacity() > 2 * batch.bytes.len());
+    }
 
     #[test]
     fn the_exposition_becomes_otlp_sums_gauges_and_histograms() {
