@@ -19,5 +19,20 @@ pub mod kserve {
     tonic::include_proto!("inference");
 }
 
+/// Turns off transparent huge pages for this process's memory. weir's processes allocate in
+/// bursts (a config of 10,000 routes is tens of MB parsed, validated and dropped), and the
+/// allocator hands freed memory back to the kernel: with huge pages, each fresh 2 MiB page is
+/// zeroed whole when first touched, and the kernel's page zeroing was a fifth of the CPU time
+/// of a config change. Measured with `weir-bench xds` (10,000 routes, 1 proxy, 5 interleaved
+/// runs each): all routes changed 207-395 ms with, 236-303 ms without. Best effort: a kernel
+/// without the setting keeps its default.
+pub fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::debug!("PR_SET_THP_DISABLE: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// The default control plane address (Istio's convention).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15010";

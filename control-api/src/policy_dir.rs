@@ -88,16 +88,19 @@ fn read(dir: &Path) -> Result<Vec<(String, String)>, String> {
 
 fn validate(files: &[(String, String)], parsed: &mut Parsed) -> Result<Folder, String> {
     parsed.keep_only(files);
-    let (snapshot, spans) =
-        load_many_with(files, |file, text| parsed.parse(file, text)).map_err(|e| e.to_string())?;
-    let config = &snapshot.source;
-    let files: Vec<(Option<Scope>, ResourceSet)> = spans
-        .into_iter()
-        .map(|s| {
-            let set = ResourceSet::from_span(config, &s);
-            (s.scope, set)
-        })
-        .collect();
+    // Each file's resources are built while the folder is validated (both take tens of ms at
+    // 10,000 routes), and used only if it is valid.
+    let (_, _, files) = load_many_with(
+        files,
+        |file, text| parsed.parse(file, text),
+        |config, spans| {
+            spans
+                .iter()
+                .map(|s| (s.scope.clone(), ResourceSet::from_span(config, s)))
+                .collect::<Vec<(Option<Scope>, ResourceSet)>>()
+        },
+    )
+    .map_err(|e| e.to_string())?;
     // The files' spans cover the whole config: the union of their sets is the whole set,
     // without serializing every resource a second time.
     let mut all = ResourceSet::default();

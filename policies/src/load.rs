@@ -48,16 +48,19 @@ pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
 /// concatenated in the order given, then validated together, so a route in one file may use a
 /// cluster from another. Errors still name the file, line and field where the problem is.
 pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>), ConfigErrors> {
-    load_many_with(files, parse)
+    load_many_with(files, parse, |_, _| ()).map(|(snapshot, spans, ())| (snapshot, spans))
 }
 
 /// [`load_many`] with each file's text turned into its raw model by `parse` (given the file's
 /// name and text): a caller that watches a folder can hand back what it parsed before for a
-/// file that did not change.
-pub fn load_many_with(
+/// file that did not change. `alongside` gets the merged config and the files' spans on a
+/// thread of its own while validation runs (the control plane splits the config into
+/// resources meanwhile); its result is returned with the snapshot.
+pub fn load_many_with<T: Send>(
     files: &[(String, String)],
     mut parse: impl FnMut(&str, &str) -> Result<Config, ConfigErrors>,
-) -> Result<(Snapshot, Vec<FileSpan>), ConfigErrors> {
+    alongside: impl FnOnce(&Config, &[FileSpan]) -> T + Send,
+) -> Result<(Snapshot, Vec<FileSpan>, T), ConfigErrors> {
     let mut merged = Config::default();
     let mut spans = Vec::new();
     let mut errors = Vec::new();
@@ -112,7 +115,15 @@ pub fn load_many_with(
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    let mut snapshot = validate::compile(merged).map_err(|problems| {
+    let merged = std::sync::Arc::new(merged);
+    let (compiled, extra) = std::thread::scope(|s| {
+        let extra = s.spawn(|| alongside(&merged, &spans));
+        let compiled = validate::compile_shared(merged.clone());
+        (compiled, extra.join())
+    });
+    // A panic in `alongside` is its caller's: pass it on.
+    let extra = extra.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let mut snapshot = compiled.map_err(|problems| {
         let indexes: Vec<PositionIndex> =
             files.iter().map(|(_, t)| PositionIndex::new(t)).collect();
         ConfigErrors(
@@ -138,7 +149,7 @@ pub fn load_many_with(
         all.push_str(text);
     }
     snapshot.version = validate::content_version(&all);
-    Ok((snapshot, spans))
+    Ok((snapshot, spans, extra))
 }
 
 /// Where one file's items sit in the merged config of [`load_many`], and its scope.

@@ -21,6 +21,12 @@ pub struct Problem {
 /// Validates and compiles `config`. On failure returns every problem found, not just the first.
 /// The snapshot's `version` is left empty for the caller to set.
 pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
+    compile_shared(Arc::new(config))
+}
+
+/// [`compile`] of a config that others read at the same time (it becomes the snapshot's
+/// `source`).
+pub fn compile_shared(config: Arc<Config>) -> Result<Snapshot, Vec<Problem>> {
     let mut v = Validator::default();
     let admin = config
         .admin
@@ -104,7 +110,7 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
     *lock_cache() = std::mem::take(&mut v.regexes);
     Ok(Snapshot {
         version: String::new(),
-        source: Arc::new(config),
+        source: config,
         admin,
         listeners,
         routes: Arc::new(routes),

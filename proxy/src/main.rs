@@ -162,6 +162,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    weir_control::no_transparent_huge_pages();
     match Cli::parse().command {
         Command::Ebpf {
             command: EbpfCommand::Status { admin },

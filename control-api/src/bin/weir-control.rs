@@ -104,6 +104,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    weir_control::no_transparent_huge_pages();
     let result = match Cli::parse().command {
         Command::Serve {
             policies,

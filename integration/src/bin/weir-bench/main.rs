@@ -526,6 +526,8 @@ mod xds {
 }
 
 fn main() {
+    // As weir and weir-control do: the xds bench runs both in this process.
+    weir_control::no_transparent_huge_pages();
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Http {
