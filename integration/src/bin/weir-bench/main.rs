@@ -643,11 +643,17 @@ fn install() -> Res<PathBuf> {
     weir_integration::envoy::binary()
 }
 
-/// A server process killed on drop.
+/// A server process, in a process group of its own, killed with its whole group on drop: an
+/// nginx master killed alone leaves its worker running (every `weir-bench http` run used to
+/// leave one behind).
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill takes a process group id and a signal number, no pointers.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -656,7 +662,7 @@ impl Drop for Proc {
 impl Proc {
     fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Res<Self> {
         let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
-        let child = cmd
+        let child = std::os::unix::process::CommandExt::process_group(cmd, 0)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
