@@ -67,10 +67,8 @@ impl Received {
 #[derive(Clone, Default)]
 pub struct OtlpReceiver {
     pub spans: Arc<Mutex<Vec<Received>>>,
-    /// Spans received, kept or not.
+    /// Spans received.
     pub count: Arc<std::sync::atomic::AtomicU64>,
-    /// Count only (a benchmark's millions of spans are not kept).
-    count_only: bool,
     /// Every metrics export received, in order.
     pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
 }
@@ -95,19 +93,6 @@ impl TraceService for OtlpReceiver {
         req: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let req = req.into_inner();
-        if self.count_only {
-            let n: usize = req
-                .resource_spans
-                .iter()
-                .flat_map(|rs| &rs.scope_spans)
-                .map(|ss| ss.spans.len())
-                .sum();
-            self.count
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Response::new(ExportTraceServiceResponse {
-                partial_success: None,
-            }));
-        }
         let mut spans = self.spans.lock().unwrap();
         for rs in req.resource_spans {
             let service = rs
@@ -143,13 +128,20 @@ impl OtlpReceiver {
         Self::serve(Self::default()).await
     }
 
-    /// [`OtlpReceiver::start`] that only counts spans.
+    /// A trace collector for benchmarks, which run it on the machine they measure: it counts
+    /// the spans of each export request without decoding them (a span stays a slice of the
+    /// request), so the proxy being measured does not share its CPUs with a collector's work
+    /// that a real deployment does elsewhere. Serves the trace service only.
     pub async fn start_counting() -> (Self, SocketAddr) {
-        Self::serve(Self {
-            count_only: true,
-            ..Self::default()
-        })
-        .await
+        let receiver = Self::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(SpanCounter(receiver.count.clone()))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        (receiver, addr)
     }
 
     async fn serve(receiver: Self) -> (Self, SocketAddr) {
@@ -167,5 +159,123 @@ impl OtlpReceiver {
 
     pub fn spans(&self) -> Vec<Received> {
         self.spans.lock().unwrap().clone()
+    }
+}
+
+/// An OTLP trace export request as [`SpanCounter`] reads it: only the nesting down to the
+/// spans, each left as its encoded bytes (prost skips the other fields).
+#[derive(Clone, PartialEq, prost::Message)]
+struct UndecodedExport {
+    #[prost(message, repeated, tag = "1")]
+    resource_spans: Vec<UndecodedResourceSpans>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UndecodedResourceSpans {
+    #[prost(message, repeated, tag = "2")]
+    scope_spans: Vec<UndecodedScopeSpans>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UndecodedScopeSpans {
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    spans: Vec<bytes::Bytes>,
+}
+
+/// The `TraceService/Export` method over [`UndecodedExport`]: counts spans, answers success.
+#[derive(Clone)]
+struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl tonic::server::NamedService for SpanCounter {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl tonic::server::UnaryService<UndecodedExport> for SpanCounter {
+    type Response = ExportTraceServiceResponse;
+    type Future = std::future::Ready<Result<Response<Self::Response>, Status>>;
+
+    fn call(&mut self, req: Request<UndecodedExport>) -> Self::Future {
+        let n: usize = req
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        self.0
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        std::future::ready(Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        })))
+    }
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for SpanCounter
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move {
+            if req.uri().path() != "/opentelemetry.proto.collector.trace.v1.TraceService/Export" {
+                return Ok(Status::unimplemented(req.uri().path().to_string()).into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+            Ok(grpc.unary(svc, req).await)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+    /// The undecoded counter counts what a real OTLP client sends, across resources and scopes.
+    #[tokio::test]
+    async fn the_undecoded_counter_counts_every_span() {
+        let (receiver, addr) = OtlpReceiver::start_counting().await;
+        let mut client = TraceServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let scope = |n: usize| ScopeSpans {
+            spans: (0..n)
+                .map(|i| Span {
+                    name: format!("s{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans {
+                    scope_spans: vec![scope(3), scope(4)],
+                    ..Default::default()
+                },
+                ResourceSpans {
+                    scope_spans: vec![scope(5)],
+                    ..Default::default()
+                },
+            ],
+        };
+        client.export(req).await.unwrap();
+        assert_eq!(
+            receiver.count.load(std::sync::atomic::Ordering::Relaxed),
+            12
+        );
     }
 }
