@@ -125,7 +125,14 @@ impl TraceService for OtlpReceiver {
 impl OtlpReceiver {
     /// Serves on a free port until the process ends; returns the receiver and its address.
     pub async fn start() -> (Self, SocketAddr) {
-        Self::serve(Self::default()).await
+        let receiver = Self::default();
+        let addr = serve(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(receiver.clone()))
+                .add_service(MetricsServiceServer::new(receiver.clone())),
+        )
+        .await;
+        (receiver, addr)
     }
 
     /// A trace collector for benchmarks, which run it on the machine they measure: it counts
@@ -134,32 +141,24 @@ impl OtlpReceiver {
     /// that a real deployment does elsewhere. Serves the trace service only.
     pub async fn start_counting() -> (Self, SocketAddr) {
         let receiver = Self::default();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(SpanCounter(receiver.count.clone()))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        (receiver, addr)
-    }
-
-    async fn serve(receiver: Self) -> (Self, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let svc = TraceServiceServer::new(receiver.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .add_service(MetricsServiceServer::new(receiver.clone()))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
+        let addr = serve(
+            tonic::transport::Server::builder().add_service(SpanCounter(receiver.count.clone())),
+        )
+        .await;
         (receiver, addr)
     }
 
     pub fn spans(&self) -> Vec<Received> {
         self.spans.lock().unwrap().clone()
     }
+}
+
+/// Serves `router` on a free port of 127.0.0.1 until the process ends.
+async fn serve(router: tonic::transport::server::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    addr
 }
 
 /// An OTLP trace export request as [`SpanCounter`] reads it: only the nesting down to the

@@ -467,7 +467,6 @@ impl RequestFraming {
 
 /// gRPC codec of the OTLP export call for a request already encoded: [`RequestFraming`]
 /// writes it, the answer is decoded as usual.
-#[derive(Default)]
 struct EncodedExport;
 
 impl tonic::codec::Codec for EncodedExport {

@@ -650,11 +650,15 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Ok(pgid) = i32::try_from(self.0.id()) {
+        match i32::try_from(self.0.id()) {
             // SAFETY: kill takes a process group id and a signal number, no pointers.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            Ok(pgid) => unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            },
+            Err(_) => {
+                let _ = self.0.kill();
+            }
         }
-        let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
