@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
@@ -67,7 +67,7 @@ impl GrpcBackend {
             let _ = tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(echo)
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(crate::grpc_incoming(listener))
                 .await;
         });
         Self {

@@ -15,6 +15,14 @@ pub mod pb {
     tonic::include_proto!("weir.test");
 }
 
+/// Connections accepted from `listener`, for a tonic server, with Nagle's algorithm off as
+/// tonic's own `serve` sets it. `serve_with_incoming` over a bare listener leaves it on, and a
+/// large message's last segment then waits for the peer's delayed ACK: a 2 MB xDS push took
+/// 40-46 ms instead of 3 ms to arrive in `weir-bench xds`.
+pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// KServe v2 / Triton (generated in `weir-control`).
 pub use weir_control::kserve;
 pub mod wasm_filters;

@@ -20,7 +20,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 /// A received span and the service that sent it.
@@ -157,7 +156,7 @@ impl OtlpReceiver {
 async fn serve(router: tonic::transport::server::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    tokio::spawn(router.serve_with_incoming(crate::grpc_incoming(listener)));
     addr
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use weir_control::client::{self, ClientOptions};
 use weir_control::pb::discovery_server::DiscoveryServer;
 use weir_control::pb::status_client::StatusClient;
@@ -266,7 +265,7 @@ async fn serve_in_process(cp: ControlPlane) -> SocketAddr {
         tonic::transport::Server::builder()
             .add_service(DiscoveryServer::new(cp.clone()))
             .add_service(weir_control::pb::status_server::StatusServer::new(cp))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(weir_integration::grpc_incoming(listener)),
     );
     addr
 }

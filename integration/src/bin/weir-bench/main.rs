@@ -315,7 +315,6 @@ mod xds {
     use std::time::{Duration, Instant};
 
     use tokio::net::TcpListener;
-    use tokio_stream::wrappers::TcpListenerStream;
     use weir_control::client::{self, Applied, ClientOptions, Update};
     use weir_control::pb::discovery_server::DiscoveryServer;
     use weir_control::pb::Node;
@@ -389,7 +388,7 @@ mod xds {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(DiscoveryServer::new(cp.clone()).max_decoding_message_size(64 << 10))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                .serve_with_incoming(weir_integration::grpc_incoming(listener)),
         );
         for i in 0..proxies {
             let opts = ClientOptions {
