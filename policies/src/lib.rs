@@ -11,6 +11,7 @@ pub mod model;
 mod position;
 pub mod routing;
 pub mod snapshot;
+mod split;
 pub mod validate;
 
 pub use error::{ConfigError, ConfigErrors};

@@ -4,6 +4,7 @@ use crate::error::{ConfigError, ConfigErrors};
 use crate::model::Config;
 use crate::position::PositionIndex;
 use crate::snapshot::Snapshot;
+use crate::split;
 use crate::validate;
 
 /// The config weir runs when started without one: the admin endpoint and a demo route.
@@ -219,7 +220,13 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     // The plain deserializer first: tracking the path of every field made the parse of
     // 10,000 routes 67-94 ms instead of 51-56, and only an error needs it. A file that fails
     // is parsed again to say where.
-    let mut config = match serde_norway::from_str::<Config>(text) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let split = if text.len() > split::PARALLEL_ABOVE && threads > 1 {
+        split::parse_in_parts(text, threads)
+    } else {
+        None
+    };
+    let mut config = match split.map_or_else(|| serde_norway::from_str::<Config>(text), Ok) {
         Ok(config) => config,
         Err(plain) => return Err(parse_error(file, text, plain)),
     };

@@ -1,0 +1,332 @@
+//! A large policy file parsed on several threads: its top-level lists (`routes:`, `clusters:`,
+//! ...) are cut between items into parts, each part parsed as a file of its own, and the lists
+//! put back together in order.
+//!
+//! YAML cannot be split correctly without parsing it, so the cut is a guess that is checked:
+//! a cut is only made before a line that starts an item of a top-level block list (the
+//! list's indent, then `- `). Such a line can only be somewhere else in a well-formed file if
+//! it lies inside a quoted scalar or a flow collection (a block scalar or a plain one would
+//! end there), and then the part before it ends inside that scalar or collection, which is a
+//! parse error. An alias to an anchor in another part is also an error there. Any error, or
+//! anything the guess does not cover (directives, several documents, a list key twice), and
+//! the caller parses the whole file the usual way: the result is always the one a whole parse
+//! gives, only sooner.
+
+use crate::model::Config;
+
+/// Below this, one thread parses the file (~4 ms of YAML here).
+pub(crate) const PARALLEL_ABOVE: usize = 128 << 10;
+
+/// The top-level keys whose block lists are cut.
+const LISTS: [&str; 5] = [
+    "listeners",
+    "routes",
+    "clusters",
+    "filter_chains",
+    "inference_pools",
+];
+
+/// `text` parsed in `parts` parts on as many threads, or `None` when it cannot be split or a
+/// part does not parse (the caller then parses it whole, which also finds the error).
+pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
+    let (head, sections) = sections(text)?;
+    let groups = group(&sections, parts);
+    if groups.len() < 2 {
+        return None;
+    }
+    let parse = |t: &str| serde_norway::from_str::<Config>(t).ok();
+    let (head, groups) = std::thread::scope(|s| {
+        let spawned: Vec<_> = groups[1..]
+            .iter()
+            .map(|g| s.spawn(move || parse(g)))
+            .collect();
+        let head = if has_content(&head) {
+            parse(&head)
+        } else {
+            Some(Config::default())
+        };
+        let mut parsed = vec![parse(&groups[0])];
+        parsed.extend(spawned.into_iter().map(|h| h.join().ok().flatten()));
+        (head, parsed)
+    });
+    let mut config = head?;
+    for part in groups {
+        let part = part?;
+        // A part holds only list items: anything else means the cut was not what it seemed.
+        if part.admin.is_some()
+            || part.scope.is_some()
+            || part.fast_path.is_some()
+            || part.access_log.is_some()
+            || part.tracing.is_some()
+            || part.otlp_metrics.is_some()
+        {
+            return None;
+        }
+        config.listeners.extend(part.listeners);
+        config.routes.extend(part.routes);
+        config.clusters.extend(part.clusters);
+        config.filter_chains.extend(part.filter_chains);
+        config.inference_pools.extend(part.inference_pools);
+    }
+    Some(config)
+}
+
+/// One top-level block list: its key and its items' text, each with its line ending.
+struct Section<'a> {
+    key: &'a str,
+    items: Vec<&'a str>,
+}
+
+/// The text with the cut lists taken out, and the lists; `None` when the file is not one this
+/// module cuts.
+fn sections(text: &str) -> Option<(String, Vec<Section<'_>>)> {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut head = String::new();
+    let mut sections: Vec<Section> = Vec::new();
+    let mut seen_content = false;
+    let mut keys_seen: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        // Directives and document markers change how the whole file reads (a leading `---`
+        // is harmless and stays in the head).
+        if line.starts_with('%') || line.starts_with("...") {
+            return None;
+        }
+        if line.starts_with("---") {
+            if seen_content {
+                return None;
+            }
+            head.push_str(line);
+            i += 1;
+            continue;
+        }
+        if !is_blank_or_comment(line) {
+            seen_content = true;
+        }
+        // A list key written twice (in any form): the whole parse says it is a duplicate.
+        if let Some(k) = LISTS.into_iter().find(|k| {
+            line.strip_prefix(k)
+                .is_some_and(|r| r.trim_start_matches([' ', '\t']).starts_with(':'))
+        }) {
+            if keys_seen.contains(&k) {
+                return None;
+            }
+            keys_seen.push(k);
+        }
+        let Some(key) = list_key(line) else {
+            head.push_str(line);
+            i += 1;
+            continue;
+        };
+        // The list's indent is that of its first item.
+        let mut j = i + 1;
+        while j < lines.len() && is_blank_or_comment(lines[j]) {
+            j += 1;
+        }
+        let indent = match lines.get(j).and_then(|l| item_indent(l)) {
+            Some(n) => n,
+            None => {
+                // Not a block list (empty, or written some other way): left whole.
+                head.push_str(line);
+                i += 1;
+                continue;
+            }
+        };
+        // The list runs to the next line at column 0 that is not a comment (or, for a list
+        // at column 0, not one of its items).
+        let mut end = j;
+        while end < lines.len() {
+            let l = lines[end];
+            let at_column_0 = !l.starts_with(' ') && !is_blank_or_comment(l);
+            if at_column_0 && !(indent == 0 && item_indent(l) == Some(0)) {
+                break;
+            }
+            end += 1;
+        }
+        // Comments between the key and the first item belong to no item.
+        let mut items: Vec<&str> = Vec::new();
+        let mut start = j;
+        for k in j + 1..=end {
+            if k == end || item_indent(lines[k]) == Some(indent) {
+                let first = lines[start].as_ptr() as usize - text.as_ptr() as usize;
+                let last =
+                    lines[k - 1].as_ptr() as usize - text.as_ptr() as usize + lines[k - 1].len();
+                items.push(&text[first..last]);
+                start = k;
+            }
+        }
+        sections.push(Section { key, items });
+        i = end;
+    }
+    Some((head, sections))
+}
+
+/// The items cut into at most `parts` texts of about the same size, in order, each a file
+/// with the keys of the lists its items come from.
+fn group(sections: &[Section], parts: usize) -> Vec<String> {
+    let total: usize = sections
+        .iter()
+        .flat_map(|s| &s.items)
+        .map(|i| i.len())
+        .sum();
+    let per_part = total.div_ceil(parts.max(1)).max(1);
+    let mut groups: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut current_key = "";
+    for s in sections {
+        for item in &s.items {
+            if current.len() >= per_part {
+                groups.push(std::mem::take(&mut current));
+                current_key = "";
+            }
+            if current_key != s.key {
+                current.push_str(s.key);
+                current.push_str(":\n");
+                current_key = s.key;
+            }
+            current.push_str(item);
+            if !item.ends_with('\n') {
+                current.push('\n');
+            }
+        }
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+/// `key` when `line` is `key:` for one of [`LISTS`], alone on its line (a comment may follow).
+fn list_key(line: &str) -> Option<&'static str> {
+    LISTS.into_iter().find(|k| {
+        line.strip_prefix(k)
+            .and_then(|r| r.strip_prefix(':'))
+            .is_some_and(|r| {
+                let r = r.trim_start_matches([' ', '\t']);
+                r.trim_end().is_empty() || r.starts_with('#')
+            })
+    })
+}
+
+/// The indent of `line` when it starts a block list item (`- ...` or a lone `-`).
+fn item_indent(line: &str) -> Option<usize> {
+    let rest = line.trim_start_matches(' ');
+    let after = rest.strip_prefix('-')?;
+    (after.is_empty() || after.starts_with([' ', '\n', '\r'])).then(|| line.len() - rest.len())
+}
+
+fn is_blank_or_comment(line: &str) -> bool {
+    let t = line.trim_start();
+    t.is_empty() || t.starts_with('#')
+}
+
+fn has_content(text: &str) -> bool {
+    text.split_inclusive('\n')
+        .any(|l| !is_blank_or_comment(l) && !l.starts_with("---"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel parse gives what the whole parse gives, or declines.
+    fn same_or_declined(text: &str, parts: usize) -> bool {
+        let whole = serde_norway::from_str::<Config>(text).ok();
+        match parse_in_parts(text, parts) {
+            Some(split) => {
+                assert_eq!(Some(&split), whole.as_ref(), "split parse differs:\n{text}");
+                true
+            }
+            None => false,
+        }
+    }
+
+    const ROUTE_AND_CLUSTER: &str = "routes:\n  - { name: r0, route: { cluster: c } }\n";
+
+    fn many(n: usize, indent: &str) -> String {
+        let mut t = String::from("# a policy\nadmin: { address: \"127.0.0.1:9901\" }\nlisteners: [{ name: l, address: \"127.0.0.1:1\" }]\nroutes:\n");
+        for i in 0..n {
+            t.push_str(&format!(
+                "{indent}- name: r{i}\n{indent}  match:\n{indent}    path: {{ prefix: /r{i}/ }}\n{indent}  route: {{ cluster: c{} }}\n",
+                i % 3
+            ));
+            if i % 7 == 0 {
+                t.push_str("  # a comment between items\n\n");
+            }
+        }
+        t.push_str("clusters:\n");
+        for c in 0..3 {
+            t.push_str(&format!(
+                "{indent}- name: c{c}\n{indent}  endpoints:\n{indent}  - address: \"127.0.0.1:{}\"\n",
+                8000 + c
+            ));
+        }
+        t.push_str("access_log: { path: stdout }\n");
+        t
+    }
+
+    #[test]
+    fn lists_cut_at_any_indent_parse_as_the_whole_file_does() {
+        for indent in ["", "  ", "    "] {
+            let text = many(50, indent);
+            for parts in [2, 3, 7, 100] {
+                assert!(same_or_declined(&text, parts), "declined:\n{text}");
+            }
+            let c = parse_in_parts(&text, 4).unwrap();
+            assert_eq!(c.routes.len(), 50);
+            assert_eq!(c.routes[49].name, "r49");
+            assert_eq!(c.clusters.len(), 3);
+            assert!(c.admin.is_some() && c.access_log.is_some());
+        }
+        // A leading document marker and CRLF line endings.
+        let crlf = format!("---\n{}", many(20, "  ")).replace('\n', "\r\n");
+        assert!(same_or_declined(&crlf, 3));
+    }
+
+    #[test]
+    fn cuts_inside_scalars_and_flow_collections_are_declined() {
+        let cases = [
+            // A double-quoted scalar whose second line looks like an item.
+            "routes:\n  - { name: \"a\n  - b\", route: { cluster: c } }\n  - { name: x, route: { cluster: c } }\n",
+            // The same in single quotes, and a flow mapping over lines.
+            "routes:\n  - { name: 'a\n  - b', route: { cluster: c } }\n  - { name: x, route: { cluster: c } }\n",
+            "routes:\n  - { name: a,\n  - b: 1, route: { cluster: c } }\n  - { name: x, route: { cluster: c } }\n",
+            // An alias to an anchor in an earlier item.
+            "routes:\n  - &r { name: a, route: { cluster: c } }\n  - *r\n  - { name: x, route: { cluster: c } }\n",
+        ];
+        for text in cases {
+            // Cut between every two items, so also inside the scalar or collection.
+            assert!(!same_or_declined(text, 100), "should decline:\n{text}");
+            // Cut elsewhere or not at all: still the whole parse's result.
+            same_or_declined(text, 2);
+        }
+        // A block scalar holding a line that looks like an item, deeper than the list's items
+        // (as it must be): cut between the items only, and the same.
+        let block = "routes:\n  - name: |\n      a\n      - not an item\n    route: { cluster: c }\n  - { name: b, route: { cluster: c } }\n";
+        assert!(same_or_declined(block, 2));
+        assert_eq!(
+            parse_in_parts(block, 2).unwrap().routes[0].name,
+            "a\n- not an item\n"
+        );
+    }
+
+    #[test]
+    fn files_it_does_not_cut_are_declined() {
+        let two_docs = format!("{ROUTE_AND_CLUSTER}---\n{ROUTE_AND_CLUSTER}");
+        let twice = format!("{ROUTE_AND_CLUSTER}{ROUTE_AND_CLUSTER}");
+        let twice_flow = format!("{ROUTE_AND_CLUSTER}routes: []\n");
+        let directive = format!("%YAML 1.2\n---\n{ROUTE_AND_CLUSTER}");
+        for text in [two_docs, twice, twice_flow, directive] {
+            assert!(
+                parse_in_parts(&text, 2).is_none(),
+                "should decline:\n{text}"
+            );
+        }
+        // A list written in flow style is not cut (nothing to cut: one part).
+        assert!(parse_in_parts("routes: [{ name: a, route: { cluster: c } }]\n", 2).is_none());
+        // An unknown key inside an item fails its part, so the whole parse reports it.
+        let bad = many(10, "  ").replace("name: r5\n", "name: r5\n    nmae: x\n");
+        assert!(parse_in_parts(&bad, 2).is_none());
+    }
+}
