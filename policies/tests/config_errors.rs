@@ -457,3 +457,63 @@ fn access_log_fields_are_named_and_checked() {
     let e = one_error("access_log: { buffer: 0 }\n");
     assert!(e.contains("access_log.buffer: must be at least 1"), "{e}");
 }
+
+/// `n` routes, one per line (line of route `i` is `i + 3`), big enough to be parsed in parts.
+fn big(n: usize, route: impl Fn(usize) -> String) -> String {
+    let mut text = String::from(
+        "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:1\" }] }]\nroutes:\n",
+    );
+    for i in 0..n {
+        text.push_str(&route(i));
+        text.push('\n');
+    }
+    text
+}
+
+fn plain_route(i: usize) -> String {
+    format!("  - {{ name: r{i}, match: {{ path: {{ prefix: /r{i}/ }}, headers: [{{ name: x-t, regex: \"t{i}-.*\" }}] }}, route: {{ cluster: c }} }}")
+}
+
+#[test]
+fn a_large_file_loads_in_order_and_its_errors_name_their_lines() {
+    let text = big(3000, plain_route);
+    assert!(
+        text.len() > 256 << 10,
+        "big enough to be cut: {}",
+        text.len()
+    );
+    let snapshot = load_str("big.yaml", &text).unwrap();
+    let names: Vec<&str> = snapshot.routes.iter().map(|r| r.name.as_str()).collect();
+    let expected: Vec<String> = (0..3000).map(|i| format!("r{i}")).collect();
+    assert_eq!(names, expected);
+
+    // Problems in routes parsed in different parts: all reported, in route order.
+    let text = big(3000, |i| match i {
+        3 => plain_route(i).replace("t3-.*", "t3-(("),
+        2900 => plain_route(i).replace("cluster: c", "cluster: nope"),
+        _ => plain_route(i),
+    });
+    let errs = errors(&text);
+    let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errs.len(), 2, "{got:?}");
+    assert!(
+        got[0].starts_with("weir.yaml:6:") && got[0].contains("routes[3].match.headers[0].regex"),
+        "{got:?}"
+    );
+    assert!(
+        got[1].starts_with("weir.yaml:2903:")
+            && got[1].contains("routes[2900].route.cluster: unknown cluster \"nope\""),
+        "{got:?}"
+    );
+
+    // A type error deep in the file (a part fails, the whole parse says where).
+    let text = big(3000, |i| match i {
+        2000 => plain_route(i).replace("prefix: /r2000/", "prefix: [1]"),
+        _ => plain_route(i),
+    });
+    let e = one_error(&text);
+    assert!(
+        e.starts_with("weir.yaml:2003:") && e.contains("routes[2000].match.path"),
+        "{e}"
+    );
+}
