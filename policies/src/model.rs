@@ -44,6 +44,46 @@ pub struct Config {
     pub otlp_metrics: Option<Box<OtlpMetrics>>,
 }
 
+impl Config {
+    /// When `newer` differs from `self` only in the endpoints of some clusters: those
+    /// clusters' names and new endpoints, in order (empty when nothing differs). `None` when
+    /// anything else differs.
+    pub fn endpoint_changes(&self, newer: &Config) -> Option<Vec<(String, Vec<Endpoint>)>> {
+        let same_rest = self.admin == newer.admin
+            && self.listeners == newer.listeners
+            && self.filter_chains == newer.filter_chains
+            && self.inference_pools == newer.inference_pools
+            && self.scope == newer.scope
+            && self.fast_path == newer.fast_path
+            && self.access_log == newer.access_log
+            && self.tracing == newer.tracing
+            && self.otlp_metrics == newer.otlp_metrics
+            && self.clusters.len() == newer.clusters.len()
+            && self.routes == newer.routes;
+        if !same_rest {
+            return None;
+        }
+        let mut changes = Vec::new();
+        for (a, b) in self.clusters.iter().zip(&newer.clusters) {
+            if a.endpoints == b.endpoints {
+                if a != b {
+                    return None;
+                }
+                continue;
+            }
+            let bare = |c: &Cluster| Cluster {
+                endpoints: Vec::new(),
+                ..c.clone()
+            };
+            if bare(a) != bare(b) {
+                return None;
+            }
+            changes.push((b.name.clone(), b.endpoints.clone()));
+        }
+        Some(changes)
+    }
+}
+
 /// Metrics pushed to an OpenTelemetry collector.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
