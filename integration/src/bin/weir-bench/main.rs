@@ -45,9 +45,14 @@ enum Bench {
     /// simulated model servers: TTFT, per-message latency, tokens/s, and failed streams during
     /// a rolling weight reload under load.
     Inference {
-        /// Duration of each measurement, e.g. 10s.
+        /// Duration of each measurement, e.g. 10s (direct and through weir each, over all
+        /// rounds).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Each measurement alternates direct and weir this many times; the added cost is the
+        /// median of the rounds' differences, so a slow minute of the machine does not decide.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         /// Concurrent streams in the latency and throughput measurements (clients and servers
         /// share one core: with many more, the benchmark's own queueing hides weir's).
         #[arg(long, default_value_t = 16)]
@@ -542,12 +547,14 @@ fn main() {
         } => wasm::run(&duration, connections),
         Bench::Inference {
             duration,
+            rounds,
             streams,
             token_delay,
             reload_streams,
         } => build_weir().and_then(|weir| {
             let opts = inference::Opts {
                 duration,
+                rounds: rounds.max(1),
                 streams,
                 token_delay,
                 reload_streams,
