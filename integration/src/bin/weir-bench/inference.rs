@@ -34,6 +34,8 @@ pub struct Opts {
     pub token_delay: Duration,
     /// Concurrent streams during the rolling reload.
     pub reload_streams: usize,
+    /// weir runs with `fast_path: sockmap`.
+    pub fast_path: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -290,7 +292,7 @@ fn median_of(rounds: &[Round], f: impl Fn(&Round) -> f64) -> (f64, String) {
     (median, all)
 }
 
-fn config(listen: SocketAddr, admin: SocketAddr, sims: &[ModelServer]) -> String {
+fn config(listen: SocketAddr, admin: SocketAddr, sims: &[ModelServer], fast_path: bool) -> String {
     let eps = |http: bool| -> String {
         sims.iter()
             .map(|s| {
@@ -310,9 +312,10 @@ fn config(listen: SocketAddr, admin: SocketAddr, sims: &[ModelServer]) -> String
          \x20 - name: kserve\n    route: {{ pool: llm }}\n\
          inference_pools:\n\
          \x20 - name: llm\n    protocol: kserve_grpc\n    endpoints:\n{}{settings}\
-         \x20 - name: llm-http\n    protocol: openai\n    endpoints:\n{}{settings}",
+         \x20 - name: llm-http\n    protocol: openai\n    endpoints:\n{}{settings}{}",
         eps(false),
-        eps(true)
+        eps(true),
+        if fast_path { "fast_path: sockmap\n" } else { "" },
     )
 }
 
@@ -359,7 +362,8 @@ async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
     let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let conf = dir.path().join("weir.yaml");
-    std::fs::write(&conf, config(listen, admin, &sims)).map_err(|e| e.to_string())?;
+    std::fs::write(&conf, config(listen, admin, &sims, opts.fast_path))
+        .map_err(|e| e.to_string())?;
     let weir = spawn_weir(weir_bin, &conf, &dir.path().join("weir.log"), pinned)?;
     let ready_by = Instant::now() + Duration::from_secs(20);
     while !matches!(admin_get(admin, "/ready"), Ok((200, _))) {
@@ -393,7 +397,12 @@ async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nweir-bench inference: 2 simulated model servers (in the benchmark process), weir with 1 worker thread, {:?} per measurement, release build; {}\n",
+        "\nweir-bench inference: 2 simulated model servers (in the benchmark process), weir with 1 worker thread{}, {:?} per measurement, release build; {}\n",
+        if opts.fast_path {
+            " and the sockmap fast path"
+        } else {
+            ""
+        },
         opts.duration,
         if pinned {
             "clients and servers on CPU 0, weir on CPU 1"
@@ -560,6 +569,16 @@ async fn bench(weir_bin: &Path, opts: Opts, pinned: bool) -> Res<()> {
         worst_ratio * 100.0,
         during.failures.len()
     );
+    if opts.fast_path {
+        // What the fast path did: its counters from weir's metrics.
+        let metrics =
+            admin_get(admin, "/stats/prometheus").map_or_else(|e| e.to_string(), |(_, body)| body);
+        let sockmap: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("weir_sockmap_"))
+            .collect();
+        let _ = writeln!(out, "\nFast path: {}", sockmap.join(", "));
+    }
     print!("{out}");
     Ok(())
 }

@@ -63,6 +63,10 @@ enum Bench {
         /// Concurrent streams during the rolling reload.
         #[arg(long, default_value_t = 200)]
         reload_streams: usize,
+        /// Run weir with the eBPF sockmap fast path (`fast_path: sockmap`; needs root), to
+        /// see what loopback TCP costs per message.
+        #[arg(long)]
+        fast_path: bool,
     },
     /// The eBPF sockmap fast path: wrk → weir → nginx on loopback with it off and on:
     /// round-trip latency, requests/s and bulk throughput. Needs root.
@@ -551,6 +555,7 @@ fn main() {
             streams,
             token_delay,
             reload_streams,
+            fast_path,
         } => build_weir().and_then(|weir| {
             let opts = inference::Opts {
                 duration,
@@ -558,6 +563,7 @@ fn main() {
                 streams,
                 token_delay,
                 reload_streams,
+                fast_path,
             };
             inference::run(&weir, opts)
         }),
