@@ -45,16 +45,18 @@ pub struct Parsed {
 
 impl Parsed {
     fn parse(&mut self, file: &str, text: &str) -> Result<Config, ConfigErrors> {
-        if let Some((was, parsed)) = self.files.get(file) {
-            if was == text {
-                return parsed.clone();
-            }
+        if self.files.get(file).is_none_or(|(was, _)| was != text) {
+            self.store(file, text);
         }
+        self.files[file].1.clone()
+    }
+
+    /// Parses `file` and keeps the result; returns what was kept for it before.
+    fn store(&mut self, file: &str, text: &str) -> Option<(String, Result<Config, ConfigErrors>)> {
         self.parses += 1;
         let parsed = weir_policies::parse(file, text);
         self.files
-            .insert(file.to_string(), (text.to_string(), parsed.clone()));
-        parsed
+            .insert(file.to_string(), (text.to_string(), parsed))
     }
 
     /// Whether `files` are, byte for byte, the files of the last validation.
@@ -76,18 +78,15 @@ impl Parsed {
         }
         let mut changes = Vec::new();
         for (path, text) in files {
-            let (was_text, was) = self.files.get(path)?;
-            if was_text == text {
+            if self.files.get(path)?.0 == *text {
                 continue;
             }
-            self.parses += 1;
-            let now = weir_policies::parse(path, text);
-            let change = match (was, &now) {
+            // Kept (not copied) for the whole validation when this is not an endpoint edit.
+            let (_, was) = self.store(path, text)?;
+            let change = match (was, &self.files[path].1) {
                 (Ok(was), Ok(now)) => was.endpoint_changes(now),
                 _ => None,
             };
-            // Kept (not copied) for the whole validation when this is not an endpoint edit.
-            self.files.insert(path.clone(), (text.clone(), now));
             changes.extend(change?);
         }
         let (snapshot, folder) = self.last.as_ref()?;

@@ -106,6 +106,13 @@ fn entry<T: Serialize>(kind: &str, name: &str, body: &T, decoded: Decoded) -> En
     }
 }
 
+/// Cluster `name`'s endpoints resource.
+fn endpoints_entry(name: &str, endpoints: Vec<model::Endpoint>) -> Entry {
+    let body = EndpointsBody { endpoints };
+    let decoded = Decoded::Endpoints(body.endpoints.clone());
+    entry(ENDPOINTS, name, &body, decoded)
+}
+
 fn decode_entry(r: Resource) -> Result<Entry, String> {
     let what = || format!("{} {:?}", r.r#type, r.name);
     let decoded = match r.r#type.as_str() {
@@ -174,13 +181,7 @@ impl ResourceSet {
         for c in &config.clusters[span.clusters.clone()] {
             let mut bare = c.clone();
             let endpoints = std::mem::take(&mut bare.endpoints);
-            let body = EndpointsBody { endpoints };
-            set.insert(entry(
-                ENDPOINTS,
-                &c.name,
-                &body,
-                Decoded::Endpoints(body.endpoints.clone()),
-            ));
+            set.insert(endpoints_entry(&c.name, endpoints));
             set.insert(entry(
                 CLUSTER,
                 &c.name,
@@ -232,28 +233,16 @@ impl ResourceSet {
         }
     }
 
-    /// Replaces the endpoints resources of these clusters where this set has them; says
-    /// whether it had any.
-    pub fn replace_endpoints(&mut self, changes: &[(String, Vec<model::Endpoint>)]) -> bool {
-        let mut any = false;
+    /// Replaces the endpoints resources of these clusters where this set has them.
+    pub fn replace_endpoints(&mut self, changes: &[(String, Vec<model::Endpoint>)]) {
         for (name, endpoints) in changes {
             if self
                 .items
                 .contains_key(&(ENDPOINTS.to_string(), name.clone()))
             {
-                let body = EndpointsBody {
-                    endpoints: endpoints.clone(),
-                };
-                self.insert(entry(
-                    ENDPOINTS,
-                    name,
-                    &body,
-                    Decoded::Endpoints(endpoints.clone()),
-                ));
-                any = true;
+                self.insert(endpoints_entry(name, endpoints.clone()));
             }
         }
-        any
     }
 
     /// Adds every resource of `other` (which wins on equal keys).

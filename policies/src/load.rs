@@ -220,16 +220,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     // The plain deserializer first: tracking the path of every field made the parse of
     // 10,000 routes 67-94 ms instead of 51-56, and only an error needs it. A file that fails
     // is parsed again to say where.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let split = if text.len() > split::PARALLEL_ABOVE && threads > 1 {
-        split::parse_in_parts(text, threads)
-    } else {
-        None
-    };
-    let mut config = match split.map_or_else(|| serde_norway::from_str::<Config>(text), Ok) {
-        Ok(config) => config,
-        Err(plain) => return Err(parse_error(file, text, plain)),
-    };
+    let mut config =
+        match split::parse(text).map_or_else(|| serde_norway::from_str::<Config>(text), Ok) {
+            Ok(config) => config,
+            Err(plain) => return Err(parse_error(file, text, plain)),
+        };
     resolve_module_paths(file, &mut config);
     Ok(config)
 }

@@ -15,7 +15,7 @@
 use crate::model::Config;
 
 /// Below this, one thread parses the file (~4 ms of YAML here).
-pub(crate) const PARALLEL_ABOVE: usize = 128 << 10;
+const PARALLEL_ABOVE: usize = 128 << 10;
 
 /// The top-level keys whose block lists are cut.
 const LISTS: [&str; 5] = [
@@ -26,10 +26,19 @@ const LISTS: [&str; 5] = [
     "inference_pools",
 ];
 
+/// A file over [`PARALLEL_ABOVE`] parsed in one part per CPU, when there are several.
+pub(crate) fn parse(text: &str) -> Option<Config> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    (text.len() > PARALLEL_ABOVE && threads > 1)
+        .then(|| parse_in_parts(text, threads))
+        .flatten()
+}
+
 /// `text` parsed in `parts` parts on as many threads, or `None` when it cannot be split or a
 /// part does not parse (the caller then parses it whole, which also finds the error).
 pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
-    let (head, sections) = sections(text)?;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let (head, sections) = sections(&lines)?;
     let groups = group(&sections, parts);
     if groups.len() < 2 {
         return None;
@@ -71,16 +80,15 @@ pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
     Some(config)
 }
 
-/// One top-level block list: its key and its items' text, each with its line ending.
+/// One top-level block list: its key and its items, each as its lines (with their endings).
 struct Section<'a> {
     key: &'a str,
-    items: Vec<&'a str>,
+    items: Vec<&'a [&'a str]>,
 }
 
 /// The text with the cut lists taken out, and the lists; `None` when the file is not one this
 /// module cuts.
-fn sections(text: &str) -> Option<(String, Vec<Section<'_>>)> {
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+fn sections<'a>(lines: &'a [&'a str]) -> Option<(String, Vec<Section<'a>>)> {
     let mut head = String::new();
     let mut sections: Vec<Section> = Vec::new();
     let mut seen_content = false;
@@ -145,14 +153,11 @@ fn sections(text: &str) -> Option<(String, Vec<Section<'_>>)> {
             end += 1;
         }
         // Comments between the key and the first item belong to no item.
-        let mut items: Vec<&str> = Vec::new();
+        let mut items: Vec<&[&str]> = Vec::new();
         let mut start = j;
         for k in j + 1..=end {
             if k == end || item_indent(lines[k]) == Some(indent) {
-                let first = lines[start].as_ptr() as usize - text.as_ptr() as usize;
-                let last =
-                    lines[k - 1].as_ptr() as usize - text.as_ptr() as usize + lines[k - 1].len();
-                items.push(&text[first..last]);
+                items.push(&lines[start..k]);
                 start = k;
             }
         }
@@ -168,7 +173,8 @@ fn group(sections: &[Section], parts: usize) -> Vec<String> {
     let total: usize = sections
         .iter()
         .flat_map(|s| &s.items)
-        .map(|i| i.len())
+        .flat_map(|i| i.iter())
+        .map(|l| l.len())
         .sum();
     let per_part = total.div_ceil(parts.max(1)).max(1);
     let mut groups: Vec<String> = Vec::new();
@@ -185,8 +191,10 @@ fn group(sections: &[Section], parts: usize) -> Vec<String> {
                 current.push_str(":\n");
                 current_key = s.key;
             }
-            current.push_str(item);
-            if !item.ends_with('\n') {
+            for line in *item {
+                current.push_str(line);
+            }
+            if !current.ends_with('\n') {
                 current.push('\n');
             }
         }
