@@ -1,10 +1,13 @@
 //! The access log: the proxy formats one JSON line per request at its end and hands it to a
 //! writer thread through a bounded queue. A full queue drops the line and counts it; a
-//! request never waits for the log. The writer flushes whenever the queue runs dry.
+//! request never waits for the log. The writer flushes whenever the queue runs dry. It
+//! counts a line before it writes it, so a reader of the file never sees more lines than
+//! `weir_access_log_lines_total` says.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 
 use serde_json::Value;
 use weir_policies::model::{AccessLog as Config, AccessLogField};
@@ -12,7 +15,8 @@ use weir_policies::model::{AccessLog as Config, AccessLogField};
 /// The running access log.
 pub struct AccessLog {
     tx: SyncSender<String>,
-    pub written: AtomicU64,
+    /// Lines the writer has taken from the queue to write.
+    pub written: Arc<AtomicU64>,
     pub dropped: AtomicU64,
 }
 
@@ -42,7 +46,7 @@ pub struct Entry<'a> {
 
 impl AccessLog {
     /// Opens the log `config` names and starts its writer thread.
-    pub fn start(config: &Config) -> std::io::Result<std::sync::Arc<Self>> {
+    pub fn start(config: &Config) -> std::io::Result<Arc<Self>> {
         let out: Box<dyn Write + Send> = if config.path == "stdout" {
             Box::new(std::io::stdout())
         } else {
@@ -54,12 +58,14 @@ impl AccessLog {
             )
         };
         let (tx, rx) = sync_channel(config.buffer as usize);
+        let written = Arc::new(AtomicU64::new(0));
+        let count = written.clone();
         std::thread::Builder::new()
             .name("weir-access-log".into())
-            .spawn(move || write_lines(rx, out))?;
-        Ok(std::sync::Arc::new(Self {
+            .spawn(move || write_lines(rx, out, &count))?;
+        Ok(Arc::new(Self {
             tx,
-            written: AtomicU64::new(0),
+            written,
             dropped: AtomicU64::new(0),
         }))
     }
@@ -67,12 +73,9 @@ impl AccessLog {
     /// Queues the line for `entry` with `fields`; drops it when the queue is full.
     pub fn log(&self, fields: &[AccessLogField], entry: &Entry<'_>) {
         let line = format_line(fields, entry);
-        match self.tx.try_send(line) {
-            Ok(()) => self.written.fetch_add(1, Ordering::Relaxed),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed)
-            }
-        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The access log's Prometheus metrics.
@@ -82,7 +85,7 @@ impl AccessLog {
             out,
             "counter",
             "weir_access_log_lines_total",
-            "Access log lines queued for writing.",
+            "Access log lines written (counted as the writer takes them).",
             self.written.load(Ordering::Relaxed),
         );
         write_plain(
@@ -95,11 +98,12 @@ impl AccessLog {
     }
 }
 
-fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>, written: &AtomicU64) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
     while let Ok(line) = rx.recv() {
         let mut next = Some(line);
         while let Some(line) = next {
+            written.fetch_add(1, Ordering::Relaxed);
             if out
                 .write_all(line.as_bytes())
                 .and_then(|()| out.write_all(b"\n"))
