@@ -24,11 +24,10 @@ pub const INFERENCE_POOL: &str = "inference_pool";
 #[derive(Deserialize)]
 struct RouteBody {
     order: usize,
-    route: model::Route,
+    route: Arc<model::Route>,
 }
 
-/// [`RouteBody`] as written: borrowed, so splitting 10,000 routes into resources copies each
-/// route once (for its decoded form), not twice.
+/// [`RouteBody`] as written: borrowed (the decoded form shares the config's route).
 #[derive(Serialize)]
 struct RouteBodyRef<'a> {
     order: usize,
@@ -47,7 +46,7 @@ struct EndpointsBody {
 #[allow(clippy::large_enum_variant)]
 enum Decoded {
     Listener(model::Listener),
-    Route(usize, model::Route),
+    Route(usize, Arc<model::Route>),
     Cluster(model::Cluster),
     Endpoints(Vec<model::Endpoint>),
     FilterChain(model::FilterChain),
@@ -355,7 +354,7 @@ impl ResourceSet {
     /// Rebuilds the config. Fails on endpoints for a cluster that is missing (and vice versa).
     pub fn to_config(&self) -> Result<Config, String> {
         let mut config = Config::default();
-        let mut routes: Vec<(usize, model::Route)> = Vec::new();
+        let mut routes: Vec<(usize, Arc<model::Route>)> = Vec::new();
         let mut endpoints: BTreeMap<&str, &Vec<model::Endpoint>> = BTreeMap::new();
         for (key, e) in &self.items {
             let name = &key.1;
