@@ -104,6 +104,26 @@ routes:
 }
 
 #[test]
+fn nested_route_fields_are_named_with_their_indexes() {
+    let text = format!(
+        "{BASE}routes:\n  - {{ name: a, route: {{ cluster: c }} }}\n  - name: b\n    match:\n      headers: [{{ name: x, exact: y }}, {{ name: \"bad name\", exact: y }}, {{ name: z, regex: \"(\" }}]\n    route:\n      cluster: c\n      response_headers: {{ add: [{{ name: ok, value: v }}, {{ name: \"no good\", value: v }}], remove: [\"b@d\"] }}\n"
+    );
+    let all = errors(&text)
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for want in [
+        "routes[1].match.headers[1].name: invalid header name \"bad name\"",
+        "routes[1].match.headers[2].regex: invalid regex",
+        "routes[1].route.response_headers.add[1].name: invalid header name",
+        "routes[1].route.response_headers.remove[0]: invalid header name",
+    ] {
+        assert!(all.contains(want), "missing {want:?} in:\n{all}");
+    }
+}
+
+#[test]
 fn bad_duration_and_unknown_retry_condition() {
     let text =
         format!("{BASE}routes:\n  - name: r\n    route:\n      cluster: c\n      timeout: soon\n");
