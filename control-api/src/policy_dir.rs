@@ -162,8 +162,9 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
     })
     .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
     // The first load only once the watch is in place, so no change slips in between.
-    let mut parsed = Parsed::default();
-    reload(&dir, &cp, &mut parsed);
+    let Some((mut parsed, _)) = reload_blocking(&dir, &cp, Parsed::default()).await else {
+        return;
+    };
     let _watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
@@ -181,9 +182,35 @@ pub async fn watch(dir: PathBuf, cp: ControlPlane) {
         // after: the rename's event follows within microseconds, and waiting 5 ms for it was
         // most of an endpoint change's time.
         while rx.try_recv().is_ok() {}
-        if reload(&dir, &cp, &mut parsed) {
+        let Some((next, changed)) = reload_blocking(&dir, &cp, parsed).await else {
+            return;
+        };
+        parsed = next;
+        if changed {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+/// [`reload`] on a blocking thread: it takes tens of ms at 10,000 routes, and on a runtime
+/// worker it held back the streams that push what it published (a task woken from a worker
+/// runs on that worker next), and kept them waiting while it dropped the previous folder.
+/// `None` when the runtime is shutting down.
+async fn reload_blocking(
+    dir: &Path,
+    cp: &ControlPlane,
+    mut parsed: Parsed,
+) -> Option<(Parsed, bool)> {
+    let (dir, cp) = (dir.to_path_buf(), cp.clone());
+    match tokio::task::spawn_blocking(move || {
+        let changed = reload(&dir, &cp, &mut parsed);
+        (parsed, changed)
+    })
+    .await
+    {
+        Ok(done) => Some(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
     }
 }
 

@@ -253,6 +253,7 @@ impl BackgroundService for ControlSync {
             let _ = persist_tx.send(Some(snapshot));
             metrics.reloads.with_label_values(&["ok"]).inc();
             tracing::info!(from = %old.snapshot.version, to = %version, "control plane config applied");
+            client::drop_later(old);
             Ok(())
         };
         tokio::select! {
