@@ -89,6 +89,9 @@ enum Bench {
         /// Route counts of the config.
         #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
         routes: Vec<usize>,
+        /// Times each change is measured per setting; the table gives the median and range.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
 }
 
@@ -375,7 +378,8 @@ mod xds {
         }
     }
 
-    async fn one(proxies: usize, routes: usize) -> Res<(Duration, Duration, Duration, Duration)> {
+    /// The four measurements of one (proxies, routes) setting, `rounds` times each.
+    async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 4]> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = dir.path().join("mesh.yaml");
         let write = |text: String| {
@@ -426,7 +430,8 @@ mod xds {
                             return Err("endpoints before any config".into())
                         }
                     };
-                    current = Some(next.map_err(|p| format!("{p:?}"))?);
+                    let old = current.replace(next.map_err(|p| format!("{p:?}"))?);
+                    client::drop_later(old);
                     Ok(())
                 },
             ));
@@ -435,95 +440,119 @@ mod xds {
             .await
             .map_err(|e| format!("initial: {e}"))?;
 
-        // Every route changes.
-        let old = cp.version();
-        let start = Instant::now();
-        write(policy(routes, 1, 8080))?;
-        all_acked(&cp, proxies, &old)
-            .await
-            .map_err(|e| format!("routes change: {e}"))?;
-        let full = start.elapsed();
+        let (mut full, mut endpoint_file, mut endpoint_push) = (vec![], vec![], vec![]);
+        let mut last_push = String::new();
+        for generation in 1..=rounds {
+            // Every route changes.
+            let old = cp.version();
+            let start = Instant::now();
+            write(policy(routes, generation, 8080))?;
+            all_acked(&cp, proxies, &old)
+                .await
+                .map_err(|e| format!("routes change: {e}"))?;
+            full.push(start.elapsed());
 
-        // One endpoint changes, through the file (once the watcher has waited out the burst
-        // of the change above, as it would for a change that comes alone)...
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let old = cp.version();
-        let start = Instant::now();
-        write(policy(routes, 1, 9090))?;
-        all_acked(&cp, proxies, &old)
-            .await
-            .map_err(|e| format!("endpoint change: {e}"))?;
-        let endpoint_file = start.elapsed();
+            // One endpoint changes, through the file (once the watcher has waited out the burst
+            // of the change above, as it would for a change that comes alone)...
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let old = cp.version();
+            let start = Instant::now();
+            write(policy(routes, generation, 9090))?;
+            all_acked(&cp, proxies, &old)
+                .await
+                .map_err(|e| format!("endpoint change: {e}"))?;
+            endpoint_file.push(start.elapsed());
 
-        // ...and published directly (the push and apply alone, without parsing the folder),
-        // once the folder watcher has folded the last events of the write above.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let set = policy_dir::load(dir.path())?;
-        let mut changed =
-            weir_policies::parse("x", &policy(routes, 1, 7070)).map_err(|e| e.to_string())?;
-        changed.admin = None;
-        let changed_set = weir_control::resources::ResourceSet::from_config(&changed);
-        let (delta, _) = set.all.diff(&changed_set);
-        if delta.len() != 1 {
-            return Err(format!(
-                "an endpoint change should be one resource, got {}",
-                delta.len()
-            ));
+            // ...and published directly (the push and apply alone, without parsing the folder),
+            // once the folder watcher has folded the last events of the write above.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let set = policy_dir::load(dir.path())?;
+            let mut changed = weir_policies::parse("x", &policy(routes, generation, 7070))
+                .map_err(|e| e.to_string())?;
+            changed.admin = None;
+            let changed_set = weir_control::resources::ResourceSet::from_config(&changed);
+            let (delta, _) = set.all.diff(&changed_set);
+            if delta.len() != 1 {
+                return Err(format!(
+                    "an endpoint change should be one resource, got {}",
+                    delta.len()
+                ));
+            }
+            let old = cp.version();
+            let start = Instant::now();
+            let new_version = changed_set.version();
+            cp.publish(changed_set);
+            all_acked(&cp, proxies, &old).await.map_err(|e| {
+                format!(
+                    "endpoint push {old} -> {new_version} (now {}): {e}",
+                    cp.version()
+                )
+            })?;
+            endpoint_push.push(start.elapsed());
+            last_push = new_version;
         }
-        let old = cp.version();
-        let start = Instant::now();
-        let new_version = changed_set.version();
-        cp.publish(changed_set);
-        all_acked(&cp, proxies, &old).await.map_err(|e| {
-            format!(
-                "endpoint push {old} -> {new_version} (now {}): {e}",
-                cp.version()
-            )
-        })?;
-        let endpoint_push = start.elapsed();
 
         // The same config with the clusters in a file of their own (a layout where endpoints
         // are generated apart from hand-written routes): an endpoint change there re-reads
         // only that file. The split itself changes no resource, so nothing is pushed for it.
-        let text = policy(routes, 1, 6060);
+        let text = policy(routes, rounds, 6060);
         let cut = text.find("clusters:\n").ok_or("no clusters section")?;
         let split = dir.path().join("zz-clusters.yaml");
         std::fs::write(&split, &text[cut..]).map_err(|e| e.to_string())?;
         write(text[..cut].to_string())?;
-        all_acked(&cp, proxies, &new_version)
+        all_acked(&cp, proxies, &last_push)
             .await
             .map_err(|e| format!("split: {e}"))?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let old = cp.version();
-        let start = Instant::now();
-        let tmp = dir.path().join("zz-clusters.tmp");
-        std::fs::write(&tmp, &policy(routes, 1, 5050)[cut..])
-            .and_then(|_| std::fs::rename(&tmp, &split))
-            .map_err(|e| e.to_string())?;
-        all_acked(&cp, proxies, &old)
-            .await
-            .map_err(|e| format!("endpoint change in its own file: {e}"))?;
-        let endpoint_own_file = start.elapsed();
-        Ok((full, endpoint_file, endpoint_push, endpoint_own_file))
+        let mut endpoint_own_file = vec![];
+        for round in 0..rounds {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let old = cp.version();
+            let start = Instant::now();
+            let tmp = dir.path().join("zz-clusters.tmp");
+            std::fs::write(&tmp, &policy(routes, rounds, 5050 + round as u16)[cut..])
+                .and_then(|_| std::fs::rename(&tmp, &split))
+                .map_err(|e| e.to_string())?;
+            all_acked(&cp, proxies, &old)
+                .await
+                .map_err(|e| format!("endpoint change in its own file: {e}"))?;
+            endpoint_own_file.push(start.elapsed());
+        }
+        Ok([full, endpoint_file, endpoint_push, endpoint_own_file])
     }
 
-    pub async fn run(proxies: &[usize], routes: &[usize]) -> Res<()> {
-        let mut out = String::from(
-            "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir)\n\n| proxies | routes | all routes changed | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|\n",
+    /// `median (min-max)` in milliseconds.
+    fn spread(times: &mut [Duration]) -> String {
+        times.sort();
+        let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+        match (times.first(), times.last()) {
+            (Some(lo), Some(hi)) if times.len() > 1 => format!(
+                "{:.1} ms ({:.1}-{:.1})",
+                ms(&times[times.len() / 2]),
+                ms(lo),
+                ms(hi)
+            ),
+            (Some(one), _) => format!("{:.1} ms", ms(one)),
+            _ => "-".into(),
+        }
+    }
+
+    pub async fn run(proxies: &[usize], routes: &[usize], rounds: usize) -> Res<()> {
+        let mut out = format!(
+            "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir); median (min-max) of {rounds} round(s)\n\n| proxies | routes | all routes changed | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|\n",
         );
         for &r in routes {
             for &n in proxies {
-                let (full, ep_file, ep_push, ep_own) = one(n, r).await?;
+                let [mut full, mut ep_file, mut ep_push, mut ep_own] = one(n, r, rounds).await?;
                 eprintln!(
                     "  {n} proxies, {r} routes: {full:?} / {ep_file:?} / {ep_push:?} / {ep_own:?}"
                 );
                 let _ = writeln!(
                     out,
-                    "| {n} | {r} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
-                    full.as_secs_f64() * 1e3,
-                    ep_file.as_secs_f64() * 1e3,
-                    ep_push.as_secs_f64() * 1e3,
-                    ep_own.as_secs_f64() * 1e3
+                    "| {n} | {r} | {} | {} | {} | {} |",
+                    spread(&mut full),
+                    spread(&mut ep_file),
+                    spread(&mut ep_push),
+                    spread(&mut ep_own)
                 );
             }
         }
@@ -581,9 +610,13 @@ fn main() {
                 },
             )
         }),
-        Bench::Xds { proxies, routes } => tokio::runtime::Runtime::new()
+        Bench::Xds {
+            proxies,
+            routes,
+            rounds,
+        } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(xds::run(&proxies, &routes))),
+            .and_then(|rt| rt.block_on(xds::run(&proxies, &routes, rounds.max(1)))),
     };
     if let Err(e) = result {
         eprintln!("weir-bench: {e}");
