@@ -170,6 +170,17 @@ pub fn content_version(text: &str) -> String {
 /// Compiled regexes by pattern.
 type Regexes = HashMap<Arc<str>, Arc<Regex>>;
 
+/// What a route may point at: clusters by name, the compiled clusters, and inference pools
+/// with their index by name.
+type RouteTargets<'a> = (
+    &'a HashMap<String, usize>,
+    &'a [Cluster],
+    (&'a [InferencePool], &'a HashMap<&'a str, usize>),
+);
+
+/// Below this many routes one thread compiles them (10,000 take ~10 ms on one).
+const COMPILE_ALONE_BELOW: usize = 1024;
+
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
@@ -650,10 +661,62 @@ impl Validator {
             |i| format!("routes[{i}].name"),
             config.routes.iter().map(|r| r.name.as_str()),
         );
-        let mut out = Vec::new();
+        let targets = (clusters, compiled, (pools, pool_index));
+        let n = config.routes.len();
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get().min(8));
+        if n < COMPILE_ALONE_BELOW || threads < 2 {
+            return self.route_range(config, 0..n, targets);
+        }
+        // In parts on every CPU, each with a validator of its own, joined in order: the same
+        // routes and problems as one pass.
+        let per_part = n.div_ceil(threads);
+        let mut parts: Vec<std::ops::Range<usize>> = (0..n)
+            .step_by(per_part)
+            .map(|start| start..(start + per_part).min(n))
+            .collect();
+        let mine = parts.remove(0);
+        let previous = self.previous.clone();
+        let previous = &previous;
+        let (mut out, others) = std::thread::scope(|s| {
+            let spawned: Vec<_> = parts
+                .into_iter()
+                .map(|range| {
+                    s.spawn(move || {
+                        let mut v = Validator {
+                            previous: previous.clone(),
+                            ..Validator::default()
+                        };
+                        let routes = v.route_range(config, range, targets);
+                        (routes, v)
+                    })
+                })
+                .collect();
+            let first = self.route_range(config, mine, targets);
+            let others: Vec<_> = spawned
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect();
+            (first, others)
+        });
+        for (routes, v) in others {
+            out.extend(routes);
+            self.problems.extend(v.problems);
+            self.regexes.extend(v.regexes);
+        }
+        out
+    }
+
+    /// The routes at `range` of `config.routes`.
+    fn route_range(
+        &mut self,
+        config: &Config,
+        range: std::ops::Range<usize>,
+        (clusters, compiled, (pools, pool_index)): RouteTargets,
+    ) -> Vec<Route> {
+        let mut out = Vec::with_capacity(range.len());
         let list = At::Text("routes");
-        for (i, r) in config.routes.iter().enumerate() {
-            let at = list.item(i);
+        for (i, r) in config.routes[range.clone()].iter().enumerate() {
+            let at = list.item(range.start + i);
             if let Some(l) = &r.matches.listener {
                 if !config.listeners.iter().any(|x| &x.name == l) {
                     self.problem(

@@ -507,7 +507,7 @@ fn a_large_file_loads_in_order_and_its_errors_name_their_lines() {
     let expected: Vec<String> = (0..3000).map(|i| format!("r{i}")).collect();
     assert_eq!(names, expected);
 
-    // Problems in routes parsed in different parts: all reported, in route order.
+    // Problems in routes parsed and compiled in different parts: all reported, in route order.
     let text = big(3000, |i| match i {
         3 => plain_route(i).replace("t3-.*", "t3-(("),
         2900 => plain_route(i).replace("cluster: c", "cluster: nope"),
