@@ -15,5 +15,8 @@ mod split;
 pub mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{load_many, load_many_with, load_str, parse, FileSpan, EMBEDDED_DEFAULT};
+pub use load::{
+    load_many, load_many_with, load_str, parse, parse_cached, FileSpan, EMBEDDED_DEFAULT,
+};
 pub use snapshot::Snapshot;
+pub use split::ItemCache;

@@ -4,7 +4,7 @@ use crate::error::{ConfigError, ConfigErrors};
 use crate::model::Config;
 use crate::position::PositionIndex;
 use crate::snapshot::Snapshot;
-use crate::split;
+use crate::split::{self, ItemCache};
 use crate::validate;
 
 /// The config weir runs when started without one: the admin endpoint and a demo route.
@@ -208,6 +208,20 @@ fn locate_in_files(field: &str, starts: &[[usize; 5]]) -> (usize, String) {
 
 /// Parses `text` into the raw model without validating it.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    parse_with(file, text, split::parse)
+}
+
+/// [`parse`] of a file parsed before with `cache`: list items unchanged since are taken from
+/// it, not parsed again (see [`ItemCache`]).
+pub fn parse_cached(file: &str, text: &str, cache: &mut ItemCache) -> Result<Config, ConfigErrors> {
+    parse_with(file, text, |t| split::parse_cached(t, cache))
+}
+
+fn parse_with(
+    file: &str,
+    text: &str,
+    split: impl FnOnce(&str) -> Option<Config>,
+) -> Result<Config, ConfigErrors> {
     if text.trim().is_empty() {
         return Err(ConfigErrors(vec![ConfigError {
             file: file.to_string(),
@@ -220,11 +234,10 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     // The plain deserializer first: tracking the path of every field made the parse of
     // 10,000 routes 67-94 ms instead of 51-56, and only an error needs it. A file that fails
     // is parsed again to say where.
-    let mut config =
-        match split::parse(text).map_or_else(|| serde_norway::from_str::<Config>(text), Ok) {
-            Ok(config) => config,
-            Err(plain) => return Err(parse_error(file, text, plain)),
-        };
+    let mut config = match split(text).map_or_else(|| serde_norway::from_str::<Config>(text), Ok) {
+        Ok(config) => config,
+        Err(plain) => return Err(parse_error(file, text, plain)),
+    };
     resolve_module_paths(file, &mut config);
     Ok(config)
 }
