@@ -62,7 +62,12 @@ impl Config {
             && self.tracing == newer.tracing
             && self.otlp_metrics == newer.otlp_metrics
             && self.clusters.len() == newer.clusters.len()
-            && self.routes == newer.routes;
+            && self.routes.len() == newer.routes.len()
+            && self
+                .routes
+                .iter()
+                .zip(&newer.routes)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b);
         if !same_rest {
             return None;
         }
