@@ -54,7 +54,8 @@ pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
 /// routes parses one cluster. Holds the items of one file (the last one parsed with it).
 #[derive(Debug, Default)]
 pub struct ItemCache {
-    items: HashMap<(&'static str, String), Item>,
+    /// By the item's text; the variant says which list it was in.
+    items: HashMap<String, Item>,
     /// Items parsed (not found in the cache) by the last parse.
     parsed: usize,
 }
@@ -66,7 +67,7 @@ impl ItemCache {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Item {
     Listener(Listener),
     Route(Arc<Route>),
@@ -75,11 +76,34 @@ enum Item {
     InferencePool(InferencePool),
 }
 
+impl Item {
+    /// The list it is an item of.
+    fn list(&self) -> &'static str {
+        match self {
+            Item::Listener(_) => "listeners",
+            Item::Route(_) => "routes",
+            Item::Cluster(_) => "clusters",
+            Item::FilterChain(_) => "filter_chains",
+            Item::InferencePool(_) => "inference_pools",
+        }
+    }
+}
+
+/// An item's text: its lines, which lie one after another in `text`.
+fn text_of<'t>(text: &'t str, item: &[&str]) -> &'t str {
+    let Some(first) = item.first() else {
+        return "";
+    };
+    let start = first.as_ptr() as usize - text.as_ptr() as usize;
+    let len: usize = item.iter().map(|l| l.len()).sum();
+    &text[start..start + len]
+}
+
 /// [`parse`] that takes unchanged list items from `cache` and leaves this parse's items in it.
 /// `None` (and an empty cache) where [`parse`] declines, and for a file with anchors, whose
 /// items may depend on each other.
 pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> {
-    let old = std::mem::take(&mut cache.items);
+    let mut old = std::mem::take(&mut cache.items);
     cache.parsed = 0;
     if text.len() <= PARALLEL_ABOVE || has_anchor(text) {
         return None;
@@ -96,12 +120,16 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
         let mut section_slots = Vec::with_capacity(s.items.len());
         let mut absent = Vec::new();
         for item in &s.items {
-            let slot = (key, item.concat());
-            let found = old.get(&slot).cloned();
-            if found.is_none() {
-                absent.push(*item);
-            }
-            section_slots.push((slot.1, found));
+            let item_text = text_of(text, item);
+            // Taken out (with its key): what is left in `old` is what changed.
+            let slot = match old.remove_entry(item_text) {
+                Some((text, found)) if found.list() == key => (text, Some(found)),
+                _ => {
+                    absent.push(*item);
+                    (item_text.to_string(), None)
+                }
+            };
+            section_slots.push(slot);
         }
         cache.parsed += absent.len();
         if !absent.is_empty() {
@@ -132,7 +160,7 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
     let mut clusters = parsed.clusters.into_iter();
     let mut filter_chains = parsed.filter_chains.into_iter();
     let mut pools = parsed.inference_pools.into_iter();
-    let mut items = HashMap::with_capacity(old.len());
+    let mut items = HashMap::with_capacity(slots.iter().map(Vec::len).sum());
     for (key, section_slots) in keys.into_iter().zip(slots) {
         for (text, found) in section_slots {
             let item = match found {
@@ -153,7 +181,7 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
                 Item::FilterChain(f) => config.filter_chains.push(f.clone()),
                 Item::InferencePool(p) => config.inference_pools.push(p.clone()),
             }
-            items.insert((key, text), item);
+            items.insert(text, item);
         }
     }
     let all_used = listeners.next().is_none()
