@@ -444,9 +444,10 @@ mod xds {
         let mut last_push = String::new();
         for generation in 1..=rounds {
             // Every route changes.
+            let text = policy(routes, generation, 8080);
             let old = cp.version();
             let start = Instant::now();
-            write(policy(routes, generation, 8080))?;
+            write(text)?;
             all_acked(&cp, proxies, &old)
                 .await
                 .map_err(|e| format!("routes change: {e}"))?;
@@ -455,9 +456,10 @@ mod xds {
             // One endpoint changes, through the file (once the watcher has waited out the burst
             // of the change above, as it would for a change that comes alone)...
             tokio::time::sleep(Duration::from_millis(100)).await;
+            let text = policy(routes, generation, 9090);
             let old = cp.version();
             let start = Instant::now();
-            write(policy(routes, generation, 9090))?;
+            write(text)?;
             all_acked(&cp, proxies, &old)
                 .await
                 .map_err(|e| format!("endpoint change: {e}"))?;
@@ -506,10 +508,11 @@ mod xds {
         let mut endpoint_own_file = vec![];
         for round in 0..rounds {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            let text = policy(routes, rounds, 5050 + round as u16);
             let old = cp.version();
             let start = Instant::now();
             let tmp = dir.path().join("zz-clusters.tmp");
-            std::fs::write(&tmp, &policy(routes, rounds, 5050 + round as u16)[cut..])
+            std::fs::write(&tmp, &text[cut..])
                 .and_then(|_| std::fs::rename(&tmp, &split))
                 .map_err(|e| e.to_string())?;
             all_acked(&cp, proxies, &old)
