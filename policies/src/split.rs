@@ -54,8 +54,12 @@ pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
 /// routes parses one cluster. Holds the items of one file (the last one parsed with it).
 #[derive(Debug, Default)]
 pub struct ItemCache {
-    /// By the item's text; the variant says which list it was in.
-    items: HashMap<String, Item>,
+    /// By the item's text, with the parse that last saw it; the variant says which list it
+    /// was in. An item's text always parses to the same item (files with anchors are not
+    /// cached), so an entry is never wrong, only perhaps no longer in the file.
+    items: HashMap<String, (u64, Item)>,
+    /// Counts parses.
+    generation: u64,
     /// Items parsed (not found in the cache) by the last parse.
     parsed: usize,
 }
@@ -67,7 +71,7 @@ impl ItemCache {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Item {
     Listener(Listener),
     Route(Arc<Route>),
@@ -103,33 +107,33 @@ fn text_of<'t>(text: &'t str, item: &[&str]) -> &'t str {
 /// `None` (and an empty cache) where [`parse`] declines, and for a file with anchors, whose
 /// items may depend on each other.
 pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> {
-    let mut old = std::mem::take(&mut cache.items);
     cache.parsed = 0;
     if text.len() <= PARALLEL_ABOVE || has_anchor(text) {
+        cache.items.clear();
         return None;
     }
+    cache.generation += 1;
+    let generation = cache.generation;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let (head, sections) = sections(&lines)?;
-    // Each item: its text, and what it was last time if it is unchanged.
-    let mut slots: Vec<Vec<(String, Option<Item>)>> = Vec::with_capacity(sections.len());
+    // Each item: what it was last time if its text is unchanged (`None`: parsed below).
+    let mut slots: Vec<(&'static str, Vec<Option<Item>>)> = Vec::with_capacity(sections.len());
     let mut missing: Vec<Section> = Vec::new();
-    let mut keys: Vec<&'static str> = Vec::with_capacity(sections.len());
     for s in &sections {
         let key = LISTS.into_iter().find(|k| *k == s.key)?;
-        keys.push(key);
         let mut section_slots = Vec::with_capacity(s.items.len());
         let mut absent = Vec::new();
         for item in &s.items {
-            let item_text = text_of(text, item);
-            // Taken out (with its key): what is left in `old` is what changed.
-            let slot = match old.remove_entry(item_text) {
-                Some((text, found)) if found.list() == key => (text, Some(found)),
+            match cache.items.get_mut(text_of(text, item)) {
+                Some((seen, found)) if found.list() == key => {
+                    *seen = generation;
+                    section_slots.push(Some(found.clone()));
+                }
                 _ => {
                     absent.push(*item);
-                    (item_text.to_string(), None)
+                    section_slots.push(None);
                 }
-            };
-            section_slots.push(slot);
+            }
         }
         cache.parsed += absent.len();
         if !absent.is_empty() {
@@ -138,7 +142,7 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
                 items: absent,
             });
         }
-        slots.push(section_slots);
+        slots.push((key, section_slots));
     }
     let missing_bytes: usize = missing
         .iter()
@@ -160,28 +164,35 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
     let mut clusters = parsed.clusters.into_iter();
     let mut filter_chains = parsed.filter_chains.into_iter();
     let mut pools = parsed.inference_pools.into_iter();
-    let mut items = HashMap::with_capacity(slots.iter().map(Vec::len).sum());
-    for (key, section_slots) in keys.into_iter().zip(slots) {
-        for (text, found) in section_slots {
-            let item = match found {
+    // The parsed items, in the order `missing` lists them.
+    let mut fresh = missing.iter().flat_map(|s| s.items.iter());
+    for (key, section_slots) in slots {
+        for slot in section_slots {
+            let item = match slot {
                 Some(item) => item,
                 // A part's lists hold exactly its items, in order.
-                None => match key {
-                    "listeners" => Item::Listener(listeners.next()?),
-                    "routes" => Item::Route(routes.next()?),
-                    "clusters" => Item::Cluster(clusters.next()?),
-                    "filter_chains" => Item::FilterChain(filter_chains.next()?),
-                    _ => Item::InferencePool(pools.next()?),
-                },
+                None => {
+                    let item = match key {
+                        "listeners" => Item::Listener(listeners.next()?),
+                        "routes" => Item::Route(routes.next()?),
+                        "clusters" => Item::Cluster(clusters.next()?),
+                        "filter_chains" => Item::FilterChain(filter_chains.next()?),
+                        _ => Item::InferencePool(pools.next()?),
+                    };
+                    let item_text = text_of(text, fresh.next()?);
+                    cache
+                        .items
+                        .insert(item_text.to_string(), (generation, item.clone()));
+                    item
+                }
             };
-            match &item {
-                Item::Listener(l) => config.listeners.push(l.clone()),
-                Item::Route(r) => config.routes.push(r.clone()),
-                Item::Cluster(c) => config.clusters.push(c.clone()),
-                Item::FilterChain(f) => config.filter_chains.push(f.clone()),
-                Item::InferencePool(p) => config.inference_pools.push(p.clone()),
+            match item {
+                Item::Listener(l) => config.listeners.push(l),
+                Item::Route(r) => config.routes.push(r),
+                Item::Cluster(c) => config.clusters.push(c),
+                Item::FilterChain(f) => config.filter_chains.push(f),
+                Item::InferencePool(p) => config.inference_pools.push(p),
             }
-            items.insert(text, item);
         }
     }
     let all_used = listeners.next().is_none()
@@ -190,9 +201,11 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
         && filter_chains.next().is_none()
         && pools.next().is_none();
     if !all_used {
+        cache.items.clear();
         return None;
     }
-    cache.items = items;
+    // Items no longer in the file.
+    cache.items.retain(|_, (seen, _)| *seen == generation);
     Some(config)
 }
 
