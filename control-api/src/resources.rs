@@ -399,7 +399,7 @@ const DECODE_ALONE_BELOW: usize = 512;
 /// Decodes `resources` in order, a large push on every CPU (at 10,000 routes, decoding is
 /// 15-25 ms of a config change on one thread).
 fn decode_all(resources: Vec<Resource>) -> Result<Vec<Entry>, String> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let threads = weir_policies::config_threads();
     if resources.len() < DECODE_ALONE_BELOW || threads < 2 {
         return resources.into_iter().map(decode_entry).collect();
     }

@@ -20,3 +20,9 @@ pub use load::{
 };
 pub use snapshot::Snapshot;
 pub use split::ItemCache;
+
+/// Threads worth using for one large config (parse, compile, decode): one per CPU this process
+/// may run on, at most 8.
+pub fn config_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}

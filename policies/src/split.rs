@@ -31,7 +31,7 @@ const LISTS: [&str; 5] = [
 
 /// A file over [`PARALLEL_ABOVE`] parsed in one part per CPU, when there are several.
 pub(crate) fn parse(text: &str) -> Option<Config> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let threads = crate::config_threads();
     (text.len() > PARALLEL_ABOVE && threads > 1)
         .then(|| parse_in_parts(text, threads))
         .flatten()
@@ -144,15 +144,8 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
         }
         slots.push((key, section_slots));
     }
-    let missing_bytes: usize = missing
-        .iter()
-        .flat_map(|s| &s.items)
-        .flat_map(|i| i.iter())
-        .map(|l| l.len())
-        .sum();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let parts = if missing_bytes > PARALLEL_ABOVE {
-        threads
+    let parts = if bytes(&missing) > PARALLEL_ABOVE {
+        crate::config_threads()
     } else {
         1
     };
@@ -361,13 +354,7 @@ fn sections<'a>(lines: &'a [&'a str]) -> Option<(String, Vec<Section<'a>>)> {
 /// The items cut into at most `parts` texts of about the same size, in order, each a file
 /// with the keys of the lists its items come from.
 fn group(sections: &[Section], parts: usize) -> Vec<String> {
-    let total: usize = sections
-        .iter()
-        .flat_map(|s| &s.items)
-        .flat_map(|i| i.iter())
-        .map(|l| l.len())
-        .sum();
-    let per_part = total.div_ceil(parts.max(1)).max(1);
+    let per_part = bytes(sections).div_ceil(parts.max(1)).max(1);
     let mut groups: Vec<String> = Vec::new();
     let mut current = String::new();
     let mut current_key = "";
@@ -394,6 +381,16 @@ fn group(sections: &[Section], parts: usize) -> Vec<String> {
         groups.push(current);
     }
     groups
+}
+
+/// The size of the sections' items.
+fn bytes(sections: &[Section]) -> usize {
+    sections
+        .iter()
+        .flat_map(|s| &s.items)
+        .flat_map(|i| i.iter())
+        .map(|l| l.len())
+        .sum()
 }
 
 /// `key` when `line` is `key:` for one of [`LISTS`], alone on its line (a comment may follow).

@@ -663,7 +663,7 @@ impl Validator {
         );
         let targets = (clusters, compiled, (pools, pool_index));
         let n = config.routes.len();
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get().min(8));
+        let threads = crate::config_threads();
         if n < COMPILE_ALONE_BELOW || threads < 2 {
             return self.route_range(config, 0..n, targets);
         }

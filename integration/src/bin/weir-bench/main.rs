@@ -440,30 +440,30 @@ mod xds {
             .await
             .map_err(|e| format!("initial: {e}"))?;
 
+        // The time from writing `text` (made before the clock starts) as the policy file
+        // until every proxy ACKed.
+        let change = |text: String, what: &'static str| {
+            let (cp, write) = (&cp, &write);
+            async move {
+                let old = cp.version();
+                let start = Instant::now();
+                write(text)?;
+                all_acked(cp, proxies, &old)
+                    .await
+                    .map_err(|e| format!("{what}: {e}"))?;
+                Ok::<_, String>(start.elapsed())
+            }
+        };
         let (mut full, mut endpoint_file, mut endpoint_push) = (vec![], vec![], vec![]);
         let mut last_push = String::new();
         for generation in 1..=rounds {
             // Every route changes.
-            let text = policy(routes, generation, 8080);
-            let old = cp.version();
-            let start = Instant::now();
-            write(text)?;
-            all_acked(&cp, proxies, &old)
-                .await
-                .map_err(|e| format!("routes change: {e}"))?;
-            full.push(start.elapsed());
+            full.push(change(policy(routes, generation, 8080), "routes change").await?);
 
             // One endpoint changes, through the file (once the watcher has waited out the burst
             // of the change above, as it would for a change that comes alone)...
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let text = policy(routes, generation, 9090);
-            let old = cp.version();
-            let start = Instant::now();
-            write(text)?;
-            all_acked(&cp, proxies, &old)
-                .await
-                .map_err(|e| format!("endpoint change: {e}"))?;
-            endpoint_file.push(start.elapsed());
+            endpoint_file.push(change(policy(routes, generation, 9090), "endpoint change").await?);
 
             // ...and published directly (the push and apply alone, without parsing the folder),
             // once the folder watcher has folded the last events of the write above.
