@@ -73,6 +73,17 @@ pub struct Undo(Vec<(Key, Option<Arc<Entry>>)>);
 #[derive(Debug, Clone, Default)]
 pub struct ResourceSet {
     items: BTreeMap<Key, Arc<Entry>>,
+    /// The XOR of every entry's [`entry_digest`]: the set's version, kept up to date as
+    /// entries come and go (hashing 10,000 entries for every endpoint edit took ~1 ms).
+    digest: u64,
+}
+
+/// A resource's part of its set's version: its key and version.
+fn entry_digest(key: &(String, String), e: &Entry) -> u64 {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    e.resource.version.hash(&mut h);
+    h.finish()
 }
 
 impl PartialEq for ResourceSet {
@@ -204,7 +215,7 @@ impl ResourceSet {
                 }
             };
             let key = Arc::new((e.resource.r#type.clone(), e.resource.name.clone()));
-            let previous = self.items.insert(key.clone(), Arc::new(e));
+            let previous = self.put(key.clone(), Arc::new(e));
             undo.0.push((key, previous));
         }
         Ok(undo)
@@ -214,8 +225,8 @@ impl ResourceSet {
     pub fn undo(&mut self, undo: Undo) {
         for (key, previous) in undo.0.into_iter().rev() {
             match previous {
-                Some(e) => self.items.insert(key, e),
-                None => self.items.remove(&key),
+                Some(e) => self.put(key, e),
+                None => self.take(&key),
             };
         }
     }
@@ -247,15 +258,31 @@ impl ResourceSet {
     /// Adds every resource of `other` (which wins on equal keys).
     pub fn merge(&mut self, other: &ResourceSet) {
         for (k, e) in &other.items {
-            self.items.insert(k.clone(), e.clone());
+            self.put(k.clone(), e.clone());
         }
     }
 
     fn insert(&mut self, e: Entry) {
-        self.items.insert(
+        self.put(
             Arc::new((e.resource.r#type.clone(), e.resource.name.clone())),
             Arc::new(e),
         );
+    }
+
+    /// Adds or replaces an entry (every change to `items` goes through here or [`Self::take`]).
+    fn put(&mut self, key: Key, e: Arc<Entry>) -> Option<Arc<Entry>> {
+        self.digest ^= entry_digest(&key, &e);
+        let previous = self.items.insert(key.clone(), e);
+        if let Some(p) = &previous {
+            self.digest ^= entry_digest(&key, p);
+        }
+        previous
+    }
+
+    fn take(&mut self, key: &(String, String)) -> Option<Arc<Entry>> {
+        let (key, e) = self.items.remove_entry(key)?;
+        self.digest ^= entry_digest(&key, &e);
+        Some(e)
     }
 
     pub fn len(&self) -> usize {
@@ -268,12 +295,7 @@ impl ResourceSet {
 
     /// A version for the whole set: equal sets, equal versions.
     pub fn version(&self) -> String {
-        let mut h = DefaultHasher::new();
-        for (k, e) in &self.items {
-            k.hash(&mut h);
-            e.resource.version.hash(&mut h);
-        }
-        format!("{:016x}", h.finish())
+        format!("{:016x}", self.digest)
     }
 
     /// Every resource, for a full-state push.
@@ -349,10 +371,14 @@ impl ResourceSet {
         }
         let decoded = decode_all(changed)?;
         if full_state {
-            self.items = kept.into_iter().collect();
+            self.items.clear();
+            self.digest = 0;
+            for (k, e) in kept {
+                self.put(k, e);
+            }
         }
         for k in removed {
-            self.items.remove(&(k.r#type.clone(), k.name.clone()));
+            self.take(&(k.r#type.clone(), k.name.clone()));
         }
         for e in decoded {
             self.insert(e);
@@ -558,9 +584,26 @@ clusters:
         let mut set = a.clone();
         let undo = set.apply_in_place(changed).unwrap();
         assert_eq!(set, b);
+        assert_eq!(set.version(), b.version());
         assert_eq!(set.endpoints("c").unwrap()[0].address, "127.0.0.1:3");
         set.undo(undo);
         assert_eq!(set, a);
+        assert_eq!(set.version(), a.version());
+        assert_ne!(a.version(), b.version());
+
+        // The version follows every kind of change: as built, it equals a set built anew.
+        let mut edited = a.clone();
+        edited.replace_endpoints(&[("c".into(), b.endpoints("c").unwrap())]);
+        assert_eq!(edited.version(), b.version());
+        let (changed, removed) = b.diff(&a);
+        let mut full = b.clone();
+        full.apply(true, a.all(), &[]).unwrap();
+        assert_eq!(full.version(), a.version());
+        full.apply(false, changed.clone(), &removed).unwrap();
+        assert_eq!(full.version(), a.version(), "{changed:?}");
+        let mut merged = ResourceSet::default();
+        merged.merge(&b);
+        assert_eq!(merged.version(), b.version());
     }
 
     #[test]
