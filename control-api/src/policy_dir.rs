@@ -312,6 +312,78 @@ mod tests {
     }
 
     #[test]
+    fn an_edit_in_a_large_file_parses_only_its_items_and_publishes_what_a_whole_validation_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        let policy = |port: u16, prefix: &str| {
+            let mut t =
+                String::from("listeners: [{ name: l, address: \"127.0.0.1:1\" }]\nroutes:\n");
+            for i in 0..2000 {
+                t.push_str(&format!(
+                    "  - {{ name: r{i}, match: {{ path: {{ prefix: /{prefix}{i}/ }} }}, route: {{ cluster: c{} }} }}\n",
+                    i % 3
+                ));
+            }
+            t.push_str("clusters:\n");
+            for c in 0..3 {
+                t.push_str(&format!(
+                    "  - {{ name: c{c}, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
+                    if c == 1 { port } else { 8000 }
+                ));
+            }
+            t
+        };
+        let whole = || {
+            let fresh = ControlPlane::new(None);
+            fresh.publish_folder(load(dir.path()).unwrap());
+            fresh.version()
+        };
+        std::fs::write(&file, policy(8001, "a")).unwrap();
+        assert!(
+            std::fs::metadata(&file).unwrap().len() > 128 << 10,
+            "large enough"
+        );
+        let cp = ControlPlane::new(None);
+        let mut parsed = Parsed::default();
+        reload(dir.path(), &cp, &mut parsed);
+        let items = |p: &Parsed| p.items.values().next().unwrap().last_parsed();
+        assert_eq!(items(&parsed), 2003);
+
+        // An endpoint: one item parsed, taken as an endpoint change, the same version.
+        std::fs::write(&file, policy(9001, "a")).unwrap();
+        reload(dir.path(), &cp, &mut parsed);
+        assert_eq!(items(&parsed), 1);
+        assert_eq!(parsed.endpoint_changes, 1);
+        assert_eq!(cp.version(), whole());
+
+        // Every route: all parsed again, validated whole, the same version.
+        std::fs::write(&file, policy(9001, "b")).unwrap();
+        reload(dir.path(), &cp, &mut parsed);
+        assert_eq!(items(&parsed), 2000);
+        assert_eq!(parsed.endpoint_changes, 1);
+        assert_eq!(cp.version(), whole());
+
+        // A broken item: nothing published, the error names the route; fixed, served again.
+        let good = cp.version();
+        std::fs::write(
+            &file,
+            policy(9001, "b").replace("prefix: /b7/", "prefix: [7]"),
+        )
+        .unwrap();
+        reload(dir.path(), &cp, &mut parsed);
+        assert_eq!(cp.version(), good);
+        let error = cp.status().config_error;
+        assert!(
+            error.contains("mesh.yaml") && error.contains("routes[7]"),
+            "{error}"
+        );
+        std::fs::write(&file, policy(9002, "b")).unwrap();
+        reload(dir.path(), &cp, &mut parsed);
+        assert!(cp.status().config_error.is_empty());
+        assert_eq!(cp.version(), whole());
+    }
+
+    #[test]
     fn an_endpoint_edit_publishes_what_a_whole_validation_would() {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();

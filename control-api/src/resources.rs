@@ -257,6 +257,10 @@ impl ResourceSet {
 
     /// Adds every resource of `other` (which wins on equal keys).
     pub fn merge(&mut self, other: &ResourceSet) {
+        if self.items.is_empty() {
+            self.clone_from(other);
+            return;
+        }
         for (k, e) in &other.items {
             self.put(k.clone(), e.clone());
         }
