@@ -49,17 +49,19 @@ pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
     parse_groups(&head, &groups)
 }
 
-/// Each list item of a large file as it was parsed last time, by list and text, so that the
-/// file parsed again parses only the items that changed: an endpoint edit in a file of 10,000
-/// routes parses one cluster. Holds the items of one file (the last one parsed with it).
+/// Each list item of a large file as it was parsed last time, so that the file parsed again
+/// parses only the items that changed: an endpoint edit in a file of 10,000 routes parses one
+/// cluster. Holds the items of one file (the last one parsed with it).
+///
+/// Items are matched in order from both ends of each list by their text (a memcmp, no
+/// hashing), and what lies between by text; an item's text always parses to the same item
+/// (files with anchors are not cached).
 #[derive(Debug, Default)]
 pub struct ItemCache {
-    /// By the item's text, with the parse that last saw it; the variant says which list it
-    /// was in. An item's text always parses to the same item (files with anchors are not
-    /// cached), so an entry is never wrong, only perhaps no longer in the file.
-    items: HashMap<String, (u64, Item)>,
-    /// Counts parses.
-    generation: u64,
+    /// The file's text last time.
+    text: String,
+    /// Each list's items.
+    lists: Vec<(&'static str, Vec<Placed>)>,
     /// Items parsed (not found in the cache) by the last parse.
     parsed: usize,
 }
@@ -70,6 +72,9 @@ impl ItemCache {
         self.parsed
     }
 }
+
+/// An item: where it is in its file's text, and what it parsed to.
+type Placed = (std::ops::Range<usize>, Item);
 
 #[derive(Debug, Clone)]
 enum Item {
@@ -93,27 +98,29 @@ impl Item {
     }
 }
 
-/// An item's text: its lines, which lie one after another in `text`.
-fn text_of<'t>(text: &'t str, item: &[&str]) -> &'t str {
+/// Where an item's lines, which lie one after another in `text`, are.
+fn range_of(text: &str, item: &[&str]) -> std::ops::Range<usize> {
     let Some(first) = item.first() else {
-        return "";
+        return 0..0;
     };
     let start = first.as_ptr() as usize - text.as_ptr() as usize;
     let len: usize = item.iter().map(|l| l.len()).sum();
-    &text[start..start + len]
+    start..start + len
+}
+
+/// An item's text.
+fn text_of<'t>(text: &'t str, item: &[&str]) -> &'t str {
+    &text[range_of(text, item)]
 }
 
 /// [`parse`] that takes unchanged list items from `cache` and leaves this parse's items in it.
 /// `None` (and an empty cache) where [`parse`] declines, and for a file with anchors, whose
 /// items may depend on each other.
 pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> {
-    cache.parsed = 0;
+    let old = std::mem::take(cache);
     if text.len() <= PARALLEL_ABOVE || has_anchor(text) {
-        cache.items.clear();
         return None;
     }
-    cache.generation += 1;
-    let generation = cache.generation;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let (head, sections) = sections(&lines)?;
     // Each item: what it was last time if its text is unchanged (`None`: parsed below).
@@ -121,14 +128,35 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
     let mut missing: Vec<Section> = Vec::new();
     for s in &sections {
         let key = LISTS.into_iter().find(|k| *k == s.key)?;
+        let before = old
+            .lists
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(&[][..], |(_, items)| &items[..]);
+        let was = |i: usize| &old.text[before[i].0.clone()];
+        let now = |i: usize| text_of(text, s.items[i]);
+        // Unchanged from the front and from the back...
+        let most = s.items.len().min(before.len());
+        let front = (0..most).take_while(|&i| now(i) == was(i)).count();
+        let back = (0..most - front)
+            .take_while(|&j| now(s.items.len() - 1 - j) == was(before.len() - 1 - j))
+            .count();
+        // ...and in between, by text (an item moved, or one edit at each end).
+        let between: HashMap<&str, &Item> = (front..before.len() - back)
+            .map(|i| (was(i), &before[i].1))
+            .collect();
         let mut section_slots = Vec::with_capacity(s.items.len());
         let mut absent = Vec::new();
-        for item in &s.items {
-            match cache.items.get_mut(text_of(text, item)) {
-                Some((seen, found)) if found.list() == key => {
-                    *seen = generation;
-                    section_slots.push(Some(found.clone()));
-                }
+        for (i, item) in s.items.iter().enumerate() {
+            let found = if i < front {
+                Some(&before[i].1)
+            } else if i >= s.items.len() - back {
+                Some(&before[before.len() - (s.items.len() - i)].1)
+            } else {
+                between.get(now(i)).copied()
+            };
+            match found {
+                Some(found) if found.list() == key => section_slots.push(Some(found.clone())),
                 _ => {
                     absent.push(*item);
                     section_slots.push(None);
@@ -157,36 +185,31 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
     let mut clusters = parsed.clusters.into_iter();
     let mut filter_chains = parsed.filter_chains.into_iter();
     let mut pools = parsed.inference_pools.into_iter();
-    // The parsed items, in the order `missing` lists them.
-    let mut fresh = missing.iter().flat_map(|s| s.items.iter());
-    for (key, section_slots) in slots {
-        for slot in section_slots {
+    let mut lists = Vec::with_capacity(slots.len());
+    for ((key, section_slots), s) in slots.into_iter().zip(&sections) {
+        let mut kept = Vec::with_capacity(section_slots.len());
+        for (slot, lines) in section_slots.into_iter().zip(&s.items) {
             let item = match slot {
                 Some(item) => item,
                 // A part's lists hold exactly its items, in order.
-                None => {
-                    let item = match key {
-                        "listeners" => Item::Listener(listeners.next()?),
-                        "routes" => Item::Route(routes.next()?),
-                        "clusters" => Item::Cluster(clusters.next()?),
-                        "filter_chains" => Item::FilterChain(filter_chains.next()?),
-                        _ => Item::InferencePool(pools.next()?),
-                    };
-                    let item_text = text_of(text, fresh.next()?);
-                    cache
-                        .items
-                        .insert(item_text.to_string(), (generation, item.clone()));
-                    item
-                }
+                None => match key {
+                    "listeners" => Item::Listener(listeners.next()?),
+                    "routes" => Item::Route(routes.next()?),
+                    "clusters" => Item::Cluster(clusters.next()?),
+                    "filter_chains" => Item::FilterChain(filter_chains.next()?),
+                    _ => Item::InferencePool(pools.next()?),
+                },
             };
-            match item {
-                Item::Listener(l) => config.listeners.push(l),
-                Item::Route(r) => config.routes.push(r),
-                Item::Cluster(c) => config.clusters.push(c),
-                Item::FilterChain(f) => config.filter_chains.push(f),
-                Item::InferencePool(p) => config.inference_pools.push(p),
+            match &item {
+                Item::Listener(l) => config.listeners.push(l.clone()),
+                Item::Route(r) => config.routes.push(r.clone()),
+                Item::Cluster(c) => config.clusters.push(c.clone()),
+                Item::FilterChain(f) => config.filter_chains.push(f.clone()),
+                Item::InferencePool(p) => config.inference_pools.push(p.clone()),
             }
+            kept.push((range_of(text, lines), item));
         }
+        lists.push((key, kept));
     }
     let all_used = listeners.next().is_none()
         && routes.next().is_none()
@@ -194,11 +217,10 @@ pub(crate) fn parse_cached(text: &str, cache: &mut ItemCache) -> Option<Config> 
         && filter_chains.next().is_none()
         && pools.next().is_none();
     if !all_used {
-        cache.items.clear();
         return None;
     }
-    // Items no longer in the file.
-    cache.items.retain(|_, (seen, _)| *seen == generation);
+    cache.text = text.to_string();
+    cache.lists = lists;
     Some(config)
 }
 
@@ -521,6 +543,21 @@ mod tests {
         assert_eq!(parse_cached(&anchored, &mut cache), None);
         assert_eq!(parse_cached(&text, &mut cache).unwrap(), whole(&text));
         assert_eq!(cache.last_parsed(), 3003);
+
+        // Two routes swapped: found by text between the unchanged ends, none parsed.
+        let item = |i: usize| {
+            format!(
+                "  - name: r{i}\n    match:\n      path: {{ prefix: /r{i}/ }}\n    route: {{ cluster: c{} }}\n",
+                i % 3
+            )
+        };
+        let swapped = text
+            .replace(&item(100), "@")
+            .replace(&item(2000), &item(100))
+            .replace('@', &item(2000));
+        assert_ne!(swapped, text);
+        assert_eq!(parse_cached(&swapped, &mut cache).unwrap(), whole(&swapped));
+        assert_eq!(cache.last_parsed(), 0);
         assert!(!has_anchor("a: \"Tom & Jerry\"\nb: /x?a=1&b=2\n"));
         assert!(has_anchor("a: &x 1\nb: *x\n"));
     }
