@@ -441,26 +441,17 @@ fn decode_all(resources: Vec<Resource>) -> Result<Vec<Entry>, String> {
         chunks.push(rest);
         rest = tail;
     }
-    let mine = rest;
-    std::thread::scope(|s| {
-        let spawned: Vec<_> = chunks
-            .into_iter()
-            .map(|c| {
-                s.spawn(|| {
-                    c.into_iter()
-                        .map(decode_entry)
-                        .collect::<Result<Vec<_>, _>>()
-                })
-            })
-            .collect();
-        let last: Result<Vec<Entry>, String> = mine.into_iter().map(decode_entry).collect();
-        let mut all = Vec::new();
-        for h in spawned {
-            all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
-        }
-        all.extend(last?);
-        Ok(all)
-    })
+    chunks.push(rest);
+    let decoded = weir_policies::on_threads(chunks, |c| {
+        c.into_iter()
+            .map(decode_entry)
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let mut all = Vec::new();
+    for part in decoded {
+        all.extend(part?);
+    }
+    Ok(all)
 }
 
 /// Decodes a body; `what` names the resource in the error (formatted only then).

@@ -26,3 +26,25 @@ pub use split::ItemCache;
 pub fn config_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
+
+/// `f` of each part, in order: the first part on the calling thread, each other on a scoped
+/// thread of its own (a panic in one is passed on). For the large configs split by
+/// [`config_threads`].
+pub fn on_threads<P: Send, R: Send>(parts: Vec<P>, f: impl Fn(P) -> R + Sync) -> Vec<R> {
+    let mut parts = parts.into_iter();
+    let Some(first) = parts.next() else {
+        return Vec::new();
+    };
+    let f = &f;
+    std::thread::scope(|s| {
+        let spawned: Vec<_> = parts.map(|p| s.spawn(move || f(p))).collect();
+        let mut out = Vec::with_capacity(spawned.len() + 1);
+        out.push(f(first));
+        out.extend(
+            spawned
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+        );
+        out
+    })
+}

@@ -242,30 +242,18 @@ fn has_anchor(text: &str) -> bool {
 /// with the groups' list items appended in order. `None` if one does not parse or a group
 /// holds anything but list items.
 fn parse_groups(head: &str, groups: &[String]) -> Option<Config> {
-    let parse = |t: &str| serde_norway::from_str::<Config>(t).ok();
-    if groups.is_empty() {
-        return if has_content(head) {
-            parse(head)
+    let mut texts = vec![head];
+    texts.extend(groups.iter().map(String::as_str));
+    let mut parsed = crate::on_threads(texts, |t| {
+        if has_content(t) {
+            serde_norway::from_str::<Config>(t).ok()
         } else {
             Some(Config::default())
-        };
-    }
-    let (head, groups) = std::thread::scope(|s| {
-        let spawned: Vec<_> = groups[1..]
-            .iter()
-            .map(|g| s.spawn(move || parse(g)))
-            .collect();
-        let head = if has_content(head) {
-            parse(head)
-        } else {
-            Some(Config::default())
-        };
-        let mut parsed = vec![parse(&groups[0])];
-        parsed.extend(spawned.into_iter().map(|h| h.join().ok().flatten()));
-        (head, parsed)
-    });
-    let mut config = head?;
-    for part in groups {
+        }
+    })
+    .into_iter();
+    let mut config = parsed.next()??;
+    for part in parsed {
         let part = part?;
         // A part holds only list items: anything else means the cut was not what it seemed.
         if part.admin.is_some()

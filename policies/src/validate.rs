@@ -670,35 +670,20 @@ impl Validator {
         // In parts on every CPU, each with a validator of its own, joined in order: the same
         // routes and problems as one pass.
         let per_part = n.div_ceil(threads);
-        let mut parts: Vec<std::ops::Range<usize>> = (0..n)
+        let parts: Vec<std::ops::Range<usize>> = (0..n)
             .step_by(per_part)
             .map(|start| start..(start + per_part).min(n))
             .collect();
-        let mine = parts.remove(0);
-        let previous = self.previous.clone();
-        let previous = &previous;
-        let (mut out, others) = std::thread::scope(|s| {
-            let spawned: Vec<_> = parts
-                .into_iter()
-                .map(|range| {
-                    s.spawn(move || {
-                        let mut v = Validator {
-                            previous: previous.clone(),
-                            ..Validator::default()
-                        };
-                        let routes = v.route_range(config, range, targets);
-                        (routes, v)
-                    })
-                })
-                .collect();
-            let first = self.route_range(config, mine, targets);
-            let others: Vec<_> = spawned
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect();
-            (first, others)
+        let previous = &self.previous;
+        let done = crate::on_threads(parts, |range| {
+            let mut v = Validator {
+                previous: previous.clone(),
+                ..Validator::default()
+            };
+            (v.route_range(config, range, targets), v)
         });
-        for (routes, v) in others {
+        let mut out = Vec::with_capacity(n);
+        for (routes, v) in done {
             out.extend(routes);
             self.problems.extend(v.problems);
             self.regexes.extend(v.regexes);
