@@ -261,7 +261,7 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
+                        if same_peer(peer, &stream)
                             && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
@@ -472,6 +472,25 @@ use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
+/// weir patch: whether a pooled `stream` is connected to `peer`. A TCP socket's peer never
+/// changes once connected, so the address cached in the stream's socket digest (one
+/// `getpeername` per connection) answers as `Peer::matches_fd` would with a `getpeername` on
+/// every reuse. Streams without a digest, and Unix sockets, still ask the kernel.
+#[cfg(unix)]
+fn same_peer<P: Peer>(peer: &P, stream: &Stream) -> bool {
+    use crate::protocols::l4::socket::SocketAddr;
+    let cached = stream.get_socket_digest();
+    match (peer.address(), cached.as_ref().and_then(|d| d.peer_addr())) {
+        (SocketAddr::Inet(want), Some(SocketAddr::Inet(got))) => {
+            if want != got {
+                error!("Crit: pooled stream to {got} found under the key of {want}");
+            }
+            want == got
+        }
+        _ => peer.matches_fd(stream.id()),
+    }
+}
+
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
     let mut buf = [0; 1];
     // tokio::task::unconstrained because now_or_never may yield None when the future is ready
