@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use opentelemetry::KeyValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -27,6 +26,7 @@ use crate::inference::usage::UsageScanner;
 use crate::metrics::Metrics;
 use crate::retry::{self, Failure};
 use crate::state::{ClusterState, EndpointLoad, Gauge, Runtime, SharedRuntime};
+use crate::telemetry::Attrs;
 use crate::{downstream, filters, grpc, reply};
 
 /// Concurrent h2 streams weir opens on one upstream connection (pingora's default is 1).
@@ -725,16 +725,13 @@ impl ProxyHttp for WeirProxy {
             peer.options.max_h2_streams = MAX_H2_STREAMS;
         }
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
-            let mut attributes = vec![
-                KeyValue::new("server.address", endpoint.address.ip().to_string()),
-                KeyValue::new("server.port", i64::from(endpoint.address.port())),
-                KeyValue::new("weir.cluster", cluster.name.clone()),
-            ];
+            let mut attributes = Attrs::new();
+            attributes
+                .display("server.address", endpoint.address.ip())
+                .int("server.port", i64::from(endpoint.address.port()))
+                .str("weir.cluster", &cluster.name);
             if ctx.tries > 0 {
-                attributes.push(KeyValue::new(
-                    "http.request.resend_count",
-                    i64::from(ctx.tries),
-                ));
+                attributes.int("http.request.resend_count", i64::from(ctx.tries));
             }
             tracer.attempt(trace, attributes);
         }
@@ -1137,83 +1134,78 @@ impl WeirProxy {
         };
         let req = session.req_header();
         let path = req.uri.path();
-        let mut attrs = vec![
-            KeyValue::new("http.request.method", method_name(&req.method)),
-            KeyValue::new("url.path", path.to_string()),
-            KeyValue::new("url.scheme", "http"),
-            KeyValue::new(
+        let mut attrs = Attrs::new();
+        attrs
+            .str("http.request.method", req.method.as_str())
+            .str("url.path", path)
+            .str("url.scheme", "http")
+            .str(
                 "network.protocol.version",
                 if req.version == http::Version::HTTP_2 {
                     "2"
                 } else {
                     "1.1"
                 },
-            ),
-            KeyValue::new("http.response.status_code", i64::from(status)),
-            KeyValue::new("weir.listener", self.listener.clone()),
-            KeyValue::new("weir.route", route.to_string()),
-            KeyValue::new("weir.cluster", cluster.to_string()),
-        ];
+            )
+            .int("http.response.status_code", i64::from(status))
+            .str("weir.listener", &self.listener)
+            .str("weir.route", route)
+            .str("weir.cluster", cluster);
         if let Some(a) = req.uri.authority().map(|a| a.host()).or_else(|| {
             req.headers
                 .get("host")
                 .and_then(|v| v.to_str().ok())
                 .map(|h| h.split(':').next().unwrap_or(h))
         }) {
-            attrs.push(KeyValue::new("server.address", a.to_string()));
+            attrs.str("server.address", a);
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            attrs.push(KeyValue::new("client.address", addr.ip().to_string()));
+            attrs.display("client.address", addr.ip());
         }
-        let name = if ctx.grpc {
-            let (service, method) = path
-                .trim_start_matches('/')
-                .split_once('/')
-                .unwrap_or((path, ""));
-            attrs.push(KeyValue::new("rpc.system", "grpc"));
-            attrs.push(KeyValue::new("rpc.service", service.to_string()));
-            attrs.push(KeyValue::new("rpc.method", method.to_string()));
-            attrs.push(KeyValue::new(
-                "rpc.grpc.status_code",
-                i64::from(ctx.grpc_status.unwrap_or(0)),
-            ));
-            path.trim_start_matches('/').to_string()
+        let method = req.method.as_str();
+        let name: &[&str] = if ctx.grpc {
+            let rpc = path.trim_start_matches('/');
+            let (service, method) = rpc.split_once('/').unwrap_or((path, ""));
+            attrs
+                .str("rpc.system", "grpc")
+                .str("rpc.service", service)
+                .str("rpc.method", method)
+                .int(
+                    "rpc.grpc.status_code",
+                    i64::from(ctx.grpc_status.unwrap_or(0)),
+                );
+            &[rpc]
         } else if route.is_empty() {
-            req.method.as_str().to_string()
+            &[method]
         } else {
-            format!("{} {route}", req.method.as_str())
+            &[method, " ", route]
         };
         if let Some(i) = &ctx.inference {
-            attrs.push(KeyValue::new("gen_ai.request.model", i.model.clone()));
+            attrs.str("gen_ai.request.model", &i.model);
             if let Some(v) = i.lease.endpoint.version(&i.model).filter(|v| !v.is_empty()) {
-                attrs.push(KeyValue::new("weir.inference.model_version", v));
+                attrs.str("weir.inference.model_version", &v);
             }
-            attrs.push(KeyValue::new(
-                "weir.inference.endpoint",
-                i.lease.endpoint.address.to_string(),
-            ));
+            attrs.display("weir.inference.endpoint", i.lease.endpoint.address);
             if let Some(first) = i.first_chunk {
-                attrs.push(KeyValue::new(
+                attrs.double(
                     "gen_ai.server.time_to_first_token",
                     (first - ctx.start).as_secs_f64(),
-                ));
+                );
             }
-            attrs.push(KeyValue::new(
+            attrs.int(
                 "weir.inference.response_chunks",
                 i64::try_from(i.chunks).unwrap_or(i64::MAX),
-            ));
+            );
             if let Some(u) = i.usage.as_ref().and_then(|u| u.last) {
                 let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                attrs.push(KeyValue::new("gen_ai.usage.input_tokens", tokens(u.input)));
-                attrs.push(KeyValue::new(
-                    "gen_ai.usage.output_tokens",
-                    tokens(u.output),
-                ));
+                attrs
+                    .int("gen_ai.usage.input_tokens", tokens(u.input))
+                    .int("gen_ai.usage.output_tokens", tokens(u.output));
             }
         }
         let failed = status == 0 || status >= 500 || e.is_some();
         let error = e.map(|e| e.to_string());
-        tracer.finish(*trace, name, attrs, error.as_deref(), failed);
+        tracer.finish(*trace, name, &attrs, error.as_deref(), failed);
     }
 
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.
@@ -1303,16 +1295,5 @@ impl WeirProxy {
             error: e.map(|e| e.to_string()),
         };
         log.log(&config.fields, &entry);
-    }
-}
-
-/// The method as a `'static` attribute value (no allocation for the standard ones).
-fn method_name(m: &http::Method) -> opentelemetry::Value {
-    const NAMES: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
-    ];
-    match NAMES.iter().find(|n| **n == m.as_str()) {
-        Some(n) => (*n).into(),
-        None => m.as_str().to_string().into(),
     }
 }

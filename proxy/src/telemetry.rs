@@ -23,9 +23,8 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState,
 };
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_proto::tonic::trace::v1::{span, status, Span, SpanFlags, Status};
-use opentelemetry_proto::transform::common::tonic::Attributes;
+use opentelemetry::Context;
+use opentelemetry_proto::tonic::trace::v1::{span, status, SpanFlags};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample,
@@ -71,6 +70,10 @@ const SPANS_FIELD: u32 = 2;
 thread_local! {
     /// Where a worker encodes a request's spans before it takes the queue's lock.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Where a span's fields are encoded before its length is known.
+    static SPAN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// [`Attrs::display`]'s text.
+    static FORMATTED: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 /// The tracer shared by every listener.
@@ -110,7 +113,12 @@ struct HeaderInjector<'a>(&'a mut RequestHeader);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        let _ = self.0.insert_header(key.to_string(), value);
+        // The W3C propagator's two names, without a `String` each.
+        let _ = match key {
+            "traceparent" => self.0.insert_header("traceparent", value),
+            "tracestate" => self.0.insert_header("tracestate", value),
+            _ => self.0.insert_header(key.to_string(), value),
+        };
     }
 }
 
@@ -121,17 +129,99 @@ pub struct RequestTrace {
     parent: Option<SpanId>,
     start: SystemTime,
     attempt: Option<Attempt>,
-    /// Finished attempts' client spans.
-    spans: Vec<Span>,
+    /// Finished attempts' client spans, encoded (an attempt before a retry).
+    spans: Vec<u8>,
+    /// How many spans `spans` holds.
+    span_count: usize,
 }
 
 struct Attempt {
     span: SpanId,
     start: SystemTime,
-    attributes: Vec<KeyValue>,
+    attributes: Attrs,
     status: Option<u16>,
 }
 
+/// Span attributes, encoded as they are added: each is an OTLP `Span.attributes` field (a
+/// `KeyValue` message), so a span's attributes allocate nothing but this buffer.
+#[derive(Default)]
+pub struct Attrs(Vec<u8>);
+
+/// `Span.attributes`.
+const ATTRIBUTES_FIELD: u32 = 9;
+
+impl Attrs {
+    pub fn new() -> Self {
+        Self(Vec::with_capacity(256))
+    }
+
+    /// `KeyValue { key, value: AnyValue { <value_field>: ... } }`, `value_len` bytes of value
+    /// (written by `value`) after the value's key.
+    fn put(
+        &mut self,
+        key: &str,
+        value_field: u32,
+        wire: WireType,
+        value_len: usize,
+        value: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let any = key_len(value_field) + value_len;
+        let kv = key_len(1)
+            + encoded_len_varint(key.len() as u64)
+            + key.len()
+            + key_len(2)
+            + encoded_len_varint(any as u64)
+            + any;
+        let out = &mut self.0;
+        encode_key(ATTRIBUTES_FIELD, WireType::LengthDelimited, out);
+        encode_varint(kv as u64, out);
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(key.len() as u64, out);
+        out.put_slice(key.as_bytes());
+        encode_key(2, WireType::LengthDelimited, out);
+        encode_varint(any as u64, out);
+        encode_key(value_field, wire, out);
+        value(out);
+    }
+
+    /// A string attribute (`AnyValue.string_value`).
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        let len = encoded_len_varint(value.len() as u64) + value.len();
+        self.put(key, 1, WireType::LengthDelimited, len, |out| {
+            encode_varint(value.len() as u64, out);
+            out.put_slice(value.as_bytes());
+        });
+        self
+    }
+
+    /// A string attribute written by `Display` (an address, a number), without a `String`.
+    pub fn display(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
+        use std::fmt::Write;
+        FORMATTED.with_borrow_mut(|f| {
+            f.clear();
+            let _ = write!(f, "{value}");
+            self.str(key, f);
+        });
+        self
+    }
+
+    /// An integer attribute (`AnyValue.int_value`).
+    pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
+        let len = encoded_len_varint(value as u64);
+        self.put(key, 3, WireType::Varint, len, |out| {
+            encode_varint(value as u64, out)
+        });
+        self
+    }
+
+    /// A floating-point attribute (`AnyValue.double_value`).
+    pub fn double(&mut self, key: &str, value: f64) -> &mut Self {
+        self.put(key, 4, WireType::SixtyFourBit, 8, |out| {
+            out.put_f64_le(value)
+        });
+        self
+    }
+}
 impl RequestTrace {
     pub fn sampled(&self) -> bool {
         self.context.is_sampled()
@@ -165,7 +255,12 @@ impl Tracer {
     /// Starts the trace of a request: continues the caller's (`traceparent`) or starts one;
     /// sampled as the caller decided, otherwise by the configured ratio.
     pub fn start(&self, req: &RequestHeader) -> RequestTrace {
-        let parent_cx = self.propagator.extract(&HeaderExtractor(req));
+        // Without a `traceparent` there is nothing to extract (the common case at an edge).
+        let parent_cx = if req.headers.contains_key("traceparent") {
+            self.propagator.extract(&HeaderExtractor(req))
+        } else {
+            Context::new()
+        };
         let parent = parent_cx.span().span_context().clone();
         let (trace_id, parent_span, state) = if parent.is_valid() {
             (
@@ -198,12 +293,19 @@ impl Tracer {
             start: SystemTime::now(),
             attempt: None,
             spans: Vec::new(),
+            span_count: 0,
         }
     }
 
     /// Starts a client span for an upstream attempt (ending the previous attempt's).
-    pub fn attempt(&self, t: &mut RequestTrace, attributes: Vec<KeyValue>) {
-        self.end_attempt(t, None);
+    pub fn attempt(&self, t: &mut RequestTrace, attributes: Attrs) {
+        if let Some(done) = t.attempt.take() {
+            let mut spans = std::mem::take(&mut t.spans);
+            if end_attempt(t, done, None, &mut spans) {
+                t.span_count += 1;
+            }
+            t.spans = spans;
+        }
         t.attempt = Some(Attempt {
             span: self.ids.new_span_id(),
             start: SystemTime::now(),
@@ -217,30 +319,6 @@ impl Tracer {
         if let Some(a) = t.attempt.as_mut() {
             a.status = Some(status);
         }
-    }
-
-    fn end_attempt(&self, t: &mut RequestTrace, error: Option<&str>) {
-        let Some(a) = t.attempt.take() else { return };
-        if !t.sampled() {
-            return;
-        }
-        let mut attributes = a.attributes;
-        if let Some(s) = a.status {
-            attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
-        }
-        let failed = error.is_some() || a.status.is_none_or(|s| s >= 500);
-        let status = failed.then(|| error.unwrap_or("upstream attempt failed"));
-        t.spans.push(span_message(
-            &t.context,
-            a.span,
-            t.context.span_id(),
-            false,
-            span::SpanKind::Client,
-            "upstream".into(),
-            a.start,
-            attributes,
-            status,
-        ));
     }
 
     /// Sets `traceparent` (and `tracestate`) on the upstream request: the current attempt's
@@ -260,40 +338,46 @@ impl Tracer {
     }
 
     /// Ends the request's spans and queues them for export (dropping them if the queue is
-    /// full).
+    /// full). The server span's name is `name`'s parts joined.
     pub fn finish(
         &self,
         mut t: RequestTrace,
-        name: String,
-        attributes: Vec<KeyValue>,
+        name: &[&str],
+        attributes: &Attrs,
         error: Option<&str>,
         failed: bool,
     ) {
-        self.end_attempt(&mut t, error);
+        let attempt = t.attempt.take();
         if !t.sampled() {
             return;
         }
         let status = failed.then(|| error.unwrap_or("request failed"));
-        let server = span_message(
-            &t.context,
-            t.context.span_id(),
-            t.parent.unwrap_or(SpanId::INVALID),
-            t.parent.is_some(),
-            span::SpanKind::Server,
-            name,
-            t.start,
-            attributes,
-            status,
-        );
-        let n = t.spans.len() + 1;
         let queued = SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
-            for span in t.spans.iter().chain([&server]) {
-                prost::encoding::message::encode(SPANS_FIELD, span, scratch);
+            scratch.extend_from_slice(&t.spans);
+            let mut n = t.span_count;
+            if let Some(a) = attempt {
+                end_attempt(&t, a, error, scratch);
+                n += 1;
             }
+            encode_span(
+                scratch,
+                SpanFields {
+                    trace: &t.context,
+                    id: t.context.span_id(),
+                    parent: t.parent.unwrap_or(SpanId::INVALID),
+                    parent_remote: t.parent.is_some(),
+                    kind: span::SpanKind::Server,
+                    name,
+                    start: t.start,
+                    attributes: &attributes.0,
+                    status,
+                },
+            );
+            n += 1;
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             if q.spans + n > self.capacity {
-                return None;
+                return Err(n);
             }
             if q.batches.back().is_none_or(|b| b.spans + n > BATCH) {
                 let bytes = q.free.pop().unwrap_or_default();
@@ -303,16 +387,16 @@ impl Tracer {
             batch.bytes.extend_from_slice(scratch);
             batch.spans += n;
             q.spans += n;
-            Some(q.spans)
+            Ok((n, q.spans))
         });
         match queued {
-            Some(total) => {
+            Ok((n, total)) => {
                 self.queued.fetch_add(n as u64, Ordering::Relaxed);
                 if total >= self.capacity / 2 {
                     self.half_full.notify_one();
                 }
             }
-            None => {
+            Err(n) => {
                 self.dropped.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
@@ -362,49 +446,106 @@ impl Tracer {
     }
 }
 
-/// A finished span as its OTLP message. `status`: the error's description when it failed.
-#[allow(clippy::too_many_arguments)]
-fn span_message(
-    trace: &SpanContext,
+/// Ends attempt `a` of trace `t`: its client span, encoded into `out` when the trace is
+/// sampled (then true).
+fn end_attempt(t: &RequestTrace, mut a: Attempt, error: Option<&str>, out: &mut Vec<u8>) -> bool {
+    if !t.sampled() {
+        return false;
+    }
+    if let Some(s) = a.status {
+        a.attributes.int("http.response.status_code", i64::from(s));
+    }
+    let failed = error.is_some() || a.status.is_none_or(|s| s >= 500);
+    encode_span(
+        out,
+        SpanFields {
+            trace: &t.context,
+            id: a.span,
+            parent: t.context.span_id(),
+            parent_remote: false,
+            kind: span::SpanKind::Client,
+            name: &["upstream"],
+            start: a.start,
+            attributes: &a.attributes.0,
+            status: failed.then(|| error.unwrap_or("upstream attempt failed")),
+        },
+    );
+    true
+}
+
+/// What a finished span is made of.
+struct SpanFields<'a> {
+    trace: &'a SpanContext,
     id: SpanId,
     parent: SpanId,
     parent_remote: bool,
     kind: span::SpanKind,
-    name: String,
+    name: &'a [&'a str],
     start: SystemTime,
-    attributes: Vec<KeyValue>,
-    status: Option<&str>,
-) -> Span {
-    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
-    let mut flags =
-        u32::from(trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
-    if parent_remote {
-        flags |= SpanFlags::ContextIsRemoteMask as u32;
-    }
-    Span {
-        trace_id: trace.trace_id().to_bytes().to_vec(),
-        span_id: id.to_bytes().to_vec(),
-        trace_state: trace.trace_state().header(),
-        parent_span_id: if parent == SpanId::INVALID {
-            Vec::new()
-        } else {
-            parent.to_bytes().to_vec()
-        },
-        flags,
-        name,
-        kind: kind as i32,
-        start_time_unix_nano: unix_nanos(start),
-        end_time_unix_nano: unix_nanos(SystemTime::now()),
-        attributes: Attributes::from(attributes).0,
-        status: Some(match status {
-            None => Status::default(),
-            Some(e) => Status {
-                code: status::StatusCode::Error as i32,
-                message: e.to_string(),
-            },
-        }),
-        ..Default::default()
-    }
+    /// Encoded `Span.attributes` fields ([`Attrs`]).
+    attributes: &'a [u8],
+    /// The error's description when the span failed.
+    status: Option<&'a str>,
+}
+
+/// Appends the span, ended now, to `out` as a `ScopeSpans.spans` field: the OTLP `Span`
+/// message written field by field (no message structs, no allocation once the buffers have
+/// grown).
+fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
+    use prost::encoding::{fixed32, fixed64, int32};
+    let end = SystemTime::now();
+    SPAN.with_borrow_mut(|b| {
+        b.clear();
+        let put_bytes = |tag: u32, v: &[u8], b: &mut Vec<u8>| {
+            encode_key(tag, WireType::LengthDelimited, b);
+            encode_varint(v.len() as u64, b);
+            b.put_slice(v);
+        };
+        put_bytes(1, &f.trace.trace_id().to_bytes(), b);
+        put_bytes(2, &f.id.to_bytes(), b);
+        let state = f.trace.trace_state().header();
+        if !state.is_empty() {
+            put_bytes(3, state.as_bytes(), b);
+        }
+        if f.parent != SpanId::INVALID {
+            put_bytes(4, &f.parent.to_bytes(), b);
+        }
+        let name_len: usize = f.name.iter().map(|p| p.len()).sum();
+        encode_key(5, WireType::LengthDelimited, b);
+        encode_varint(name_len as u64, b);
+        for part in f.name {
+            b.put_slice(part.as_bytes());
+        }
+        int32::encode(6, &(f.kind as i32), b);
+        fixed64::encode(7, &unix_nanos(f.start), b);
+        fixed64::encode(8, &unix_nanos(end), b);
+        b.put_slice(f.attributes);
+        // Status (15): empty (unset) unless the span failed.
+        match f.status {
+            None => put_bytes(15, &[], b),
+            Some(e) => {
+                let code = status::StatusCode::Error as i32;
+                let len = key_len(2)
+                    + encoded_len_varint(e.len() as u64)
+                    + e.len()
+                    + int32::encoded_len(3, &code);
+                encode_key(15, WireType::LengthDelimited, b);
+                encode_varint(len as u64, b);
+                put_bytes(2, e.as_bytes(), b);
+                int32::encode(3, &code, b);
+            }
+        }
+        // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
+        let mut flags =
+            u32::from(f.trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
+        if f.parent_remote {
+            flags |= SpanFlags::ContextIsRemoteMask as u32;
+        }
+        fixed32::encode(16, &flags, b);
+        encode_key(SPANS_FIELD, WireType::LengthDelimited, out);
+        encode_varint(b.len() as u64, out);
+        out.put_slice(b);
+    });
 }
 
 /// The fields of an OTLP `ExportTraceServiceRequest` that come before its spans: one
@@ -794,7 +935,6 @@ mod tests {
     /// at most `BATCH` spans, and a full queue drops whole requests' spans and counts them.
     #[test]
     fn queued_spans_frame_as_an_otlp_export_request() {
-        use opentelemetry::KeyValue;
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
         use pingora::http::RequestHeader;
         use prost::Message;
@@ -811,15 +951,13 @@ mod tests {
         let requests = super::BATCH + 10;
         for i in 0..requests {
             let mut t = tracer.start(&req);
-            tracer.attempt(&mut t, vec![KeyValue::new("attempt", i as i64)]);
+            let mut attempt = super::Attrs::new();
+            attempt.int("attempt", i as i64);
+            tracer.attempt(&mut t, attempt);
             tracer.attempt_status(&mut t, 200);
-            tracer.finish(
-                t,
-                format!("GET r{i}"),
-                vec![KeyValue::new("i", i as i64)],
-                None,
-                false,
-            );
+            let mut attrs = super::Attrs::new();
+            attrs.int("i", i as i64);
+            tracer.finish(t, &["GET r", &i.to_string()], &attrs, None, false);
         }
         let queued = (2 * super::BATCH + 10) / 2 * 2;
         assert_eq!(
@@ -857,10 +995,160 @@ mod tests {
 
         // The next batch reuses an exported batch's buffer.
         let t = tracer.start(&req);
-        tracer.finish(t, "GET again".into(), Vec::new(), None, false);
+        tracer.finish(t, &["GET again"], &super::Attrs::new(), None, false);
         let batch = tracer.next_batch().unwrap();
         assert_eq!(batch.spans, 1);
         assert!(batch.bytes.capacity() > 2 * batch.bytes.len());
+    }
+
+    /// Spans written field by field decode as the OTLP messages they describe: ids and
+    /// parent links (a remote caller, a retried attempt), every attribute type, status,
+    /// flags and times.
+    #[test]
+    fn spans_encode_as_the_otlp_messages_they_describe() {
+        use opentelemetry::trace::SpanId;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
+        use pingora::http::RequestHeader;
+        use prost::Message;
+
+        let config = weir_policies::model::Tracing {
+            otlp_endpoint: "http://127.0.0.1:1".into(),
+            sampling: 1.0,
+            service_name: "svc".into(),
+            queue: 100,
+        };
+        let (tracer, _) = super::Tracer::new(&config);
+        let mut req = RequestHeader::build("POST", b"/a", None).unwrap();
+        let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        req.insert_header("traceparent", caller).unwrap();
+        req.insert_header("tracestate", "vendor=x").unwrap();
+        let mut t = tracer.start(&req);
+        let mut first = super::Attrs::new();
+        first.display("server.address", std::net::Ipv4Addr::new(10, 0, 0, 7));
+        tracer.attempt(&mut t, first);
+        tracer.attempt_status(&mut t, 503);
+        let mut second = super::Attrs::new();
+        second.int("http.request.resend_count", 1);
+        tracer.attempt(&mut t, second);
+        let mut attrs = super::Attrs::new();
+        let long = "x".repeat(300);
+        attrs
+            .str("url.path", &long)
+            .int("http.response.status_code", -1)
+            .double("ttft", 0.25);
+        let started = super::unix_nanos(std::time::SystemTime::now());
+        tracer.finish(t, &["POST", " ", "r"], &attrs, Some("upstream reset"), true);
+
+        let batch = tracer.next_batch().unwrap();
+        let framing = super::RequestFraming::new("svc");
+        let req = ExportTraceServiceRequest::decode(framing.request(&batch.bytes)).unwrap();
+        let spans = &req.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(spans.len(), 3);
+        let (a1, a2, server) = (&spans[0], &spans[1], &spans[2]);
+        let caller_trace =
+            opentelemetry::trace::TraceId::from_hex("0af7651916cd43dd8448eb211c80319c")
+                .unwrap()
+                .to_bytes()
+                .to_vec();
+        for s in spans {
+            assert_eq!(s.trace_id, caller_trace);
+            assert_eq!(s.trace_state, "vendor=x");
+            assert_eq!(s.span_id.len(), 8);
+            assert!(s.end_time_unix_nano >= s.start_time_unix_nano);
+            assert!(s.start_time_unix_nano + 60_000_000_000 > started);
+        }
+        assert_eq!(
+            server.parent_span_id,
+            SpanId::from_hex("b7ad6b7169203331")
+                .unwrap()
+                .to_bytes()
+                .to_vec()
+        );
+        assert_eq!(
+            server.flags, 0x301,
+            "sampled, parent remote and known to be"
+        );
+        assert_eq!(server.kind, SpanKind::Server as i32);
+        assert_eq!(server.name, "POST r");
+        let status = server.status.as_ref().unwrap();
+        assert_eq!(
+            (status.code, status.message.as_str()),
+            (StatusCode::Error as i32, "upstream reset")
+        );
+        let value = |s: &opentelemetry_proto::tonic::trace::v1::Span, k: &str| {
+            s.attributes
+                .iter()
+                .find(|kv| kv.key == k)
+                .and_then(|kv| kv.value.clone()?.value)
+        };
+        assert_eq!(value(server, "url.path"), Some(Value::StringValue(long)));
+        assert_eq!(
+            value(server, "http.response.status_code"),
+            Some(Value::IntValue(-1))
+        );
+        assert_eq!(value(server, "ttft"), Some(Value::DoubleValue(0.25)));
+        assert_eq!(server.attributes.len(), 3);
+
+        for a in [a1, a2] {
+            assert_eq!(a.parent_span_id, server.span_id);
+            assert_eq!(
+                (a.kind, a.name.as_str()),
+                (SpanKind::Client as i32, "upstream")
+            );
+            assert_eq!(a.flags, 0x101, "sampled, parent local");
+        }
+        assert_ne!(a1.span_id, a2.span_id);
+        assert_eq!(
+            value(a1, "server.address"),
+            Some(Value::StringValue("10.0.0.7".into()))
+        );
+        assert_eq!(
+            value(a1, "http.response.status_code"),
+            Some(Value::IntValue(503))
+        );
+        let failed = a1.status.as_ref().unwrap();
+        assert_eq!(
+            (failed.code, failed.message.as_str()),
+            (StatusCode::Error as i32, "upstream attempt failed")
+        );
+        // The last attempt ends with the request and its error.
+        assert_eq!(
+            value(a2, "http.request.resend_count"),
+            Some(Value::IntValue(1))
+        );
+        assert_eq!(a2.status.as_ref().unwrap().message, "upstream reset");
+
+        // An unsampled trace queues nothing.
+        let config = weir_policies::model::Tracing {
+            sampling: 0.0,
+            ..config
+        };
+        let (tracer, _) = super::Tracer::new(&config);
+        let plain = RequestHeader::build("GET", b"/", None).unwrap();
+        let t = tracer.start(&plain);
+        assert!(!t.sampled());
+        tracer.finish(t, &["GET"], &super::Attrs::new(), None, false);
+        assert!(tracer.next_batch().is_none());
+        // A successful span's status is present and unset.
+        let (tracer, _) = super::Tracer::new(&weir_policies::model::Tracing {
+            sampling: 1.0,
+            ..config
+        });
+        tracer.finish(
+            tracer.start(&plain),
+            &["GET"],
+            &super::Attrs::new(),
+            None,
+            false,
+        );
+        let batch = tracer.next_batch().unwrap();
+        let req = ExportTraceServiceRequest::decode(framing.request(&batch.bytes)).unwrap();
+        let span = &req.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(span.status.as_ref().unwrap().code, StatusCode::Unset as i32);
+        assert!(span.parent_span_id.is_empty());
+        assert_eq!(span.flags, 0x101);
     }
 
     #[test]

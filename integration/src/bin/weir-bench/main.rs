@@ -868,8 +868,13 @@ fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> R
     })
 }
 
-/// Builds the release `weir` the benchmarks measure; returns its path.
+/// Builds the release `weir` the benchmarks measure; returns its path. `WEIR_BIN` names a
+/// built one instead (to compare two builds, each in a run of its own).
 fn build_weir() -> Res<PathBuf> {
+    if let Some(bin) = std::env::var_os("WEIR_BIN") {
+        eprintln!("measuring the weir in WEIR_BIN: {}", bin.to_string_lossy());
+        return Ok(PathBuf::from(bin));
+    }
     eprintln!("building weir (release)");
     run(Command::new("cargo").current_dir(workspace()).args([
         "build",
