@@ -5,8 +5,9 @@
 //! spans and counts them, and the request path never waits for export.
 //!
 //! The API's sampler, id generator and propagator decide and carry the context; a finished
-//! span is built straight as its OTLP message and encoded on the worker thread that finished
-//! it, into batches of protobuf bytes that the exporter frames as an OTLP export request.
+//! span is written as OTLP protobuf, field by field ([`Attrs`] encodes attributes as they are
+//! added), on the worker thread that finished it, into batches of protobuf bytes that the
+//! exporter frames as an OTLP export request.
 //! Only those batches cross threads: handing the exporter the span messages themselves (a
 //! few dozen small allocations each) made every worker free memory on another thread, and
 //! the allocator then fed the workers fresh pages (a page fault every few requests), which

@@ -277,19 +277,7 @@ impl Round {
 
 /// The median of `f` over the rounds, and every round's value (for the report).
 fn median_of(rounds: &[Round], f: impl Fn(&Round) -> f64) -> (f64, String) {
-    let mut v: Vec<f64> = rounds.iter().map(&f).collect();
-    let all = v
-        .iter()
-        .map(|x| format!("{x:+.0}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    v.sort_by(f64::total_cmp);
-    let median = match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    };
-    (median, all)
+    super::median_and_all(rounds.iter().map(&f).collect(), |x| format!("{x:+.0}"))
 }
 
 fn config(listen: SocketAddr, admin: SocketAddr, sims: &[ModelServer], fast_path: bool) -> String {

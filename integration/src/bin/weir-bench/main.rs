@@ -1062,7 +1062,7 @@ fn http(opts: HttpOpts) -> Res<()> {
                 f(a, b)
             })
             .collect();
-        (!v.is_empty()).then(|| median_and_all(v))
+        (!v.is_empty()).then(|| median_and_all(v, |x| format!("{x:.2}")))
     };
     if let Some((m, all)) = ratio("weir", &|w, e| Some(per_core(w)? / per_core(e)?), "envoy") {
         let _ = writeln!(
@@ -1119,8 +1119,9 @@ fn median_rows(rounds: &[Vec<Row>]) -> Vec<Row> {
                 .iter()
                 .filter_map(|rows| rows.iter().find(|x| x.name == r.name))
                 .collect();
-            let med =
-                |f: &dyn Fn(&Row) -> f64| median_and_all(all.iter().map(|r| f(r)).collect()).0;
+            let med = |f: &dyn Fn(&Row) -> f64| {
+                median_and_all(all.iter().map(|r| f(r)).collect(), |x| x.to_string()).0
+            };
             Row {
                 name: r.name.clone(),
                 wrk: WrkResult {
@@ -1138,13 +1139,9 @@ fn median_rows(rounds: &[Vec<Row>]) -> Vec<Row> {
         .collect()
 }
 
-/// The median of `v`, and its values in order, for the report.
-fn median_and_all(mut v: Vec<f64>) -> (f64, String) {
-    let all = v
-        .iter()
-        .map(|x| format!("{x:.2}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+/// The median of `v`, and its values in order as `show` writes them, for the report.
+fn median_and_all(mut v: Vec<f64>, show: impl Fn(f64) -> String) -> (f64, String) {
+    let all = v.iter().map(|&x| show(x)).collect::<Vec<_>>().join(" ");
     v.sort_by(f64::total_cmp);
     let median = match v.len() {
         0 => f64::NAN,
