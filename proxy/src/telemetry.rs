@@ -156,42 +156,28 @@ impl Attrs {
         Self(Vec::with_capacity(256))
     }
 
-    /// `KeyValue { key, value: AnyValue { <value_field>: ... } }`, `value_len` bytes of value
-    /// (written by `value`) after the value's key.
-    fn put(
-        &mut self,
-        key: &str,
-        value_field: u32,
-        wire: WireType,
-        value_len: usize,
-        value: impl FnOnce(&mut Vec<u8>),
-    ) {
-        let any = key_len(value_field) + value_len;
+    /// `KeyValue { key, value: AnyValue { ... } }`: `value` writes the `AnyValue` field (key
+    /// included), `value_len` bytes.
+    fn put(&mut self, key: &str, value_len: usize, value: impl FnOnce(&mut Vec<u8>)) {
         let kv = key_len(1)
             + encoded_len_varint(key.len() as u64)
             + key.len()
             + key_len(2)
-            + encoded_len_varint(any as u64)
-            + any;
+            + encoded_len_varint(value_len as u64)
+            + value_len;
         let out = &mut self.0;
         encode_key(ATTRIBUTES_FIELD, WireType::LengthDelimited, out);
         encode_varint(kv as u64, out);
-        encode_key(1, WireType::LengthDelimited, out);
-        encode_varint(key.len() as u64, out);
-        out.put_slice(key.as_bytes());
+        put_len_delimited(1, key.as_bytes(), out);
         encode_key(2, WireType::LengthDelimited, out);
-        encode_varint(any as u64, out);
-        encode_key(value_field, wire, out);
+        encode_varint(value_len as u64, out);
         value(out);
     }
 
-    /// A string attribute (`AnyValue.string_value`).
+    /// A string attribute (`AnyValue.string_value`, field 1).
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
-        let len = encoded_len_varint(value.len() as u64) + value.len();
-        self.put(key, 1, WireType::LengthDelimited, len, |out| {
-            encode_varint(value.len() as u64, out);
-            out.put_slice(value.as_bytes());
-        });
+        let len = key_len(1) + encoded_len_varint(value.len() as u64) + value.len();
+        self.put(key, len, |out| put_len_delimited(1, value.as_bytes(), out));
         self
     }
 
@@ -206,23 +192,32 @@ impl Attrs {
         self
     }
 
-    /// An integer attribute (`AnyValue.int_value`).
+    /// An integer attribute (`AnyValue.int_value`, field 3).
     pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
-        let len = encoded_len_varint(value as u64);
-        self.put(key, 3, WireType::Varint, len, |out| {
-            encode_varint(value as u64, out)
+        use prost::encoding::int64;
+        self.put(key, int64::encoded_len(3, &value), |out| {
+            int64::encode(3, &value, out)
         });
         self
     }
 
-    /// A floating-point attribute (`AnyValue.double_value`).
+    /// A floating-point attribute (`AnyValue.double_value`, field 4).
     pub fn double(&mut self, key: &str, value: f64) -> &mut Self {
-        self.put(key, 4, WireType::SixtyFourBit, 8, |out| {
-            out.put_f64_le(value)
+        use prost::encoding::double;
+        self.put(key, double::encoded_len(4, &value), |out| {
+            double::encode(4, &value, out)
         });
         self
     }
 }
+
+/// A length-delimited field (bytes, a string, or a message already encoded).
+fn put_len_delimited(tag: u32, v: &[u8], out: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(v.len() as u64, out);
+    out.put_slice(v);
+}
+
 impl RequestTrace {
     pub fn sampled(&self) -> bool {
         self.context.is_sampled()
@@ -300,12 +295,9 @@ impl Tracer {
 
     /// Starts a client span for an upstream attempt (ending the previous attempt's).
     pub fn attempt(&self, t: &mut RequestTrace, attributes: Attrs) {
-        if let Some(done) = t.attempt.take() {
-            let mut spans = std::mem::take(&mut t.spans);
-            if end_attempt(t, done, None, &mut spans) {
-                t.span_count += 1;
-            }
-            t.spans = spans;
+        if let Some(done) = t.attempt.take().filter(|_| t.sampled()) {
+            end_attempt(&t.context, done, None, &mut t.spans);
+            t.span_count += 1;
         }
         t.attempt = Some(Attempt {
             span: self.ids.new_span_id(),
@@ -358,7 +350,7 @@ impl Tracer {
             scratch.extend_from_slice(&t.spans);
             let mut n = t.span_count;
             if let Some(a) = attempt {
-                end_attempt(&t, a, error, scratch);
+                end_attempt(&t.context, a, error, scratch);
                 n += 1;
             }
             encode_span(
@@ -447,12 +439,8 @@ impl Tracer {
     }
 }
 
-/// Ends attempt `a` of trace `t`: its client span, encoded into `out` when the trace is
-/// sampled (then true).
-fn end_attempt(t: &RequestTrace, mut a: Attempt, error: Option<&str>, out: &mut Vec<u8>) -> bool {
-    if !t.sampled() {
-        return false;
-    }
+/// Ends attempt `a` of the sampled trace `trace`: its client span, encoded into `out`.
+fn end_attempt(trace: &SpanContext, mut a: Attempt, error: Option<&str>, out: &mut Vec<u8>) {
     if let Some(s) = a.status {
         a.attributes.int("http.response.status_code", i64::from(s));
     }
@@ -460,9 +448,9 @@ fn end_attempt(t: &RequestTrace, mut a: Attempt, error: Option<&str>, out: &mut 
     encode_span(
         out,
         SpanFields {
-            trace: &t.context,
+            trace,
             id: a.span,
-            parent: t.context.span_id(),
+            parent: trace.span_id(),
             parent_remote: false,
             kind: span::SpanKind::Client,
             name: &["upstream"],
@@ -471,7 +459,6 @@ fn end_attempt(t: &RequestTrace, mut a: Attempt, error: Option<&str>, out: &mut 
             status: failed.then(|| error.unwrap_or("upstream attempt failed")),
         },
     );
-    true
 }
 
 /// What a finished span is made of.
@@ -497,19 +484,14 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     let end = SystemTime::now();
     SPAN.with_borrow_mut(|b| {
         b.clear();
-        let put_bytes = |tag: u32, v: &[u8], b: &mut Vec<u8>| {
-            encode_key(tag, WireType::LengthDelimited, b);
-            encode_varint(v.len() as u64, b);
-            b.put_slice(v);
-        };
-        put_bytes(1, &f.trace.trace_id().to_bytes(), b);
-        put_bytes(2, &f.id.to_bytes(), b);
+        put_len_delimited(1, &f.trace.trace_id().to_bytes(), b);
+        put_len_delimited(2, &f.id.to_bytes(), b);
         let state = f.trace.trace_state().header();
         if !state.is_empty() {
-            put_bytes(3, state.as_bytes(), b);
+            put_len_delimited(3, state.as_bytes(), b);
         }
         if f.parent != SpanId::INVALID {
-            put_bytes(4, &f.parent.to_bytes(), b);
+            put_len_delimited(4, &f.parent.to_bytes(), b);
         }
         let name_len: usize = f.name.iter().map(|p| p.len()).sum();
         encode_key(5, WireType::LengthDelimited, b);
@@ -523,7 +505,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
         b.put_slice(f.attributes);
         // Status (15): empty (unset) unless the span failed.
         match f.status {
-            None => put_bytes(15, &[], b),
+            None => put_len_delimited(15, &[], b),
             Some(e) => {
                 let code = status::StatusCode::Error as i32;
                 let len = key_len(2)
@@ -532,7 +514,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
                     + int32::encoded_len(3, &code);
                 encode_key(15, WireType::LengthDelimited, b);
                 encode_varint(len as u64, b);
-                put_bytes(2, e.as_bytes(), b);
+                put_len_delimited(2, e.as_bytes(), b);
                 int32::encode(3, &code, b);
             }
         }
@@ -543,9 +525,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
             flags |= SpanFlags::ContextIsRemoteMask as u32;
         }
         fixed32::encode(16, &flags, b);
-        encode_key(SPANS_FIELD, WireType::LengthDelimited, out);
-        encode_varint(b.len() as u64, out);
-        out.put_slice(b);
+        put_len_delimited(SPANS_FIELD, b, out);
     });
 }
 

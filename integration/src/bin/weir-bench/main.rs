@@ -912,7 +912,12 @@ fn http(opts: HttpOpts) -> Res<()> {
         ));
     }
     let wanted = |t: &str| opts.targets.iter().any(|w| w == t);
-    let envoy = install()?;
+    install_tools(&["wrk", "nginx", "haproxy"])?;
+    let envoy = if wanted("envoy") {
+        weir_integration::envoy::binary()?
+    } else {
+        PathBuf::new()
+    };
     let weir_bin = build_weir()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let d = dir.path();

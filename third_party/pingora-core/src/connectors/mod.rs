@@ -471,7 +471,6 @@ impl PreferredHttpVersion {
 use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
-/// Test whether a stream is already closed or not reusable (server sent unexpected data)
 /// weir patch: whether a pooled `stream` is connected to `peer`. A TCP socket's peer never
 /// changes once connected, so the address cached in the stream's socket digest (one
 /// `getpeername` per connection) answers as `Peer::matches_fd` would with a `getpeername` on
@@ -491,6 +490,7 @@ fn same_peer<P: Peer>(peer: &P, stream: &Stream) -> bool {
     }
 }
 
+/// Test whether a stream is already closed or not reusable (server sent unexpected data)
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
     let mut buf = [0; 1];
     // tokio::task::unconstrained because now_or_never may yield None when the future is ready
