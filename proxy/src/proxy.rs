@@ -725,13 +725,18 @@ impl ProxyHttp for WeirProxy {
             peer.options.max_h2_streams = MAX_H2_STREAMS;
         }
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
-            let mut attributes = Attrs::new();
-            attributes
-                .display("server.address", endpoint.address.ip())
-                .int("server.port", i64::from(endpoint.address.port()))
-                .str("weir.cluster", &cluster.name);
-            if ctx.tries > 0 {
-                attributes.int("http.request.resend_count", i64::from(ctx.tries));
+            // An unsampled attempt still gets a span id (the upstream's parent), but no
+            // attributes: nothing will read them.
+            let mut attributes = Attrs::default();
+            if trace.sampled() {
+                attributes = Attrs::new();
+                attributes
+                    .display("server.address", endpoint.address.ip())
+                    .int("server.port", i64::from(endpoint.address.port()))
+                    .str("weir.cluster", &cluster.name);
+                if ctx.tries > 0 {
+                    attributes.int("http.request.resend_count", i64::from(ctx.tries));
+                }
             }
             tracer.attempt(trace, attributes);
         }
@@ -1129,7 +1134,8 @@ impl WeirProxy {
         route: &str,
         cluster: &str,
     ) {
-        let (Some(tracer), Some(trace)) = (&self.tracer, trace) else {
+        // An unsampled trace ends with nothing to export.
+        let (Some(tracer), Some(trace)) = (&self.tracer, trace.filter(|t| t.sampled())) else {
             return;
         };
         let req = session.req_header();
