@@ -145,13 +145,9 @@ where
     Ok(())
 }
 
-/// Drops `value` on a blocking thread when called from a runtime (else here): for the state a
-/// push replaced, whose freeing should not delay the ACK or the requests of this thread.
-pub fn drop_later<T: Send + 'static>(value: T) {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn_blocking(move || drop(value));
-    }
-}
+/// Drops the state a push replaced where its freeing does not delay the ACK or requests
+/// ([`weir_policies::drop_later`]).
+pub use weir_policies::drop_later;
 
 /// Where the proxy's discovery stream stands, for metrics and the admin endpoint; [`run`]
 /// keeps it current.

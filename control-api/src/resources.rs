@@ -243,13 +243,16 @@ impl ResourceSet {
         }
     }
 
+    /// Whether this set holds cluster `name`'s endpoints.
+    pub fn has_endpoints(&self, name: &str) -> bool {
+        self.items
+            .contains_key(&(ENDPOINTS.to_string(), name.to_string()))
+    }
+
     /// Replaces the endpoints resources of these clusters where this set has them.
     pub fn replace_endpoints(&mut self, changes: &[(String, Vec<model::Endpoint>)]) {
         for (name, endpoints) in changes {
-            if self
-                .items
-                .contains_key(&(ENDPOINTS.to_string(), name.clone()))
-            {
+            if self.has_endpoints(name) {
                 self.insert(endpoints_entry(name, endpoints.clone()));
             }
         }

@@ -31,7 +31,8 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 #[derive(Debug, Default)]
 pub struct View {
     pub version: String,
-    pub resources: ResourceSet,
+    /// Shared with the policy folder it came from (an endpoint edit copies it only once).
+    pub resources: Arc<ResourceSet>,
 }
 
 /// A proxy's view, or why it is invalid.
@@ -45,7 +46,7 @@ pub struct Published {
     /// Every resource of the folder.
     pub all: Arc<View>,
     /// Each file's scope and resources, when at least one file is scoped.
-    files: Vec<(Option<Scope>, ResourceSet)>,
+    files: Vec<(Option<Scope>, Arc<ResourceSet>)>,
     /// Views already built (and validated), by which files a proxy sees.
     views: Mutex<HashMap<Vec<bool>, ViewResult>>,
 }
@@ -83,7 +84,7 @@ impl Published {
                 })?;
                 Ok(Arc::new(View {
                     version: resources.version(),
-                    resources,
+                    resources: Arc::new(resources),
                 }))
             })
             .clone()
@@ -104,6 +105,8 @@ struct Shared {
     /// Deltas by (from, to) view version: proxies that ACKed the same version get the same
     /// push, computed once.
     deltas: Mutex<HashMap<(String, String), Arc<Delta>>>,
+    /// Marked whenever [`ControlPlane::status`] may have changed.
+    status_changed: watch::Sender<()>,
 }
 
 /// Resources added or changed, and keys removed.
@@ -127,6 +130,7 @@ impl ControlPlane {
                 proxies: Mutex::new(BTreeMap::new()),
                 token,
                 deltas: Mutex::default(),
+                status_changed: watch::channel(()).0,
             }),
         }
     }
@@ -135,7 +139,7 @@ impl ControlPlane {
     /// the current one changes nothing.
     pub fn publish(&self, resources: ResourceSet) {
         self.publish_folder(Folder {
-            all: resources,
+            all: Arc::new(resources),
             files: Vec::new(),
         });
     }
@@ -160,22 +164,35 @@ impl ControlPlane {
                 return false;
             }
             tracing::info!(%version, resources = folder.all.len(), scoped, "publishing");
-            *p = Arc::new(Published {
-                version,
-                all: Arc::new(View {
-                    version: all_version,
-                    resources: folder.all,
+            let old = std::mem::replace(
+                p,
+                Arc::new(Published {
+                    version,
+                    all: Arc::new(View {
+                        version: all_version,
+                        resources: folder.all,
+                    }),
+                    files,
+                    views: Mutex::default(),
                 }),
-                files,
-                views: Mutex::default(),
-            });
+            );
+            weir_policies::drop_later(old);
             true
         });
+        self.shared.status_changed.send_replace(());
     }
 
     /// Records why the latest config was rejected (`None`: it was accepted).
     pub fn set_config_error(&self, error: Option<String>) {
         *lock(&self.shared.config_error) = error;
+        self.shared.status_changed.send_replace(());
+    }
+
+    /// Wakes its holder when [`Self::status`] may have changed: a new version published, a
+    /// proxy connected, ACKed, NACKed or gone, a config rejected. For waiting on a rollout
+    /// without polling.
+    pub fn status_changes(&self) -> watch::Receiver<()> {
+        self.shared.status_changed.subscribe()
     }
 
     /// The whole config being served (every file of the folder).
@@ -234,6 +251,8 @@ impl ControlPlane {
                 ..Default::default()
             });
         f(entry);
+        drop(proxies);
+        self.shared.status_changed.send_replace(());
     }
 }
 
@@ -314,7 +333,8 @@ impl Session {
                     s.nacked_version.clear();
                     s.nack_error.clear();
                 });
-                self.acked = Some(published);
+                // The view replaced may be the last holder of a whole config.
+                weir_policies::drop_later(self.acked.replace(published));
             }
             Some(err) => {
                 tracing::warn!(node = %self.node.id, version = %published.version, nonce, error = %err.message, "NACK");

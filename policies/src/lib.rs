@@ -48,3 +48,35 @@ pub fn on_threads<P: Send, R: Send>(parts: Vec<P>, f: impl Fn(P) -> R + Sync) ->
         out
     })
 }
+
+/// Drops `value` on a thread of its own at the lowest CPU priority (nice 19): for a large
+/// config that was replaced, whose freeing (several ms at 10,000 routes) should not compete
+/// with the work that follows it, the ACK and pushing or serving the new one. Never starved:
+/// a busy machine still gives it a small share.
+pub fn drop_later<T: Send + 'static>(value: T) {
+    type Garbage = Box<dyn Send>;
+    static DROPPER: std::sync::LazyLock<Option<std::sync::mpsc::Sender<Garbage>>> =
+        std::sync::LazyLock::new(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Garbage>();
+            std::thread::Builder::new()
+                .name("weir-drop".into())
+                .spawn(move || {
+                    // On Linux the nice value is per thread, and 0 names the calling one.
+                    // SAFETY: setpriority takes no pointers; failing leaves the priority as is.
+                    #[cfg(target_os = "linux")]
+                    unsafe {
+                        libc::setpriority(libc::PRIO_PROCESS, 0, 19)
+                    };
+                    for garbage in rx {
+                        drop(garbage);
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        });
+    match &*DROPPER {
+        // Should the thread be gone, the value comes back in the error and is dropped here.
+        Some(tx) => drop(tx.send(Box::new(value))),
+        None => drop(value),
+    }
+}
