@@ -366,10 +366,13 @@ mod xds {
         out
     }
 
-    /// Waits until every proxy ACKed the control plane's current version (not `old`).
+    /// Waits until every proxy ACKed the control plane's current version (not `old`). Woken by
+    /// each status change: polling (tokio's timer ticks in ms) added up to a ms to every figure.
     async fn all_acked(cp: &ControlPlane, n: usize, old: &str) -> Res<Duration> {
         let start = Instant::now();
+        let mut changes = cp.status_changes();
         loop {
+            changes.borrow_and_update();
             let s = cp.status();
             if !s.version.is_empty()
                 && s.version != old
@@ -381,10 +384,13 @@ mod xds {
             if let Some(p) = s.proxies.iter().find(|p| !p.nack_error.is_empty()) {
                 return Err(format!("NACK: {}", p.nack_error));
             }
-            if start.elapsed() > Duration::from_secs(20) {
+            let left = Duration::from_secs(20).saturating_sub(start.elapsed());
+            if !matches!(
+                tokio::time::timeout(left, changes.changed()).await,
+                Ok(Ok(()))
+            ) {
                 return Err(format!("not all {n} proxies ACKed within 20s: {s:?}"));
             }
-            tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
 
@@ -392,13 +398,13 @@ mod xds {
     async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 4]> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = dir.path().join("mesh.yaml");
-        let write = |text: String| {
-            let tmp = dir.path().join("mesh.tmp");
-            std::fs::write(&tmp, text)
-                .and_then(|_| std::fs::rename(&tmp, &file))
-                .map_err(|e| e.to_string())
-        };
-        write(policy(routes, 0, 8080))?;
+        // A file is changed the way editors and config tools do it: a temporary file written
+        // beside it, then renamed over it. The change is the rename.
+        let tmp = dir.path().join("mesh.tmp");
+        let prepare = |text: String| std::fs::write(&tmp, text).map_err(|e| e.to_string());
+        let rename = || std::fs::rename(&tmp, &file).map_err(|e| e.to_string());
+        prepare(policy(routes, 0, 8080))?;
+        rename()?;
         let cp = ControlPlane::new(None);
         tokio::spawn(policy_dir::watch(dir.path().to_path_buf(), cp.clone()));
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -450,14 +456,15 @@ mod xds {
             .await
             .map_err(|e| format!("initial: {e}"))?;
 
-        // The time from writing `text` (made before the clock starts) as the policy file
-        // until every proxy ACKed.
+        // The time from `text` (written beside it before the clock starts) replacing the
+        // policy file until every proxy ACKed.
         let change = |text: String, what: &'static str| {
-            let (cp, write) = (&cp, &write);
+            let (cp, prepare, rename) = (&cp, &prepare, &rename);
             async move {
+                prepare(text)?;
                 let old = cp.version();
                 let start = Instant::now();
-                write(text)?;
+                rename()?;
                 all_acked(cp, proxies, &old)
                     .await
                     .map_err(|e| format!("{what}: {e}"))?;
@@ -511,7 +518,8 @@ mod xds {
         let cut = text.find("clusters:\n").ok_or("no clusters section")?;
         let split = dir.path().join("zz-clusters.yaml");
         std::fs::write(&split, &text[cut..]).map_err(|e| e.to_string())?;
-        write(text[..cut].to_string())?;
+        prepare(text[..cut].to_string())?;
+        rename()?;
         all_acked(&cp, proxies, &last_push)
             .await
             .map_err(|e| format!("split: {e}"))?;
@@ -519,12 +527,11 @@ mod xds {
         for round in 0..rounds {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let text = policy(routes, rounds, 5050 + round as u16);
+            let tmp = dir.path().join("zz-clusters.tmp");
+            std::fs::write(&tmp, &text[cut..]).map_err(|e| e.to_string())?;
             let old = cp.version();
             let start = Instant::now();
-            let tmp = dir.path().join("zz-clusters.tmp");
-            std::fs::write(&tmp, &text[cut..])
-                .and_then(|_| std::fs::rename(&tmp, &split))
-                .map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &split).map_err(|e| e.to_string())?;
             all_acked(&cp, proxies, &old)
                 .await
                 .map_err(|e| format!("endpoint change in its own file: {e}"))?;
