@@ -1,6 +1,7 @@
 //! The policy folder: every `*.yaml` / `*.yml` file in it, validated together, published when
 //! valid, reported (and not published) when not.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +25,19 @@ pub struct Folder {
     pub files: Vec<(Option<Scope>, Arc<ResourceSet>)>,
 }
 
+impl Folder {
+    /// The union of `files`' sets when it takes no work: the one file's set, shared.
+    fn union(files: &[(Option<Scope>, Arc<ResourceSet>)]) -> Option<Arc<ResourceSet>> {
+        match files {
+            [(_, one)] => Some(one.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Reads and validates the folder, or returns every error with file, line and field.
 pub fn load(dir: &Path) -> Result<Folder, String> {
-    validate(&read(dir)?, &mut Parsed::default()).map(|(_, folder)| folder)
+    validate(&read(dir)?.0, &mut Parsed::default()).map(|(_, folder)| folder)
 }
 
 /// Each file's last parse (its raw model, or why it does not parse), by path, with the text
@@ -35,9 +46,15 @@ pub fn load(dir: &Path) -> Result<Folder, String> {
 /// whole folder.
 #[derive(Default)]
 pub struct Parsed {
-    files: HashMap<String, (String, Result<Config, ConfigErrors>)>,
+    /// The text is shared with the file's [`ItemCache`].
+    files: HashMap<String, (Arc<str>, Result<Config, ConfigErrors>)>,
     /// Files actually parsed (not found unchanged), since creation.
     parses: usize,
+    /// The large policy files as last read, kept open: a file replaced by a rename (as
+    /// editors and config tools save) is then freed when this handle is closed, on the
+    /// [`weir_policies::drop_later`] thread, and not by the rename, which held the folder
+    /// locked meanwhile (~1.5 ms for 1.3 MB, and reading the folder waited for it).
+    open: Vec<std::fs::File>,
     /// Each large file's list items as last parsed: an edit parses only the items it changed.
     items: HashMap<String, ItemCache>,
     /// The folder last published from these files, and its snapshot: an edit that changes
@@ -50,19 +67,23 @@ pub struct Parsed {
 
 impl Parsed {
     fn parse(&mut self, file: &str, text: &str) -> Result<Config, ConfigErrors> {
-        if self.files.get(file).is_none_or(|(was, _)| was != text) {
+        if self.files.get(file).is_none_or(|(was, _)| **was != *text) {
             weir_policies::drop_later(self.store(file, text));
         }
         self.files[file].1.clone()
     }
 
     /// Parses `file` and keeps the result; returns what was kept for it before.
-    fn store(&mut self, file: &str, text: &str) -> Option<(String, Result<Config, ConfigErrors>)> {
+    fn store(
+        &mut self,
+        file: &str,
+        text: &str,
+    ) -> Option<(Arc<str>, Result<Config, ConfigErrors>)> {
         self.parses += 1;
         let cache = self.items.entry(file.to_string()).or_default();
-        let parsed = weir_policies::parse_cached(file, text, cache);
-        self.files
-            .insert(file.to_string(), (text.to_string(), parsed))
+        let text = Arc::from(text);
+        let parsed = weir_policies::parse_cached(file, &text, cache);
+        self.files.insert(file.to_string(), (text, parsed))
     }
 
     /// Whether `files` are, byte for byte, the files of the last validation.
@@ -70,7 +91,7 @@ impl Parsed {
         files.len() == self.files.len()
             && files
                 .iter()
-                .all(|(path, text)| self.files.get(path).is_some_and(|(was, _)| was == text))
+                .all(|(path, text)| self.files.get(path).is_some_and(|(was, _)| **was == **text))
     }
 
     /// The next folder when `files` differ from the last published ones only in endpoints:
@@ -84,7 +105,7 @@ impl Parsed {
         }
         let mut changes = Vec::new();
         for (path, text) in files {
-            if self.files.get(path)?.0 == *text {
+            if *self.files.get(path)?.0 == **text {
                 continue;
             }
             // Kept (not copied) for the whole validation when this is not an endpoint edit.
@@ -99,13 +120,17 @@ impl Parsed {
         let (snapshot, folder) = self.last.as_ref()?;
         let snapshot = weir_policies::validate::with_endpoints(snapshot, &changes).ok()?;
         let mut folder = folder.clone();
-        Arc::make_mut(&mut folder.all).replace_endpoints(&changes);
         for (_, set) in &mut folder.files {
             // Copied only if it holds one of the clusters.
             if changes.iter().any(|(name, _)| set.has_endpoints(name)) {
                 Arc::make_mut(set).replace_endpoints(&changes);
             }
         }
+        folder.all = Folder::union(&folder.files).unwrap_or_else(|| {
+            let mut all = folder.all;
+            Arc::make_mut(&mut all).replace_endpoints(&changes);
+            all
+        });
         self.endpoint_changes += 1;
         Some((snapshot, folder))
     }
@@ -119,8 +144,17 @@ impl Parsed {
     }
 }
 
-/// The folder's policy files, `(path, text)` in name order.
-fn read(dir: &Path) -> Result<Vec<(String, String)>, String> {
+/// Files at least this large stay open after they are read ([`Parsed::open`]).
+const KEEP_OPEN_FROM: u64 = 64 << 10;
+
+/// Files kept open at most, whatever their size (file descriptors are limited).
+const KEEP_OPEN_AT_MOST: usize = 64;
+
+/// A folder's policy files, `(path, text)` in name order, and the large ones' open files.
+type Read = (Vec<(String, String)>, Vec<std::fs::File>);
+
+/// The folder's policy files.
+fn read(dir: &Path) -> Result<Read, String> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: cannot read the folder: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -128,15 +162,21 @@ fn read(dir: &Path) -> Result<Vec<(String, String)>, String> {
         .collect();
     paths.sort();
     let mut files = Vec::new();
+    let mut open = Vec::new();
     for p in paths {
-        let text = std::fs::read_to_string(&p)
+        let mut text = String::new();
+        let file = std::fs::File::open(&p)
+            .and_then(|mut f| f.read_to_string(&mut text).map(|_| f))
             .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+        if text.len() as u64 >= KEEP_OPEN_FROM && open.len() < KEEP_OPEN_AT_MOST {
+            open.push(file);
+        }
         files.push((p.display().to_string(), text));
     }
     if files.is_empty() {
         return Err(format!("{}: no .yaml files", dir.display()));
     }
-    Ok(files)
+    Ok((files, open))
 }
 
 /// Whether `path` names a policy file (by its extension, as [`read`] picks them).
@@ -170,17 +210,14 @@ fn validate(files: &[(String, String)], parsed: &mut Parsed) -> Result<(Snapshot
     .map_err(|e| e.to_string())?;
     // The files' spans cover the whole config: the union of their sets is the whole set,
     // without serializing every resource a second time.
-    let mut all = ResourceSet::default();
-    for (_, set) in &files {
-        all.merge(set);
-    }
-    Ok((
-        snapshot,
-        Folder {
-            all: Arc::new(all),
-            files,
-        },
-    ))
+    let all = Folder::union(&files).unwrap_or_else(|| {
+        let mut all = ResourceSet::default();
+        for (_, set) in &files {
+            all.merge(set);
+        }
+        Arc::new(all)
+    });
+    Ok((snapshot, Folder { all, files }))
 }
 
 /// Loads the folder into `cp` now and again whenever it changes, until the process ends.
@@ -257,7 +294,10 @@ async fn reload_blocking(
 /// Says whether the folder had changed.
 fn reload(dir: &Path, cp: &ControlPlane, parsed: &mut Parsed) -> bool {
     let files = match read(dir) {
-        Ok(files) => files,
+        Ok((files, open)) => {
+            weir_policies::drop_later(std::mem::replace(&mut parsed.open, open));
+            files
+        }
         Err(e) => {
             tracing::error!(
                 "policy folder unreadable, still serving version {}:\n{e}",
@@ -311,7 +351,7 @@ mod tests {
             "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:2\" }] }]\n",
         );
         let mut parsed = Parsed::default();
-        let (_, first) = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap();
+        let (_, first) = validate(&read(dir.path()).unwrap().0, &mut parsed).unwrap();
         assert_eq!(parsed.parses, 2);
         assert_eq!(first.all.version(), load(dir.path()).unwrap().all.version());
 
@@ -319,7 +359,7 @@ mod tests {
             "clusters.yaml",
             "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:3\" }] }]\n",
         );
-        let (_, second) = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap();
+        let (_, second) = validate(&read(dir.path()).unwrap().0, &mut parsed).unwrap();
         assert_eq!(parsed.parses, 3, "only the changed file parsed again");
         assert_eq!(
             second.all.version(),
@@ -329,17 +369,17 @@ mod tests {
 
         // A broken file is reported; the next good version of it parses again.
         write("clusters.yaml", "clusters: [{ name: c, endpoints: 7 }]\n");
-        let e = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap_err();
+        let e = validate(&read(dir.path()).unwrap().0, &mut parsed).unwrap_err();
         assert!(e.contains("clusters.yaml"), "{e}");
         write(
             "clusters.yaml",
             "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:2\" }] }]\n",
         );
-        let (_, again) = validate(&read(dir.path()).unwrap(), &mut parsed).unwrap();
+        let (_, again) = validate(&read(dir.path()).unwrap().0, &mut parsed).unwrap();
         assert_eq!(again.all.version(), first.all.version());
 
         std::fs::remove_file(dir.path().join("clusters.yaml")).unwrap();
-        assert!(validate(&read(dir.path()).unwrap(), &mut parsed).is_err());
+        assert!(validate(&read(dir.path()).unwrap().0, &mut parsed).is_err());
         assert_eq!(parsed.files.len(), 1, "a removed file is forgotten");
     }
 

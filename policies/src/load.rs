@@ -212,9 +212,13 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 }
 
 /// [`parse`] of a file parsed before with `cache`: list items unchanged since are taken from
-/// it, not parsed again (see [`ItemCache`]).
-pub fn parse_cached(file: &str, text: &str, cache: &mut ItemCache) -> Result<Config, ConfigErrors> {
-    parse_with(file, text, |t| split::parse_cached(t, cache))
+/// it, not parsed again (see [`ItemCache`], which keeps `text`).
+pub fn parse_cached(
+    file: &str,
+    text: &std::sync::Arc<str>,
+    cache: &mut ItemCache,
+) -> Result<Config, ConfigErrors> {
+    parse_with(file, text, |_| split::parse_cached(text, cache))
 }
 
 fn parse_with(
