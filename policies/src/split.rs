@@ -1,6 +1,6 @@
-//! A large policy file parsed on several threads: its top-level lists (`routes:`, `clusters:`,
-//! ...) are cut between items into parts, each part parsed as a file of its own, and the lists
-//! put back together in order.
+//! A large policy file parsed in parts, on every CPU: its top-level lists (`routes:`,
+//! `clusters:`, ...) are cut between items into parts, each part parsed as a file of its own,
+//! and the lists put back together in order.
 //!
 //! YAML cannot be split correctly without parsing it, so the cut is a guess that is checked:
 //! a cut is only made before a line that starts an item of a top-level block list (the
@@ -29,24 +29,35 @@ const LISTS: [&str; 5] = [
     "inference_pools",
 ];
 
-/// A file over [`PARALLEL_ABOVE`] parsed in one part per CPU, when there are several.
+/// Text parsed at a time. serde_norway builds a document's whole event list before it
+/// deserializes it: for half of 10,000 routes that list grew through ~25 MB of fresh memory,
+/// and the page faults were ~18% of the parse. Parts this small reuse what the last one freed
+/// (the parse of 10,000 routes in weir-bench xds: medians 41 ms against 47).
+const PART_BYTES: usize = 64 << 10;
+
+/// How many parts `bytes` of items are parsed in, on `threads` threads.
+fn parts_for(bytes: usize, threads: usize) -> usize {
+    threads.max(bytes / PART_BYTES)
+}
+
+/// A file over [`PARALLEL_ABOVE`] parsed in parts, on every CPU.
 pub(crate) fn parse(text: &str) -> Option<Config> {
     let threads = crate::config_threads();
-    (text.len() > PARALLEL_ABOVE && threads > 1)
-        .then(|| parse_in_parts(text, threads))
+    (text.len() > PARALLEL_ABOVE)
+        .then(|| parse_in_parts(text, parts_for(text.len(), threads), threads))
         .flatten()
 }
 
-/// `text` parsed in `parts` parts on as many threads, or `None` when it cannot be split or a
-/// part does not parse (the caller then parses it whole, which also finds the error).
-pub(crate) fn parse_in_parts(text: &str, parts: usize) -> Option<Config> {
+/// `text` parsed in `parts` parts on `threads` threads, or `None` when it cannot be split or
+/// a part does not parse (the caller then parses it whole, which also finds the error).
+pub(crate) fn parse_in_parts(text: &str, parts: usize, threads: usize) -> Option<Config> {
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let (head, sections) = sections(&lines)?;
     let groups = group(&sections, parts);
     if groups.len() < 2 {
         return None;
     }
-    parse_groups(&head, &groups)
+    parse_groups(&head, &groups, threads)
 }
 
 /// Each list item of a large file as it was parsed last time, so that the file parsed again
@@ -188,14 +199,14 @@ pub(crate) fn parse_cached(shared: &Arc<str>, cache: &mut ItemCache) -> Option<C
         }
         slots.push((key, section_slots));
     }
-    let parts = if bytes(&missing) > PARALLEL_ABOVE {
-        crate::config_threads()
-    } else {
-        1
+    let threads = crate::config_threads();
+    let parts = match bytes(&missing) {
+        b if b > PARALLEL_ABOVE => parts_for(b, threads),
+        _ => 1,
     };
     let groups = group(&missing, parts);
-    let mut config = parse_groups(&head, &[])?;
-    let parsed = parse_groups("", &groups)?;
+    let mut config = parse_groups(&head, &[], 1)?;
+    let parsed = parse_groups("", &groups, threads)?;
     let mut listeners = parsed.listeners.into_iter();
     let mut routes = parsed.routes.into_iter();
     let mut clusters = parsed.clusters.into_iter();
@@ -267,10 +278,10 @@ fn has_anchor(text: &str) -> bool {
     })
 }
 
-/// `head` and `groups` (from [`group`]) parsed, the groups on a thread each: the head's config
-/// with the groups' list items appended in order. `None` if one does not parse or a group
-/// holds anything but list items.
-fn parse_groups(head: &str, groups: &[String]) -> Option<Config> {
+/// `head` and `groups` (from [`group`]) parsed, the groups in `threads` runs of consecutive
+/// groups, a thread each: the head's config with the groups' list items appended in order.
+/// `None` if one does not parse or a group holds anything but list items.
+fn parse_groups(head: &str, groups: &[String], threads: usize) -> Option<Config> {
     let mut texts = vec![head];
     texts.extend(groups.iter().map(String::as_str));
     let parse = |t: &str| {
@@ -282,10 +293,15 @@ fn parse_groups(head: &str, groups: &[String]) -> Option<Config> {
     };
     // A thread is worth starting for a large part only (an edit's few items parse in less
     // time than a thread takes to start).
-    let mut parsed = if texts.iter().skip(1).all(|t| t.len() < PARALLEL_ABOVE / 4) {
+    let small = texts.iter().map(|t| t.len()).sum::<usize>() < PARALLEL_ABOVE / 4;
+    let mut parsed = if small || threads < 2 {
         texts.into_iter().map(parse).collect()
     } else {
-        crate::on_threads(texts, parse)
+        let runs: Vec<&[&str]> = texts.chunks(texts.len().div_ceil(threads)).collect();
+        crate::on_threads(runs, |run| run.iter().map(|t| parse(t)).collect::<Vec<_>>())
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
     }
     .into_iter();
     let mut config = parsed.next()??;
@@ -475,7 +491,7 @@ mod tests {
     /// The parallel parse gives what the whole parse gives, or declines.
     fn same_or_declined(text: &str, parts: usize) -> bool {
         let whole = serde_norway::from_str::<Config>(text).ok();
-        match parse_in_parts(text, parts) {
+        match parse_in_parts(text, parts, 2) {
             Some(split) => {
                 assert_eq!(Some(&split), whole.as_ref(), "split parse differs:\n{text}");
                 true
@@ -515,7 +531,7 @@ mod tests {
             for parts in [2, 3, 7, 100] {
                 assert!(same_or_declined(&text, parts), "declined:\n{text}");
             }
-            let c = parse_in_parts(&text, 4).unwrap();
+            let c = parse_in_parts(&text, 4, 2).unwrap();
             assert_eq!(c.routes.len(), 50);
             assert_eq!(c.routes[49].name, "r49");
             assert_eq!(c.clusters.len(), 3);
@@ -636,7 +652,7 @@ mod tests {
         let block = "routes:\n  - name: |\n      a\n      - not an item\n    route: { cluster: c }\n  - { name: b, route: { cluster: c } }\n";
         assert!(same_or_declined(block, 2));
         assert_eq!(
-            parse_in_parts(block, 2).unwrap().routes[0].name,
+            parse_in_parts(block, 2, 2).unwrap().routes[0].name,
             "a\n- not an item\n"
         );
     }
@@ -649,14 +665,14 @@ mod tests {
         let directive = format!("%YAML 1.2\n---\n{ROUTE_AND_CLUSTER}");
         for text in [two_docs, twice, twice_flow, directive] {
             assert!(
-                parse_in_parts(&text, 2).is_none(),
+                parse_in_parts(&text, 2, 2).is_none(),
                 "should decline:\n{text}"
             );
         }
         // A list written in flow style is not cut (nothing to cut: one part).
-        assert!(parse_in_parts("routes: [{ name: a, route: { cluster: c } }]\n", 2).is_none());
+        assert!(parse_in_parts("routes: [{ name: a, route: { cluster: c } }]\n", 2, 2).is_none());
         // An unknown key inside an item fails its part, so the whole parse reports it.
         let bad = many(10, "  ").replace("name: r5\n", "name: r5\n    nmae: x\n");
-        assert!(parse_in_parts(&bad, 2).is_none());
+        assert!(parse_in_parts(&bad, 2, 2).is_none());
     }
 }
