@@ -218,9 +218,9 @@ impl ResourceSet {
     /// Only the listeners, routes and clusters in these ranges of `config` (one file of a
     /// policy folder); routes keep their place in the whole config's order.
     pub fn from_span(config: &Config, span: &FileSpan) -> Self {
-        let mut set = Self::default();
+        let mut entries = Vec::with_capacity(span.routes.len() + 2 * span.clusters.len());
         for f in &config.filter_chains[span.filter_chains.clone()] {
-            set.insert(entry(
+            entries.push(entry(
                 FILTER_CHAIN,
                 &f.name,
                 f,
@@ -228,7 +228,7 @@ impl ResourceSet {
             ));
         }
         for p in &config.inference_pools[span.inference_pools.clone()] {
-            set.insert(entry(
+            entries.push(entry(
                 INFERENCE_POOL,
                 &p.name,
                 p,
@@ -237,7 +237,7 @@ impl ResourceSet {
         }
         let routes = span.routes.clone();
         for l in &config.listeners[span.listeners.clone()] {
-            set.insert(entry(
+            entries.push(entry(
                 LISTENER,
                 &l.name,
                 l,
@@ -251,7 +251,7 @@ impl ResourceSet {
             .skip(routes.start)
             .take(routes.len())
         {
-            set.insert(entry(
+            entries.push(entry(
                 ROUTE,
                 &r.name,
                 &RouteBodyRef { order, route: r },
@@ -261,15 +261,29 @@ impl ResourceSet {
         for c in &config.clusters[span.clusters.clone()] {
             let mut bare = c.clone();
             let endpoints = std::mem::take(&mut bare.endpoints);
-            set.insert(endpoints_entry(&c.name, endpoints));
-            set.insert(entry(
+            entries.push(endpoints_entry(&c.name, endpoints));
+            entries.push(entry(
                 CLUSTER,
                 &c.name,
                 &bare,
                 Decoded::Cluster(Box::new(bare.clone())),
             ));
         }
-        set
+        Self::from_entries(entries)
+    }
+
+    /// A set of `entries`, built at once from them sorted (inserting 10,000 routes one by one
+    /// took twice as long). The last of entries with the same key wins, as with inserts.
+    fn from_entries(entries: Vec<Entry>) -> Self {
+        let mut keyed: Vec<(Key, Arc<Entry>)> = entries
+            .into_iter()
+            .map(|e| (Key::of(&e.resource), Arc::new(e)))
+            .collect();
+        // Stable: equal keys keep their order, and the map keeps the last.
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        let items: BTreeMap<Key, Arc<Entry>> = keyed.into_iter().collect();
+        let digest = items.values().fold(0, |d, e| d ^ e.digest);
+        Self { items, digest }
     }
 
     /// Applies added or replaced resources in place, returning what undoes it: for the hot
