@@ -116,11 +116,6 @@ impl Ord for dyn KeyRef + '_ {
     }
 }
 
-/// The key `(kind, name)`, to look up with.
-fn key_ref<'a>(kind: &'a str, name: &'a str) -> (&'a str, &'a str) {
-    (kind, name)
-}
-
 /// What undoes an in-place apply.
 #[derive(Debug)]
 pub struct Undo(Vec<(Key, Option<Arc<Entry>>)>);
@@ -319,7 +314,7 @@ impl ResourceSet {
     pub fn endpoints(&self, name: &str) -> Option<Vec<model::Endpoint>> {
         match self
             .items
-            .get(&key_ref(ENDPOINTS, name) as &dyn KeyRef)
+            .get(&(ENDPOINTS, name) as &dyn KeyRef)
             .map(|e| &*e.decoded)
         {
             Some(Decoded::Endpoints(eps)) => Some(eps.clone()),
@@ -329,8 +324,7 @@ impl ResourceSet {
 
     /// Whether this set holds cluster `name`'s endpoints.
     pub fn has_endpoints(&self, name: &str) -> bool {
-        self.items
-            .contains_key(&key_ref(ENDPOINTS, name) as &dyn KeyRef)
+        self.items.contains_key(&(ENDPOINTS, name) as &dyn KeyRef)
     }
 
     /// Replaces the endpoints resources of these clusters where this set has them.
@@ -451,7 +445,7 @@ impl ResourceSet {
         for r in resources {
             match self
                 .items
-                .get_key_value(&key_ref(&r.r#type, &r.name) as &dyn KeyRef)
+                .get_key_value(&(r.r#type.as_str(), r.name.as_str()) as &dyn KeyRef)
             {
                 Some((k, e)) if e.resource.version == r.version && e.resource.body == r.body => {
                     kept.push((k.clone(), e.clone()))
@@ -471,7 +465,7 @@ impl ResourceSet {
             }
         }
         for k in removed {
-            self.take(&key_ref(&k.r#type, &k.name));
+            self.take(&(k.r#type.as_str(), k.name.as_str()));
         }
         for (e, key) in decoded.into_iter().zip(keys) {
             let key = key.unwrap_or_else(|| Key::of(&e.resource));

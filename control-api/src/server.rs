@@ -159,7 +159,7 @@ impl ControlPlane {
         } else {
             (all_version.clone(), Vec::new())
         };
-        self.shared.published.send_if_modified(|p| {
+        let modified = self.shared.published.send_if_modified(|p| {
             if p.version == version {
                 return false;
             }
@@ -179,7 +179,9 @@ impl ControlPlane {
             weir_policies::drop_later(old);
             true
         });
-        self.shared.status_changed.send_replace(());
+        if modified {
+            self.shared.status_changed.send_replace(());
+        }
     }
 
     /// Records why the latest config was rejected (`None`: it was accepted).
