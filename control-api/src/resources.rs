@@ -2,9 +2,8 @@
 //! control plane (which diffs sets to push only what changed) and the proxy (which applies
 //! pushes to its set and rebuilds the config from it).
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -132,11 +131,15 @@ pub struct ResourceSet {
     digest: u64,
 }
 
+/// The hash behind resource versions and set digests: fixed (the same in every process of
+/// one weir build) and fast (SipHash over every body of a 10,000-route push was ~2 ms).
+fn stable_hash(value: impl Hash) -> u64 {
+    foldhash::fast::FixedState::with_seed(0).hash_one(value)
+}
+
 /// A resource's part of its set's version: its type, name and version.
 fn digest_of(r: &Resource) -> u64 {
-    let mut h = DefaultHasher::new();
-    (&r.r#type, &r.name, &r.version).hash(&mut h);
-    h.finish()
+    stable_hash((&r.r#type, &r.name, &r.version))
 }
 
 impl Entry {
@@ -160,19 +163,24 @@ impl PartialEq for ResourceSet {
     }
 }
 
+/// Whether `r` is what the set holds as `e` already (nothing to decode).
+fn same_resource(e: &Entry, r: &Resource) -> bool {
+    e.resource.version == r.version && e.resource.body == r.body
+}
+
 fn same_version(a: &Arc<Entry>, b: &Arc<Entry>) -> bool {
     Arc::ptr_eq(a, b) || a.resource.version == b.resource.version
 }
 
-fn entry<T: Serialize>(kind: &str, name: &str, body: &T, decoded: Decoded) -> Entry {
-    let body = serde_json::to_vec(body).expect("model types serialize");
-    let mut h = DefaultHasher::new();
-    body.hash(&mut h);
+fn entry<T: Serialize>(kind: &str, name: &str, body_of: &T, decoded: Decoded) -> Entry {
+    // Room for a typical route at once: growing from empty reallocated ~6 times per body.
+    let mut body = Vec::with_capacity(256);
+    serde_json::to_writer(&mut body, body_of).expect("model types serialize");
     Entry::new(
         Resource {
             r#type: kind.to_string(),
             name: name.to_string(),
-            version: format!("{:016x}", h.finish()),
+            version: format!("{:016x}", stable_hash(&body)),
             body: body.into(),
         },
         decoded,
@@ -436,9 +444,11 @@ impl ResourceSet {
         resources: Vec<Resource>,
         removed: &[ResourceKey],
     ) -> Result<(), String> {
-        // What the set holds already is kept as it is (a full-state push after a reconnect
-        // decodes only what changed meanwhile); the rest is decoded before anything changes.
-        let mut kept = Vec::new();
+        if full_state || resources.len() + removed.len() >= BULK_FROM.max(self.items.len() / 8) {
+            return self.apply_bulk(full_state, resources, removed);
+        }
+        // What the set holds already is kept as it is; the rest is decoded before anything
+        // changes.
         let mut changed = Vec::new();
         // A changed resource's key as this set has it, to use again.
         let mut keys = Vec::new();
@@ -447,9 +457,7 @@ impl ResourceSet {
                 .items
                 .get_key_value(&(r.r#type.as_str(), r.name.as_str()) as &dyn KeyRef)
             {
-                Some((k, e)) if e.resource.version == r.version && e.resource.body == r.body => {
-                    kept.push((k.clone(), e.clone()))
-                }
+                Some((_, e)) if same_resource(e, &r) => {}
                 found => {
                     keys.push(found.map(|(k, _)| k.clone()));
                     changed.push(r);
@@ -457,13 +465,6 @@ impl ResourceSet {
             }
         }
         let decoded = decode_all(changed)?;
-        if full_state {
-            self.items.clear();
-            self.digest = 0;
-            for (k, e) in kept {
-                self.put(k, e);
-            }
-        }
         for k in removed {
             self.take(&(k.r#type.as_str(), k.name.as_str()));
         }
@@ -471,6 +472,78 @@ impl ResourceSet {
             let key = key.unwrap_or_else(|| Key::of(&e.resource));
             self.put(key, Arc::new(e));
         }
+        Ok(())
+    }
+
+    /// [`Self::apply`] of a full state or a large delta: the set is rebuilt in one pass over
+    /// itself and the push, both in key order, instead of a lookup and an insert per resource
+    /// (~5 ms at 10,000 routes, against ~1).
+    fn apply_bulk(
+        &mut self,
+        full_state: bool,
+        mut resources: Vec<Resource>,
+        removed: &[ResourceKey],
+    ) -> Result<(), String> {
+        fn key_of(r: &Resource) -> (&str, &str) {
+            (&r.r#type, &r.name)
+        }
+        // A control plane sends its resources in key order; the stable sort then only checks
+        // that. Of equal keys the last wins, as with one insert after the other.
+        resources.sort_by(|a, b| key_of(a).cmp(&key_of(b)));
+        let mut last_of_each: Vec<Resource> = Vec::with_capacity(resources.len());
+        for r in resources {
+            match last_of_each.last_mut() {
+                Some(prev) if key_of(prev) == key_of(&r) => *prev = r,
+                _ => last_of_each.push(r),
+            }
+        }
+        let removed: std::collections::HashSet<(&str, &str), foldhash::fast::RandomState> = removed
+            .iter()
+            .map(|k| (k.r#type.as_str(), k.name.as_str()))
+            .collect();
+        // The new set in key order: entries kept as they are, and places for decoded ones.
+        enum Slot {
+            Kept(Key, Arc<Entry>),
+            Decoded(Option<Key>),
+        }
+        let mut slots = Vec::with_capacity(self.items.len().max(last_of_each.len()));
+        let mut changed = Vec::new();
+        let mut old = self.items.iter().peekable();
+        let keep_untouched = |slots: &mut Vec<Slot>, k: &Key, e: &Arc<Entry>| {
+            if !full_state && !removed.contains(&k.parts()) {
+                slots.push(Slot::Kept(k.clone(), e.clone()));
+            }
+        };
+        for r in last_of_each {
+            while let Some((k, e)) = old.next_if(|(k, _)| k.parts() < key_of(&r)) {
+                keep_untouched(&mut slots, k, e);
+            }
+            match old.next_if(|(k, _)| k.parts() == key_of(&r)) {
+                Some((k, e)) if same_resource(e, &r) => {
+                    slots.push(Slot::Kept(k.clone(), e.clone()))
+                }
+                found => {
+                    slots.push(Slot::Decoded(found.map(|(k, _)| k.clone())));
+                    changed.push(r);
+                }
+            }
+        }
+        for (k, e) in old {
+            keep_untouched(&mut slots, k, e);
+        }
+        let mut decoded = decode_all(changed)?.into_iter();
+        let items: BTreeMap<Key, Arc<Entry>> = slots
+            .into_iter()
+            .filter_map(|slot| match slot {
+                Slot::Kept(k, e) => Some((k, e)),
+                Slot::Decoded(key) => {
+                    let e = decoded.next()?;
+                    Some((key.unwrap_or_else(|| Key::of(&e.resource)), Arc::new(e)))
+                }
+            })
+            .collect();
+        self.digest = items.values().fold(0, |d, e| d ^ e.digest);
+        self.items = items;
         Ok(())
     }
 
@@ -506,6 +579,10 @@ impl ResourceSet {
         Ok(config)
     }
 }
+
+/// From this many resources on (or an eighth of the set, if more) a push rebuilds the set
+/// rather than changing it in place.
+const BULK_FROM: usize = 64;
 
 /// Below this many resources a push is decoded on the calling thread.
 const DECODE_ALONE_BELOW: usize = 512;
@@ -653,6 +730,71 @@ clusters:
             assert!(applied == *to);
         }
         assert_eq!(a.diff(&a), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_large_delta_rebuilds_the_set_as_single_changes_would() {
+        let routes = |n: usize, edit: &dyn Fn(usize) -> String| {
+            let mut text =
+                String::from("listeners: [{ name: l, address: \"127.0.0.1:1\" }]\nroutes:\n");
+            for i in 0..n {
+                text.push_str(&format!(
+                    "  - {{ name: r{i}, match: {{ path: {{ prefix: /{} }} }}, route: {{ cluster: c }} }}\n",
+                    edit(i)
+                ));
+            }
+            text.push_str("clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:2\" }] }]\n");
+            ResourceSet::from_config(&config(&text))
+        };
+        let a = routes(300, &|i| format!("a{i}"));
+        // Every third route changed, the last 50 gone, none added.
+        let b = routes(250, &|i| {
+            if i % 3 == 0 {
+                format!("b{i}")
+            } else {
+                format!("a{i}")
+            }
+        });
+        let (mut changed, removed) = a.diff(&b);
+        assert_eq!((changed.len(), removed.len()), (84, 50));
+        assert!(
+            changed.len() + removed.len() >= BULK_FROM,
+            "takes the bulk path"
+        );
+        let mut bulk = a.clone();
+        bulk.apply(false, changed.clone(), &removed).unwrap();
+        assert!(bulk == b);
+        assert_eq!(bulk.version(), b.version());
+        assert_eq!(bulk.to_config().unwrap(), b.to_config().unwrap());
+
+        // Out of order, and a resource twice: the later one wins, as one apply after the
+        // other gives.
+        changed.reverse();
+        let mut stale = changed[0].clone();
+        stale.body = a
+            .items
+            .iter()
+            .find(|(k, _)| k.parts() == key(&stale))
+            .unwrap()
+            .1
+            .resource
+            .body
+            .clone();
+        stale.version = "stale".into();
+        changed.insert(0, stale);
+        let mut one_by_one = a.clone();
+        for r in &changed {
+            one_by_one.apply(false, vec![r.clone()], &[]).unwrap();
+        }
+        one_by_one.apply(false, vec![], &removed).unwrap();
+        let mut bulk = a.clone();
+        bulk.apply(false, changed, &removed).unwrap();
+        assert!(bulk == one_by_one && bulk == b);
+        assert_eq!(bulk.version(), b.version());
+    }
+
+    fn key(r: &Resource) -> (&str, &str) {
+        (&r.r#type, &r.name)
     }
 
     #[test]

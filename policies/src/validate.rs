@@ -29,7 +29,7 @@ pub fn compile(config: Config) -> Result<Snapshot, Vec<Problem>> {
 pub fn compile_shared(config: Arc<Config>) -> Result<Snapshot, Vec<Problem>> {
     let previous = lock_cache().clone();
     let mut v = Validator {
-        regexes: HashMap::with_capacity(previous.len()),
+        regexes: Regexes::with_capacity_and_hasher(previous.len(), Default::default()),
         previous,
         ..Validator::default()
     };
@@ -167,8 +167,9 @@ pub fn content_version(text: &str) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Compiled regexes by pattern.
-type Regexes = HashMap<Arc<str>, Arc<Regex>>;
+/// Compiled regexes by pattern. foldhash, not SipHash: 10,000 routes look up and insert
+/// 10,000 patterns per compile, and SipHash was most of that.
+type Regexes = HashMap<Arc<str>, Arc<Regex>, foldhash::fast::RandomState>;
 
 /// What a route may point at: clusters by name, the compiled clusters, and inference pools
 /// with their index by name.
@@ -278,7 +279,8 @@ impl Validator {
         field: impl Fn(usize) -> String,
         names: impl Iterator<Item = &'a str>,
     ) {
-        let mut seen = HashSet::new();
+        let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(names.size_hint().0, Default::default());
         for (i, name) in names.enumerate() {
             if name.is_empty() {
                 self.problem(field(i), format!("{what} name must not be empty"));
@@ -677,6 +679,8 @@ impl Validator {
         let previous = &self.previous;
         let done = crate::on_threads(parts, |range| {
             let mut v = Validator {
+                // Sized for a regex per route: growing through a dozen rehashes cost more.
+                regexes: Regexes::with_capacity_and_hasher(range.len(), Default::default()),
                 previous: previous.clone(),
                 ..Validator::default()
             };
