@@ -394,8 +394,22 @@ mod xds {
         }
     }
 
-    /// The four measurements of one (proxies, routes) setting, `rounds` times each.
-    async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 4]> {
+    /// CPU time this process has used, on every thread: the control plane and the
+    /// in-process proxies.
+    fn process_cpu() -> Duration {
+        // SAFETY: getrusage only writes into the struct it is given.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+            ru
+        };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime))
+    }
+
+    /// The measurements of one (proxies, routes) setting, `rounds` times each: the four
+    /// times, and the CPU the all-routes changes took.
+    async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 5]> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = dir.path().join("mesh.yaml");
         // A file is changed the way editors and config tools do it: a temporary file written
@@ -457,30 +471,37 @@ mod xds {
             .map_err(|e| format!("initial: {e}"))?;
 
         // The time from `text` (written beside it before the clock starts) replacing the
-        // policy file until every proxy ACKed.
+        // policy file until every proxy ACKed, and the CPU the process used meanwhile.
         let change = |text: String, what: &'static str| {
             let (cp, prepare, rename) = (&cp, &prepare, &rename);
             async move {
                 prepare(text)?;
                 let old = cp.version();
-                let start = Instant::now();
+                let (start, cpu) = (Instant::now(), process_cpu());
                 rename()?;
                 all_acked(cp, proxies, &old)
                     .await
                     .map_err(|e| format!("{what}: {e}"))?;
-                Ok::<_, String>(start.elapsed())
+                Ok::<_, String>((start.elapsed(), process_cpu().saturating_sub(cpu)))
             }
         };
-        let (mut full, mut endpoint_file, mut endpoint_push) = (vec![], vec![], vec![]);
+        let (mut full, mut full_cpu) = (vec![], vec![]);
+        let (mut endpoint_file, mut endpoint_push) = (vec![], vec![]);
         let mut last_push = String::new();
         for generation in 1..=rounds {
             // Every route changes.
-            full.push(change(policy(routes, generation, 8080), "routes change").await?);
+            let (wall, cpu) = change(policy(routes, generation, 8080), "routes change").await?;
+            full.push(wall);
+            full_cpu.push(cpu);
 
             // One endpoint changes, through the file (once the watcher has waited out the burst
             // of the change above, as it would for a change that comes alone)...
             tokio::time::sleep(Duration::from_millis(100)).await;
-            endpoint_file.push(change(policy(routes, generation, 9090), "endpoint change").await?);
+            endpoint_file.push(
+                change(policy(routes, generation, 9090), "endpoint change")
+                    .await?
+                    .0,
+            );
 
             // ...and published directly (the push and apply alone, without parsing the folder),
             // once the folder watcher has folded the last events of the write above.
@@ -537,7 +558,13 @@ mod xds {
                 .map_err(|e| format!("endpoint change in its own file: {e}"))?;
             endpoint_own_file.push(start.elapsed());
         }
-        Ok([full, endpoint_file, endpoint_push, endpoint_own_file])
+        Ok([
+            full,
+            full_cpu,
+            endpoint_file,
+            endpoint_push,
+            endpoint_own_file,
+        ])
     }
 
     /// `median (min-max)` in milliseconds.
@@ -558,18 +585,20 @@ mod xds {
 
     pub async fn run(proxies: &[usize], routes: &[usize], rounds: usize) -> Res<()> {
         let mut out = format!(
-            "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir); median (min-max) of {rounds} round(s)\n\n| proxies | routes | all routes changed | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|\n",
+            "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir); median (min-max) of {rounds} round(s). The CPU column is the process's CPU time (every thread: control plane and proxies) during the all-routes changes\n\n| proxies | routes | all routes changed | its CPU | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|---|\n",
         );
         for &r in routes {
             for &n in proxies {
-                let [mut full, mut ep_file, mut ep_push, mut ep_own] = one(n, r, rounds).await?;
+                let [mut full, mut full_cpu, mut ep_file, mut ep_push, mut ep_own] =
+                    one(n, r, rounds).await?;
                 eprintln!(
-                    "  {n} proxies, {r} routes: {full:?} / {ep_file:?} / {ep_push:?} / {ep_own:?}"
+                    "  {n} proxies, {r} routes: {full:?} (CPU {full_cpu:?}) / {ep_file:?} / {ep_push:?} / {ep_own:?}"
                 );
                 let _ = writeln!(
                     out,
-                    "| {n} | {r} | {} | {} | {} | {} |",
+                    "| {n} | {r} | {} | {} | {} | {} | {} |",
                     spread(&mut full),
+                    spread(&mut full_cpu),
                     spread(&mut ep_file),
                     spread(&mut ep_push),
                     spread(&mut ep_own)
