@@ -6,6 +6,17 @@
 // the map (the other end is not local, or was never inserted) is a miss: the message goes the
 // ordinary way (SK_PASS), never dropped.
 //
+//
+// `weir_connect4` (cgroup/connect4) captures an app's outbound connections for a sidecar
+// without iptables: a TCP connect() from a process in the cgroup to a destination in scope
+// (`weir_outbound` and `weir_out_ports`, written by the proxy) is sent to the proxy's outbound
+// listener instead. The original destination is kept by socket cookie until the connection is
+// established, when `weir_sockops` files it under the app socket's own address in
+// `weir_orig_dst`, the map the proxy reads for each connection it accepts there (and deletes
+// when the socket closes). Never captured: loopback destinations, and the proxy's own
+// connections (its process id is in `weir_outbound`), so the proxy reaches the original
+// destination itself.
+//
 // Facts this relies on (measured on Linux 6.x): remote_port in bpf_sock_ops and sk_msg_md is
 // the network-order port in the upper 16 bits; local_port is host order. Live sockets are never
 // deleted from the map by weir (the kernel removes a socket when it closes).
@@ -16,6 +27,9 @@
 
 #ifndef AF_INET
 #define AF_INET 2
+#endif
+#ifndef IPPROTO_TCP
+#define IPPROTO_TCP 6
 #endif
 
 // One socket, seen from its own side. The peer's key swaps local and remote.
@@ -50,13 +64,63 @@ struct {
 	__type(value, __u8);
 } weir_ports SEC(".maps");
 
+// Outbound capture's settings (one entry, written by the proxy; `enabled` 0: off).
+struct outbound_cfg {
+	__u32 enabled;
+	__u32 listener_ip4;  // network order
+	__u32 listener_port; // host order
+	__u32 all_ports;     // 1: every port but those in weir_out_ports; 0: only those
+	__u32 proxy_tgid;    // the proxy's process id: its connections are never captured
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct outbound_cfg);
+} weir_outbound SEC(".maps");
+
+// Destination ports (host order) -> 1: captured, or exempt when `all_ports` is set.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} weir_out_ports SEC(".maps");
+
+// An IPv4 address and port: ip in network order, port in host order.
+struct addr4 {
+	__u32 ip4;
+	__u32 port;
+};
+
+// A captured socket's original destination, by socket cookie, from connect() until the
+// connection is established (LRU: a connect that never completes is forgotten in time).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct addr4);
+} weir_conn_dst SEC(".maps");
+
+// A captured connection's original destination, by the app socket's own address (what the
+// proxy sees as its peer). Deleted when the app's socket closes.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct addr4);
+	__type(value, struct addr4);
+} weir_orig_dst SEC(".maps");
+
 enum counter {
 	SOCKETS_INSERTED = 0,
 	INSERT_FAILED = 1,
 	MSGS_REDIRECTED = 2,
 	MSGS_MISSED = 3,
 	BYTES_REDIRECTED = 4,
-	COUNTERS = 5,
+	CONNECTS_CAPTURED = 5,
+	CAPTURE_FAILED = 6,
+	COUNTERS = 7,
 };
 
 struct {
@@ -85,13 +149,73 @@ static __always_inline int in_scope(__u32 local_port, __u32 remote_port)
 	       bpf_map_lookup_elem(&weir_ports, &remote_port);
 }
 
+SEC("cgroup/connect4")
+int weir_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u32 zero = 0;
+	struct outbound_cfg *cfg = bpf_map_lookup_elem(&weir_outbound, &zero);
+	if (!cfg || !cfg->enabled)
+		return 1;
+	if ((__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->proxy_tgid)
+		return 1;
+	__u32 ip4 = ctx->user_ip4;
+	if ((ip4 & 0xff) == 127)
+		return 1;
+	// user_port holds the network-order port in its low 16 bits.
+	__u32 port = bpf_ntohs((__u16)ctx->user_port);
+	int listed = bpf_map_lookup_elem(&weir_out_ports, &port) != 0;
+	if (cfg->all_ports ? listed : !listed)
+		return 1;
+	struct addr4 dst = { .ip4 = ip4, .port = port };
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (bpf_map_update_elem(&weir_conn_dst, &cookie, &dst, BPF_ANY) != 0) {
+		// Without its destination on record the proxy could not forward it: leave it be.
+		count(CAPTURE_FAILED, 1);
+		return 1;
+	}
+	ctx->user_ip4 = cfg->listener_ip4;
+	ctx->user_port = bpf_htons((__u16)cfg->listener_port);
+	count(CONNECTS_CAPTURED, 1);
+	return 1;
+}
+
+// A captured connection is established: file its original destination under the app
+// socket's address, and ask to hear when it closes.
+static __always_inline void file_original_destination(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct addr4 *dst = bpf_map_lookup_elem(&weir_conn_dst, &cookie);
+	if (!dst)
+		return;
+	struct addr4 key = { .ip4 = skops->local_ip4, .port = skops->local_port };
+	struct addr4 value = *dst;
+	bpf_map_delete_elem(&weir_conn_dst, &cookie);
+	if (bpf_map_update_elem(&weir_orig_dst, &key, &value, BPF_ANY) != 0) {
+		count(CAPTURE_FAILED, 1);
+		return;
+	}
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
 SEC("sockops")
 int weir_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (skops->family == AF_INET)
+			file_original_destination(skops);
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		// Only captured sockets asked for this: forget their destination once closed.
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			struct addr4 key = { .ip4 = skops->local_ip4, .port = skops->local_port };
+			bpf_map_delete_elem(&weir_orig_dst, &key);
+		}
+		return 1;
 	default:
 		return 1;
 	}

@@ -10,14 +10,20 @@
 //! Dropping a [`FastPath`] detaches both programs: no new socket is accelerated. Sockets
 //! already accelerated keep their redirect until they close; they are never taken out of the
 //! map while live (doing so corrupted bulk transfers in tests on this kernel).
+//!
+//! Outbound capture (a sidecar without iptables): with [`FastPath::set_outbound`], a third
+//! program, `cgroup/connect4`, sends apps' outbound TCP connects in scope to the proxy's
+//! outbound listener, and keeps each one's original destination in a map the proxy reads
+//! through [`OriginalDestinations`] (keyed by the app socket's address, the proxy's peer).
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
-use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::Ebpf;
 
 /// Where the fast path attaches by default: the root of the cgroup v2 hierarchy (from
@@ -87,6 +93,98 @@ pub struct SockKey {
 // SAFETY: plain old data, four u32 with no padding.
 unsafe impl aya::Pod for SockKey {}
 
+/// An IPv4 address and port as the programs keep them (`struct addr4` in the C source): the
+/// address in network order, the port in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Addr4 {
+    ip4: u32,
+    port: u32,
+}
+
+// SAFETY: plain old data, two u32 with no padding.
+unsafe impl aya::Pod for Addr4 {}
+
+impl From<SocketAddrV4> for Addr4 {
+    fn from(a: SocketAddrV4) -> Self {
+        Self {
+            ip4: u32::from_ne_bytes(a.ip().octets()),
+            port: u32::from(a.port()),
+        }
+    }
+}
+
+impl From<Addr4> for SocketAddrV4 {
+    fn from(a: Addr4) -> Self {
+        SocketAddrV4::new(Ipv4Addr::from(a.ip4.to_ne_bytes()), a.port as u16)
+    }
+}
+
+/// Outbound capture's settings as the programs read them (`struct outbound_cfg`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct OutboundCfg {
+    enabled: u32,
+    listener_ip4: u32,
+    listener_port: u32,
+    all_ports: u32,
+    proxy_tgid: u32,
+}
+
+// SAFETY: plain old data, five u32 with no padding.
+unsafe impl aya::Pod for OutboundCfg {}
+
+/// Which destination ports outbound capture takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ports {
+    /// Only these.
+    Only(BTreeSet<u16>),
+    /// Every port but these.
+    AllBut(BTreeSet<u16>),
+}
+
+/// Outbound capture: TCP connects from processes in the cgroup to a non-loopback IPv4
+/// destination whose port is in `ports` go to `listener` instead, except the `proxy_pid`
+/// process's own (it forwards them to where they were going).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    pub listener: SocketAddrV4,
+    pub ports: Ports,
+    pub proxy_pid: u32,
+}
+
+/// The original destinations of captured connections, by the app socket's address (the peer
+/// address the proxy sees). Cheap to clone; works after the fast path is detached, for the
+/// connections captured before.
+#[derive(Clone)]
+pub struct OriginalDestinations(Arc<HashMap<MapData, Addr4, Addr4>>);
+
+impl OriginalDestinations {
+    /// Where the connection from `peer` was going before it was captured; `None` for a
+    /// connection that was not captured (or has closed).
+    pub fn get(&self, peer: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.0
+            .get(&Addr4::from(peer), 0)
+            .ok()
+            .map(SocketAddrV4::from)
+    }
+
+    /// Captured connections open now.
+    pub fn len(&self) -> usize {
+        self.0.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for OriginalDestinations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OriginalDestinations")
+    }
+}
+
 /// The programs' counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -100,11 +198,15 @@ pub struct Counters {
     pub messages_missed: u64,
     /// Bytes of the redirected messages.
     pub bytes_redirected: u64,
+    /// Outbound connects sent to the proxy's outbound listener.
+    pub connects_captured: u64,
+    /// Outbound connects in scope left alone because their destination could not be kept.
+    pub capture_failed: u64,
 }
 
 impl Counters {
     /// (name, help, value) of each counter, in Prometheus terms.
-    pub fn fields(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); COUNTERS as usize] {
         [
             (
                 "sockets_inserted",
@@ -131,6 +233,16 @@ impl Counters {
                 "Bytes of the redirected messages.",
                 self.bytes_redirected,
             ),
+            (
+                "connects_captured",
+                "Outbound connects sent to the proxy's outbound listener.",
+                self.connects_captured,
+            ),
+            (
+                "capture_failed",
+                "Outbound connects in scope left alone: their destination could not be kept.",
+                self.capture_failed,
+            ),
         ]
     }
 }
@@ -146,18 +258,24 @@ impl fmt::Display for Counters {
 
 /// The attached fast path. Detached on drop.
 pub struct FastPath {
-    /// Owns the loaded programs and their links; dropping it detaches both.
-    _programs: Ebpf,
+    /// Owns the loaded programs and their links; dropping it detaches them.
+    programs: Ebpf,
     socks: Option<SockHash<MapData, SockKey>>,
     ports: HashMap<MapData, u32, u8>,
     addrs: HashMap<MapData, u32, u8>,
     counters: PerCpuArray<MapData, u64>,
+    outbound_cfg: Array<MapData, OutboundCfg>,
+    out_ports: HashMap<MapData, u32, u8>,
+    original: OriginalDestinations,
     cgroup: PathBuf,
+    cgroup_dir: std::fs::File,
     in_scope: BTreeSet<u16>,
     local: BTreeSet<Ipv4Addr>,
+    outbound: Option<Outbound>,
+    connect4_attached: bool,
 }
 
-const COUNTERS: u32 = 5;
+const COUNTERS: u32 = 7;
 
 impl FastPath {
     /// Loads the programs, attaches `sock_ops` to the cgroup v2 at `cgroup` (alongside any
@@ -174,6 +292,9 @@ impl FastPath {
         let ports = take_map(&mut bpf, "weir_ports")?;
         let addrs = take_map(&mut bpf, "weir_addrs")?;
         let counters = take_map(&mut bpf, "weir_counters")?;
+        let outbound_cfg = take_map(&mut bpf, "weir_outbound")?;
+        let out_ports = take_map(&mut bpf, "weir_out_ports")?;
+        let original = OriginalDestinations(Arc::new(take_map(&mut bpf, "weir_orig_dst")?));
         let program = |what: &'static str| move |source| Error::Program { what, source };
         let msg: &mut SkMsg = bpf
             .program_mut("weir_msg")
@@ -194,15 +315,97 @@ impl FastPath {
         ops.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program("attaching sock_ops to the cgroup"))?;
         Ok(Self {
-            _programs: bpf,
+            programs: bpf,
             socks: Some(socks),
             ports,
             addrs,
             counters,
+            outbound_cfg,
+            out_ports,
+            original,
             cgroup: cgroup.to_path_buf(),
+            cgroup_dir,
             in_scope: BTreeSet::new(),
             local: BTreeSet::new(),
+            outbound: None,
+            connect4_attached: false,
         })
+    }
+
+    /// Captures outbound connects as `outbound` says, from now on (`None`: none). The
+    /// `cgroup/connect4` program is attached the first time; turning capture off leaves it
+    /// attached and idle. Connections captured before keep their original destination.
+    pub fn set_outbound(&mut self, outbound: Option<Outbound>) -> Result<(), Error> {
+        if outbound == self.outbound {
+            return Ok(());
+        }
+        let cfg_err = |source| Error::Map {
+            what: "weir_outbound",
+            source,
+        };
+        let Some(out) = outbound else {
+            self.outbound_cfg
+                .set(0, OutboundCfg::default(), 0)
+                .map_err(cfg_err)?;
+            self.outbound = None;
+            return Ok(());
+        };
+        if !self.connect4_attached {
+            let program = |what: &'static str| move |source| Error::Program { what, source };
+            let connect: &mut CgroupSockAddr = self
+                .programs
+                .program_mut("weir_connect4")
+                .expect("weir_connect4 is in the object")
+                .try_into()
+                .map_err(program("weir_connect4"))?;
+            connect.load().map_err(program("loading cgroup/connect4"))?;
+            connect
+                .attach(&self.cgroup_dir, CgroupAttachMode::Single)
+                .map_err(program("attaching cgroup/connect4 to the cgroup"))?;
+            self.connect4_attached = true;
+        }
+        let (all_ports, listed) = match &out.ports {
+            Ports::Only(p) => (0, p),
+            Ports::AllBut(p) => (1, p),
+        };
+        let ports_err = |source| Error::Map {
+            what: "weir_out_ports",
+            source,
+        };
+        // Off while the ports change, so no connect sees half a list.
+        self.outbound_cfg
+            .set(0, OutboundCfg::default(), 0)
+            .map_err(cfg_err)?;
+        let old: Vec<u32> = self.out_ports.keys().filter_map(Result::ok).collect();
+        for port in old {
+            self.out_ports.remove(&port).map_err(ports_err)?;
+        }
+        for port in listed {
+            self.out_ports
+                .insert(u32::from(*port), 1, 0)
+                .map_err(ports_err)?;
+        }
+        let listener = Addr4::from(out.listener);
+        let cfg = OutboundCfg {
+            enabled: 1,
+            listener_ip4: listener.ip4,
+            listener_port: listener.port,
+            all_ports,
+            proxy_tgid: out.proxy_pid,
+        };
+        self.outbound_cfg.set(0, cfg, 0).map_err(cfg_err)?;
+        self.outbound = Some(out);
+        Ok(())
+    }
+
+    /// Outbound capture's settings now (`None`: off).
+    pub fn outbound(&self) -> Option<&Outbound> {
+        self.outbound.as_ref()
+    }
+
+    /// The original destinations of captured connections.
+    pub fn original_destinations(&self) -> OriginalDestinations {
+        self.original.clone()
     }
 
     /// Makes exactly `ports` the ports whose new local connections are accelerated. Sockets
@@ -289,6 +492,8 @@ impl FastPath {
             messages_redirected: v[2],
             messages_missed: v[3],
             bytes_redirected: v[4],
+            connects_captured: v[5],
+            capture_failed: v[6],
         })
     }
 }
@@ -307,7 +512,7 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
 
 impl Drop for FastPath {
     fn drop(&mut self) {
-        // The programs detach when `_programs` drops. The sockhash is left to the kernel:
+        // The programs detach when `programs` drops. The sockhash is left to the kernel:
         // sockets in it keep their redirect until they close and leave it by themselves, so no
         // live socket is ever taken out. Its fd is the one thing kept (one per attach).
         if let Some(socks) = self.socks.take() {

@@ -39,11 +39,14 @@ pub struct HttpBackend {
 }
 
 impl HttpBackend {
-    /// Binds a free port and serves until the test process ends.
+    /// Binds a free port on 127.0.0.1 and serves until the test process ends.
     pub async fn start(name: &str) -> Arc<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        Self::start_on(name, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// [`HttpBackend::start`] on a free port of `ip`.
+    pub async fn start_on(name: &str, ip: std::net::IpAddr) -> Arc<Self> {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
         let backend = Arc::new(Self {
             name: name.to_string(),
             addr: listener.local_addr().expect("local addr"),

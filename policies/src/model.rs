@@ -227,7 +227,7 @@ fn default_access_log_buffer() -> u32 {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(
     untagged,
-    expecting = "sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2 }"
+    expecting = "sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2, addresses: [...], outbound: {...} }"
 )]
 pub enum FastPath {
     Mode(FastPathMode),
@@ -254,6 +254,26 @@ pub struct FastPathSettings {
     /// addresses: for a node proxy, the IPs of the pods on the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<std::net::Ipv4Addr>,
+    /// Outbound capture for a sidecar without iptables: apps' TCP connects go to this
+    /// proxy's outbound listener instead (a `cgroup/connect4` program).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<OutboundCapture>,
+}
+
+/// `fast_path.outbound`: which outbound connects are sent to which listener. Never captured:
+/// loopback destinations and the proxy's own connections.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundCapture {
+    /// The address of one of this config's listeners (IPv4; `0.0.0.0:P` is reached on
+    /// 127.0.0.1:P). Its routes usually lead to an `original_dst` cluster.
+    pub listener: String,
+    /// Only connects to these destination ports (default: every port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Never connects to these destination ports. Not together with `ports`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_ports: Vec<u16>,
 }
 
 impl FastPath {
@@ -275,6 +295,13 @@ impl FastPath {
         match self {
             FastPath::Mode(_) => &[],
             FastPath::Settings(s) => &s.addresses,
+        }
+    }
+
+    pub fn outbound(&self) -> Option<&OutboundCapture> {
+        match self {
+            FastPath::Mode(_) => None,
+            FastPath::Settings(s) => s.outbound.as_ref(),
         }
     }
 }
@@ -509,7 +536,14 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub lb: LbPolicy,
+    /// Where requests go. An `original_dst` cluster has none: see there.
+    #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Each request goes to where its connection was going before the fast path's outbound
+    /// capture sent it to this proxy (Envoy's ORIGINAL_DST cluster). No endpoints, no
+    /// health check; a connection that was not captured gets 503.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub original_dst: bool,
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
     #[serde(default)]

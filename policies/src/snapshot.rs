@@ -197,6 +197,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub lb: LbPolicy,
     pub endpoints: Vec<Endpoint>,
+    /// Requests go to their connection's original destination (`endpoints` is empty).
+    pub original_dst: bool,
     pub health_check: Option<HealthCheck>,
     pub circuit_breaker: model::CircuitBreaker,
     pub outlier_detection: Option<model::OutlierDetection>,

@@ -72,6 +72,9 @@ pub fn compile_shared(config: Arc<Config>) -> Result<Snapshot, Vec<Problem>> {
             compiled.filter_chain = chain;
         }
     }
+    if let Some(out) = config.fast_path.as_ref().and_then(|f| f.outbound()) {
+        v.outbound_capture(out, config.fast_path.as_deref(), &listeners);
+    }
     if let Some(t) = &config.tracing {
         if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://")) {
             v.problem(
@@ -335,7 +338,23 @@ impl Validator {
         let mut index = HashMap::new();
         for (i, c) in raw.iter().enumerate() {
             let at = format!("clusters[{i}]");
-            let endpoints = self.endpoints(&at, &c.endpoints);
+            let endpoints = if c.original_dst {
+                if !c.endpoints.is_empty() {
+                    self.problem(
+                        format!("{at}.endpoints"),
+                        "an original_dst cluster sends each request where its connection was going; give it no endpoints",
+                    );
+                }
+                if c.health_check.is_some() {
+                    self.problem(
+                        format!("{at}.health_check"),
+                        "an original_dst cluster has no endpoints to check",
+                    );
+                }
+                Vec::new()
+            } else {
+                self.endpoints(&at, &c.endpoints)
+            };
             if let model::LbPolicy::RingHash {
                 ring_hash: model::RingHash { header },
             } = &c.lb
@@ -378,12 +397,51 @@ impl Validator {
                 connect_timeout: c.connect_timeout,
                 lb: c.lb.clone(),
                 endpoints,
+                original_dst: c.original_dst,
                 health_check,
                 circuit_breaker: c.circuit_breaker.clone(),
                 outlier_detection: c.outlier_detection.clone(),
             });
         }
         (out, index)
+    }
+
+    /// `fast_path.outbound`: capture needs the sockmap mode and one of this config's IPv4
+    /// listeners to send connections to.
+    fn outbound_capture(
+        &mut self,
+        out: &model::OutboundCapture,
+        fast_path: Option<&model::FastPath>,
+        listeners: &[Listener],
+    ) {
+        if fast_path.map(|f| f.mode()) != Some(model::FastPathMode::Sockmap) {
+            self.problem("fast_path.outbound", "outbound capture needs mode: sockmap");
+        }
+        let field = "fast_path.outbound.listener";
+        if let Some(address) = self.socket_addr(field, &out.listener) {
+            if !address.is_ipv4() {
+                self.problem(field, "outbound capture is IPv4 only");
+            } else if !listeners.iter().any(|l| {
+                l.address.port() == address.port()
+                    && (l.address.ip() == address.ip() || l.address.ip().is_unspecified())
+            }) {
+                self.problem(field, format!("no listener on {address}"));
+            }
+        }
+        if !out.ports.is_empty() && !out.exclude_ports.is_empty() {
+            self.problem(
+                "fast_path.outbound.exclude_ports",
+                "give ports or exclude_ports, not both",
+            );
+        }
+        for (name, ports) in [("ports", &out.ports), ("exclude_ports", &out.exclude_ports)] {
+            if let Some(i) = ports.iter().position(|p| *p == 0) {
+                self.problem(
+                    format!("fast_path.outbound.{name}[{i}]"),
+                    "port 0 is no destination",
+                );
+            }
+        }
     }
 
     fn endpoints(&mut self, at: &str, raw: &[model::Endpoint]) -> Vec<Endpoint> {
@@ -626,6 +684,7 @@ impl Validator {
                         weight: 1,
                     })
                     .collect(),
+                original_dst: false,
                 health_check: None,
                 // The pool's own limits (max_in_flight, queue) bound it.
                 circuit_breaker: model::CircuitBreaker {

@@ -537,3 +537,61 @@ fn a_large_file_loads_in_order_and_its_errors_name_their_lines() {
         "{e}"
     );
 }
+
+#[test]
+fn outbound_capture_and_original_dst_clusters_are_checked() {
+    const GOOD: &str = "listeners:\n  - name: outbound\n    address: \"0.0.0.0:15001\"\nroutes:\n  - name: out\n    route: { cluster: original }\nclusters:\n  - name: original\n    original_dst: true\nfast_path:\n  mode: sockmap\n  outbound: { listener: \"127.0.0.1:15001\", exclude_ports: [22] }\n";
+    let s = load_str("weir.yaml", GOOD).expect("valid");
+    assert!(s.clusters[0].original_dst && s.clusters[0].endpoints.is_empty());
+    let out = s.source.fast_path.as_ref().unwrap().outbound().unwrap();
+    assert_eq!(out.exclude_ports, vec![22]);
+    // An original_dst cluster takes no endpoints and no health check.
+    let errs = errors(&GOOD.replace(
+        "original_dst: true\n",
+        "original_dst: true\n    endpoints: [{ address: \"127.0.0.1:1\" }]\n    health_check: { http: { path: /h } }\n",
+    ));
+    let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 2, "{text:?}");
+    assert!(
+        text[0].contains("weir.yaml:10:")
+            && text[0].contains("clusters[0].endpoints: an original_dst cluster"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("clusters[0].health_check: an original_dst cluster has no endpoints"),
+        "{text:?}"
+    );
+    // The listener must be one of the config's; ports or exclude_ports, not both.
+    let errs = errors(
+        &GOOD
+            .replace("127.0.0.1:15001", "127.0.0.1:15002")
+            .replace("exclude_ports: [22]", "ports: [80, 0], exclude_ports: [22]"),
+    );
+    let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 3, "{text:?}");
+    assert!(
+        text[0].contains("weir.yaml:12:")
+            && text[0].contains("fast_path.outbound.listener: no listener on 127.0.0.1:15002"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("fast_path.outbound.exclude_ports: give ports or exclude_ports, not both"),
+        "{text:?}"
+    );
+    assert!(
+        text[2].contains("fast_path.outbound.ports[1]: port 0 is no destination"),
+        "{text:?}"
+    );
+    // Capture is part of the sockmap fast path.
+    let e = one_error(&GOOD.replace("mode: sockmap", "mode: off"));
+    assert!(
+        e.contains("fast_path.outbound: outbound capture needs mode: sockmap"),
+        "{e}"
+    );
+    let e = one_error(&GOOD.replace("[22] }", "[22], colour: red }"));
+    // (`fast_path` is a mode or settings, so serde names the whole of it.)
+    assert!(
+        e.contains("weir.yaml:10:1: fast_path: sockmap, off, or {"),
+        "{e}"
+    );
+}

@@ -1,10 +1,12 @@
 //! The eBPF sockmap fast path in the running proxy: attached at start when the config asks
 //! for it (`fast_path: sockmap`) and the process may load BPF, otherwise logged and left off;
 //! its scope follows the config (listener ports and loopback upstream ports); its state and
-//! counters are on the admin endpoint (`/ebpf`, `/stats/prometheus`).
+//! counters are on the admin endpoint (`/ebpf`, `/stats/prometheus`). With
+//! `fast_path.outbound`, apps' outbound connects are captured to a listener of this proxy, and
+//! an `original_dst` cluster sends each request where its connection was going.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +26,32 @@ pub struct FastPathState {
     /// Why the configured fast path is not attached.
     unavailable: Option<String>,
     configured: bool,
+    /// Captured connections' original destinations (read without the lock, per request).
+    original: Option<weir_ebpf::OriginalDestinations>,
+}
+
+/// What `fast_path.outbound` asks of the programs (`None`: no capture). Validation made sure
+/// the listener is an IPv4 address; one on 0.0.0.0 is reached on 127.0.0.1.
+pub fn outbound(snapshot: &Snapshot) -> Option<weir_ebpf::Outbound> {
+    let out = snapshot.source.fast_path.as_ref()?.outbound()?;
+    let SocketAddr::V4(listener) = out.listener.parse().ok()? else {
+        return None;
+    };
+    let listener = if listener.ip().is_unspecified() {
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, listener.port())
+    } else {
+        listener
+    };
+    let ports = if out.ports.is_empty() {
+        weir_ebpf::Ports::AllBut(out.exclude_ports.iter().copied().collect())
+    } else {
+        weir_ebpf::Ports::Only(out.ports.iter().copied().collect())
+    };
+    Some(weir_ebpf::Outbound {
+        listener,
+        ports,
+        proxy_pid: std::process::id(),
+    })
 }
 
 /// The addresses local to this node besides loopback: the node's interface addresses and
@@ -74,6 +102,7 @@ impl FastPathState {
                 attached: Mutex::new(None),
                 unavailable: None,
                 configured,
+                original: None,
             });
         }
         let cgroup = config
@@ -83,11 +112,12 @@ impl FastPathState {
             let local = addresses(snapshot);
             f.set_ports(ports(snapshot, &local))?;
             f.set_addresses(local)?;
+            f.set_outbound(outbound(snapshot))?;
             Ok(f)
         });
         let (attached, unavailable) = match attached {
             Ok(f) => {
-                tracing::info!(cgroup = %cgroup.display(), ports = ?f.ports(), addresses = ?f.addresses(), "sockmap fast path attached");
+                tracing::info!(cgroup = %cgroup.display(), ports = ?f.ports(), addresses = ?f.addresses(), outbound = ?f.outbound(), "sockmap fast path attached");
                 (Some(f), None)
             }
             Err(e) => {
@@ -95,11 +125,22 @@ impl FastPathState {
                 (None, Some(e.to_string()))
             }
         };
+        let original = attached.as_ref().map(|f| f.original_destinations());
         Arc::new(Self {
             attached: Mutex::new(attached),
             unavailable,
             configured,
+            original,
         })
+    }
+
+    /// Where the connection from `peer` was going before outbound capture sent it here;
+    /// `None` when it was not captured (or the fast path is off).
+    pub fn original_destination(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        match (peer, &self.original) {
+            (SocketAddr::V4(peer), Some(original)) => original.get(peer).map(SocketAddr::V4),
+            _ => None,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<weir_ebpf::FastPath>> {
@@ -111,10 +152,15 @@ impl FastPathState {
         if let Some(f) = self.lock().as_mut() {
             let local = addresses(snapshot);
             let want = ports(snapshot, &local);
-            if *f.ports() != want || *f.addresses() != local {
-                match f.set_ports(want).and_then(|()| f.set_addresses(local)) {
+            let capture = outbound(snapshot);
+            if *f.ports() != want || *f.addresses() != local || f.outbound() != capture.as_ref() {
+                match f
+                    .set_ports(want)
+                    .and_then(|()| f.set_addresses(local))
+                    .and_then(|()| f.set_outbound(capture))
+                {
                     Ok(()) => {
-                        tracing::info!(ports = ?f.ports(), addresses = ?f.addresses(), "sockmap fast path scope")
+                        tracing::info!(ports = ?f.ports(), addresses = ?f.addresses(), outbound = ?f.outbound(), "sockmap fast path scope")
                     }
                     Err(e) => tracing::warn!("sockmap fast path scope not updated: {e}"),
                 }
@@ -139,10 +185,26 @@ impl FastPathState {
                         .map(|(name, _, v)| (name.to_string(), json!(v)))
                         .collect::<serde_json::Map<_, _>>()
                 });
+                let outbound = f.outbound().map(|o| {
+                    let (key, ports) = match &o.ports {
+                        weir_ebpf::Ports::Only(p) => ("ports", p),
+                        weir_ebpf::Ports::AllBut(p) => ("exclude_ports", p),
+                    };
+                    json!({
+                        "listener": o.listener.to_string(),
+                        key: ports,
+                        "open_connections": self.original.as_ref().map_or(0, |d| d.len()),
+                    })
+                });
+                let mut programs = vec!["sock_ops weir_sockops", "sk_msg weir_msg"];
+                if outbound.is_some() {
+                    programs.push("cgroup/connect4 weir_connect4");
+                }
                 json!({
                     "mode": mode,
                     "attached": true,
-                    "programs": ["sock_ops weir_sockops", "sk_msg weir_msg"],
+                    "programs": programs,
+                    "outbound": outbound,
                     "cgroup": f.cgroup().display().to_string(),
                     "ports": f.ports(),
                     "addresses": f.addresses(),

@@ -111,6 +111,24 @@ fn ebpf_status(admin: std::net::SocketAddr) -> Result<(), String> {
     println!("ports in scope: {}", v["ports"]);
     println!("local addresses besides loopback: {}", v["addresses"]);
     println!("sockets in the sockhash: {}", v["sockets"]);
+    match v["outbound"].as_object() {
+        None => println!("outbound capture: off"),
+        Some(o) => {
+            let ports = match (&o.get("ports"), &o.get("exclude_ports")) {
+                (Some(p), _) => format!("destination ports {p}"),
+                (None, Some(p)) if p.as_array().is_some_and(|a| !a.is_empty()) => {
+                    format!("every destination port but {p}")
+                }
+                _ => "every destination port".to_string(),
+            };
+            println!(
+                "outbound capture: to {}, {ports}; captured connections open: {}",
+                o.get("listener").and_then(|l| l.as_str()).unwrap_or("?"),
+                o.get("open_connections")
+                    .unwrap_or(&serde_json::Value::Null),
+            );
+        }
+    }
     println!("counters:");
     for (name, value) in v["counters"].as_object().into_iter().flatten() {
         println!("  {name}: {value}");

@@ -84,6 +84,8 @@ pub struct WeirProxy {
     pub drain: Arc<Drain>,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     pub tracer: Option<Arc<crate::telemetry::Tracer>>,
+    /// The sockmap fast path: outbound capture's original destinations.
+    pub fast_path: Arc<crate::fast_path::FastPathState>,
 }
 
 /// Per-request state.
@@ -684,7 +686,9 @@ impl ProxyHttp for WeirProxy {
             }
             _ => None,
         };
-        let ep = if let Some(inf) = ctx.inference.as_mut() {
+        let ep = if cluster.original_dst {
+            None
+        } else if let Some(inf) = ctx.inference.as_mut() {
             if ctx.tries > 0 {
                 // A retry: another replica, picked now (no waiting).
                 let pool = &rt.pools[inf.pool];
@@ -702,17 +706,30 @@ impl ProxyHttp for WeirProxy {
                     _ => return Err(reply::error(503, "no other replica for a retry")),
                 }
             }
-            inf.endpoint
+            Some(inf.endpoint)
         } else {
             let Some(ep) = state.pick(&cluster.lb, hash_key.map(|v| v.as_bytes()), &ctx.tried)
             else {
                 return Err(reply::error(503, "no healthy upstream"));
             };
             ctx._load = Some(EndpointLoad::new(&state.endpoints[ep]));
-            ep
+            Some(ep)
         };
-        let endpoint = &state.endpoints[ep];
-        let mut peer = HttpPeer::new(endpoint.address, false, String::new());
+        let address = match ep {
+            Some(ep) => state.endpoints[ep].address,
+            // Where the downstream connection was going before outbound capture sent it here.
+            None => session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .and_then(|peer| self.fast_path.original_destination(*peer))
+                .ok_or_else(|| {
+                    reply::error(
+                        503,
+                        "original_dst cluster: this connection has no original destination (not captured by fast_path.outbound)",
+                    )
+                })?,
+        };
+        let mut peer = HttpPeer::new(address, false, String::new());
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         let per_try = route.action.retry.as_ref().and_then(|r| r.per_try_timeout);
         let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
@@ -731,8 +748,8 @@ impl ProxyHttp for WeirProxy {
             if trace.sampled() {
                 attributes = Attrs::new();
                 attributes
-                    .display("server.address", endpoint.address.ip())
-                    .int("server.port", i64::from(endpoint.address.port()))
+                    .display("server.address", address.ip())
+                    .int("server.port", i64::from(address.port()))
                     .str("weir.cluster", &cluster.name);
                 if ctx.tries > 0 {
                     attributes.int("http.request.resend_count", i64::from(ctx.tries));
@@ -740,7 +757,9 @@ impl ProxyHttp for WeirProxy {
             }
             tracer.attempt(trace, attributes);
         }
-        ctx.tried.push(ep);
+        // An original destination is no endpoint of the cluster's: nothing to exclude on a
+        // retry, no endpoint state to feed.
+        ctx.tried.extend(ep);
         ctx.tries += 1;
         Ok(Box::new(peer))
     }

@@ -120,6 +120,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             drain: drain.clone(),
             access_log: access_log.clone(),
             tracer: tracer.clone(),
+            fast_path: fast_path.clone(),
         };
         let mut service =
             http_proxy_service_with_name(&conf, proxy, &format!("listener {}", l.name));

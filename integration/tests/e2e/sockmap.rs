@@ -418,16 +418,7 @@ fn node_addresses_are_in_scope_only_when_given() {
     if !can_load_bpf("sockmap node addresses") {
         return;
     }
-    let Some(node_ip) = if_addrs::get_if_addrs()
-        .unwrap()
-        .into_iter()
-        .find_map(|i| match i.ip() {
-            std::net::IpAddr::V4(a) if !a.is_loopback() => Some(a),
-            _ => None,
-        })
-    else {
-        panic!("this test needs a non-loopback IPv4 address on the machine");
-    };
+    let node_ip = node_ip();
     let cg = TestCgroup::enter("addrs");
     let listener = TcpListener::bind((node_ip, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -460,4 +451,107 @@ fn node_addresses_are_in_scope_only_when_given() {
     assert_eq!(c.sockets_inserted, 2, "{c:?}");
     assert_eq!(c.bytes_redirected, 2 * data.len() as u64, "{c:?}");
     assert_eq!(capture.payload_segments(port), 0);
+}
+
+/// One of this machine's non-loopback IPv4 addresses.
+fn node_ip() -> std::net::Ipv4Addr {
+    if_addrs::get_if_addrs()
+        .unwrap()
+        .into_iter()
+        .find_map(|i| match i.ip() {
+            std::net::IpAddr::V4(a) if !a.is_loopback() => Some(a),
+            _ => None,
+        })
+        .expect("this test needs a non-loopback IPv4 address on the machine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_connects_are_captured_and_reach_their_original_destination() {
+    use weir_integration::http_backend::HttpBackend;
+    if !can_load_bpf("sockmap outbound capture") {
+        return;
+    }
+    let node_ip = node_ip();
+    let cg = TestCgroup::enter("outbound");
+    // Two services on the node's address; connects to the first one's port are captured.
+    let captured = HttpBackend::start_on("captured", node_ip.into()).await;
+    let passing = HttpBackend::start_on("passing", node_ip.into()).await;
+    let outbound = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let s = start(&format!(
+        "  - name: outbound\n    address: \"{outbound}\"\nroutes:\n  - name: passthrough\n    route:\n      cluster: original\n      response_headers: {{ add: [{{ name: x-via, value: weir-outbound }}] }}\nclusters:\n  - name: original\n    original_dst: true\nfast_path: {{ mode: sockmap, cgroup: \"{}\", outbound: {{ listener: \"{outbound}\", ports: [{}] }} }}\n",
+        cg.path.display(),
+        captured.addr.port()
+    ));
+    let v = ebpf_json(&s.weir);
+    assert_eq!(v["attached"], true, "{v}");
+    assert_eq!(v["outbound"]["listener"], outbound.to_string(), "{v}");
+    assert!(v["programs"].to_string().contains("cgroup/connect4"), "{v}");
+
+    // No connection reuse: every request is a connect of its own, and each is counted.
+    let client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http();
+    // The app asks for the node's address; the connect goes to weir, which sends the
+    // request where it was going (its own connect there is not captured, or it would loop).
+    for i in 0..3 {
+        let r = get(&client, captured.addr, &format!("/r{i}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.headers["x-backend"], "captured");
+        assert_eq!(r.headers["x-via"], "weir-outbound", "went through weir");
+    }
+    let body = pattern(1 << 20, 7);
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/echo-body", captured.addr))
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let resp = client.request(req).await.expect("response");
+    assert_eq!(resp.headers()["x-via"], "weir-outbound");
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(got == body, "1 MiB echoed byte-exact through the capture");
+    assert_eq!(captured.requests(), 4);
+    // A port out of scope is left alone: straight to the service, weir never sees it.
+    let r = get(&client, passing.addr, "/direct").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["x-backend"], "passing");
+    assert!(r.headers.get("x-via").is_none(), "not through weir");
+    // A connection weir did not capture has no original destination to go to.
+    let r = get(&client, outbound, "/lost").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+
+    let v = ebpf_json(&s.weir);
+    let c = &v["counters"];
+    assert_eq!(
+        c["connects_captured"], 4,
+        "the app's 4 connects, none of weir's: {v}"
+    );
+    assert_eq!(c["capture_failed"], 0, "{v}");
+    // A captured connection's destination is forgotten when it closes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = ebpf_json(&s.weir);
+        if v["outbound"]["open_connections"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "captured connections closed but still on record: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = std::process::Command::new(weir_integration::weir_process::weir_binary())
+        .args(["ebpf", "status", "--admin", &s.weir.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "outbound capture: to {outbound}, destination ports [{}]",
+            captured.addr.port()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("connects_captured: 4"), "{text}");
 }
