@@ -1,25 +1,28 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 // weir's sockmap fast path. `weir_sockops` puts established TCP sockets between two local
-// endpoints (loopback, or addresses in `weir_addrs`) into `weir_socks` when one end's port is
-// in `weir_ports` (the proxy's listener and upstream ports; both maps written by the proxy). `weir_msg` then hands every message sent on such a
-// socket straight to its peer's receive queue, skipping the loopback TCP stack. A peer not in
-// the map (the other end is not local, or was never inserted) is a miss: the message goes the
-// ordinary way (SK_PASS), never dropped.
+// endpoints (loopback, or addresses in `weir_addrs`) into `weir_socks` when the connection is
+// the proxy's: one end's port is in `weir_ports` (the proxy's listener ports, and ports that
+// policy adds), or the proxy's own process opened it (its upstream connections, marked by
+// `weir_connect4` at connect time). Other local traffic is left alone, even to the same
+// upstream port. `weir_msg` then hands every message sent on such a socket straight to its
+// peer's receive queue, skipping the loopback TCP stack. A peer not in the map (the other end
+// is not local, or was never inserted) is a miss: the message goes the ordinary way
+// (SK_PASS), never dropped.
 //
-//
-// `weir_connect4` (cgroup/connect4) captures an app's outbound connections for a sidecar
-// without iptables: a TCP connect() from a process in the cgroup to a destination in scope
-// (`weir_outbound` and `weir_out_ports`, written by the proxy) is sent to the proxy's outbound
-// listener instead. The original destination is kept by socket cookie until the connection is
-// established, when `weir_sockops` files it under the app socket's own address in
-// `weir_orig_dst`, the map the proxy reads for each connection it accepts there (and deletes
-// when the socket closes). Never captured: loopback destinations, and the proxy's own
-// connections (its process id is in `weir_outbound`), so the proxy reaches the original
-// destination itself.
+// `weir_connect4` (cgroup/connect4) also captures an app's outbound connections for a
+// sidecar without iptables: a TCP connect() from a process in the cgroup to a destination in
+// scope (`weir_config` and `weir_out_ports`, written by the proxy) is sent to the proxy's
+// outbound listener instead. The original destination is kept by socket cookie until the
+// connection is established, when `weir_sockops` files it under the app socket's own address
+// in `weir_orig_dst`, the map the proxy reads for each connection it accepts there (and
+// deletes when the socket closes). Never captured: loopback destinations, and the proxy's own
+// connections, so the proxy reaches the original destination itself.
 //
 // Facts this relies on (measured on Linux 6.x): remote_port in bpf_sock_ops and sk_msg_md is
 // the network-order port in the upper 16 bits; local_port is host order. Live sockets are never
-// deleted from the map by weir (the kernel removes a socket when it closes).
+// deleted from the map by weir (the kernel removes a socket when it closes). A client's
+// ACTIVE_ESTABLISHED callback runs before it sends the handshake's last ACK, so before the
+// server's PASSIVE_ESTABLISHED one.
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -56,7 +59,8 @@ struct {
 	__type(value, __u8);
 } weir_addrs SEC(".maps");
 
-// Ports whose connections are accelerated (host order) -> 1.
+// Ports whose local connections are accelerated, whoever made them (host order) -> 1:
+// the proxy's listener ports and those policy adds.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -64,21 +68,40 @@ struct {
 	__type(value, __u8);
 } weir_ports SEC(".maps");
 
-// Outbound capture's settings (one entry, written by the proxy; `enabled` 0: off).
-struct outbound_cfg {
-	__u32 enabled;
-	__u32 listener_ip4;  // network order
+// Settings written by the proxy (one entry).
+struct weir_cfg {
+	__u32 proxy_tgid;    // the proxy's process id (0: none): its connections are accelerated
+			     // when local, and never captured
+	__u32 capture;       // outbound capture on
+	__u32 listener_ip4;  // outbound capture's listener, network order
 	__u32 listener_port; // host order
 	__u32 all_ports;     // 1: every port but those in weir_out_ports; 0: only those
-	__u32 proxy_tgid;    // the proxy's process id: its connections are never captured
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct outbound_cfg);
-} weir_outbound SEC(".maps");
+	__type(value, struct weir_cfg);
+} weir_config SEC(".maps");
+
+// The proxy's own connects, by socket cookie, until established (LRU: a connect that never
+// completes is forgotten in time).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+} weir_proxy_conns SEC(".maps");
+
+// The peers of the proxy's established local connections, keyed as the peer sees itself,
+// until the peer's side is established too.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u8);
+} weir_expect SEC(".maps");
 
 // Destination ports (host order) -> 1: captured, or exempt when `all_ports` is set.
 struct {
@@ -155,10 +178,16 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
 	__u32 zero = 0;
-	struct outbound_cfg *cfg = bpf_map_lookup_elem(&weir_outbound, &zero);
-	if (!cfg || !cfg->enabled)
+	struct weir_cfg *cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	if (!cfg)
 		return 1;
-	if ((__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->proxy_tgid)
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (cfg->proxy_tgid && (__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->proxy_tgid) {
+		__u8 one = 1;
+		bpf_map_update_elem(&weir_proxy_conns, &cookie, &one, BPF_ANY);
+		return 1;
+	}
+	if (!cfg->capture)
 		return 1;
 	__u32 ip4 = ctx->user_ip4;
 	if ((ip4 & 0xff) == 127)
@@ -169,7 +198,6 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 	if (cfg->all_ports ? listed : !listed)
 		return 1;
 	struct addr4 dst = { .ip4 = ip4, .port = port };
-	__u64 cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&weir_conn_dst, &cookie, &dst, BPF_ANY) != 0) {
 		// Without its destination on record the proxy could not forward it: leave it be.
 		count(CAPTURE_FAILED, 1);
@@ -183,9 +211,8 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 
 // A captured connection is established: file its original destination under the app
 // socket's address, and ask to hear when it closes.
-static __always_inline void file_original_destination(struct bpf_sock_ops *skops)
+static __always_inline void file_original_destination(struct bpf_sock_ops *skops, __u64 cookie)
 {
-	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct addr4 *dst = bpf_map_lookup_elem(&weir_conn_dst, &cookie);
 	if (!dst)
 		return;
@@ -202,10 +229,17 @@ static __always_inline void file_original_destination(struct bpf_sock_ops *skops
 SEC("sockops")
 int weir_sockops(struct bpf_sock_ops *skops)
 {
+	int proxy = 0;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (skops->family == AF_INET)
-			file_original_destination(skops);
+		if (skops->family != AF_INET)
+			return 1;
+		__u64 cookie = bpf_get_socket_cookie(skops);
+		file_original_destination(skops, cookie);
+		if (bpf_map_lookup_elem(&weir_proxy_conns, &cookie)) {
+			bpf_map_delete_elem(&weir_proxy_conns, &cookie);
+			proxy = 1;
+		}
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		break;
@@ -229,7 +263,22 @@ int weir_sockops(struct bpf_sock_ops *skops)
 	};
 	if (!is_local(key.local_ip4) || !is_local(key.remote_ip4))
 		return 1;
-	if (!in_scope(key.local_port, key.remote_port))
+	if (proxy) {
+		// The proxy's connection: its peer's side is accelerated too when it comes up.
+		struct sock_key peer = {
+			.local_ip4 = key.remote_ip4,
+			.remote_ip4 = key.local_ip4,
+			.local_port = key.remote_port,
+			.remote_port = key.local_port,
+		};
+		__u8 one = 1;
+		bpf_map_update_elem(&weir_expect, &peer, &one, BPF_ANY);
+	} else if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+		   bpf_map_lookup_elem(&weir_expect, &key)) {
+		bpf_map_delete_elem(&weir_expect, &key);
+		proxy = 1;
+	}
+	if (!proxy && !in_scope(key.local_port, key.remote_port))
 		return 1;
 	if (bpf_sock_hash_update(skops, &weir_socks, &key, BPF_NOEXIST) == 0)
 		count(SOCKETS_INSERTED, 1);

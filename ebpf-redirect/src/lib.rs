@@ -1,18 +1,20 @@
-//! weir's sockmap fast path. Two eBPF programs (`bpf/redirect.bpf.c`, compiled by `build.rs`
-//! with clang, loaded with aya): `sock_ops`, attached to a cgroup v2, puts each established TCP
-//! socket between two loopback endpoints into a sockhash when one end's port is in scope (the
-//! ports the proxy writes with [`FastPath::set_ports`]); `sk_msg`, attached to that sockhash,
+//! weir's sockmap fast path. eBPF programs (`bpf/redirect.bpf.c`, compiled by `build.rs` with
+//! clang, loaded with aya): `sock_ops`, attached to a cgroup v2, puts each established TCP
+//! socket between two local endpoints into a sockhash when it is the proxy's: one end's port is
+//! in scope (the ports the proxy writes with [`FastPath::set_ports`]: its listeners, and what
+//! policy adds), or the proxy's process opened it ([`FastPath::set_proxy_pid`]; marked by the
+//! `cgroup/connect4` program at connect time); `sk_msg`, attached to that sockhash,
 //! hands every message sent on such a socket straight to its peer's receive queue, so bytes
 //! between the app and the proxy (and the proxy and a local upstream) skip the loopback TCP
 //! stack. The proxy still parses HTTP; only the transport of the bytes changes. A peer that
 //! is not in the map is a miss and the message takes the ordinary path.
 //!
-//! Dropping a [`FastPath`] detaches both programs: no new socket is accelerated. Sockets
+//! Dropping a [`FastPath`] detaches the programs: no new socket is accelerated. Sockets
 //! already accelerated keep their redirect until they close; they are never taken out of the
 //! map while live (doing so corrupted bulk transfers in tests on this kernel).
 //!
-//! Outbound capture (a sidecar without iptables): with [`FastPath::set_outbound`], a third
-//! program, `cgroup/connect4`, sends apps' outbound TCP connects in scope to the proxy's
+//! Outbound capture (a sidecar without iptables): with [`FastPath::set_outbound`], the
+//! `cgroup/connect4` program also sends apps' outbound TCP connects in scope to the proxy's
 //! outbound listener, and keeps each one's original destination in a map the proxy reads
 //! through [`OriginalDestinations`] (keyed by the app socket's address, the proxy's peer).
 
@@ -120,19 +122,19 @@ impl From<Addr4> for SocketAddrV4 {
     }
 }
 
-/// Outbound capture's settings as the programs read them (`struct outbound_cfg`).
+/// The proxy's settings as the programs read them (`struct weir_cfg`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct OutboundCfg {
-    enabled: u32,
+struct Cfg {
+    proxy_tgid: u32,
+    capture: u32,
     listener_ip4: u32,
     listener_port: u32,
     all_ports: u32,
-    proxy_tgid: u32,
 }
 
 // SAFETY: plain old data, five u32 with no padding.
-unsafe impl aya::Pod for OutboundCfg {}
+unsafe impl aya::Pod for Cfg {}
 
 /// Which destination ports outbound capture takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,13 +146,12 @@ pub enum Ports {
 }
 
 /// Outbound capture: TCP connects from processes in the cgroup to a non-loopback IPv4
-/// destination whose port is in `ports` go to `listener` instead, except the `proxy_pid`
-/// process's own (it forwards them to where they were going).
+/// destination whose port is in `ports` go to `listener` instead, except the proxy's own
+/// ([`FastPath::set_proxy_pid`]: it forwards them to where they were going).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outbound {
     pub listener: SocketAddrV4,
     pub ports: Ports,
-    pub proxy_pid: u32,
 }
 
 /// The original destinations of captured connections, by the app socket's address (the peer
@@ -259,20 +260,20 @@ impl fmt::Display for Counters {
 /// The attached fast path. Detached on drop.
 pub struct FastPath {
     /// Owns the loaded programs and their links; dropping it detaches them.
-    programs: Ebpf,
+    _programs: Ebpf,
     socks: Option<SockHash<MapData, SockKey>>,
     ports: HashMap<MapData, u32, u8>,
     addrs: HashMap<MapData, u32, u8>,
     counters: PerCpuArray<MapData, u64>,
-    outbound_cfg: Array<MapData, OutboundCfg>,
+    config: Array<MapData, Cfg>,
     out_ports: HashMap<MapData, u32, u8>,
     original: OriginalDestinations,
     cgroup: PathBuf,
-    cgroup_dir: std::fs::File,
     in_scope: BTreeSet<u16>,
     local: BTreeSet<Ipv4Addr>,
+    /// What `config` holds now.
+    cfg: Cfg,
     outbound: Option<Outbound>,
-    connect4_attached: bool,
 }
 
 const COUNTERS: u32 = 7;
@@ -292,7 +293,7 @@ impl FastPath {
         let ports = take_map(&mut bpf, "weir_ports")?;
         let addrs = take_map(&mut bpf, "weir_addrs")?;
         let counters = take_map(&mut bpf, "weir_counters")?;
-        let outbound_cfg = take_map(&mut bpf, "weir_outbound")?;
+        let config = take_map(&mut bpf, "weir_config")?;
         let out_ports = take_map(&mut bpf, "weir_out_ports")?;
         let original = OriginalDestinations(Arc::new(take_map(&mut bpf, "weir_orig_dst")?));
         let program = |what: &'static str| move |source| Error::Program { what, source };
@@ -314,56 +315,69 @@ impl FastPath {
         // coexist with other programs there, and the kernel refuses any flag on them.
         ops.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program("attaching sock_ops to the cgroup"))?;
+        // Idle (one map lookup per connect) until a proxy pid or outbound capture is set.
+        let connect: &mut CgroupSockAddr = bpf
+            .program_mut("weir_connect4")
+            .expect("weir_connect4 is in the object")
+            .try_into()
+            .map_err(program("weir_connect4"))?;
+        connect.load().map_err(program("loading cgroup/connect4"))?;
+        connect
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(program("attaching cgroup/connect4 to the cgroup"))?;
         Ok(Self {
-            programs: bpf,
+            _programs: bpf,
             socks: Some(socks),
             ports,
             addrs,
             counters,
-            outbound_cfg,
+            config,
             out_ports,
             original,
             cgroup: cgroup.to_path_buf(),
-            cgroup_dir,
             in_scope: BTreeSet::new(),
             local: BTreeSet::new(),
+            cfg: Cfg::default(),
             outbound: None,
-            connect4_attached: false,
         })
     }
 
-    /// Captures outbound connects as `outbound` says, from now on (`None`: none). The
-    /// `cgroup/connect4` program is attached the first time; turning capture off leaves it
-    /// attached and idle. Connections captured before keep their original destination.
+    /// Writes `cfg` for the programs.
+    fn write_config(&mut self, cfg: Cfg) -> Result<(), Error> {
+        self.config.set(0, cfg, 0).map_err(|source| Error::Map {
+            what: "weir_config",
+            source,
+        })?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// Makes `pid` the proxy: its connections to local addresses are accelerated from now on
+    /// (both ends, whatever the port: its upstream connections), and outbound capture never
+    /// takes them.
+    pub fn set_proxy_pid(&mut self, pid: u32) -> Result<(), Error> {
+        self.write_config(Cfg {
+            proxy_tgid: pid,
+            ..self.cfg
+        })
+    }
+
+    /// Captures outbound connects as `outbound` says, from now on (`None`: none).
+    /// Connections captured before keep their original destination.
     pub fn set_outbound(&mut self, outbound: Option<Outbound>) -> Result<(), Error> {
         if outbound == self.outbound {
             return Ok(());
         }
-        let cfg_err = |source| Error::Map {
-            what: "weir_outbound",
-            source,
+        // Off while the ports change, so no connect sees half a list.
+        let off = Cfg {
+            proxy_tgid: self.cfg.proxy_tgid,
+            ..Cfg::default()
         };
+        self.write_config(off)?;
+        self.outbound = None;
         let Some(out) = outbound else {
-            self.outbound_cfg
-                .set(0, OutboundCfg::default(), 0)
-                .map_err(cfg_err)?;
-            self.outbound = None;
             return Ok(());
         };
-        if !self.connect4_attached {
-            let program = |what: &'static str| move |source| Error::Program { what, source };
-            let connect: &mut CgroupSockAddr = self
-                .programs
-                .program_mut("weir_connect4")
-                .expect("weir_connect4 is in the object")
-                .try_into()
-                .map_err(program("weir_connect4"))?;
-            connect.load().map_err(program("loading cgroup/connect4"))?;
-            connect
-                .attach(&self.cgroup_dir, CgroupAttachMode::Single)
-                .map_err(program("attaching cgroup/connect4 to the cgroup"))?;
-            self.connect4_attached = true;
-        }
         let (all_ports, listed) = match &out.ports {
             Ports::Only(p) => (0, p),
             Ports::AllBut(p) => (1, p),
@@ -372,10 +386,6 @@ impl FastPath {
             what: "weir_out_ports",
             source,
         };
-        // Off while the ports change, so no connect sees half a list.
-        self.outbound_cfg
-            .set(0, OutboundCfg::default(), 0)
-            .map_err(cfg_err)?;
         let old: Vec<u32> = self.out_ports.keys().filter_map(Result::ok).collect();
         for port in old {
             self.out_ports.remove(&port).map_err(ports_err)?;
@@ -386,14 +396,13 @@ impl FastPath {
                 .map_err(ports_err)?;
         }
         let listener = Addr4::from(out.listener);
-        let cfg = OutboundCfg {
-            enabled: 1,
+        self.write_config(Cfg {
+            capture: 1,
             listener_ip4: listener.ip4,
             listener_port: listener.port,
             all_ports,
-            proxy_tgid: out.proxy_pid,
-        };
-        self.outbound_cfg.set(0, cfg, 0).map_err(cfg_err)?;
+            ..off
+        })?;
         self.outbound = Some(out);
         Ok(())
     }
@@ -408,8 +417,9 @@ impl FastPath {
         self.original.clone()
     }
 
-    /// Makes exactly `ports` the ports whose new local connections are accelerated. Sockets
-    /// already accelerated stay so until they close.
+    /// Makes exactly `ports` the ports whose new local connections are accelerated, whichever
+    /// processes make them (the proxy's listeners, and app-to-app ports policy allows).
+    /// Sockets already accelerated stay so until they close.
     pub fn set_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<(), Error> {
         let want: BTreeSet<u16> = ports.into_iter().collect();
         let map_err = |source| Error::Map {
@@ -512,7 +522,7 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
 
 impl Drop for FastPath {
     fn drop(&mut self) {
-        // The programs detach when `programs` drops. The sockhash is left to the kernel:
+        // The programs detach when `_programs` drops. The sockhash is left to the kernel:
         // sockets in it keep their redirect until they close and leave it by themselves, so no
         // live socket is ever taken out. Its fd is the one thing kept (one per attach).
         if let Some(socks) = self.socks.take() {

@@ -227,7 +227,7 @@ fn default_access_log_buffer() -> u32 {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(
     untagged,
-    expecting = "sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2, addresses: [...], outbound: {...} }"
+    expecting = "sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2, addresses: [...], ports: [...], outbound: {...} }"
 )]
 pub enum FastPath {
     Mode(FastPathMode),
@@ -254,6 +254,10 @@ pub struct FastPathSettings {
     /// addresses: for a node proxy, the IPs of the pods on the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<std::net::Ipv4Addr>,
+    /// More ports whose local connections are accelerated whoever makes them (app-to-app
+    /// traffic that policy allows), besides the listeners' ports and weir's own connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
     /// Outbound capture for a sidecar without iptables: apps' TCP connects go to this
     /// proxy's outbound listener instead (a `cgroup/connect4` program).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +299,13 @@ impl FastPath {
         match self {
             FastPath::Mode(_) => &[],
             FastPath::Settings(s) => &s.addresses,
+        }
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        match self {
+            FastPath::Mode(_) => &[],
+            FastPath::Settings(s) => &s.ports,
         }
     }
 

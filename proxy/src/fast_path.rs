@@ -1,6 +1,7 @@
 //! The eBPF sockmap fast path in the running proxy: attached at start when the config asks
 //! for it (`fast_path: sockmap`) and the process may load BPF, otherwise logged and left off;
-//! its scope follows the config (listener ports and loopback upstream ports); its state and
+//! its scope follows the config (listener ports and the ports policy adds, plus this process's
+//! own connections to local upstreams); its state and
 //! counters are on the admin endpoint (`/ebpf`, `/stats/prometheus`). With
 //! `fast_path.outbound`, apps' outbound connects are captured to a listener of this proxy, and
 //! an `original_dst` cluster sends each request where its connection was going.
@@ -47,11 +48,7 @@ pub fn outbound(snapshot: &Snapshot) -> Option<weir_ebpf::Outbound> {
     } else {
         weir_ebpf::Ports::Only(out.ports.iter().copied().collect())
     };
-    Some(weir_ebpf::Outbound {
-        listener,
-        ports,
-        proxy_pid: std::process::id(),
-    })
+    Some(weir_ebpf::Outbound { listener, ports })
 }
 
 /// The addresses local to this node besides loopback: the node's interface addresses and
@@ -76,20 +73,17 @@ pub fn addresses(snapshot: &Snapshot) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-/// The ports whose local connections go through the fast path: every listener's, and every
-/// upstream endpoint's on a local address (pools included: they are clusters).
-pub fn ports(snapshot: &Snapshot, local: &BTreeSet<Ipv4Addr>) -> BTreeSet<u16> {
+/// The ports whose local connections go through the fast path whoever makes them: every
+/// listener's, and those the config adds (app-to-app traffic that policy allows). weir's own
+/// upstream connections need no port: the programs know them by this process's id.
+pub fn ports(snapshot: &Snapshot) -> BTreeSet<u16> {
     let listeners = snapshot.listeners.iter().map(|l| l.address.port());
-    let upstreams = snapshot
-        .clusters
+    let allowed = snapshot
+        .source
+        .fast_path
         .iter()
-        .flat_map(|c| &c.endpoints)
-        .filter(|e| match e.address.ip() {
-            IpAddr::V4(a) => a.is_loopback() || local.contains(&a),
-            IpAddr::V6(a) => a.is_loopback(),
-        })
-        .map(|e| e.address.port());
-    listeners.chain(upstreams).collect()
+        .flat_map(|f| f.ports().iter().copied());
+    listeners.chain(allowed).collect()
 }
 
 impl FastPathState {
@@ -109,9 +103,9 @@ impl FastPathState {
             .and_then(|f| f.cgroup().map(|p| p.to_path_buf()))
             .unwrap_or_else(weir_ebpf::default_cgroup);
         let attached = weir_ebpf::FastPath::attach(&cgroup).and_then(|mut f| {
-            let local = addresses(snapshot);
-            f.set_ports(ports(snapshot, &local))?;
-            f.set_addresses(local)?;
+            f.set_proxy_pid(std::process::id())?;
+            f.set_ports(ports(snapshot))?;
+            f.set_addresses(addresses(snapshot))?;
             f.set_outbound(outbound(snapshot))?;
             Ok(f)
         });
@@ -151,7 +145,7 @@ impl FastPathState {
     fn follow(&self, snapshot: &Snapshot) {
         if let Some(f) = self.lock().as_mut() {
             let local = addresses(snapshot);
-            let want = ports(snapshot, &local);
+            let want = ports(snapshot);
             let capture = outbound(snapshot);
             if *f.ports() != want || *f.addresses() != local || f.outbound() != capture.as_ref() {
                 match f
@@ -196,14 +190,10 @@ impl FastPathState {
                         "open_connections": self.original.as_ref().map_or(0, |d| d.len()),
                     })
                 });
-                let mut programs = vec!["sock_ops weir_sockops", "sk_msg weir_msg"];
-                if outbound.is_some() {
-                    programs.push("cgroup/connect4 weir_connect4");
-                }
                 json!({
                     "mode": mode,
                     "attached": true,
-                    "programs": programs,
+                    "programs": ["sock_ops weir_sockops", "sk_msg weir_msg", "cgroup/connect4 weir_connect4"],
                     "outbound": outbound,
                     "cgroup": f.cgroup().display().to_string(),
                     "ports": f.ports(),

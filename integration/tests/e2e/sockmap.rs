@@ -218,8 +218,11 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
         .iter()
         .map(|p| p.as_u64().unwrap())
         .collect();
-    for p in [s.listen.port(), http.addr.port(), grpc.addr.port()] {
-        assert!(ports.contains(&u64::from(p)), "{p} in scope: {v}");
+    // The listener's port is in scope for everyone; the upstreams' ports are not: weir's own
+    // connections to them are known by its process id, other clients' are left alone.
+    assert!(ports.contains(&u64::from(s.listen.port())), "{v}");
+    for p in [http.addr.port(), grpc.addr.port()] {
+        assert!(!ports.contains(&u64::from(p)), "{p} not in scope: {v}");
     }
     let capture = Capture::on_lo();
 
@@ -312,6 +315,16 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
             "no payload on lo for port {port}"
         );
     }
+    // Another local client of the same upstream is not weir's traffic: it takes TCP.
+    let inserted = ebpf_json(&s.weir)["counters"]["sockets_inserted"].clone();
+    let r = get(&client, http.addr, "/direct").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        capture.payload_segments(http.addr.port()) > 0,
+        "a direct connection to the upstream goes over lo"
+    );
+    let v = ebpf_json(&s.weir);
+    assert_eq!(v["counters"]["sockets_inserted"], inserted, "{v}");
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert!(metrics.contains("weir_sockmap_attached 1"), "{metrics}");
     assert!(metrics.contains("weir_sockmap_messages_redirected_total "));
