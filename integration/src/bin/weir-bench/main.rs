@@ -90,6 +90,9 @@ enum Bench {
         /// Size of the bulk body in MiB.
         #[arg(long, default_value_t = 1024)]
         body_mib: u64,
+        /// Rounds; each measures latency and load in both modes, taking turns.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Control plane: time from a policy file change until every connected proxy has ACKed.
     Xds {
@@ -657,6 +660,7 @@ fn main() {
             duration,
             connections,
             body_mib,
+            rounds,
         } => build_weir().and_then(|weir| {
             sockmap::run(
                 &weir,
@@ -664,6 +668,7 @@ fn main() {
                     duration,
                     connections,
                     body_mib,
+                    rounds: rounds.max(1),
                 },
             )
         }),

@@ -1,18 +1,19 @@
 //! `weir-bench sockmap`: app (wrk, or a bulk reader) → weir → nginx, all on loopback, with
-//! weir's eBPF sockmap fast path off and then on, in one run: round-trip latency with one
+//! weir's eBPF sockmap fast path off and on (two weirs side by side, taking turns), in one run: round-trip latency with one
 //! connection, requests/s with many, and throughput for one large body. Prints the figures and
 //! the change; asserts nothing. Needs root (loading BPF).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use weir_integration::sockmap_env::TestCgroup;
 use weir_integration::weir_process::{admin_get, free_port};
 
 use super::{
-    cpu_of, install_tools, pin_to, spawn_weir, start_nginx, wait_port, wrk, Res, WrkResult,
+    cpu_of, install_tools, median_and_all, pin_to, spawn_weir, start_nginx, wait_port, wrk, Res,
+    WrkResult,
 };
 
 pub struct Opts {
@@ -20,13 +21,16 @@ pub struct Opts {
     pub connections: u32,
     /// Size of the bulk body, in MiB.
     pub body_mib: u64,
+    /// Rounds of latency and load measurements, the two modes taking turns in each.
+    pub rounds: usize,
 }
 
+/// What one mode measured over all rounds.
+#[derive(Default)]
 struct Mode {
-    name: &'static str,
-    latency: WrkResult,
-    load: WrkResult,
-    cpu_us_per_req: f64,
+    latency: Vec<WrkResult>,
+    load: Vec<WrkResult>,
+    cpu_us_per_req: Vec<f64>,
     /// Best of three, in GiB/s.
     bulk_gib_s: f64,
     ebpf: String,
@@ -88,8 +92,12 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         .map_err(|e| e.to_string())?;
     let (_nginx, nginx_port) = start_nginx(d)?;
 
-    let mut modes = Vec::new();
-    for (name, fast) in [("fast path off", false), ("fast path on", true)] {
+    // Both weirs run side by side, and each round measures both, in alternating order: a
+    // slow moment of the machine shows in both modes of a round instead of deciding one.
+    // The off weir's traffic is not the on weir's (its ports are not in scope, its process
+    // is another), so the on weir's programs leave it alone.
+    let mut weirs = Vec::new();
+    for fast in [false, true] {
         let (port, admin) = (free_port(), free_port());
         let fast_path = if fast {
             format!(
@@ -115,51 +123,58 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         if fast && !ebpf.contains("\"attached\": true") {
             return Err(format!("the fast path did not attach: {ebpf}"));
         }
-        eprintln!("{name}: latency, load, bulk");
         wrk(port, "2s", 1, 1)?;
-        let latency = wrk(port, &opts.duration, 1, 1)?;
-        let before = cpu_of(weir.0.id());
-        let load = wrk(port, &opts.duration, opts.connections, 1)?;
-        let cpu_us_per_req = cpu_of(weir.0.id()).saturating_sub(before).as_micros() as f64
-            / load.requests.max(1) as f64;
-        let mut bulk_gib_s: f64 = 0.0;
-        for _ in 0..3 {
-            bulk_gib_s = bulk_gib_s.max(bulk(port)?);
-        }
-        let ebpf = admin_get(([127, 0, 0, 1], admin).into(), "/ebpf")
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        let counters: serde_json::Value = serde_json::from_str(&ebpf).unwrap_or_default();
-        modes.push(Mode {
-            name,
-            latency,
-            load,
-            cpu_us_per_req,
-            bulk_gib_s,
-            ebpf: if fast {
-                format!(
-                    "{} messages ({:.1} GiB) redirected, {} missed",
-                    counters["counters"]["messages_redirected"],
-                    counters["counters"]["bytes_redirected"]
-                        .as_f64()
-                        .unwrap_or(0.0)
-                        / (1u64 << 30) as f64,
-                    counters["counters"]["messages_missed"]
-                )
-            } else {
-                "-".into()
-            },
-        });
-        drop(weir);
-        // Let the detached programs' sockets close before the next mode.
-        std::thread::sleep(Duration::from_millis(300));
+        weirs.push((weir, port, admin));
     }
+    let mut modes = [Mode::default(), Mode::default()];
+    for round in 0..opts.rounds {
+        eprintln!(
+            "round {} of {}: latency and load, both modes",
+            round + 1,
+            opts.rounds
+        );
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for m in order {
+            let (weir, port, _) = &weirs[m];
+            modes[m].latency.push(wrk(*port, &opts.duration, 1, 1)?);
+            let before = cpu_of(weir.0.id());
+            let load = wrk(*port, &opts.duration, opts.connections, 1)?;
+            modes[m].cpu_us_per_req.push(
+                cpu_of(weir.0.id()).saturating_sub(before).as_micros() as f64
+                    / load.requests.max(1) as f64,
+            );
+            modes[m].load.push(load);
+        }
+    }
+    eprintln!("bulk: best of 3 per mode, taking turns");
+    for _ in 0..3 {
+        for (m, (_, port, _)) in weirs.iter().enumerate() {
+            modes[m].bulk_gib_s = modes[m].bulk_gib_s.max(bulk(*port)?);
+        }
+    }
+    let ebpf = admin_get(([127, 0, 0, 1], weirs[1].2).into(), "/ebpf")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let counters: serde_json::Value = serde_json::from_str(&ebpf).unwrap_or_default();
+    modes[0].ebpf = "-".into();
+    modes[1].ebpf = format!(
+        "{} messages ({:.1} GiB) redirected, {} missed",
+        counters["counters"]["messages_redirected"],
+        counters["counters"]["bytes_redirected"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / (1u64 << 30) as f64,
+        counters["counters"]["messages_missed"]
+    );
+    drop(weirs);
 
     let mut out = String::new();
+    let median = |v: Vec<f64>| median_and_all(v, |_| String::new()).0;
     let _ = writeln!(
         out,
-        "\nweir-bench sockmap: wrk → weir (1 worker thread{}) → nginx on loopback; latency: wrk -c1 -d{d}; load: wrk -c{c} -d{d}; bulk: one {} MiB body, best of 3\n",
+        "\nweir-bench sockmap: wrk → weir (1 worker thread{}) → nginx on loopback, fast path off and on side by side; {} rounds, each measuring both modes in turn (latency: wrk -c1 -d{d}; load: wrk -c{c} -d{d}); medians of the rounds; bulk: one {} MiB body, best of 3\n",
         if pinned { ", on its own CPU" } else { "" },
+        opts.rounds,
         opts.body_mib,
         d = opts.duration,
         c = opts.connections,
@@ -169,33 +184,39 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         "| mode | -c1 p50 µs | -c1 p99 µs | -c1 req/s | -c{} req/s | -c{} p50 ms | -c{} p99 ms | weir CPU µs/req | bulk GiB/s | errors | eBPF |\n|---|---|---|---|---|---|---|---|---|---|---|",
         opts.connections, opts.connections, opts.connections
     );
-    for m in &modes {
+    for (name, m) in ["fast path off", "fast path on"].iter().zip(&modes) {
+        let of = |v: &[WrkResult], f: fn(&WrkResult) -> f64| median(v.iter().map(f).collect());
+        let errors: u64 = m.latency.iter().chain(&m.load).map(|r| r.errors).sum();
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} |",
-            m.name,
-            m.latency.p50_ms * 1e3,
-            m.latency.p99_ms * 1e3,
-            m.latency.rps,
-            m.load.rps,
-            m.load.p50_ms,
-            m.load.p99_ms,
-            m.cpu_us_per_req,
+            "| {name} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {errors} | {} |",
+            of(&m.latency, |r| r.p50_ms) * 1e3,
+            of(&m.latency, |r| r.p99_ms) * 1e3,
+            of(&m.latency, |r| r.rps),
+            of(&m.load, |r| r.rps),
+            of(&m.load, |r| r.p50_ms),
+            of(&m.load, |r| r.p99_ms),
+            median(m.cpu_us_per_req.clone()),
             m.bulk_gib_s,
-            m.latency.errors + m.load.errors,
             m.ebpf
         );
     }
-    if let [off, on] = &modes[..] {
-        let _ = writeln!(
-            out,
-            "\nTargets: p50 at least 25% lower with the fast path: {:.0}% lower; bulk at least 30% more: {:+.0}%; (req/s at -c{}: {:+.0}%)",
-            100.0 * (1.0 - on.latency.p50_ms / off.latency.p50_ms),
-            100.0 * (on.bulk_gib_s / off.bulk_gib_s - 1.0),
-            opts.connections,
-            100.0 * (on.load.rps / off.load.rps - 1.0),
-        );
-    }
+    let [off, on] = &modes;
+    let per_round = |a: &[WrkResult], b: &[WrkResult], f: fn(&WrkResult, &WrkResult) -> f64| {
+        median_and_all(a.iter().zip(b).map(|(x, y)| f(x, y)).collect(), |v| {
+            format!("{v:.0}%")
+        })
+    };
+    let (p50, p50_rounds) = per_round(&off.latency, &on.latency, |x, y| {
+        100.0 * (1.0 - y.p50_ms / x.p50_ms)
+    });
+    let (rps, rps_rounds) = per_round(&off.load, &on.load, |x, y| 100.0 * (y.rps / x.rps - 1.0));
+    let _ = writeln!(
+        out,
+        "\nTargets: p50 at least 25% lower with the fast path: {p50:.0}% lower (median of the rounds: {p50_rounds}); bulk at least 30% more: {:+.0}%; (req/s at -c{}: {rps:+.0}%, rounds: {rps_rounds})",
+        100.0 * (on.bulk_gib_s / off.bulk_gib_s - 1.0),
+        opts.connections,
+    );
     print!("{out}");
     Ok(())
 }
