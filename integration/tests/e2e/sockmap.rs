@@ -185,6 +185,17 @@ fn ebpf_json(weir: &Weir) -> serde_json::Value {
     serde_json::from_str(&body).expect("json")
 }
 
+/// What `weir ebpf status` prints about `weir` (it must succeed).
+fn ebpf_status(weir: &Weir) -> String {
+    let out = std::process::Command::new(weir_integration::weir_process::weir_binary())
+        .args(["ebpf", "status", "--admin", &weir.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 fn fast_path_config(cg: &TestCgroup, rest: &str) -> String {
     format!(
         "{rest}fast_path: {{ mode: sockmap, cgroup: \"{}\" }}\n",
@@ -329,12 +340,7 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
     assert!(metrics.contains("weir_sockmap_attached 1"), "{metrics}");
     assert!(metrics.contains("weir_sockmap_messages_redirected_total "));
     // `weir ebpf status` tells the same, for people.
-    let out = std::process::Command::new(weir_integration::weir_process::weir_binary())
-        .args(["ebpf", "status", "--admin", &s.weir.admin.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = ebpf_status(&s.weir);
     assert!(text.contains("attached: yes, to cgroup"), "{text}");
     assert!(text.contains("messages_redirected: "), "{text}");
 }
@@ -553,12 +559,7 @@ async fn outbound_connects_are_captured_and_reach_their_original_destination() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let out = std::process::Command::new(weir_integration::weir_process::weir_binary())
-        .args(["ebpf", "status", "--admin", &s.weir.admin.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = ebpf_status(&s.weir);
     assert!(
         text.contains(&format!(
             "outbound capture: to {outbound}, destination ports [{}]",
