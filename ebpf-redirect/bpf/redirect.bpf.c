@@ -117,8 +117,9 @@ struct addr4 {
 	__u32 port;
 };
 
-// A captured socket's original destination, by socket cookie, from connect() until the
-// connection is established (LRU: a connect that never completes is forgotten in time).
+// A captured socket's original destination, by socket cookie, from connect() until the socket
+// closes: `weir_getpeername4` answers the app's getpeername() with it (LRU: a connect that
+// never completes is forgotten in time).
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -209,6 +210,20 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+// A captured socket's peer, as the app asks for it, is where it was going: the capture stays
+// out of the app's sight.
+SEC("cgroup/getpeername4")
+int weir_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct addr4 *dst = bpf_map_lookup_elem(&weir_conn_dst, &cookie);
+	if (dst) {
+		ctx->user_ip4 = dst->ip4;
+		ctx->user_port = bpf_htons((__u16)dst->port);
+	}
+	return 1;
+}
+
 // A captured connection is established: file its original destination under the app
 // socket's address, and ask to hear when it closes.
 static __always_inline void file_original_destination(struct bpf_sock_ops *skops, __u64 cookie)
@@ -218,7 +233,6 @@ static __always_inline void file_original_destination(struct bpf_sock_ops *skops
 		return;
 	struct addr4 key = { .ip4 = skops->local_ip4, .port = skops->local_port };
 	struct addr4 value = *dst;
-	bpf_map_delete_elem(&weir_conn_dst, &cookie);
 	if (bpf_map_update_elem(&weir_orig_dst, &key, &value, BPF_ANY) != 0) {
 		count(CAPTURE_FAILED, 1);
 		return;
@@ -248,6 +262,8 @@ int weir_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			struct addr4 key = { .ip4 = skops->local_ip4, .port = skops->local_port };
 			bpf_map_delete_elem(&weir_orig_dst, &key);
+			__u64 cookie = bpf_get_socket_cookie(skops);
+			bpf_map_delete_elem(&weir_conn_dst, &cookie);
 		}
 		return 1;
 	default:

@@ -15,7 +15,8 @@
 //!
 //! Outbound capture (a sidecar without iptables): with [`FastPath::set_outbound`], the
 //! `cgroup/connect4` program also sends apps' outbound TCP connects in scope to the proxy's
-//! outbound listener, and keeps each one's original destination in a map the proxy reads
+//! outbound listener (`cgroup/getpeername4` still shows the app the original destination as
+//! its peer), and keeps each one's original destination in a map the proxy reads
 //! through [`OriginalDestinations`] (keyed by the app socket's address, the proxy's peer).
 
 use std::collections::BTreeSet;
@@ -325,6 +326,15 @@ impl FastPath {
         connect
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program("attaching cgroup/connect4 to the cgroup"))?;
+        let peer: &mut CgroupSockAddr = bpf
+            .program_mut("weir_getpeername4")
+            .expect("weir_getpeername4 is in the object")
+            .try_into()
+            .map_err(program("weir_getpeername4"))?;
+        peer.load()
+            .map_err(program("loading cgroup/getpeername4"))?;
+        peer.attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(program("attaching cgroup/getpeername4 to the cgroup"))?;
         Ok(Self {
             _programs: bpf,
             socks: Some(socks),

@@ -529,7 +529,26 @@ async fn outbound_connects_are_captured_and_reach_their_original_destination() {
     assert_eq!(resp.headers()["x-via"], "weir-outbound");
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(got == body, "1 MiB echoed byte-exact through the capture");
-    assert_eq!(captured.requests(), 4);
+    // The app sees the service as its peer, not weir's listener (cgroup/getpeername4).
+    let addr = captured.addr;
+    let raw = tokio::task::spawn_blocking(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        assert_eq!(
+            c.peer_addr().unwrap(),
+            addr,
+            "getpeername shows the destination"
+        );
+        write!(
+            c,
+            "GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        String::from_utf8_lossy(&read_to_eof(&mut c)).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(raw.contains("x-via: weir-outbound"), "{raw}");
+    assert_eq!(captured.requests(), 5);
     // A port out of scope is left alone: straight to the service, weir never sees it.
     let r = get(&client, passing.addr, "/direct").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -542,8 +561,8 @@ async fn outbound_connects_are_captured_and_reach_their_original_destination() {
     let v = ebpf_json(&s.weir);
     let c = &v["counters"];
     assert_eq!(
-        c["connects_captured"], 4,
-        "the app's 4 connects, none of weir's: {v}"
+        c["connects_captured"], 5,
+        "the app's 5 connects, none of weir's: {v}"
     );
     assert_eq!(c["capture_failed"], 0, "{v}");
     // A captured connection's destination is forgotten when it closes.
@@ -567,5 +586,5 @@ async fn outbound_connects_are_captured_and_reach_their_original_destination() {
         )),
         "{text}"
     );
-    assert!(text.contains("connects_captured: 4"), "{text}");
+    assert!(text.contains("connects_captured: 5"), "{text}");
 }
