@@ -224,14 +224,35 @@ fn default_access_log_buffer() -> u32 {
 }
 
 /// `fast_path:` as written: a mode, or a mode with settings.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(
-    untagged,
-    expecting = "sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2, addresses: [...], ports: [...], outbound: {...} }"
-)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
 pub enum FastPath {
     Mode(FastPathMode),
     Settings(FastPathSettings),
+}
+
+/// Not `untagged` for reading: serde would then report any mistake inside the settings as
+/// "no variant matched" at `fast_path`. A string is the mode, a mapping the settings, read
+/// field by field so an error names its field (`fast_path.outbound.listener`).
+impl<'de> Deserialize<'de> for FastPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = FastPath;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("sockmap, off, or { mode: sockmap, cgroup: /path/to/cgroup-v2, addresses: [...], ports: [...], outbound: {...} }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FastPath, E> {
+                FastPathMode::deserialize(serde::de::value::StrDeserializer::new(v))
+                    .map(FastPath::Mode)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<FastPath, A::Error> {
+                FastPathSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(FastPath::Settings)
+            }
+        }
+        d.deserialize_any(Form)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]

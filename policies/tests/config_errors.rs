@@ -450,7 +450,10 @@ fn fast_path_takes_a_mode_or_settings() {
     let e = one_error("admin: { address: \"127.0.0.1:15000\" }\nfast_path: fastest\n");
     assert!(e.starts_with("weir.yaml:2:"), "{e}");
     assert!(e.contains("fast_path"), "{e}");
-    assert!(e.contains("sockmap, off, or { mode: sockmap"), "{e}");
+    assert!(
+        e.contains("unknown variant `fastest`, expected `off` or `sockmap`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -589,9 +592,15 @@ fn outbound_capture_and_original_dst_clusters_are_checked() {
         "{e}"
     );
     let e = one_error(&GOOD.replace("[22] }", "[22], colour: red }"));
-    // (`fast_path` is a mode or settings, so serde names the whole of it.)
     assert!(
-        e.contains("weir.yaml:10:1: fast_path: sockmap, off, or {"),
+        e.contains("weir.yaml:12:") && e.contains("fast_path.outbound.colour: unknown field"),
         "{e}"
     );
+    let e = one_error(&GOOD.replace("mode: sockmap", "mode: turbo"));
+    assert!(
+        e.contains("weir.yaml:11:") && e.contains("fast_path.mode"),
+        "{e}"
+    );
+    let e = one_error("fast_path: [sockmap]\n");
+    assert!(e.contains("sockmap, off, or {"), "{e}");
 }
