@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
-// weir's sockmap fast path. `weir_sockops` puts established TCP sockets between two local
-// endpoints (loopback, or addresses in `weir_addrs`) into `weir_socks` when the connection is
+// weir's sockmap fast path. `weir_sockops` puts established TCP sockets (IPv4 and IPv6)
+// between two local endpoints (loopback, or addresses in `weir_addrs`) into `weir_socks` when the connection is
 // the proxy's: one end's port is in `weir_ports` (the proxy's listener ports, and ports that
 // policy adds), or the proxy's own process opened it (its upstream connections, marked by
 // `weir_connect4` at connect time). Other local traffic is left alone, even to the same
@@ -31,14 +31,23 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 #ifndef IPPROTO_TCP
 #define IPPROTO_TCP 6
 #endif
 
+// An address of either family: IPv6, or IPv4 as ::ffff:a.b.c.d (so an IPv6 socket talking
+// to a v4-mapped address has the same key as the IPv4 socket at the other end). Network order.
+struct ip {
+	__u32 a[4];
+};
+
 // One socket, seen from its own side. The peer's key swaps local and remote.
 struct sock_key {
-	__u32 local_ip4;   // network order
-	__u32 remote_ip4;  // network order
+	struct ip local;
+	struct ip remote;
 	__u32 local_port;  // host order
 	__u32 remote_port; // host order
 };
@@ -50,12 +59,12 @@ struct {
 	__type(value, __u32);
 } weir_socks SEC(".maps");
 
-// Local IPv4 addresses besides 127.0.0.0/8 (network order) -> 1: the node's own addresses,
-// where a node proxy and the pods on the node meet.
+// Local addresses besides 127.0.0.0/8 and ::1 (as in `struct ip`) -> 1: the node's own
+// addresses, where a node proxy and the pods on the node meet.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
-	__type(key, __u32);
+	__type(key, struct ip);
 	__type(value, __u8);
 } weir_addrs SEC(".maps");
 
@@ -161,10 +170,31 @@ static __always_inline void count(__u32 which, __u64 n)
 		*v += n;
 }
 
-static __always_inline int is_local(__u32 ip4)
+// Keeps the compiler from merging the two families' context loads into one load through a
+// computed context pointer, which the verifier refuses.
+#define ctx_barrier() __asm__ __volatile__("" ::: "memory")
+
+static __always_inline int is_v4(const struct ip *ip)
 {
-	// 127.0.0.0/8, in network order the first byte is the low byte.
-	return (ip4 & 0xff) == 127 || bpf_map_lookup_elem(&weir_addrs, &ip4);
+	return ip->a[0] == 0 && ip->a[1] == 0 && ip->a[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int is_local(const struct ip *ip)
+{
+	// 127.0.0.0/8: in network order the first byte is the low byte. ::1.
+	if (is_v4(ip) && (ip->a[3] & 0xff) == 127)
+		return 1;
+	if (ip->a[0] == 0 && ip->a[1] == 0 && ip->a[2] == 0 && ip->a[3] == bpf_htonl(1))
+		return 1;
+	return bpf_map_lookup_elem(&weir_addrs, ip) != 0;
+}
+
+static __always_inline void set_v4(struct ip *ip, __u32 ip4)
+{
+	ip->a[0] = 0;
+	ip->a[1] = 0;
+	ip->a[2] = bpf_htonl(0xffff);
+	ip->a[3] = ip4;
 }
 
 static __always_inline int in_scope(__u32 local_port, __u32 remote_port)
@@ -210,6 +240,23 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+// IPv6 connects: only the proxy's own are marked (outbound capture is IPv4 only).
+SEC("cgroup/connect6")
+int weir_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u32 zero = 0;
+	struct weir_cfg *cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	if (cfg && cfg->proxy_tgid &&
+	    (__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->proxy_tgid) {
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+		__u8 one = 1;
+		bpf_map_update_elem(&weir_proxy_conns, &cookie, &one, BPF_ANY);
+	}
+	return 1;
+}
+
 // A captured socket's peer, as the app asks for it, is where it was going: the capture stays
 // out of the app's sight.
 SEC("cgroup/getpeername4")
@@ -244,21 +291,24 @@ SEC("sockops")
 int weir_sockops(struct bpf_sock_ops *skops)
 {
 	int proxy = 0;
+	__u32 family = skops->family;
+	if (family != AF_INET && family != AF_INET6)
+		return 1;
 	switch (skops->op) {
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (skops->family != AF_INET)
-			return 1;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
 		__u64 cookie = bpf_get_socket_cookie(skops);
-		file_original_destination(skops, cookie);
+		if (family == AF_INET)
+			file_original_destination(skops, cookie);
 		if (bpf_map_lookup_elem(&weir_proxy_conns, &cookie)) {
 			bpf_map_delete_elem(&weir_proxy_conns, &cookie);
 			proxy = 1;
 		}
 		break;
+	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		// Only captured sockets asked for this: forget their destination once closed.
+		// Only captured (IPv4) sockets asked for this: forget their destination once closed.
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			struct addr4 key = { .ip4 = skops->local_ip4, .port = skops->local_port };
 			bpf_map_delete_elem(&weir_orig_dst, &key);
@@ -269,21 +319,32 @@ int weir_sockops(struct bpf_sock_ops *skops)
 	default:
 		return 1;
 	}
-	if (skops->family != AF_INET)
-		return 1;
 	struct sock_key key = {
-		.local_ip4 = skops->local_ip4,
-		.remote_ip4 = skops->remote_ip4,
 		.local_port = skops->local_port,
 		.remote_port = bpf_ntohl(skops->remote_port),
 	};
-	if (!is_local(key.local_ip4) || !is_local(key.remote_ip4))
+	if (family == AF_INET) {
+		set_v4(&key.local, skops->local_ip4);
+		set_v4(&key.remote, skops->remote_ip4);
+		ctx_barrier();
+	} else {
+		key.local.a[0] = skops->local_ip6[0];
+		key.local.a[1] = skops->local_ip6[1];
+		key.local.a[2] = skops->local_ip6[2];
+		key.local.a[3] = skops->local_ip6[3];
+		key.remote.a[0] = skops->remote_ip6[0];
+		key.remote.a[1] = skops->remote_ip6[1];
+		key.remote.a[2] = skops->remote_ip6[2];
+		key.remote.a[3] = skops->remote_ip6[3];
+		ctx_barrier();
+	}
+	if (!is_local(&key.local) || !is_local(&key.remote))
 		return 1;
 	if (proxy) {
 		// The proxy's connection: its peer's side is accelerated too when it comes up.
 		struct sock_key peer = {
-			.local_ip4 = key.remote_ip4,
-			.remote_ip4 = key.local_ip4,
+			.local = key.remote,
+			.remote = key.local,
 			.local_port = key.remote_port,
 			.remote_port = key.local_port,
 		};
@@ -307,11 +368,24 @@ SEC("sk_msg")
 int weir_msg(struct sk_msg_md *msg)
 {
 	struct sock_key peer = {
-		.local_ip4 = msg->remote_ip4,
-		.remote_ip4 = msg->local_ip4,
 		.local_port = bpf_ntohl(msg->remote_port),
 		.remote_port = msg->local_port,
 	};
+	if (msg->family == AF_INET) {
+		set_v4(&peer.local, msg->remote_ip4);
+		set_v4(&peer.remote, msg->local_ip4);
+		ctx_barrier();
+	} else {
+		peer.local.a[0] = msg->remote_ip6[0];
+		peer.local.a[1] = msg->remote_ip6[1];
+		peer.local.a[2] = msg->remote_ip6[2];
+		peer.local.a[3] = msg->remote_ip6[3];
+		peer.remote.a[0] = msg->local_ip6[0];
+		peer.remote.a[1] = msg->local_ip6[1];
+		peer.remote.a[2] = msg->local_ip6[2];
+		peer.remote.a[3] = msg->local_ip6[3];
+		ctx_barrier();
+	}
 	__u64 size = msg->size;
 	if (bpf_msg_redirect_hash(msg, &weir_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(MSGS_REDIRECTED, 1);

@@ -1,9 +1,9 @@
 //! weir's sockmap fast path. eBPF programs (`bpf/redirect.bpf.c`, compiled by `build.rs` with
-//! clang, loaded with aya): `sock_ops`, attached to a cgroup v2, puts each established TCP
-//! socket between two local endpoints into a sockhash when it is the proxy's: one end's port is
+//! clang, loaded with aya): `sock_ops`, attached to a cgroup v2, puts each established TCP (IPv4 or
+//! IPv6) socket between two local endpoints into a sockhash when it is the proxy's: one end's port is
 //! in scope (the ports the proxy writes with [`FastPath::set_ports`]: its listeners, and what
 //! policy adds), or the proxy's process opened it ([`FastPath::set_proxy_pid`]; marked by the
-//! `cgroup/connect4` program at connect time); `sk_msg`, attached to that sockhash,
+//! `cgroup/connect4` and `connect6` programs at connect time); `sk_msg`, attached to that sockhash,
 //! hands every message sent on such a socket straight to its peer's receive queue, so bytes
 //! between the app and the proxy (and the proxy and a local upstream) skip the loopback TCP
 //! stack. The proxy still parses HTTP; only the transport of the bytes changes. A peer that
@@ -21,7 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -83,17 +83,35 @@ pub enum Error {
     },
 }
 
+/// An address as the programs key it (`struct ip` in the C source): IPv6 octets, IPv4 as
+/// `::ffff:a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpKey([u8; 16]);
+
+// SAFETY: plain old data, 16 bytes.
+unsafe impl aya::Pod for IpKey {}
+
+impl From<IpAddr> for IpKey {
+    fn from(a: IpAddr) -> Self {
+        Self(match a {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        })
+    }
+}
+
 /// A socket as the programs key it (see `struct sock_key` in the C source).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SockKey {
-    pub local_ip4: u32,
-    pub remote_ip4: u32,
+    pub local: IpKey,
+    pub remote: IpKey,
     pub local_port: u32,
     pub remote_port: u32,
 }
 
-// SAFETY: plain old data, four u32 with no padding.
+// SAFETY: plain old data, two 16-byte arrays and two u32, no padding.
 unsafe impl aya::Pod for SockKey {}
 
 /// An IPv4 address and port as the programs keep them (`struct addr4` in the C source): the
@@ -264,14 +282,14 @@ pub struct FastPath {
     _programs: Ebpf,
     socks: Option<SockHash<MapData, SockKey>>,
     ports: HashMap<MapData, u32, u8>,
-    addrs: HashMap<MapData, u32, u8>,
+    addrs: HashMap<MapData, IpKey, u8>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, Cfg>,
     out_ports: HashMap<MapData, u32, u8>,
     original: OriginalDestinations,
     cgroup: PathBuf,
     in_scope: BTreeSet<u16>,
-    local: BTreeSet<Ipv4Addr>,
+    local: BTreeSet<IpAddr>,
     /// What `config` holds now.
     cfg: Cfg,
     outbound: Option<Outbound>,
@@ -326,6 +344,17 @@ impl FastPath {
         connect
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program("attaching cgroup/connect4 to the cgroup"))?;
+        let connect6: &mut CgroupSockAddr = bpf
+            .program_mut("weir_connect6")
+            .expect("weir_connect6 is in the object")
+            .try_into()
+            .map_err(program("weir_connect6"))?;
+        connect6
+            .load()
+            .map_err(program("loading cgroup/connect6"))?;
+        connect6
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(program("attaching cgroup/connect6 to the cgroup"))?;
         let peer: &mut CgroupSockAddr = bpf
             .program_mut("weir_getpeername4")
             .expect("weir_getpeername4 is in the object")
@@ -446,32 +475,29 @@ impl FastPath {
         Ok(())
     }
 
-    /// Makes exactly `addrs` the local addresses, besides 127.0.0.0/8, whose connections may
-    /// be accelerated (both ends must be local; a port in scope decides). A node proxy gives
-    /// the node's own addresses here.
-    pub fn set_addresses(
-        &mut self,
-        addrs: impl IntoIterator<Item = Ipv4Addr>,
-    ) -> Result<(), Error> {
-        let want: BTreeSet<Ipv4Addr> = addrs.into_iter().filter(|a| !a.is_loopback()).collect();
+    /// Makes exactly `addrs` the local addresses, besides 127.0.0.0/8 and ::1, whose
+    /// connections may be accelerated (both ends must be local, and the connection the
+    /// proxy's). A node proxy gives the node's own addresses here.
+    pub fn set_addresses(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<(), Error> {
+        let want: BTreeSet<IpAddr> = addrs.into_iter().filter(|a| !a.is_loopback()).collect();
         let map_err = |source| Error::Map {
             what: "weir_addrs",
             source,
         };
-        // Keys in network order, as the programs see addresses.
-        let key = |a: &Ipv4Addr| u32::from_ne_bytes(a.octets());
         for gone in self.local.difference(&want) {
-            self.addrs.remove(&key(gone)).map_err(map_err)?;
+            self.addrs.remove(&IpKey::from(*gone)).map_err(map_err)?;
         }
         for new in want.difference(&self.local) {
-            self.addrs.insert(key(new), 1, 0).map_err(map_err)?;
+            self.addrs
+                .insert(IpKey::from(*new), 1, 0)
+                .map_err(map_err)?;
         }
         self.local = want;
         Ok(())
     }
 
     /// The local addresses in scope now, besides loopback.
-    pub fn addresses(&self) -> &BTreeSet<Ipv4Addr> {
+    pub fn addresses(&self) -> &BTreeSet<IpAddr> {
         &self.local
     }
 

@@ -143,15 +143,29 @@ impl Capture {
     }
 }
 
-/// The TCP payload length of an Ethernet-framed IPv4 packet from or to `port`; 0 otherwise.
+/// The TCP payload length of an Ethernet-framed IPv4 or IPv6 packet from or to `port`; 0
+/// otherwise.
 fn tcp_payload(frame: &[u8], port: u16) -> usize {
     let Some(ip) = frame.get(14..) else { return 0 };
-    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 {
+    // (header length, the IP packet's length, whether it carries TCP)
+    let (head, total, tcp) = match ip.first().map(|b| b >> 4) {
+        Some(4) if ip.len() >= 20 => (
+            usize::from(ip[0] & 0xf) * 4,
+            usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+            ip[9] == 6,
+        ),
+        // IPv6 without extension headers (loopback TCP has none): 40 bytes, then TCP.
+        Some(6) if ip.len() >= 40 => (
+            40,
+            40 + usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            ip[6] == 6,
+        ),
+        _ => return 0,
+    };
+    if !tcp {
         return 0;
     }
-    let ihl = usize::from(ip[0] & 0xf) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let Some(tcp) = ip.get(ihl..) else { return 0 };
+    let Some(tcp) = ip.get(head..) else { return 0 };
     if tcp.len() < 20 {
         return 0;
     }
@@ -162,5 +176,5 @@ fn tcp_payload(frame: &[u8], port: u16) -> usize {
     if sport != port && dport != port {
         return 0;
     }
-    total.saturating_sub(ihl + usize::from(tcp[12] >> 4) * 4)
+    total.saturating_sub(head + usize::from(tcp[12] >> 4) * 4)
 }

@@ -272,9 +272,9 @@ pub struct FastPathSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<std::path::PathBuf>,
     /// More addresses local to this node, besides loopback and the node's own interface
-    /// addresses: for a node proxy, the IPs of the pods on the node.
+    /// addresses (IPv4 or IPv6): for a node proxy, the IPs of the pods on the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<std::net::Ipv4Addr>,
+    pub addresses: Vec<std::net::IpAddr>,
     /// More ports whose local connections are accelerated whoever makes them (app-to-app
     /// traffic that policy allows), besides the listeners' ports and weir's own connections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -316,7 +316,7 @@ impl FastPath {
         }
     }
 
-    pub fn addresses(&self) -> &[std::net::Ipv4Addr] {
+    pub fn addresses(&self) -> &[std::net::IpAddr] {
         match self {
             FastPath::Mode(_) => &[],
             FastPath::Settings(s) => &s.addresses,

@@ -51,17 +51,14 @@ pub fn outbound(snapshot: &Snapshot) -> Option<weir_ebpf::Outbound> {
     Some(weir_ebpf::Outbound { listener, ports })
 }
 
-/// The addresses local to this node besides loopback: the node's interface addresses and
-/// those the config adds (pods on the node, for a node proxy).
-pub fn addresses(snapshot: &Snapshot) -> BTreeSet<Ipv4Addr> {
+/// The addresses local to this node besides loopback: the node's interface addresses (IPv4
+/// and IPv6) and those the config adds (pods on the node, for a node proxy).
+pub fn addresses(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
     let interfaces = if_addrs::get_if_addrs()
         .map_err(|e| tracing::warn!("listing interface addresses: {e}"))
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|i| match i.ip() {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
-        });
+        .map(|i| i.ip());
     let configured = snapshot
         .source
         .fast_path
@@ -193,7 +190,7 @@ impl FastPathState {
                 json!({
                     "mode": mode,
                     "attached": true,
-                    "programs": ["sock_ops weir_sockops", "sk_msg weir_msg", "cgroup/connect4 weir_connect4", "cgroup/getpeername4 weir_getpeername4"],
+                    "programs": ["sock_ops weir_sockops", "sk_msg weir_msg", "cgroup/connect4 weir_connect4", "cgroup/connect6 weir_connect6", "cgroup/getpeername4 weir_getpeername4"],
                     "outbound": outbound,
                     "cgroup": f.cgroup().display().to_string(),
                     "ports": f.ports(),

@@ -21,7 +21,12 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 /// An echo server on 127.0.0.1: each connection gets back what it sends until it half-closes.
 fn echo_server() -> (u16, thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    echo_server_on("127.0.0.1")
+}
+
+/// [`echo_server`] on `ip`.
+fn echo_server_on(ip: &str) -> (u16, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind((ip, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     let h = thread::spawn(move || {
         for conn in listener.incoming() {
@@ -462,7 +467,7 @@ fn node_addresses_are_in_scope_only_when_given() {
     assert!(back == data);
     assert_eq!(fast.counters().unwrap().sockets_inserted, 0);
     // Once the proxy says the address is the node's, its connections are accelerated.
-    fast.set_addresses([node_ip]).unwrap();
+    fast.set_addresses([node_ip.into()]).unwrap();
     let capture = Capture::on_lo();
     let back = echo(TcpStream::connect((node_ip, port)).unwrap(), &data);
     assert!(back == data, "byte-exact");
@@ -587,4 +592,75 @@ async fn outbound_connects_are_captured_and_reach_their_original_destination() {
         "{text}"
     );
     assert!(text.contains("connects_captured: 5"), "{text}");
+}
+
+#[test]
+fn ipv6_loopback_connections_are_redirected_byte_exact() {
+    if !can_load_bpf("sockmap IPv6") {
+        return;
+    }
+    let cg = TestCgroup::enter("ipv6");
+    let (port, _server) = echo_server_on("::1");
+    let mut fast = FastPath::attach(&cg.path).expect("attach the fast path");
+    fast.set_ports([port]).unwrap();
+    let capture = Capture::on_lo();
+    let data = pattern(4 << 20, 6);
+    let back = echo(TcpStream::connect(("::1", port)).unwrap(), &data);
+    assert!(back == data, "4 MiB echoed byte-exact over [::1]");
+    let c = fast.counters().unwrap();
+    assert_eq!(c.sockets_inserted, 2, "both ends: {c:?}");
+    assert_eq!(c.bytes_redirected, 2 * data.len() as u64, "{c:?}");
+    assert_eq!(capture.payload_segments(port), 0, "no payload on lo");
+    // Out of scope over IPv6: TCP carries it, and the capture sees it.
+    let (other, _server2) = echo_server_on("::1");
+    let back = echo(
+        TcpStream::connect(("::1", other)).unwrap(),
+        &data[..1 << 20],
+    );
+    assert!(back == data[..1 << 20]);
+    assert!(capture.payload_segments(other) > 0, "TCP carried it");
+    assert_eq!(fast.counters().unwrap().sockets_inserted, 2, "not inserted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_on_ipv6_rides_the_fast_path_to_an_ipv6_upstream() {
+    use weir_integration::http_backend::HttpBackend;
+    if !can_load_bpf("sockmap IPv6 through weir") {
+        return;
+    }
+    let cg = TestCgroup::enter("weir6");
+    let backend = HttpBackend::start_on("v6", std::net::Ipv6Addr::LOCALHOST.into()).await;
+    let listen = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, free_port()));
+    let s = start(&fast_path_config(
+        &cg,
+        &format!(
+            "  - name: v6\n    address: \"{listen}\"\nroutes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+            cluster("b", "http1", &[backend.addr], "")
+        ),
+    ));
+    let capture = Capture::on_lo();
+    let client = h1_client();
+    let body = pattern(2 << 20, 8);
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{listen}/echo-body"))
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let resp = client.request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backend"], "v6");
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(got == body, "2 MiB echoed byte-exact");
+    let v = ebpf_json(&s.weir);
+    assert!(
+        v["counters"]["bytes_redirected"].as_u64().unwrap() >= 4 * body.len() as u64,
+        "both legs, both ways: {v}"
+    );
+    for port in [listen.port(), backend.addr.port()] {
+        assert_eq!(
+            capture.payload_segments(port),
+            0,
+            "no payload on lo for {port}: {v}"
+        );
+    }
 }
