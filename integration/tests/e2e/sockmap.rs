@@ -3,7 +3,7 @@
 //! detaching leaves accelerated connections working. Each test runs in a cgroup of its own.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::thread;
 
 use weir_ebpf::FastPath;
@@ -620,6 +620,21 @@ fn ipv6_loopback_connections_are_redirected_byte_exact() {
     assert!(back == data[..1 << 20]);
     assert!(capture.payload_segments(other) > 0, "TCP carried it");
     assert_eq!(fast.counters().unwrap().sockets_inserted, 2, "not inserted");
+    // Dual stack: an IPv6 socket on a v4-mapped address pairs with the IPv4 socket it talks to.
+    let (v4, _server3) = echo_server();
+    fast.set_ports([port, v4]).unwrap();
+    let mapped = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), v4));
+    let conn = TcpStream::connect(mapped).unwrap();
+    assert!(conn.local_addr().unwrap().is_ipv6());
+    let back = echo(conn, &data);
+    assert!(
+        back == data,
+        "byte-exact between an IPv6 and an IPv4 socket"
+    );
+    let c = fast.counters().unwrap();
+    assert_eq!(c.sockets_inserted, 4, "{c:?}");
+    assert_eq!(c.bytes_redirected, 4 * data.len() as u64, "{c:?}");
+    assert_eq!(capture.payload_segments(v4), 0, "no payload on lo");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
