@@ -189,6 +189,15 @@ static __always_inline int is_local(const struct ip *ip)
 	return bpf_map_lookup_elem(&weir_addrs, ip) != 0;
 }
 
+// An IPv6 address from a context's `__u32 x_ip6[4]` field (each a direct context load).
+#define set_v6(ip, field)                  \
+	do {                               \
+		(ip)->a[0] = (field)[0];   \
+		(ip)->a[1] = (field)[1];   \
+		(ip)->a[2] = (field)[2];   \
+		(ip)->a[3] = (field)[3];   \
+	} while (0)
+
 static __always_inline void set_v4(struct ip *ip, __u32 ip4)
 {
 	ip->a[0] = 0;
@@ -328,14 +337,8 @@ int weir_sockops(struct bpf_sock_ops *skops)
 		set_v4(&key.remote, skops->remote_ip4);
 		ctx_barrier();
 	} else {
-		key.local.a[0] = skops->local_ip6[0];
-		key.local.a[1] = skops->local_ip6[1];
-		key.local.a[2] = skops->local_ip6[2];
-		key.local.a[3] = skops->local_ip6[3];
-		key.remote.a[0] = skops->remote_ip6[0];
-		key.remote.a[1] = skops->remote_ip6[1];
-		key.remote.a[2] = skops->remote_ip6[2];
-		key.remote.a[3] = skops->remote_ip6[3];
+		set_v6(&key.local, skops->local_ip6);
+		set_v6(&key.remote, skops->remote_ip6);
 		ctx_barrier();
 	}
 	if (!is_local(&key.local) || !is_local(&key.remote))
@@ -376,14 +379,8 @@ int weir_msg(struct sk_msg_md *msg)
 		set_v4(&peer.remote, msg->local_ip4);
 		ctx_barrier();
 	} else {
-		peer.local.a[0] = msg->remote_ip6[0];
-		peer.local.a[1] = msg->remote_ip6[1];
-		peer.local.a[2] = msg->remote_ip6[2];
-		peer.local.a[3] = msg->remote_ip6[3];
-		peer.remote.a[0] = msg->local_ip6[0];
-		peer.remote.a[1] = msg->local_ip6[1];
-		peer.remote.a[2] = msg->local_ip6[2];
-		peer.remote.a[3] = msg->local_ip6[3];
+		set_v6(&peer.local, msg->remote_ip6);
+		set_v6(&peer.remote, msg->local_ip6);
 		ctx_barrier();
 	}
 	__u64 size = msg->size;

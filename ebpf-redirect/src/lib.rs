@@ -334,36 +334,34 @@ impl FastPath {
         // coexist with other programs there, and the kernel refuses any flag on them.
         ops.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program("attaching sock_ops to the cgroup"))?;
-        // Idle (one map lookup per connect) until a proxy pid or outbound capture is set.
-        let connect: &mut CgroupSockAddr = bpf
-            .program_mut("weir_connect4")
-            .expect("weir_connect4 is in the object")
-            .try_into()
-            .map_err(program("weir_connect4"))?;
-        connect.load().map_err(program("loading cgroup/connect4"))?;
-        connect
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(program("attaching cgroup/connect4 to the cgroup"))?;
-        let connect6: &mut CgroupSockAddr = bpf
-            .program_mut("weir_connect6")
-            .expect("weir_connect6 is in the object")
-            .try_into()
-            .map_err(program("weir_connect6"))?;
-        connect6
-            .load()
-            .map_err(program("loading cgroup/connect6"))?;
-        connect6
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(program("attaching cgroup/connect6 to the cgroup"))?;
-        let peer: &mut CgroupSockAddr = bpf
-            .program_mut("weir_getpeername4")
-            .expect("weir_getpeername4 is in the object")
-            .try_into()
-            .map_err(program("weir_getpeername4"))?;
-        peer.load()
-            .map_err(program("loading cgroup/getpeername4"))?;
-        peer.attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(program("attaching cgroup/getpeername4 to the cgroup"))?;
+        // The sock_addr programs: idle (a map lookup per call) until a proxy pid or outbound
+        // capture is set.
+        for (name, loading, attaching) in [
+            (
+                "weir_connect4",
+                "loading cgroup/connect4",
+                "attaching cgroup/connect4 to the cgroup",
+            ),
+            (
+                "weir_connect6",
+                "loading cgroup/connect6",
+                "attaching cgroup/connect6 to the cgroup",
+            ),
+            (
+                "weir_getpeername4",
+                "loading cgroup/getpeername4",
+                "attaching cgroup/getpeername4 to the cgroup",
+            ),
+        ] {
+            let p: &mut CgroupSockAddr = bpf
+                .program_mut(name)
+                .expect("every program is in the object")
+                .try_into()
+                .map_err(program(name))?;
+            p.load().map_err(program(loading))?;
+            p.attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(program(attaching))?;
+        }
         Ok(Self {
             _programs: bpf,
             socks: Some(socks),
