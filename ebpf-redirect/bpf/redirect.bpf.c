@@ -212,6 +212,18 @@ static __always_inline int in_scope(__u32 local_port, __u32 remote_port)
 	       bpf_map_lookup_elem(&weir_ports, &remote_port);
 }
 
+// Whether the connecting process is the proxy; if so its socket is marked, to be accelerated
+// once established.
+static __always_inline int marked_as_proxy(struct bpf_sock_addr *ctx, const struct weir_cfg *cfg)
+{
+	if (!cfg->proxy_tgid || (__u32)(bpf_get_current_pid_tgid() >> 32) != cfg->proxy_tgid)
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u8 one = 1;
+	bpf_map_update_elem(&weir_proxy_conns, &cookie, &one, BPF_ANY);
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int weir_connect4(struct bpf_sock_addr *ctx)
 {
@@ -219,16 +231,9 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	__u32 zero = 0;
 	struct weir_cfg *cfg = bpf_map_lookup_elem(&weir_config, &zero);
-	if (!cfg)
+	if (!cfg || marked_as_proxy(ctx, cfg) || !cfg->capture)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	if (cfg->proxy_tgid && (__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->proxy_tgid) {
-		__u8 one = 1;
-		bpf_map_update_elem(&weir_proxy_conns, &cookie, &one, BPF_ANY);
-		return 1;
-	}
-	if (!cfg->capture)
-		return 1;
 	__u32 ip4 = ctx->user_ip4;
 	if ((ip4 & 0xff) == 127)
 		return 1;
@@ -257,12 +262,8 @@ int weir_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	__u32 zero = 0;
 	struct weir_cfg *cfg = bpf_map_lookup_elem(&weir_config, &zero);
-	if (cfg && cfg->proxy_tgid &&
-	    (__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->proxy_tgid) {
-		__u64 cookie = bpf_get_socket_cookie(ctx);
-		__u8 one = 1;
-		bpf_map_update_elem(&weir_proxy_conns, &cookie, &one, BPF_ANY);
-	}
+	if (cfg)
+		marked_as_proxy(ctx, cfg);
 	return 1;
 }
 

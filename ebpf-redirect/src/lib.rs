@@ -52,6 +52,15 @@ static PROGRAMS: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 #[cfg(not(weir_bpf))]
 static PROGRAMS: Option<&[u8]> = None;
 
+/// The programs an attached [`FastPath`] has in the kernel (attach type and name).
+pub const PROGRAMS_ATTACHED: [&str; 5] = [
+    "sock_ops weir_sockops",
+    "sk_msg weir_msg",
+    "cgroup/connect4 weir_connect4",
+    "cgroup/connect6 weir_connect6",
+    "cgroup/getpeername4 weir_getpeername4",
+];
+
 /// Why the programs are not in this build, when they are not (no clang at build time).
 pub fn unavailable_reason() -> Option<&'static str> {
     match PROGRAMS {

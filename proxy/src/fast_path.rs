@@ -190,7 +190,7 @@ impl FastPathState {
                 json!({
                     "mode": mode,
                     "attached": true,
-                    "programs": ["sock_ops weir_sockops", "sk_msg weir_msg", "cgroup/connect4 weir_connect4", "cgroup/connect6 weir_connect6", "cgroup/getpeername4 weir_getpeername4"],
+                    "programs": weir_ebpf::PROGRAMS_ATTACHED,
                     "outbound": outbound,
                     "cgroup": f.cgroup().display().to_string(),
                     "ports": f.ports(),
