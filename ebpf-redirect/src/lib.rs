@@ -1,9 +1,10 @@
 //! weir's sockmap fast path. eBPF programs (`bpf/redirect.bpf.c`, compiled by `build.rs` with
-//! clang, loaded with aya): `sock_ops`, attached to a cgroup v2, puts each established TCP (IPv4 or
-//! IPv6) socket between two local endpoints into a sockhash when it is the proxy's: one end's port is
-//! in scope (the ports the proxy writes with [`FastPath::set_ports`]: its listeners, and what
-//! policy adds), or the proxy's process opened it ([`FastPath::set_proxy_pid`]; marked by the
-//! `cgroup/connect4` and `connect6` programs at connect time); `sk_msg`, attached to that sockhash,
+//! clang, loaded with aya): `sock_ops`, attached to a cgroup v2, puts each established TCP
+//! socket (IPv4 or IPv6) between two local endpoints into a sockhash when it is the proxy's:
+//! one end's port is in scope (the ports the proxy writes with [`FastPath::set_ports`]: its
+//! listeners, and what policy adds), or the proxy's process opened it
+//! ([`FastPath::set_proxy_pid`]; marked by the `cgroup/connect4` and `connect6` programs at
+//! connect time); `sk_msg`, attached to that sockhash,
 //! hands every message sent on such a socket straight to its peer's receive queue, so bytes
 //! between the app and the proxy (and the proxy and a local upstream) skip the loopback TCP
 //! stack. The proxy still parses HTTP; only the transport of the bytes changes. A peer that

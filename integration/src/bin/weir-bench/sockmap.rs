@@ -1,7 +1,7 @@
 //! `weir-bench sockmap`: app (wrk, or a bulk reader) → weir → nginx, all on loopback, with
-//! weir's eBPF sockmap fast path off and on (two weirs side by side, taking turns), in one run: round-trip latency with one
-//! connection, requests/s with many, and throughput for one large body. Prints the figures and
-//! the change; asserts nothing. Needs root (loading BPF).
+//! weir's eBPF sockmap fast path off and on (two weirs side by side, taking turns), in one
+//! run: round-trip latency with one connection, requests/s with many, and throughput for one
+//! large body. Prints the figures and the change; asserts nothing. Needs root (loading BPF).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
