@@ -4,6 +4,7 @@
 //! - `/healthz`: 200, or 503 after `set_healthy(false)`.
 //! - `/status/N`: replies N.
 //! - `/delay/MS`: replies 200 after MS milliseconds.
+//! - `/close`: replies 200 with `connection: close`, then closes the connection.
 //! - `/gated-chunks/N`: streams N chunks; each after the first waits for [`HttpBackend::open_gate`].
 //! - anything else: 200 with a JSON body describing the request (backend name, method, path,
 //!   headers, body length).
@@ -177,6 +178,13 @@ impl HttpBackend {
                 .header("content-type", "text/event-stream")
                 .body(BodyExt::boxed(body))
                 .expect("valid response");
+        }
+        if path == "/close" {
+            // Answers, then closes the connection.
+            let mut resp = text(200, "closing");
+            resp.headers_mut()
+                .insert("connection", "close".parse().expect("valid"));
+            return resp;
         }
         if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
             return text(code, "status");

@@ -105,6 +105,7 @@ impl AdminApp {
                             "ejected": e.is_ejected(now),
                             "ejected_for_ms": e.ejected_for().map(|d| d.as_millis() as u64),
                             "active_requests": e.active.load(Ordering::Relaxed),
+                            "open_connections": e.connections_open.load(Ordering::Relaxed),
                         })
                     })
                     .collect();

@@ -227,24 +227,32 @@ impl Metrics {
     }
 }
 
-/// Upstream connections per endpoint, read from the endpoints' counters now.
+/// Upstream connections per endpoint, read from the endpoints' counters and gauge now.
 fn render_connections(runtime: &Runtime, out: &mut String) {
     use std::fmt::Write;
     type Counter = fn(&crate::state::EndpointState) -> &AtomicU64;
-    let counters: [(&str, &str, Counter); 2] = [
+    let counters: [(&str, &str, &str, Counter); 3] = [
+        (
+            "weir_upstream_connections_open",
+            "gauge",
+            "Upstream connections to the endpoint open now, in use or pooled.",
+            |e| &e.connections_open,
+        ),
         (
             "weir_upstream_connections_opened_total",
+            "counter",
             "Upstream connections opened to the endpoint.",
             |e| &e.connections_opened,
         ),
         (
             "weir_upstream_connections_reused_total",
+            "counter",
             "Upstream requests sent on a pooled connection (HTTP/1.1 keep-alive, or another h2 stream).",
             |e| &e.connections_reused,
         ),
     ];
-    for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (name, kind, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for c in &runtime.clusters {
             for e in &c.endpoints {
                 let _ = writeln!(

@@ -8,7 +8,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Tracer};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use weir_policies::model::{InferenceProtocol, LbPolicy, UpstreamProtocol};
 use weir_policies::routing::{self, RequestView};
@@ -25,7 +25,7 @@ use crate::inference::reload::Signal;
 use crate::inference::usage::UsageScanner;
 use crate::metrics::Metrics;
 use crate::retry::{self, Failure};
-use crate::state::{ClusterState, EndpointLoad, Gauge, Runtime, SharedRuntime};
+use crate::state::{ClusterState, EndpointLoad, Gauge, OpenConnections, Runtime, SharedRuntime};
 use crate::telemetry::Attrs;
 use crate::{downstream, filters, grpc, reply};
 
@@ -730,6 +730,11 @@ impl ProxyHttp for WeirProxy {
                 })?,
         };
         let mut peer = HttpPeer::new(address, false, String::new());
+        if let Some(ep) = ep {
+            peer.options.tracer = Some(Tracer(Box::new(OpenConnections(
+                state.endpoints[ep].clone(),
+            ))));
+        }
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         let per_try = route.action.retry.as_ref().and_then(|r| r.per_try_timeout);
         let left = ctx.deadline.map(|d| d.saturating_duration_since(now));

@@ -179,6 +179,8 @@ pub struct EndpointState {
     /// Upstream connections opened to the endpoint, and requests sent on a pooled one.
     pub connections_opened: AtomicU64,
     pub connections_reused: AtomicU64,
+    /// Upstream connections to the endpoint open now, pooled or in use (see [`OpenConnections`]).
+    pub connections_open: AtomicU64,
 }
 
 impl EndpointState {
@@ -196,6 +198,7 @@ impl EndpointState {
             ejected_until: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),
             connections_reused: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
         }
     }
 
@@ -249,6 +252,31 @@ impl EndpointState {
         let until = self.ejected_until.load(Ordering::Relaxed);
         let now = now_ms();
         (until > now).then(|| Duration::from_millis(until - now))
+    }
+}
+
+/// Counts an endpoint's open upstream connections. Set on the peer of every attempt, pingora
+/// keeps it with the connection it opens and calls it once when the connection is up and once
+/// when it is dropped: closed by either side, or evicted from the pool.
+pub struct OpenConnections(pub Arc<EndpointState>);
+
+impl std::fmt::Debug for OpenConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpenConnections({})", self.0.address)
+    }
+}
+
+impl pingora::upstreams::peer::Tracing for OpenConnections {
+    fn on_connected(&self) {
+        self.0.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_disconnected(&self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn pingora::upstreams::peer::Tracing> {
+        Box::new(Self(self.0.clone()))
     }
 }
 

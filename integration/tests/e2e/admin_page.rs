@@ -83,6 +83,7 @@ async fn the_admin_page_shows_the_proxy_live() {
         "serving",
         &s.listen.to_string(),
         "<td>source</td><td>file</td>",
+        "<th>connections</th>",
     ] {
         assert!(dom.contains(text), "{text:?} on the page: {dom}");
     }

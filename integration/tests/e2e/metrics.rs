@@ -135,6 +135,53 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
     }
 }
 
+/// `weir_upstream_connections_open` follows pingora's connections: up when weir connects, down
+/// when a connection closes, pooled ones included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_open_upstream_connections_gauge_rises_and_falls_with_the_connections() {
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let endpoint = backend.addr.to_string();
+    let labels = [("cluster", "b"), ("endpoint", endpoint.as_str())];
+    let open = || metric_value(s.weir.admin, "weir_upstream_connections_open", &labels);
+    assert_eq!(open().0, Some(0.0), "{}", open().1);
+    // Five requests in flight at once need five upstream connections; once answered, all
+    // five wait in weir's pool, still open.
+    let client = h1_client();
+    let replies =
+        futures_util::future::join_all((0..5).map(|_| get(&client, s.listen, "/delay/300"))).await;
+    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    let (opened, text) = metric_value(
+        s.weir.admin,
+        "weir_upstream_connections_opened_total",
+        &labels,
+    );
+    assert_eq!(opened, Some(5.0), "{text}");
+    assert_eq!(open().0, Some(5.0), "{}", open().1);
+    assert_eq!(
+        clusters_json(&s.weir)["clusters"][0]["endpoints"][0]["open_connections"],
+        5,
+        "{}",
+        clusters_json(&s.weir)
+    );
+    // Each `/close` takes a pooled connection, and the backend closes it after replying: the
+    // gauge falls to 0 as the pool empties.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut closes = 0;
+    while open().0 != Some(0.0) && std::time::Instant::now() < deadline {
+        if closes < 10 {
+            assert_eq!(get(&client, s.listen, "/close").await.status, 200);
+            closes += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(open().0, Some(0.0), "after {closes} closes: {}", open().1);
+    assert!(closes >= 5, "only {closes} closes emptied five connections");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_numbers_reach_an_otlp_collector() {
     use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
