@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState,
 };
@@ -68,6 +68,9 @@ struct Batch {
 /// `ScopeSpans.spans`.
 const SPANS_FIELD: u32 = 2;
 
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+const TRACEPARENT_LEN: usize = 55;
+
 thread_local! {
     /// Where a worker encodes a request's spans before it takes the queue's lock.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -107,19 +110,6 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.headers.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-struct HeaderInjector<'a>(&'a mut RequestHeader);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        // The W3C propagator's two names, without a `String` each.
-        let _ = match key {
-            "traceparent" => self.0.insert_header("traceparent", value),
-            "tracestate" => self.0.insert_header("tracestate", value),
-            _ => self.0.insert_header(key.to_string(), value),
-        };
     }
 }
 
@@ -314,20 +304,29 @@ impl Tracer {
         }
     }
 
-    /// Sets `traceparent` (and `tracestate`) on the upstream request: the current attempt's
-    /// span is the parent of what the upstream does.
+    /// Sets `traceparent` (and `tracestate`, when the trace has one) on the upstream request:
+    /// the current attempt's span is the parent of what the upstream does. The header is the
+    /// W3C propagator's, written into a stack buffer: going through the propagator built a
+    /// `Context` and two `String`s per request, about a microsecond.
     pub fn inject(&self, t: &RequestTrace, upstream: &mut RequestHeader) {
+        use std::io::Write;
         let span = t.attempt.as_ref().map_or(t.context.span_id(), |a| a.span);
-        let sc = SpanContext::new(
+        let mut traceparent = [0u8; TRACEPARENT_LEN];
+        let written = write!(
+            &mut traceparent[..],
+            "00-{}-{}-{:02x}",
             t.context.trace_id(),
             span,
-            t.context.trace_flags(),
-            true,
-            t.context.trace_state().clone(),
+            t.context.trace_flags() & TraceFlags::SAMPLED
         );
-        let cx = Context::new().with_remote_span_context(sc);
-        self.propagator
-            .inject_context(&cx, &mut HeaderInjector(upstream));
+        debug_assert!(written.is_ok(), "a traceparent is {TRACEPARENT_LEN} bytes");
+        if let Ok(v) = http::HeaderValue::from_bytes(&traceparent) {
+            let _ = upstream.insert_header("traceparent", v);
+        }
+        let state = t.context.trace_state().header();
+        if !state.is_empty() {
+            let _ = upstream.insert_header("tracestate", state);
+        }
     }
 
     /// Ends the request's spans and queues them for export (dropping them if the queue is
@@ -909,6 +908,7 @@ pub mod otlp_metrics {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
     /// What the worker threads queue and the exporter frames is an OTLP export request: a
@@ -985,6 +985,80 @@ mod tests {
     /// Spans written field by field decode as the OTLP messages they describe: ids and
     /// parent links (a remote caller, a retried attempt), every attribute type, status,
     /// flags and times.
+    /// The upstream's `traceparent` and `tracestate` are what OpenTelemetry's W3C propagator
+    /// writes for the attempt's span (and read back as that span), sampled or not, with a
+    /// caller's trace state or none; an empty state sends no `tracestate` header.
+    #[test]
+    fn injected_headers_are_the_w3c_propagators() {
+        use opentelemetry::propagation::{Injector, TextMapPropagator};
+        use opentelemetry::trace::TraceContextExt;
+        use opentelemetry_sdk::propagation::TraceContextPropagator;
+        use pingora::http::RequestHeader;
+
+        struct Headers(std::collections::HashMap<String, String>);
+        impl Injector for Headers {
+            fn set(&mut self, key: &str, value: String) {
+                self.0.insert(key.to_string(), value);
+            }
+        }
+        let propagator = TraceContextPropagator::new();
+        for (sampling, caller) in [
+            (1.0, None),
+            (0.0, None),
+            (
+                1.0,
+                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ),
+            (
+                1.0,
+                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
+            ),
+        ] {
+            let config = weir_policies::model::Tracing {
+                otlp_endpoint: "http://127.0.0.1:1".into(),
+                sampling,
+                service_name: "svc".into(),
+                queue: 100,
+            };
+            let (tracer, _) = super::Tracer::new(&config);
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            if let Some(c) = caller {
+                req.insert_header("traceparent", c).unwrap();
+                req.insert_header("tracestate", "vendor=x,other=y").unwrap();
+            }
+            let mut t = tracer.start(&req);
+            tracer.attempt(&mut t, super::Attrs::default());
+            let mut upstream = RequestHeader::build("GET", b"/", None).unwrap();
+            tracer.inject(&t, &mut upstream);
+
+            let attempt = t.attempt.as_ref().unwrap().span;
+            let sc = SpanContext::new(
+                t.context.trace_id(),
+                attempt,
+                t.context.trace_flags(),
+                true,
+                t.context.trace_state().clone(),
+            );
+            let mut want = Headers(Default::default());
+            propagator.inject_context(&Context::new().with_remote_span_context(sc), &mut want);
+            let got = |name: &str| {
+                upstream
+                    .headers
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            assert_eq!(got("traceparent").as_ref(), want.0.get("traceparent"));
+            let state = want.0.get("tracestate").filter(|s| !s.is_empty());
+            assert_eq!(got("tracestate").as_ref(), state, "{caller:?}");
+            assert_eq!(state.is_some(), caller.is_some());
+            let read = propagator.extract(&HeaderExtractor(&upstream));
+            let read = read.span().span_context().clone();
+            assert_eq!(read.span_id(), attempt);
+            assert_eq!(read.trace_id(), t.context.trace_id());
+            assert_eq!(read.is_sampled(), t.sampled());
+        }
+    }
+
     #[test]
     fn spans_encode_as_the_otlp_messages_they_describe() {
         use opentelemetry::trace::SpanId;

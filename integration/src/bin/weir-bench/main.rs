@@ -33,11 +33,12 @@ enum Bench {
         /// Rounds; each measures every target in turn, and the report gives medians.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
-        /// Which targets to measure: direct, weir, weir-traced, envoy, haproxy.
+        /// Which targets to measure: direct, weir, weir-traced, pingora-bare (pingora with
+        /// no weir logic), envoy, haproxy.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,weir,weir-traced,envoy,haproxy"
+            default_value = "direct,weir,weir-traced,pingora-bare,envoy,haproxy"
         )]
         targets: Vec<String>,
     },
@@ -929,6 +930,25 @@ fn build_weir() -> Res<PathBuf> {
     Ok(workspace().join("target/release/weir"))
 }
 
+/// Builds `proxy/examples/pingora_bare.rs` (release) unless `PINGORA_BARE_BIN` names a
+/// built one; returns its path.
+fn build_pingora_bare() -> Res<PathBuf> {
+    if let Some(bin) = std::env::var_os("PINGORA_BARE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    eprintln!("building pingora_bare (release)");
+    run(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "weir-proxy",
+        "--example",
+        "pingora_bare",
+    ]))?;
+    Ok(workspace().join("target/release/examples/pingora_bare"))
+}
+
 /// `weir-bench http`'s options.
 struct HttpOpts {
     duration: String,
@@ -938,8 +958,18 @@ struct HttpOpts {
     targets: Vec<String>,
 }
 
+/// The row of the `pingora-bare` target.
+const PINGORA_BARE: &str = "pingora (bare)";
+
 /// Every target `weir-bench http` knows, in the order it measures them.
-const HTTP_TARGETS: [&str; 5] = ["direct", "weir", "weir-traced", "envoy", "haproxy"];
+const HTTP_TARGETS: [&str; 6] = [
+    "direct",
+    "weir",
+    "weir-traced",
+    "pingora-bare",
+    "envoy",
+    "haproxy",
+];
 
 fn http(opts: HttpOpts) -> Res<()> {
     if let Some(t) = opts
@@ -1016,6 +1046,24 @@ fn http(opts: HttpOpts) -> Res<()> {
         wait_port(traced_port, "weir (traced)")?;
         targets.push(("weir + traces (100%)", traced_port, Some(weir.0.id())));
         procs.push(weir);
+    }
+
+    // pingora with nothing of weir's: what the engine itself costs per request.
+    if wanted("pingora-bare") {
+        let bin = build_pingora_bare()?;
+        let port = free_port();
+        let proc = Proc::spawn(
+            "pingora_bare",
+            Command::new(&bin).args([
+                format!("127.0.0.1:{port}"),
+                format!("127.0.0.1:{nginx_port}"),
+                "1".to_string(),
+            ]),
+            &d.join("pingora_bare.log"),
+        )?;
+        wait_port(port, "pingora_bare")?;
+        targets.push((PINGORA_BARE, port, Some(proc.0.id())));
+        procs.push(proc);
     }
 
     // Envoy, --concurrency 1.
@@ -1110,20 +1158,40 @@ fn http(opts: HttpOpts) -> Res<()> {
             .collect();
         (!v.is_empty()).then(|| median_and_all(v, |x| format!("{x:.2}")))
     };
-    if let Some((m, all)) = ratio("weir", &|w, e| Some(per_core(w)? / per_core(e)?), "envoy") {
-        let _ = writeln!(
-            out,
-            "Target: weir req/s per core >= 2x Envoy's: {m:.2}x (median of the rounds' ratios; each round: {all})"
-        );
+    // weir against the targets, then pingora with nothing of weir's against the same: how much
+    // of the way the engine alone goes.
+    for (name, who) in [
+        ("weir", "weir"),
+        (
+            PINGORA_BARE,
+            "bare pingora (no weir logic: the engine's own ceiling)",
+        ),
+    ] {
+        if let Some((m, all)) = ratio(name, &|w, e| Some(per_core(w)? / per_core(e)?), "envoy") {
+            let _ = writeln!(
+                out,
+                "Target: {who} req/s per core >= 2x Envoy's: {m:.2}x (median of the rounds' ratios; each round: {all})"
+            );
+        }
+        if let Some((m, all)) = ratio(
+            name,
+            &|w, h| Some(100.0 * w.wrk.rps / h.wrk.rps.max(1.0)),
+            "haproxy",
+        ) {
+            let _ = writeln!(
+                out,
+                "Target: {who} req/s within 20% of HAProxy's: {m:.0}% (each round: {all})"
+            );
+        }
     }
     if let Some((m, all)) = ratio(
         "weir",
-        &|w, h| Some(100.0 * w.wrk.rps / h.wrk.rps.max(1.0)),
-        "haproxy",
+        &|w, p| Some(w.cpu_us_per_req? - p.cpu_us_per_req?),
+        PINGORA_BARE,
     ) {
         let _ = writeln!(
             out,
-            "Target: weir req/s within 20% of HAProxy's: {m:.0}% (each round: {all})"
+            "weir's own work per request over bare pingora's: {m:+.1} µs CPU (each round: {all})"
         );
     }
     let traced = "weir + traces (100%)";
