@@ -42,6 +42,17 @@ enum Bench {
         )]
         targets: Vec<String>,
     },
+    /// User-space instructions per request under valgrind's callgrind (weir, weir with
+    /// tracing at 100%, bare pingora): a figure for comparing builds that this VM's noise
+    /// does not move.
+    Instructions {
+        /// wrk duration of the counted load under valgrind, e.g. 8s.
+        #[arg(long, default_value = "8s")]
+        duration: String,
+        /// wrk connections.
+        #[arg(long, default_value_t = 10)]
+        connections: u32,
+    },
     /// Proxy-wasm filter cost: no filter, the header filter and the body filter, in weir
     /// and in Envoy (V8), plus the filter-thread round trip measured in process.
     Wasm {
@@ -116,6 +127,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Res<T> = Result<T, String>;
 
 mod inference;
+mod instructions;
 mod sockmap;
 
 mod wasm {
@@ -639,6 +651,13 @@ fn main() {
             duration,
             connections,
         } => wasm::run(&duration, connections),
+        Bench::Instructions {
+            duration,
+            connections,
+        } => instructions::run_all(&instructions::Opts {
+            duration,
+            connections,
+        }),
         Bench::Inference {
             duration,
             rounds,
@@ -958,6 +977,14 @@ struct HttpOpts {
     targets: Vec<String>,
 }
 
+/// The config of the weir that `weir-bench http` and `instructions` measure: every request
+/// to the nginx on `nginx_port`.
+fn weir_bench_config(port: u16, admin: u16, nginx_port: u16) -> String {
+    format!(
+        "admin: {{ address: \"127.0.0.1:{admin}\" }}\nlisteners:\n  - {{ name: bench, address: \"127.0.0.1:{port}\" }}\nroutes:\n  - name: all\n    route: {{ cluster: nginx }}\nclusters:\n  - name: nginx\n    endpoints: [{{ address: \"127.0.0.1:{nginx_port}\" }}]\n    circuit_breaker: {{ max_requests: 100000 }}\n"
+    )
+}
+
 /// The row of the `pingora-bare` target.
 const PINGORA_BARE: &str = "pingora (bare)";
 
@@ -1007,9 +1034,7 @@ fn http(opts: HttpOpts) -> Res<()> {
     // weir, one worker thread.
     let weir_port = free_port();
     let weir_admin = free_port();
-    let weir_conf = format!(
-        "admin: {{ address: \"127.0.0.1:{weir_admin}\" }}\nlisteners:\n  - {{ name: bench, address: \"127.0.0.1:{weir_port}\" }}\nroutes:\n  - name: all\n    route: {{ cluster: nginx }}\nclusters:\n  - name: nginx\n    endpoints: [{{ address: \"127.0.0.1:{nginx_port}\" }}]\n    circuit_breaker: {{ max_requests: 100000 }}\n"
-    );
+    let weir_conf = weir_bench_config(weir_port, weir_admin, nginx_port);
     if wanted("weir") {
         std::fs::write(d.join("weir.yaml"), &weir_conf).map_err(|e| e.to_string())?;
         let weir = spawn_weir(&weir_bin, &d.join("weir.yaml"), &d.join("weir.log"), false)?;
