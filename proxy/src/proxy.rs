@@ -25,7 +25,9 @@ use crate::inference::reload::Signal;
 use crate::inference::usage::UsageScanner;
 use crate::metrics::Metrics;
 use crate::retry::{self, Failure};
-use crate::state::{ClusterState, EndpointLoad, Gauge, OpenConnections, Runtime, SharedRuntime};
+use crate::state::{
+    ClusterState, EndpointLoad, EndpointSeries, Gauge, OpenConnections, Runtime, SharedRuntime,
+};
 use crate::telemetry::Attrs;
 use crate::{downstream, filters, grpc, reply};
 
@@ -550,7 +552,13 @@ impl ProxyHttp for WeirProxy {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(h1) = session.as_downstream().as_http1() {
+        // pingora drops Content-Length when Transfer-Encoding is there too, so the raw
+        // headers tell; a request without Transfer-Encoding (nearly all) cannot conflict.
+        let chunked = session
+            .req_header()
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING);
+        if let Some(h1) = session.as_downstream().as_http1().filter(|_| chunked) {
             if downstream::has_framing_conflict(&h1.get_headers_raw_bytes()) {
                 return Err(reply::error(
                     400,
@@ -1087,38 +1095,28 @@ impl ProxyHttp for WeirProxy {
             Some((_, r, c, _)) => (r.name.as_str(), c.name.as_str()),
             None => ("", ""),
         };
-        let code = code.to_string();
+        // `StatusCode::as_str` is a static string for every code; 0 (no response) is not one.
+        let status_code = http::StatusCode::from_u16(code).ok();
+        let code_label = status_code.as_ref().map_or("0", |c| c.as_str());
         self.metrics
             .requests
-            .with_label_values(&[self.listener.as_str(), route, cluster, code.as_str()])
+            .with_label_values(&[self.listener.as_str(), route, cluster, code_label])
             .inc();
         self.metrics
             .duration
             .with_label_values(&[self.listener.as_str(), route, cluster])
             .observe(ctx.start.elapsed().as_secs_f64());
-        let status = code.parse().unwrap_or(0);
-        if let Some((rt, cluster_id, &ep)) = ctx
+        if let Some(endpoint) = ctx
             .runtime
             .as_deref()
             .zip(ctx.cluster)
-            .and_then(|(rt, c)| Some((rt, c, ctx.tried.last()?)))
+            .and_then(|(rt, c)| rt.clusters[c].endpoints.get(*ctx.tried.last()?))
         {
-            if let Some(endpoint) = rt.snapshot.clusters[cluster_id].endpoints.get(ep) {
-                let addr = endpoint.address.to_string();
-                let labels = [cluster, addr.as_str()];
-                self.metrics
-                    .endpoint_duration
-                    .with_label_values(&labels)
-                    .observe(ctx.start.elapsed().as_secs_f64());
-                let class = match status {
-                    100..=599 => ["1xx", "2xx", "3xx", "4xx", "5xx"][usize::from(status / 100 - 1)],
-                    _ => "none",
-                };
-                self.metrics
-                    .endpoint_responses
-                    .with_label_values(&[cluster, addr.as_str(), class])
-                    .inc();
-            }
+            let series = endpoint
+                .series
+                .get_or_init(|| EndpointSeries::new(&self.metrics, cluster, endpoint.address));
+            series.duration.observe(ctx.start.elapsed().as_secs_f64());
+            series.responses(code).inc();
         }
         if let (Some(i), Some(rt)) = (ctx.inference.as_ref(), ctx.runtime.as_deref()) {
             if let Some(u) = i.usage.as_ref().and_then(|u| u.last) {
@@ -1131,8 +1129,8 @@ impl ProxyHttp for WeirProxy {
                 }
             }
         }
-        self.access_log(session, e, ctx, status, route, cluster);
-        self.end_trace(session, e, ctx, trace, status, route, cluster);
+        self.access_log(session, e, ctx, code, route, cluster);
+        self.end_trace(session, e, ctx, trace, code, route, cluster);
     }
 }
 

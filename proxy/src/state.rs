@@ -181,6 +181,42 @@ pub struct EndpointState {
     pub connections_reused: AtomicU64,
     /// Upstream connections to the endpoint open now, pooled or in use (see [`OpenConnections`]).
     pub connections_open: AtomicU64,
+    /// The endpoint's Prometheus series, looked up on its first response: a lookup formats
+    /// the address and hashes every label, per request.
+    pub(crate) series: std::sync::OnceLock<EndpointSeries>,
+}
+
+/// An endpoint's request duration histogram and its responses by class: `1xx` to `5xx`, then
+/// `none` (no response).
+pub(crate) struct EndpointSeries {
+    pub duration: prometheus::Histogram,
+    pub responses: [prometheus::IntCounter; 6],
+}
+
+impl EndpointSeries {
+    pub const CLASSES: [&'static str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+    pub fn new(metrics: &crate::metrics::Metrics, cluster: &str, address: SocketAddr) -> Self {
+        let addr = address.to_string();
+        Self {
+            duration: metrics
+                .endpoint_duration
+                .with_label_values(&[cluster, addr.as_str()]),
+            responses: Self::CLASSES.map(|class| {
+                metrics
+                    .endpoint_responses
+                    .with_label_values(&[cluster, addr.as_str(), class])
+            }),
+        }
+    }
+
+    /// The responses counter of `status` (0: none).
+    pub fn responses(&self, status: u16) -> &prometheus::IntCounter {
+        match status {
+            100..=599 => &self.responses[usize::from(status / 100 - 1)],
+            _ => &self.responses[5],
+        }
+    }
 }
 
 impl EndpointState {
@@ -199,6 +235,7 @@ impl EndpointState {
             connections_opened: AtomicU64::new(0),
             connections_reused: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
+            series: std::sync::OnceLock::new(),
         }
     }
 
