@@ -761,7 +761,7 @@ impl ProxyHttp for WeirProxy {
             if trace.sampled() {
                 attributes = Attrs::new();
                 attributes
-                    .display("server.address", address.ip())
+                    .ip("server.address", address.ip())
                     .int("server.port", i64::from(address.port()))
                     .str("weir.cluster", &cluster.name);
                 if ctx.tries > 0 {
@@ -1188,7 +1188,7 @@ impl WeirProxy {
             attrs.str("server.address", a);
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            attrs.display("client.address", addr.ip());
+            attrs.ip("client.address", addr.ip());
         }
         let method = req.method.as_str();
         let name: &[&str] = if ctx.grpc {

@@ -68,9 +68,6 @@ struct Batch {
 /// `ScopeSpans.spans`.
 const SPANS_FIELD: u32 = 2;
 
-/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
-const TRACEPARENT_LEN: usize = 55;
-
 thread_local! {
     /// Where a worker encodes a request's spans before it takes the queue's lock.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -78,6 +75,10 @@ thread_local! {
     static SPAN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// [`Attrs::display`]'s text.
     static FORMATTED: RefCell<String> = const { RefCell::new(String::new()) };
+    /// The last two addresses [`Attrs::ip`] wrote, as text: a request's client and its
+    /// endpoint are nearly always those of the request before.
+    static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
+        const { RefCell::new([(None, String::new()), (None, String::new())]) };
 }
 
 /// The tracer shared by every listener.
@@ -156,11 +157,9 @@ impl Attrs {
             + encoded_len_varint(value_len as u64)
             + value_len;
         let out = &mut self.0;
-        encode_key(ATTRIBUTES_FIELD, WireType::LengthDelimited, out);
-        encode_varint(kv as u64, out);
+        put_header(ATTRIBUTES_FIELD, kv, out);
         put_len_delimited(1, key.as_bytes(), out);
-        encode_key(2, WireType::LengthDelimited, out);
-        encode_varint(value_len as u64, out);
+        put_header(2, value_len, out);
         value(out);
     }
 
@@ -178,6 +177,28 @@ impl Attrs {
             f.clear();
             let _ = write!(f, "{value}");
             self.str(key, f);
+        });
+        self
+    }
+
+    /// An address attribute: [`Attrs::display`] of `ip`, formatted once while the same
+    /// addresses recur.
+    pub fn ip(&mut self, key: &str, ip: std::net::IpAddr) -> &mut Self {
+        use std::fmt::Write;
+        IPS.with_borrow_mut(|ips| {
+            let slot = match ips.iter().position(|(a, _)| *a == Some(ip)) {
+                Some(i) => i,
+                None => {
+                    // The older entry makes way; the newer moves to the front.
+                    ips.swap(0, 1);
+                    let (a, text) = &mut ips[0];
+                    *a = Some(ip);
+                    text.clear();
+                    let _ = write!(text, "{ip}");
+                    0
+                }
+            };
+            self.str(key, &ips[slot].1);
         });
         self
     }
@@ -201,10 +222,23 @@ impl Attrs {
     }
 }
 
+/// A length-delimited field's key and length: two bytes in the common case (a field number
+/// under 16, a length under 128), prost's encoding otherwise.
+fn put_header(tag: u32, len: usize, out: &mut Vec<u8>) {
+    if tag < 16 && len < 0x80 {
+        out.extend_from_slice(&[
+            (tag << 3 | WireType::LengthDelimited as u32) as u8,
+            len as u8,
+        ]);
+    } else {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(len as u64, out);
+    }
+}
+
 /// A length-delimited field (bytes, a string, or a message already encoded).
 fn put_len_delimited(tag: u32, v: &[u8], out: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(v.len() as u64, out);
+    put_header(tag, v.len(), out);
     out.put_slice(v);
 }
 
@@ -309,17 +343,19 @@ impl Tracer {
     /// W3C propagator's, written into a stack buffer: going through the propagator built a
     /// `Context` and two `String`s per request, about a microsecond.
     pub fn inject(&self, t: &RequestTrace, upstream: &mut RequestHeader) {
-        use std::io::Write;
         let span = t.attempt.as_ref().map_or(t.context.span_id(), |a| a.span);
-        let mut traceparent = [0u8; TRACEPARENT_LEN];
-        let written = write!(
-            &mut traceparent[..],
-            "00-{}-{}-{:02x}",
-            t.context.trace_id(),
-            span,
-            t.context.trace_flags() & TraceFlags::SAMPLED
-        );
-        debug_assert!(written.is_ok(), "a traceparent is {TRACEPARENT_LEN} bytes");
+        // `00-{trace id}-{span id}-{flags}`, in lowercase hex: `core::fmt`'s padded hex
+        // formatting was most of the cost.
+        let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let flags = (t.context.trace_flags() & TraceFlags::SAMPLED).to_u8();
+        for (bytes, at) in [
+            (&t.context.trace_id().to_bytes()[..], 3..35),
+            (&span.to_bytes()[..], 36..52),
+            (&[flags][..], 53..55),
+        ] {
+            let encoded = hex::encode_to_slice(bytes, &mut traceparent[at]);
+            debug_assert!(encoded.is_ok(), "each field fits its place");
+        }
         if let Ok(v) = http::HeaderValue::from_bytes(&traceparent) {
             let _ = upstream.insert_header("traceparent", v);
         }
@@ -493,8 +529,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
             put_len_delimited(4, &f.parent.to_bytes(), b);
         }
         let name_len: usize = f.name.iter().map(|p| p.len()).sum();
-        encode_key(5, WireType::LengthDelimited, b);
-        encode_varint(name_len as u64, b);
+        put_header(5, name_len, b);
         for part in f.name {
             b.put_slice(part.as_bytes());
         }
@@ -511,8 +546,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
                     + encoded_len_varint(e.len() as u64)
                     + e.len()
                     + int32::encoded_len(3, &code);
-                encode_key(15, WireType::LengthDelimited, b);
-                encode_varint(len as u64, b);
+                put_header(15, len, b);
                 put_len_delimited(2, e.as_bytes(), b);
                 int32::encode(3, &code, b);
             }
@@ -1056,6 +1090,27 @@ mod tests {
             assert_eq!(read.span_id(), attempt);
             assert_eq!(read.trace_id(), t.context.trace_id());
             assert_eq!(read.is_sampled(), t.sampled());
+        }
+    }
+
+    /// `Attrs::ip` writes what `Attrs::display` writes, whichever addresses came before.
+    #[test]
+    fn ip_attributes_are_their_addresses_text() {
+        let ips: Vec<std::net::IpAddr> = vec![
+            [127, 0, 0, 1].into(),
+            [10, 0, 0, 7].into(),
+            [127, 0, 0, 1].into(),
+            "::1".parse().unwrap(),
+            [10, 0, 0, 7].into(),
+            [10, 0, 0, 7].into(),
+            "2001:db8::2".parse().unwrap(),
+            [127, 0, 0, 1].into(),
+        ];
+        for ip in ips {
+            let (mut cached, mut plain) = (Attrs::new(), Attrs::new());
+            cached.ip("client.address", ip);
+            plain.display("client.address", ip);
+            assert_eq!(cached.0, plain.0, "{ip}");
         }
     }
 
