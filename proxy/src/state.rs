@@ -190,7 +190,7 @@ pub struct EndpointState {
 /// `none` (no response).
 pub(crate) struct EndpointSeries {
     pub duration: prometheus::Histogram,
-    pub responses: [prometheus::IntCounter; 6],
+    by_class: [prometheus::IntCounter; 6],
 }
 
 impl EndpointSeries {
@@ -202,7 +202,7 @@ impl EndpointSeries {
             duration: metrics
                 .endpoint_duration
                 .with_label_values(&[cluster, addr.as_str()]),
-            responses: Self::CLASSES.map(|class| {
+            by_class: Self::CLASSES.map(|class| {
                 metrics
                     .endpoint_responses
                     .with_label_values(&[cluster, addr.as_str(), class])
@@ -213,8 +213,8 @@ impl EndpointSeries {
     /// The responses counter of `status` (0: none).
     pub fn responses(&self, status: u16) -> &prometheus::IntCounter {
         match status {
-            100..=599 => &self.responses[usize::from(status / 100 - 1)],
-            _ => &self.responses[5],
+            100..=599 => &self.by_class[usize::from(status / 100 - 1)],
+            _ => &self.by_class[5],
         }
     }
 }

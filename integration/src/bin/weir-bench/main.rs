@@ -932,40 +932,32 @@ fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> R
 /// Builds the release `weir` the benchmarks measure; returns its path. `WEIR_BIN` names a
 /// built one instead (to compare two builds, each in a run of its own).
 fn build_weir() -> Res<PathBuf> {
-    if let Some(bin) = std::env::var_os("WEIR_BIN") {
-        eprintln!("measuring the weir in WEIR_BIN: {}", bin.to_string_lossy());
-        return Ok(PathBuf::from(bin));
-    }
-    eprintln!("building weir (release)");
-    run(Command::new("cargo").current_dir(workspace()).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "weir-proxy",
-        "--bin",
-        "weir",
-    ]))?;
-    Ok(workspace().join("target/release/weir"))
+    build_release("WEIR_BIN", &["--bin", "weir"], "weir")
 }
 
 /// Builds `proxy/examples/pingora_bare.rs` (release) unless `PINGORA_BARE_BIN` names a
 /// built one; returns its path.
 fn build_pingora_bare() -> Res<PathBuf> {
-    if let Some(bin) = std::env::var_os("PINGORA_BARE_BIN") {
+    build_release(
+        "PINGORA_BARE_BIN",
+        &["--example", "pingora_bare"],
+        "examples/pingora_bare",
+    )
+}
+
+/// `target/release/<path>` of weir-proxy's `target` (`--bin NAME` or `--example NAME`), built
+/// now, or the file the environment variable `env` names.
+fn build_release(env: &str, target: &[&str], path: &str) -> Res<PathBuf> {
+    if let Some(bin) = std::env::var_os(env) {
+        eprintln!("measuring the build in {env}: {}", bin.to_string_lossy());
         return Ok(PathBuf::from(bin));
     }
-    eprintln!("building pingora_bare (release)");
-    run(Command::new("cargo").current_dir(workspace()).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "weir-proxy",
-        "--example",
-        "pingora_bare",
-    ]))?;
-    Ok(workspace().join("target/release/examples/pingora_bare"))
+    eprintln!("building {path} (release)");
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["build", "--release", "-q", "-p", "weir-proxy"])
+        .args(target))?;
+    Ok(workspace().join("target/release").join(path))
 }
 
 /// `weir-bench http`'s options.
