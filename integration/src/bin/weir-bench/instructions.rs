@@ -1,9 +1,10 @@
 //! `weir-bench instructions`: the user-space instructions a proxy executes per request, every
-//! thread counted, under valgrind's callgrind. Time per request on this kind of VM moves by
-//! 30% between runs; an instruction count moves by 0.1%, so it can compare two builds, tell
-//! weir's own work from pingora's, and price tracing. It does not see the kernel (about half of
-//! a request's time here) or cache misses: it complements `weir-bench http`, it does not
-//! replace it.
+//! thread counted, under valgrind's callgrind: weir, weir tracing every request, bare pingora
+//! and HAProxy (not Envoy: not tried under valgrind). Time per request on this kind of VM
+//! moves by 30% between runs; an instruction count by about 0.1%, so it can compare two
+//! builds, tell weir's own work from pingora's, and price tracing. It sees neither the kernel
+//! (about half of a request's time here) nor cache misses: it complements `weir-bench http`,
+//! it does not replace it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 use weir_integration::weir_process::free_port;
 
 use super::{
-    build_pingora_bare, build_weir, install_tools, run, start_nginx, weir_bench_config, wrk, Proc,
-    Res,
+    build_pingora_bare, build_weir, haproxy_bin, haproxy_config, install_tools, run, start_nginx,
+    weir_bench_config, wrk, Proc, Res,
 };
 
 pub struct Opts {
@@ -30,7 +31,7 @@ struct Counted {
 }
 
 pub fn run_all(opts: &Opts) -> Res<()> {
-    install_tools(&["wrk", "nginx", "valgrind"])?;
+    install_tools(&["wrk", "nginx", "haproxy", "valgrind"])?;
     let weir = build_weir()?;
     let bare = build_pingora_bare()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -69,6 +70,18 @@ pub fn run_all(opts: &Opts) -> Res<()> {
         "1".into(),
     ];
     rows.push(count(super::PINGORA_BARE, &bare, &args, port, d, opts)?);
+    let port = free_port();
+    let cfg = d.join("haproxy.cfg");
+    std::fs::write(&cfg, haproxy_config(port, nginx_port)).map_err(|e| e.to_string())?;
+    let args = ["-db".into(), "-f".into(), cfg.display().to_string()];
+    rows.push(count(
+        "haproxy",
+        Path::new(&haproxy_bin()),
+        &args,
+        port,
+        d,
+        opts,
+    )?);
     print!("{}", report(&rows, opts));
     Ok(())
 }
@@ -170,6 +183,14 @@ fn report(rows: &[Counted], opts: &Opts) -> String {
             "\nweir's own work over bare pingora: {:+.0} instructions per request ({:+.1}% of pingora's)",
             w - p,
             100.0 * (w / p - 1.0)
+        );
+    }
+    if let (Some(w), Some(p), Some(h)) = (weir, per(super::PINGORA_BARE), per("haproxy")) {
+        let _ = writeln!(
+            out,
+            "Against HAProxy (nbthread 1): weir {:.2}x its instructions per request, bare pingora {:.2}x",
+            w / h,
+            p / h
         );
     }
     if let (Some(w), Some(t)) = (weir, per("weir + traces (100%)")) {

@@ -977,6 +977,23 @@ fn weir_bench_config(port: u16, admin: u16, nginx_port: u16) -> String {
     )
 }
 
+/// HAProxy's config for the benchmarks: one thread, every request to the nginx on
+/// `nginx_port`, upstream connections reused.
+fn haproxy_config(port: u16, nginx_port: u16) -> String {
+    format!(
+        "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
+    )
+}
+
+/// The `haproxy` command (Debian installs it in `/usr/sbin`, not always on `PATH`).
+fn haproxy_bin() -> String {
+    if have("haproxy") {
+        "haproxy".to_string()
+    } else {
+        "/usr/sbin/haproxy".to_string()
+    }
+}
+
 /// The row of the `pingora-bare` target.
 const PINGORA_BARE: &str = "pingora (bare)";
 
@@ -1119,16 +1136,10 @@ fn http(opts: HttpOpts) -> Res<()> {
         let haproxy_port = free_port();
         std::fs::write(
             d.join("haproxy.cfg"),
-            format!(
-                "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend bench\n  bind 127.0.0.1:{haproxy_port}\n  default_backend nginx\nbackend nginx\n  server n1 127.0.0.1:{nginx_port}\n"
-            ),
+            haproxy_config(haproxy_port, nginx_port),
         )
         .map_err(|e| e.to_string())?;
-        let haproxy_bin = if have("haproxy") {
-            "haproxy".to_string()
-        } else {
-            "/usr/sbin/haproxy".to_string()
-        };
+        let haproxy_bin = haproxy_bin();
         let proc = Proc::spawn(
             "haproxy",
             Command::new(&haproxy_bin)
