@@ -182,6 +182,32 @@ async fn the_open_upstream_connections_gauge_rises_and_falls_with_the_connection
     assert!(closes >= 5, "only {closes} closes emptied five connections");
 }
 
+/// Over h2c, concurrent requests share one upstream connection as streams, and the gauge
+/// counts it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_streams_share_one_counted_upstream_connection() {
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "h2c", &[backend.addr], "")
+    ));
+    let endpoint = backend.addr.to_string();
+    let labels = [("cluster", "b"), ("endpoint", endpoint.as_str())];
+    let client = h1_client();
+    // The first request opens the connection; five at once then ride it as streams.
+    assert_eq!(get(&client, s.listen, "/x").await.status, 200);
+    let replies =
+        futures_util::future::join_all((0..5).map(|_| get(&client, s.listen, "/delay/300"))).await;
+    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    for metric in [
+        "weir_upstream_connections_open",
+        "weir_upstream_connections_opened_total",
+    ] {
+        let (n, text) = metric_value(s.weir.admin, metric, &labels);
+        assert_eq!(n, Some(1.0), "{metric}: {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_numbers_reach_an_otlp_collector() {
     use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
