@@ -1,7 +1,7 @@
 //! `weir-bench instructions`: the user-space instructions a proxy executes per request, every
 //! thread counted, under valgrind's callgrind: weir, weir tracing every request, bare pingora
 //! and HAProxy (not Envoy: not tried under valgrind). Time per request on this kind of VM
-//! moves by 30% between runs; an instruction count by about 0.1%, so it can compare two
+//! moves by 30% between runs; an instruction count by 0.2% at most, so it can compare two
 //! builds, tell weir's own work from pingora's, and price tracing. It sees neither the kernel
 //! (about half of a request's time here) nor cache misses: it complements `weir-bench http`,
 //! it does not replace it.
