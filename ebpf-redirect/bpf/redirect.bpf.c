@@ -224,13 +224,20 @@ static __always_inline int marked_as_proxy(struct bpf_sock_addr *ctx, const stru
 	return 1;
 }
 
+// The proxy's settings for a TCP connect; NULL for any other protocol, or before the proxy
+// wrote them.
+static __always_inline struct weir_cfg *tcp_connect_config(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return NULL;
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&weir_config, &zero);
+}
+
 SEC("cgroup/connect4")
 int weir_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP)
-		return 1;
-	__u32 zero = 0;
-	struct weir_cfg *cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	struct weir_cfg *cfg = tcp_connect_config(ctx);
 	if (!cfg || marked_as_proxy(ctx, cfg) || !cfg->capture)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -258,10 +265,7 @@ int weir_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int weir_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP)
-		return 1;
-	__u32 zero = 0;
-	struct weir_cfg *cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	struct weir_cfg *cfg = tcp_connect_config(ctx);
 	if (cfg)
 		marked_as_proxy(ctx, cfg);
 	return 1;

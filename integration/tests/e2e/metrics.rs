@@ -135,25 +135,36 @@ async fn the_prometheus_text_parses_and_counts_match_the_requests() {
     }
 }
 
+/// A weir routing everything to cluster `b` (`protocol`: http1 or h2c), one test backend;
+/// the backend's address as its endpoint label.
+async fn all_to_one_backend(protocol: &str) -> (Setup, String) {
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", protocol, &[backend.addr], "")
+    ));
+    (s, backend.addr.to_string())
+}
+
+/// Five requests in flight together (each 300 ms at the backend), all answered 200.
+async fn five_at_once(client: &HttpClient, listen: std::net::SocketAddr) {
+    let replies =
+        futures_util::future::join_all((0..5).map(|_| get(client, listen, "/delay/300"))).await;
+    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+}
+
 /// `weir_upstream_connections_open` follows pingora's connections: up when weir connects, down
 /// when a connection closes, pooled ones included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_open_upstream_connections_gauge_rises_and_falls_with_the_connections() {
-    let backend = HttpBackend::start("b").await;
-    let s = start(&format!(
-        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
-        cluster("b", "http1", &[backend.addr], "")
-    ));
-    let endpoint = backend.addr.to_string();
+    let (s, endpoint) = all_to_one_backend("http1").await;
     let labels = [("cluster", "b"), ("endpoint", endpoint.as_str())];
     let open = || metric_value(s.weir.admin, "weir_upstream_connections_open", &labels);
     assert_eq!(open().0, Some(0.0), "{}", open().1);
     // Five requests in flight at once need five upstream connections; once answered, all
     // five wait in weir's pool, still open.
     let client = h1_client();
-    let replies =
-        futures_util::future::join_all((0..5).map(|_| get(&client, s.listen, "/delay/300"))).await;
-    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    five_at_once(&client, s.listen).await;
     let (opened, text) = metric_value(
         s.weir.admin,
         "weir_upstream_connections_opened_total",
@@ -186,19 +197,12 @@ async fn the_open_upstream_connections_gauge_rises_and_falls_with_the_connection
 /// counts it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h2c_streams_share_one_counted_upstream_connection() {
-    let backend = HttpBackend::start("b").await;
-    let s = start(&format!(
-        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
-        cluster("b", "h2c", &[backend.addr], "")
-    ));
-    let endpoint = backend.addr.to_string();
+    let (s, endpoint) = all_to_one_backend("h2c").await;
     let labels = [("cluster", "b"), ("endpoint", endpoint.as_str())];
     let client = h1_client();
     // The first request opens the connection; five at once then ride it as streams.
     assert_eq!(get(&client, s.listen, "/x").await.status, 200);
-    let replies =
-        futures_util::future::join_all((0..5).map(|_| get(&client, s.listen, "/delay/300"))).await;
-    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    five_at_once(&client, s.listen).await;
     for metric in [
         "weir_upstream_connections_open",
         "weir_upstream_connections_opened_total",
