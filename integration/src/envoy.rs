@@ -192,3 +192,52 @@ pub fn bootstrap(
     })
     .to_string()
 }
+
+/// `bootstrap` (from [`bootstrap`]) with OpenTelemetry tracing of every request, as weir's
+/// `tracing:` does it: a server span per request and a client span per upstream attempt
+/// (the router's `spawn_upstream_span`), exported over OTLP/gRPC to `collector` in batches of
+/// `batch` spans or every second (Envoy's default is 5 spans or 5 s; weir's 2,048 or 1 s).
+pub fn with_tracing(bootstrap: &str, collector: std::net::SocketAddr, batch: u32) -> String {
+    let mut b: serde_json::Value = serde_json::from_str(bootstrap).expect("bootstrap is JSON");
+    let hcm = &mut b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"];
+    hcm["tracing"] = serde_json::json!({
+        "random_sampling": {"value": 100},
+        "spawn_upstream_span": true,
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otlp"}, "timeout": "5s"},
+                "service_name": "envoy"
+            }
+        }
+    });
+    if let Some(clusters) = b["static_resources"]["clusters"].as_array_mut() {
+        clusters.push(serde_json::json!({
+            "name": "otlp",
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {
+                "cluster_name": "otlp",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": collector.ip().to_string(), "port_value": collector.port()
+                }}}}]}]
+            },
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }
+            }
+        }));
+    }
+    b["layered_runtime"] = serde_json::json!({"layers": [{
+        "name": "tracing",
+        "static_layer": {
+            "tracing.opentelemetry.min_flush_spans": batch,
+            "tracing.opentelemetry.flush_interval_ms": 1000
+        }
+    }]});
+    b.to_string()
+}

