@@ -552,6 +552,10 @@ impl ProxyHttp for WeirProxy {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // HTTP/1.1 clients may pipeline: requests sent before the responses to earlier ones
+        // are served in order on the connection (RFC 9112 9.3.2), as Envoy and HAProxy do.
+        // Without this pingora answered the first and closed, dropping the rest.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         // pingora drops Content-Length when Transfer-Encoding is there too, so the raw
         // headers tell; a request without Transfer-Encoding (nearly all) cannot conflict.
         let chunked = session

@@ -37,6 +37,52 @@ async fn h1_and_h2c_clients_reach_h1_and_h2c_upstreams() {
     }
 }
 
+/// HTTP/1.1 pipelining (RFC 9112 9.3.2): requests written before any response, bodies of both
+/// framings among them, are each proxied and answered in order on the one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_are_answered_in_order() {
+    use std::io::{Read, Write};
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let listen = s.listen;
+    let out = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(listen).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(
+            b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n\
+              POST /echo-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+              POST /echo-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+              GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).expect("weir closes after the last");
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 4, "{out}");
+    let at = |needle: &str| {
+        out.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from {out}"))
+    };
+    let order = [
+        at("\"path\":\"/first\""),
+        at("\r\n\r\nhello"),
+        at("\r\n\r\nabcde"),
+        at("\"path\":\"/last\""),
+    ];
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "order {order:?}: {out}"
+    );
+    assert_eq!(backend.requests(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routes_match_rewrite_and_edit_headers() {
     let a = HttpBackend::start("a").await;
