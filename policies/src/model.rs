@@ -388,6 +388,14 @@ pub struct Listener {
     /// Filter chain every request on this listener goes through, unless its route names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter_chain: Option<String>,
+    /// Largest HTTP/1.1 request head (request line and headers) taken, in KiB; a larger one
+    /// gets 431. Envoy's `max_request_headers_kb` and its default; at most 1023.
+    #[serde(default = "default_max_request_headers_kb")]
+    pub max_request_headers_kb: u32,
+}
+
+fn default_max_request_headers_kb() -> u32 {
+    60
 }
 
 /// What a listener speaks downstream.

@@ -66,6 +66,8 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Index into `filter_chains`.
     pub filter_chain: Option<usize>,
+    /// Largest request head taken (HTTP/1.1 request line and headers), in bytes.
+    pub max_request_headers: usize,
 }
 
 /// A validated filter chain.

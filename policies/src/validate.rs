@@ -182,6 +182,9 @@ type RouteTargets<'a> = (
     (&'a [InferencePool], &'a HashMap<&'a str, usize>),
 );
 
+/// The largest `max_request_headers_kb`: pingora refuses request heads over 1 MiB itself.
+const MAX_REQUEST_HEADERS_KB: u32 = 1023;
+
 /// Below this many routes one thread compiles them (10,000 take ~10 ms on one).
 const COMPILE_ALONE_BELOW: usize = 1024;
 
@@ -319,10 +322,17 @@ impl Validator {
                 self.problem(field, format!("{address} overlaps the admin address"));
                 continue;
             }
+            if !(1..=MAX_REQUEST_HEADERS_KB).contains(&l.max_request_headers_kb) {
+                self.problem(
+                    format!("listeners[{i}].max_request_headers_kb"),
+                    format!("must be between 1 and {MAX_REQUEST_HEADERS_KB} (KiB)"),
+                );
+            }
             out.push(Listener {
                 name: l.name.clone(),
                 address,
                 filter_chain: None,
+                max_request_headers: l.max_request_headers_kb as usize * 1024,
             });
         }
         out

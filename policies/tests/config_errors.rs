@@ -32,6 +32,19 @@ fn wrong_type_names_file_line_and_field() {
 }
 
 #[test]
+fn request_head_limit_out_of_range_names_its_line() {
+    let text = format!(
+        "{BASE}listeners:\n  - name: l\n    address: \"127.0.0.1:8080\"\n    max_request_headers_kb: 2048\n"
+    );
+    let e = one_error(&text);
+    assert!(e.starts_with("weir.yaml:7:5:"), "{e}");
+    assert!(
+        e.contains("listeners[0].max_request_headers_kb: must be between 1 and 1023"),
+        "{e}"
+    );
+}
+
+#[test]
 fn unknown_field_is_an_error_not_ignored() {
     let text = format!("{BASE}routes:\n  - name: r\n    route: {{ cluster: c, timout: 1s }}\n");
     let e = one_error(&text);

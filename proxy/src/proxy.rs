@@ -79,6 +79,9 @@ struct InferenceCtx {
 /// One listener's proxy logic.
 pub struct WeirProxy {
     pub listener: String,
+    /// Largest HTTP/1.1 request head taken, in bytes (the listener's
+    /// `max_request_headers_kb`); pingora itself reads up to 1 MiB.
+    pub max_request_headers: usize,
     /// The listener's filter chain (index into the snapshot's), for routes without their own.
     pub filter_chain: Option<usize>,
     pub runtime: SharedRuntime,
@@ -556,19 +559,26 @@ impl ProxyHttp for WeirProxy {
         // are served in order on the connection (RFC 9112 9.3.2), as Envoy and HAProxy do.
         // Without this pingora answered the first and closed, dropping the rest.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        let Some(h1) = session.as_downstream().as_http1() else {
+            // h2c: the h2 crate bounds the header list itself.
+            return Ok(());
+        };
+        let head = h1.get_headers_raw_bytes();
+        if head.len() > self.max_request_headers {
+            return Err(reply::error(431, "request headers too large"));
+        }
         // pingora drops Content-Length when Transfer-Encoding is there too, so the raw
         // headers tell; a request without Transfer-Encoding (nearly all) cannot conflict.
-        let chunked = session
+        if session
             .req_header()
             .headers
-            .contains_key(http::header::TRANSFER_ENCODING);
-        if let Some(h1) = session.as_downstream().as_http1().filter(|_| chunked) {
-            if downstream::has_framing_conflict(&h1.get_headers_raw_bytes()) {
-                return Err(reply::error(
-                    400,
-                    "both Content-Length and Transfer-Encoding",
-                ));
-            }
+            .contains_key(http::header::TRANSFER_ENCODING)
+            && downstream::has_framing_conflict(&head)
+        {
+            return Err(reply::error(
+                400,
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         Ok(())
     }

@@ -115,6 +115,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
         let proxy = WeirProxy {
             filter_chain: l.filter_chain,
             listener: l.name.clone(),
+            max_request_headers: l.max_request_headers,
             runtime: runtime.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),

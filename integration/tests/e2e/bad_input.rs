@@ -79,3 +79,47 @@ async fn bad_requests_get_400_and_never_reach_the_backend() {
     }
     assert_eq!(backend.requests(), 2, "no bad request reached the backend");
 }
+
+/// A request head over the listener's `max_request_headers_kb` (60 KiB unless set) gets 431
+/// and never reaches the backend; one under it is proxied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_heads_over_the_listener_limit_get_431() {
+    let backend = HttpBackend::start("b").await;
+    let routes = format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    );
+    let with_header = |kib: usize| {
+        [
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: ".to_vec(),
+            vec![b'a'; kib * 1024],
+            b"\r\n\r\n".to_vec(),
+        ]
+        .concat()
+    };
+    for (limit, under, over) in [("", 50, 70), ("    max_request_headers_kb: 8\n", 7, 9)] {
+        let s = start(&format!("{limit}{routes}"));
+        let listen = s.listen;
+        let before = backend.requests();
+        let (ok, big) = (with_header(under), with_header(over));
+        let ok = tokio::task::spawn_blocking(move || raw(listen, &ok))
+            .await
+            .unwrap();
+        assert!(
+            ok.starts_with("HTTP/1.1 200"),
+            "{limit:?} {under} KiB: {ok}"
+        );
+        let big = tokio::task::spawn_blocking(move || raw(listen, &big))
+            .await
+            .unwrap();
+        assert!(
+            big.starts_with("HTTP/1.1 431"),
+            "{limit:?} {over} KiB: {big}"
+        );
+        assert_eq!(
+            backend.requests(),
+            before + 1,
+            "{limit:?}: only the first passed"
+        );
+    }
+}
