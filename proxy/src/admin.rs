@@ -205,6 +205,21 @@ impl ServeHttp for AdminApp {
             session.set_keepalive(None);
         }
         let path = session.req_header().uri.path().to_string();
+        // Reads answer GET (and HEAD); the one action, POST. Anything else is 405, as in
+        // Envoy's admin, rather than a read served to a mistaken DELETE or a 404 for a GET.
+        let method = &session.req_header().method;
+        let allow = match path.as_str() {
+            "/inference/reload" => "POST",
+            "/" | "/ready" | "/stats/prometheus" | "/config_dump" | "/clusters" | "/inference"
+            | "/ebpf" | "/control" => "GET, HEAD",
+            _ => "",
+        };
+        if !allow.is_empty() && !allow.split(", ").any(|m| m == method.as_str()) {
+            let mut r = respond(405, "text/plain", format!("{path} takes {allow}\n"));
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+            return r;
+        }
         match path.as_str() {
             // The live admin page: static HTML whose script reads the JSON endpoints below.
             "/" => respond(
@@ -239,9 +254,7 @@ impl ServeHttp for AdminApp {
                 };
                 respond(200, "application/json", format!("{state:#}\n"))
             }
-            "/inference/reload" if session.req_header().method == http::Method::POST => {
-                self.reload_signal(session).await
-            }
+            "/inference/reload" => self.reload_signal(session).await,
             _ => respond(
                 404,
                 "text/plain",

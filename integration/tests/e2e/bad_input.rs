@@ -123,3 +123,54 @@ async fn request_heads_over_the_listener_limit_get_431() {
         );
     }
 }
+
+/// The admin endpoint answers reads to GET and HEAD and its action to POST; any other method
+/// gets 405 with `Allow`, not a read served to a mistaken DELETE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_methods_other_than_the_endpoints_take_get_405() {
+    let s = start("");
+    let admin = s.weir.admin;
+    let answers = tokio::task::spawn_blocking(move || {
+        let ask = |method: &str, path: &str| {
+            let mut c = TcpStream::connect(admin).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                c,
+                "{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        };
+        [
+            ask("GET", "/clusters"),
+            ask("HEAD", "/clusters"),
+            ask("DELETE", "/clusters"),
+            ask("POST", "/config_dump"),
+            ask("GET", "/inference/reload"),
+        ]
+    })
+    .await
+    .unwrap();
+    let status = |a: &str| a.get(9..12).unwrap_or("").to_string();
+    assert_eq!(status(&answers[0]), "200", "{}", answers[0]);
+    assert_eq!(status(&answers[1]), "200", "{}", answers[1]);
+    assert!(
+        answers[1].ends_with("\r\n\r\n"),
+        "HEAD has no body: {}",
+        answers[1]
+    );
+    for (a, allow) in [
+        (&answers[2], "GET, HEAD"),
+        (&answers[3], "GET, HEAD"),
+        (&answers[4], "POST"),
+    ] {
+        assert_eq!(status(a), "405", "{a}");
+        assert!(
+            a.to_ascii_lowercase()
+                .contains(&format!("allow: {}", allow.to_ascii_lowercase())),
+            "{a}"
+        );
+    }
+}
