@@ -195,7 +195,7 @@ pub fn bootstrap(
 
 /// `bootstrap` (from [`bootstrap`]) with OpenTelemetry tracing of every request, as weir's
 /// `tracing:` does it: a server span per request and a client span per upstream attempt
-/// (the router's `spawn_upstream_span`), exported over OTLP/gRPC to `collector` in batches of
+/// (`spawn_upstream_span`), exported over OTLP/gRPC to `collector` in batches of
 /// `batch` spans or every second (Envoy's default is 5 spans or 5 s; weir's 2,048 or 1 s).
 pub fn with_tracing(bootstrap: &str, collector: std::net::SocketAddr, batch: u32) -> String {
     let mut b: serde_json::Value = serde_json::from_str(bootstrap).expect("bootstrap is JSON");
