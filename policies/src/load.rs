@@ -238,12 +238,116 @@ fn parse_with(
     // The plain deserializer first: tracking the path of every field made the parse of
     // 10,000 routes 67-94 ms instead of 51-56, and only an error needs it. A file that fails
     // is parsed again to say where.
-    let mut config = match split(text).map_or_else(|| serde_norway::from_str::<Config>(text), Ok) {
+    // The parts a split parses are each checked for nesting before they are parsed (and
+    // declined when too deep); a whole parse checks the whole text first.
+    let parsed = split(text).map(Ok).unwrap_or_else(|| match too_deep(text) {
+        Some(at) => Err(Err(nested_too_deep(file, text, at))),
+        None => serde_norway::from_str::<Config>(text).map_err(Ok),
+    });
+    let mut config = match parsed {
         Ok(config) => config,
-        Err(plain) => return Err(parse_error(file, text, plain)),
+        Err(Ok(plain)) => return Err(parse_error(file, text, plain)),
+        Err(Err(deep)) => return Err(deep),
     };
     resolve_module_paths(file, &mut config);
     Ok(config)
+}
+
+/// Deepest nesting of YAML flow collections (`[...]`, `{...}`) a file may have; weir's model
+/// needs under ten. The YAML scanner's time grows with the square of the depth (a file of
+/// 100,000 nested brackets took 45 s), and all of it is spent before any limit of the
+/// deserializer applies.
+const MAX_FLOW_DEPTH: usize = 100;
+
+/// The bytes [`too_deep`] looks at; it skips the rest.
+const FLOW_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 7 {
+        t[b"[]{}#\"'"[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// Where `text` opens a flow collection deeper than [`MAX_FLOW_DEPTH`], if it does. Brackets
+/// inside quoted scalars and comments do not count. A bound, not a parser: it errs only
+/// towards counting less (an apostrophe taken for a quote), never towards refusing a file
+/// the parser would take. ~0.5 ns a byte.
+pub(crate) fn too_deep(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut i) = (0usize, 0usize);
+    while let Some(n) = bytes[i..].iter().position(|&c| FLOW_BYTES[c as usize]) {
+        i += n;
+        let b = bytes[i];
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'#' if i == 0 || bytes[i - 1].is_ascii_whitespace() => {
+                i += bytes[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .unwrap_or(bytes.len() - i);
+            }
+            b'"' | b'\'' if quote_opens(&bytes[..i]) => {
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' if b == b'"' => i += 1,
+                        // '' is a quote inside a single-quoted scalar.
+                        b'\'' if b == b'\'' && bytes.get(i + 1) == Some(&b'\'') => i += 1,
+                        c if c == b => break,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+        if i >= bytes.len() {
+            break;
+        }
+    }
+    None
+}
+
+/// Whether a quote after `before` opens a quoted scalar: only where a scalar may start.
+fn quote_opens(before: &[u8]) -> bool {
+    matches!(
+        before.iter().rev().find(|&&c| c != b' ' && c != b'\t'),
+        None | Some(b'\n' | b'\r' | b':' | b'-' | b',' | b'[' | b'{' | b'?')
+    )
+}
+
+/// The error for a file [`too_deep`] refuses at byte `at`.
+fn nested_too_deep(file: &str, text: &str, at: usize) -> ConfigErrors {
+    let (line, column) = line_and_column(text, at);
+    ConfigErrors(vec![ConfigError {
+        file: file.to_string(),
+        line,
+        column,
+        field: String::new(),
+        message: format!(
+            "more than {MAX_FLOW_DEPTH} [ or {{ inside each other; no weir config nests so deep"
+        ),
+    }])
+}
+
+/// The 1-based line and column of byte `at` of `text`.
+fn line_and_column(text: &str, at: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..at];
+    let line_start = before
+        .iter()
+        .rposition(|&c| c == b'\n')
+        .map_or(0, |n| n + 1);
+    let line = before.iter().filter(|&&c| c == b'\n').count() + 1;
+    (line, at - line_start + 1)
 }
 
 /// Why `text` does not parse (`plain`, the deserializer's own error), with the path of the

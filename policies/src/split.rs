@@ -285,7 +285,10 @@ fn parse_groups(head: &str, groups: &[String], threads: usize) -> Option<Config>
     let mut texts = vec![head];
     texts.extend(groups.iter().map(String::as_str));
     let parse = |t: &str| {
-        if has_content(t) {
+        if crate::load::too_deep(t).is_some() {
+            // Declined: the whole parse then says where.
+            None
+        } else if has_content(t) {
             serde_norway::from_str::<Config>(t).ok()
         } else {
             Some(Config::default())

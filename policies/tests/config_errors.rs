@@ -45,6 +45,37 @@ fn request_head_limit_out_of_range_names_its_line() {
 }
 
 #[test]
+fn deep_flow_nesting_is_refused_where_it_starts_not_scanned() {
+    // 100,000 nested brackets kept the YAML scanner busy for 45 s (its time grows with the
+    // square of the depth); the file is refused at the 101st.
+    let text = format!(
+        "{BASE}routes: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let e = one_error(&text);
+    assert!(e.starts_with("weir.yaml:4:109:"), "{e}");
+    assert!(e.contains("more than 100 [ or { inside each other"), "{e}");
+    // Brackets in quoted scalars and comments are text, not nesting.
+    let deep = "[".repeat(150);
+    let quoted = format!(
+        "{BASE}# {deep}\nroutes:\n  - name: \"{deep}\"\n    match: {{ headers: [{{ name: x, exact: '{deep}''s' }}] }}\n    route: {{ cluster: c }}\n"
+    );
+    load_str("weir.yaml", &quoted).unwrap();
+    // A file large enough to be parsed in parts: the part holding the nest declines, and the
+    // error is the same.
+    let mut large = format!("{BASE}routes:\n");
+    for i in 0..3000 {
+        large.push_str(&format!(
+            "  - {{ name: r{i}, match: {{ path: {{ prefix: /r{i}/ }} }}, route: {{ cluster: c }} }}\n"
+        ));
+    }
+    large.push_str(&format!("  - {}\n", "[".repeat(100_000)));
+    let e = one_error(&large);
+    assert!(e.starts_with("weir.yaml:3005:105:"), "{e}");
+}
+
+#[test]
 fn unknown_field_is_an_error_not_ignored() {
     let text = format!("{BASE}routes:\n  - name: r\n    route: {{ cluster: c, timout: 1s }}\n");
     let e = one_error(&text);
