@@ -62,6 +62,14 @@ fn deep_flow_nesting_is_refused_where_it_starts_not_scanned() {
         "{BASE}# {deep}\nroutes:\n  - name: \"{deep}\"\n    match: {{ headers: [{{ name: x, exact: '{deep}''s' }}] }}\n    route: {{ cluster: c }}\n"
     );
     load_str("weir.yaml", &quoted).unwrap();
+    // Nor are unbalanced brackets inside plain scalars (a regex for a literal `[`).
+    let mut plain = format!("{BASE}routes:\n");
+    for i in 0..150 {
+        plain.push_str(&format!(
+            "  - name: r{i}\n    match:\n      path:\n        regex: ^/a{i}\\[x\n    route: {{ cluster: c }}\n"
+        ));
+    }
+    load_str("weir.yaml", &plain).unwrap();
     // A file large enough to be parsed in parts: the part holding the nest declines, and the
     // error is the same.
     let mut large = format!("{BASE}routes:\n");
