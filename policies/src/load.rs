@@ -240,14 +240,15 @@ fn parse_with(
     // is parsed again to say where.
     // The parts a split parses are each checked for nesting before they are parsed (and
     // declined when too deep); a whole parse checks the whole text first.
-    let parsed = split(text).map(Ok).unwrap_or_else(|| match too_deep(text) {
-        Some(at) => Err(Err(nested_too_deep(file, text, at))),
-        None => serde_norway::from_str::<Config>(text).map_err(Ok),
-    });
-    let mut config = match parsed {
-        Ok(config) => config,
-        Err(Ok(plain)) => return Err(parse_error(file, text, plain)),
-        Err(Err(deep)) => return Err(deep),
+    let mut config = match split(text) {
+        Some(config) => config,
+        None => {
+            if let Some(at) = too_deep(text) {
+                return Err(nested_too_deep(file, text, at));
+            }
+            serde_norway::from_str::<Config>(text)
+                .map_err(|plain| parse_error(file, text, plain))?
+        }
     };
     resolve_module_paths(file, &mut config);
     Ok(config)

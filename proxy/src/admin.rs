@@ -192,6 +192,18 @@ impl AdminApp {
     }
 }
 
+/// The admin paths that read (GET or HEAD); `/inference/reload` is the one action (POST).
+const READS: [&str; 8] = [
+    "/",
+    "/ready",
+    "/stats/prometheus",
+    "/config_dump",
+    "/clusters",
+    "/inference",
+    "/ebpf",
+    "/control",
+];
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -210,8 +222,7 @@ impl ServeHttp for AdminApp {
         let method = &session.req_header().method;
         let allow = match path.as_str() {
             "/inference/reload" => "POST",
-            "/" | "/ready" | "/stats/prometheus" | "/config_dump" | "/clusters" | "/inference"
-            | "/ebpf" | "/control" => "GET, HEAD",
+            p if READS.contains(&p) => "GET, HEAD",
             _ => "",
         };
         if !allow.is_empty() && !allow.split(", ").any(|m| m == method.as_str()) {
@@ -229,11 +240,9 @@ impl ServeHttp for AdminApp {
             ),
             "/ready" if self.drain.is_draining() => respond(503, "text/plain", "DRAINING\n".into()),
             "/ready" => respond(200, "text/plain", "LIVE\n".into()),
-            "/stats/prometheus" => respond(
-                200,
-                "text/plain; version=0.0.4",
-                self.exposition.render(),
-            ),
+            "/stats/prometheus" => {
+                respond(200, "text/plain; version=0.0.4", self.exposition.render())
+            }
             "/config_dump" => {
                 let rt = self.runtime.load();
                 let dump =
@@ -258,8 +267,7 @@ impl ServeHttp for AdminApp {
             _ => respond(
                 404,
                 "text/plain",
-                "not found; try /, /ready, /stats/prometheus, /config_dump, /clusters, /inference, /ebpf, /control\n"
-                    .into(),
+                format!("not found; try {}\n", READS.join(", ")),
             ),
         }
     }

@@ -1126,7 +1126,10 @@ fn http(opts: HttpOpts) -> Res<()> {
         if traced {
             config = weir_integration::envoy::with_tracing(&config, otlp, TRACE_BATCH);
         }
-        let file = d.join(format!("{target}.yaml"));
+        let (file, log) = (
+            d.join(format!("{target}.yaml")),
+            d.join(format!("{target}.log")),
+        );
         std::fs::write(&file, config).map_err(|e| e.to_string())?;
         let proc = Proc::spawn(
             target,
@@ -1135,9 +1138,8 @@ fn http(opts: HttpOpts) -> Res<()> {
                 .args(["--concurrency", "1", "--log-level", "warn"])
                 .args(["--use-dynamic-base-id", "-c"])
                 .arg(&file),
-            &d.join(format!("{target}.log")),
+            &log,
         )?;
-        let log = d.join(format!("{target}.log"));
         wait_port(envoy_port, target).map_err(|e| {
             format!(
                 "{e}:\n{}",
