@@ -34,5 +34,32 @@ pub fn no_transparent_huge_pages() {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (`info` when unset or unreadable): a level, or
+/// `target=level` pairs separated by commas (`weir_proxy=debug,info`).
+///
+/// `Targets`, not `EnvFilter`: EnvFilter's span and field filters pull in `regex-automata` with
+/// its full-DFA builder, and Cargo unifies that feature into the `regex` crate that compiles
+/// route and RBAC patterns. `regex` then builds a full DFA for every small pattern: 10,000
+/// header regexes took 1.04 s to compile instead of 0.30 s, and `weir validate` of a 10,000-route
+/// file held 222 MB.
+pub fn init_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
+        .init();
+}
+
 /// The default control plane address (Istio's convention).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15010";

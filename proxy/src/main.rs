@@ -173,13 +173,7 @@ fn control_start(
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    weir_control::init_logs();
     weir_control::no_transparent_huge_pages();
     match Cli::parse().command {
         Command::Ebpf {
