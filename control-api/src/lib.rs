@@ -7,6 +7,7 @@ pub mod policy_dir;
 pub mod reload;
 pub mod resources;
 pub mod server;
+pub mod xds_v3;
 
 /// Generated from `proto/weir/control/v1/discovery.proto`.
 pub mod pb {

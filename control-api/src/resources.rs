@@ -133,7 +133,7 @@ pub struct ResourceSet {
 
 /// The hash behind resource versions and set digests: fixed (the same in every process of
 /// one weir build) and fast (SipHash over every body of a 10,000-route push was ~2 ms).
-fn stable_hash(value: impl Hash) -> u64 {
+pub(crate) fn stable_hash(value: impl Hash) -> u64 {
     foldhash::fast::FixedState::with_seed(0).hash_one(value)
 }
 

@@ -202,6 +202,11 @@ impl ControlPlane {
         self.shared.published.borrow().all.resources.to_config()
     }
 
+    /// The folder being served, and each change of it.
+    pub(crate) fn published(&self) -> watch::Receiver<Arc<Published>> {
+        self.shared.published.subscribe()
+    }
+
     pub fn version(&self) -> String {
         self.shared.published.borrow().version.clone()
     }
@@ -244,7 +249,7 @@ impl ControlPlane {
         delta
     }
 
-    fn update_proxy(&self, node: &Node, f: impl FnOnce(&mut ProxyStatus)) {
+    pub(crate) fn update_proxy(&self, node: &Node, f: impl FnOnce(&mut ProxyStatus)) {
         let mut proxies = lock(&self.shared.proxies);
         let entry = proxies
             .entry(node.id.clone())
@@ -386,7 +391,7 @@ impl Discovery for ControlPlane {
             s.connected = true;
         });
         tracing::info!(node = %node.id, cluster = %node.cluster, "proxy connected");
-        let mut updates = self.shared.published.subscribe();
+        let mut updates = self.published();
         let cp = self.clone();
         tokio::spawn(async move {
             let current = updates.borrow_and_update().clone();

@@ -17,6 +17,7 @@ use weir_control::pb::weight_reload_client::WeightReloadClient;
 use weir_control::pb::weight_reload_server::WeightReloadServer;
 use weir_control::reload::Relay;
 use weir_control::server::{ControlPlane, MAX_REQUEST_BYTES};
+use weir_control::xds_v3::{AggregatedDiscoveryServiceServer, XdsV3, ENVOY_REQUEST_BYTES};
 use weir_control::{policy_dir, DEFAULT_ADDR};
 
 #[derive(Parser)]
@@ -173,6 +174,11 @@ async fn serve(
     )
     .add_service(StatusServer::new(cp.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
     .add_service(WeightReloadServer::new(relay).max_decoding_message_size(MAX_REQUEST_BYTES))
+    .add_service(
+        // An Envoy's EDS request names every cluster it has: larger than weir's messages.
+        AggregatedDiscoveryServiceServer::new(XdsV3::new(cp.clone()))
+            .max_decoding_message_size(ENVOY_REQUEST_BYTES),
+    )
     .into_axum_router()
     .route(
         "/status",

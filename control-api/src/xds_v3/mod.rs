@@ -1,0 +1,365 @@
+//! Envoy's own xDS v3: `envoy.service.discovery.v3.AggregatedDiscoveryService`, state of the
+//! world over one ADS stream, on the same port as weir's protocol. An Envoy whose bootstrap
+//! points its `ads_config` (`api_type: GRPC`) at weir-control gets the policy folder as
+//! listeners, routes, clusters and endpoints ([`translate`]), with the same scoping by node,
+//! the same token, and the same status: it shows up in `weir-control status` with the version
+//! it ACKed or the reason it NACKed.
+//!
+//! Per type, Envoy's request names what it wants (every listener and cluster; the route
+//! configurations and load assignments its listeners and clusters refer to). A response
+//! carries a type version (a hash of what it holds) and a nonce; Envoy answers each with an
+//! ACK or a NACK naming that nonce, and an answer to an older nonce is stale and ignored. A
+//! new folder is pushed type by type in [`translate::TYPES`] order, each only if what this
+//! Envoy gets of it changed. Envoy counts as running a version once every type it asked for
+//! is ACKed at that version.
+
+pub mod translate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::Node as EnvoyNode;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+pub use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+
+use crate::pb::Node;
+use crate::server::{ControlPlane, Published, View};
+
+/// Largest message an Envoy may send: its EDS request names every cluster it has (10,000
+/// cluster names are ~150 KB).
+pub const ENVOY_REQUEST_BYTES: usize = 4 << 20;
+
+/// Translations kept at most (one per distinct view served); older ones are dropped at once.
+const MAX_TRANSLATIONS: usize = 16;
+
+/// The ADS service for Envoy clients of a [`ControlPlane`].
+#[derive(Clone)]
+pub struct XdsV3 {
+    cp: ControlPlane,
+    translations: Arc<Mutex<HashMap<String, Arc<Translation>>>>,
+}
+
+/// A view as Envoy resources, or why it cannot be one.
+type Translation = Result<translate::Resources, String>;
+
+impl XdsV3 {
+    pub fn new(cp: ControlPlane) -> Self {
+        Self {
+            cp,
+            translations: Arc::default(),
+        }
+    }
+
+    fn translation(&self, view: &View) -> Arc<Translation> {
+        let mut cache = self.translations.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(&view.version) {
+            return t.clone();
+        }
+        let t = Arc::new(view.resources.to_config().and_then(|c| {
+            let t = translate::translate(&c)?;
+            for why in &t.not_translated {
+                tracing::warn!(version = %view.version, "for Envoy: {why}: it answers 503");
+            }
+            Ok(t)
+        }));
+        if cache.len() >= MAX_TRANSLATIONS {
+            cache.clear();
+        }
+        cache.insert(view.version.clone(), t.clone());
+        t
+    }
+}
+
+/// An Envoy node as weir's status shows it: its string metadata fields are its labels (what a
+/// file's `scope.labels` matches).
+fn node_of(n: &EnvoyNode) -> Node {
+    let labels = n
+        .metadata
+        .iter()
+        .flat_map(|m| &m.fields)
+        .filter_map(|(k, v)| match &v.kind {
+            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect();
+    Node {
+        id: n.id.clone(),
+        cluster: n.cluster.clone(),
+        labels,
+        weir_version: n.user_agent_name.clone(),
+    }
+}
+
+/// A response sent, remembered until it is answered.
+#[derive(Debug, Clone, PartialEq)]
+struct Sent {
+    nonce: String,
+    /// The type version: a hash of the resources it carried.
+    version: String,
+    /// The view (weir config version) it came from.
+    view: String,
+}
+
+/// One resource type on one stream.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// Asked for by name; empty with `wildcard`.
+    names: Vec<String>,
+    wildcard: bool,
+    sent: Option<Sent>,
+    acked: Option<Sent>,
+}
+
+struct Session {
+    xds: XdsV3,
+    node: Node,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    subs: BTreeMap<&'static str, Subscription>,
+    nonce: u64,
+    /// The view being served to this Envoy, when its translation is good.
+    view: Option<(Arc<View>, Arc<Translation>)>,
+}
+
+impl Session {
+    /// Takes the current folder: the view for this node and its translation.
+    fn take(&mut self, published: &Published) {
+        match published.view_for(&self.node) {
+            Ok(view) => {
+                let t = self.xds.translation(&view);
+                if let Err(e) = t.as_ref() {
+                    self.refuse(&view.version, format!("not translated for Envoy: {e}"));
+                }
+                self.view = Some((view, t));
+            }
+            Err(e) => {
+                self.refuse(
+                    &published.version,
+                    format!("not pushed by the control plane: this proxy's view is invalid: {e}"),
+                );
+            }
+        }
+    }
+
+    fn refuse(&self, version: &str, error: String) {
+        tracing::error!(node = %self.node.id, %version, "{error}");
+        self.xds.cp.update_proxy(&self.node, |s| {
+            s.nacked_version = version.to_string();
+            s.nack_error = error;
+        });
+    }
+
+    /// Sends type `ty` as the current view has it, unless this Envoy has exactly that
+    /// already (or on its way) and `always` is false.
+    async fn send(&mut self, ty: &'static str, always: bool) -> bool {
+        let Some((view, translation)) = &self.view else {
+            return true;
+        };
+        let Ok(resources) = translation.as_ref() else {
+            return true;
+        };
+        let Some(sub) = self.subs.get_mut(ty) else {
+            return true;
+        };
+        let all = resources.by_type.get(ty).map(Vec::as_slice).unwrap_or(&[]);
+        let chosen: Vec<_> = all
+            .iter()
+            .filter(|(name, _)| sub.wildcard || sub.names.binary_search(name).is_ok())
+            .map(|(_, r)| r.clone())
+            .collect();
+        let version = format!(
+            "{:016x}",
+            crate::resources::stable_hash(
+                chosen
+                    .iter()
+                    .map(|r| (&r.type_url, &r.value))
+                    .collect::<Vec<_>>()
+            )
+        );
+        if !always && sub.sent.as_ref().is_some_and(|s| s.version == version) {
+            return true;
+        }
+        self.nonce += 1;
+        let sent = Sent {
+            nonce: self.nonce.to_string(),
+            version: version.clone(),
+            view: view.version.clone(),
+        };
+        let resp = DiscoveryResponse {
+            version_info: version,
+            resources: chosen,
+            type_url: ty.to_string(),
+            nonce: sent.nonce.clone(),
+            ..Default::default()
+        };
+        sub.sent = Some(sent);
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+
+    /// Pushes what changed, type by type in xDS order.
+    async fn push(&mut self) -> bool {
+        for ty in translate::TYPES {
+            if !self.send(ty, false).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn answer(&mut self, req: DiscoveryRequest) -> bool {
+        let Some(ty) = translate::TYPES.into_iter().find(|t| *t == req.type_url) else {
+            tracing::debug!(node = %self.node.id, type_url = %req.type_url, "type not served");
+            return true;
+        };
+        let sub = self.subs.entry(ty).or_default();
+        if !req.response_nonce.is_empty() {
+            let Some(sent) = sub.sent.clone().filter(|s| s.nonce == req.response_nonce) else {
+                // An answer to a response a newer one replaced: the newer answer decides.
+                return true;
+            };
+            match &req.error_detail {
+                Some(e) => {
+                    let error = format!("{}: {}", short(ty), e.message);
+                    tracing::warn!(node = %self.node.id, version = %sent.view, %error, "NACK");
+                    self.xds.cp.update_proxy(&self.node, |s| {
+                        s.nacked_version = sent.view.clone();
+                        s.nack_error = error;
+                    });
+                }
+                None => {
+                    sub.acked = Some(sent);
+                    self.record_acks();
+                }
+            }
+        }
+        let sub = self.subs.entry(ty).or_default();
+        let mut names = req.resource_names;
+        names.sort_unstable();
+        names.dedup();
+        let wildcard = names.is_empty() && matches!(ty, translate::LISTENER | translate::CLUSTER)
+            || names.iter().any(|n| n == "*");
+        if sub.sent.is_none() || names != sub.names || wildcard != sub.wildcard {
+            sub.names = names;
+            sub.wildcard = wildcard;
+            return self.send(ty, true).await;
+        }
+        true
+    }
+
+    /// Envoy runs a view once every type it asked for is ACKed at it.
+    fn record_acks(&self) {
+        let mut views = self.subs.values().map(|s| match (&s.sent, &s.acked) {
+            (Some(sent), Some(acked)) if sent == acked => Some(&acked.view),
+            _ => None,
+        });
+        let Some(Some(first)) = views.next() else {
+            return;
+        };
+        if views.all(|v| v == Some(first)) {
+            tracing::debug!(node = %self.node.id, version = %first, "ACK");
+            self.xds.cp.update_proxy(&self.node, |s| {
+                s.acked_version = first.clone();
+                s.nacked_version.clear();
+                s.nack_error.clear();
+            });
+        }
+    }
+}
+
+/// `Cluster` for a type URL, for messages.
+fn short(ty: &str) -> &str {
+    ty.rsplit('.').next().unwrap_or(ty)
+}
+
+type AdsStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsV3 {
+    type StreamAggregatedResourcesStream = AdsStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<AdsStream>, Status> {
+        self.cp.check_token(&req)?;
+        let mut inbound = req.into_inner();
+        let first = match inbound.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(Status::invalid_argument(
+                    "stream closed before the node identity",
+                ))
+            }
+        };
+        let node = first
+            .node
+            .as_ref()
+            .filter(|n| !n.id.is_empty())
+            .map(node_of)
+            .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
+        let (tx, rx) = mpsc::channel(8);
+        let mut session = Session {
+            xds: self.clone(),
+            node: node.clone(),
+            tx,
+            subs: BTreeMap::new(),
+            nonce: 0,
+            view: None,
+        };
+        self.cp.update_proxy(&node, |s| {
+            s.node = Some(node.clone());
+            s.connected = true;
+        });
+        tracing::info!(node = %node.id, cluster = %node.cluster, agent = %node.weir_version, "Envoy connected (xDS v3, ADS)");
+        let mut updates = self.cp.published();
+        let cp = self.cp.clone();
+        tokio::spawn(async move {
+            let current = updates.borrow_and_update().clone();
+            if !current.version.is_empty() {
+                session.take(&current);
+            }
+            let mut alive = session.answer(first).await;
+            while alive {
+                tokio::select! {
+                    msg = inbound.next() => match msg {
+                        Some(Ok(m)) => alive = session.answer(m).await,
+                        Some(Err(e)) => {
+                            tracing::info!(node = %session.node.id, "stream error: {e}");
+                            alive = false;
+                        }
+                        None => alive = false,
+                    },
+                    changed = updates.changed() => {
+                        let current = updates.borrow_and_update().clone();
+                        session.take(&current);
+                        alive = changed.is_ok() && session.push().await;
+                    }
+                }
+            }
+            cp.update_proxy(&session.node, |s| s.connected = false);
+            tracing::info!(node = %session.node.id, "Envoy disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Err(Status::unimplemented(
+            "weir-control serves xDS v3 state of the world over ADS: set ads_config.api_type to GRPC",
+        ))
+    }
+}
