@@ -60,7 +60,14 @@ impl Envoy {
         let child = Command::new(bin)
             .arg("-c")
             .arg(&path)
-            .args(["--concurrency", "1", "--log-level", "warn"])
+            // Envoys running at once (tests in parallel) each need their own shared memory.
+            .args([
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+                "--use-dynamic-base-id",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -189,6 +196,55 @@ pub fn bootstrap(
             }],
             "clusters": clusters
         }
+    })
+    .to_string()
+}
+
+/// An Envoy bootstrap that takes everything from weir-control at `cp` over xDS v3 (ADS, state
+/// of the world): node `id` in cluster `edge` with metadata `role: edge`, admin on `admin`,
+/// presenting `token` when given.
+pub fn ads_bootstrap(
+    cp: std::net::SocketAddr,
+    admin: u16,
+    id: &str,
+    token: Option<&str>,
+) -> String {
+    let address = |ip: String, port: u16| serde_json::json!({"socket_address": {"address": ip, "port_value": port}});
+    let ads = serde_json::json!({"ads": {}, "resource_api_version": "V3"});
+    let metadata: Vec<serde_json::Value> = token
+        .map(|t| serde_json::json!({"key": "authorization", "value": format!("Bearer {t}")}))
+        .into_iter()
+        .collect();
+    serde_json::json!({
+        "node": {"id": id, "cluster": "edge", "metadata": {"role": "edge"}},
+        "admin": {"address": address("127.0.0.1".into(), admin)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{
+                    "envoy_grpc": {"cluster_name": "xds"},
+                    "initial_metadata": metadata
+                }]
+            },
+            "lds_config": ads,
+            "cds_config": ads
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "xds",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(cp.ip().to_string(), cp.port())}}]}]
+            }
+        }]}
     })
     .to_string()
 }

