@@ -334,6 +334,15 @@ impl ResourceSet {
         }
     }
 
+    /// The set's digest leaving out resources of type `ty`: equal for two sets that differ
+    /// only in those (two configs that differ only in endpoints, for `ENDPOINTS`).
+    pub fn digest_except(&self, ty: &str) -> u64 {
+        self.items
+            .iter()
+            .filter(|(k, _)| k.parts().0 != ty)
+            .fold(0, |d, (_, e)| d ^ e.digest)
+    }
+
     /// Whether this set holds cluster `name`'s endpoints.
     pub fn has_endpoints(&self, name: &str) -> bool {
         self.items.contains_key(&(ENDPOINTS, name) as &dyn KeyRef)

@@ -37,7 +37,7 @@ pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluste
 pub const TYPES: [&str; 4] = [CLUSTER, ENDPOINTS, LISTENER, ROUTE];
 
 /// Named, encoded resources of every type.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Resources {
     /// By type URL: `(name, resource)` sorted by name.
     pub by_type: HashMap<&'static str, Vec<(String, Any)>>,
@@ -129,7 +129,10 @@ pub fn translate(config: &Config) -> Result<Resources, String> {
     for c in &config.clusters {
         clusters.push((c.name.clone(), any(&cluster_of(c))));
         if !c.original_dst {
-            endpoints.push((c.name.clone(), any(&load_assignment(c)?)));
+            endpoints.push((
+                c.name.clone(),
+                any(&load_assignment(&c.name, &c.endpoints)?),
+            ));
         }
     }
     for (ty, mut list) in [
@@ -194,7 +197,7 @@ fn regex(text: String) -> matcher::RegexMatcher {
 }
 
 /// weir's host condition as a full-match regex on `:authority`: no port, any case.
-fn host_regex(host: &str) -> Option<String> {
+pub(crate) fn host_regex(host: &str) -> Option<String> {
     let port = r"(:[0-9]+)?";
     if host == "*" {
         None
@@ -517,9 +520,16 @@ fn health_check(h: &model::HealthCheck) -> core::HealthCheck {
     }
 }
 
-fn load_assignment(c: &model::Cluster) -> Result<endpoint::ClusterLoadAssignment, String> {
-    let lb_endpoints = c
-        .endpoints
+/// Cluster `name`'s endpoints as Envoy's load assignment, encoded.
+pub fn endpoints_of(name: &str, endpoints: &[model::Endpoint]) -> Result<Any, String> {
+    Ok(any(&load_assignment(name, endpoints)?))
+}
+
+fn load_assignment(
+    name: &str,
+    endpoints: &[model::Endpoint],
+) -> Result<endpoint::ClusterLoadAssignment, String> {
+    let lb_endpoints = endpoints
         .iter()
         .map(|e| {
             Ok(endpoint::LbEndpoint {
@@ -535,7 +545,7 @@ fn load_assignment(c: &model::Cluster) -> Result<endpoint::ClusterLoadAssignment
         })
         .collect::<Result<_, String>>()?;
     Ok(endpoint::ClusterLoadAssignment {
-        cluster_name: c.name.clone(),
+        cluster_name: name.to_string(),
         endpoints: vec![endpoint::LocalityLbEndpoints {
             lb_endpoints,
             ..Default::default()

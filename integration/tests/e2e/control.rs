@@ -1002,6 +1002,58 @@ async fn envoy_runs_the_policy_folder_over_xds_v3() {
     let (s, _) = wait_for_envoy(cp, &s.version, false).await;
     wait_for_backend(listen, "b", "the change reached Envoy").await;
 
+    // An endpoint-only change (a weight) reaches Envoy as load assignments alone: its own
+    // counters show no listener, cluster or route update, and its cluster has the new weight.
+    let stats = || {
+        let (code, body) = weir_integration::weir_process::admin_get(
+            format!("127.0.0.1:{envoy_admin}").parse().unwrap(),
+            "/stats?filter=update_success",
+        )
+        .expect("Envoy's /stats");
+        assert_eq!(code, 200, "{body}");
+        body.lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.trim().parse::<u64>().unwrap_or(0)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = stats();
+    let g = format!("{{ address: \"{}\" }}", m.g.addr);
+    let weighted = policy(
+        listen,
+        "b",
+        &[
+            ("a", "http1", vec![m.a.addr]),
+            ("b", "http1", vec![m.b.addr]),
+            ("grpc", "h2c", vec![m.g.addr]),
+        ],
+    )
+    .replace(&g, &format!("{{ address: \"{}\", weight: 3 }}", m.g.addr));
+    write_atomically(&f.policies.join("mesh.yaml"), &weighted);
+    let (s, _) = wait_for_envoy(cp, &s.version, false).await;
+    let after = stats();
+    for unchanged in [
+        "listener_manager.lds.update_success",
+        "cluster_manager.cds.update_success",
+        "http.main.rds.main.update_success",
+    ] {
+        assert!(before.contains_key(unchanged), "{unchanged} in {before:?}");
+        assert_eq!(before.get(unchanged), after.get(unchanged), "{unchanged}");
+    }
+    let eds = "cluster.grpc.update_success";
+    assert!(
+        after.get(eds) > before.get(eds),
+        "{eds}: {before:?} -> {after:?}"
+    );
+    let (_, clusters) = weir_integration::weir_process::admin_get(
+        format!("127.0.0.1:{envoy_admin}").parse().unwrap(),
+        "/clusters",
+    )
+    .expect("Envoy's /clusters");
+    assert!(
+        clusters.contains(&format!("grpc::{}::weight::3", m.g.addr)),
+        "{clusters}"
+    );
+
     // A regex weir accepts and RE2 does not (verbose mode): Envoy NACKs the route
     // configuration with RE2's reason and keeps serving its last good config.
     let good = s.version.clone();
