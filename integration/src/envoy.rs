@@ -200,14 +200,15 @@ pub fn bootstrap(
     .to_string()
 }
 
-/// An Envoy bootstrap that takes everything from weir-control at `cp` over xDS v3 (ADS, state
-/// of the world): node `id` in cluster `edge` with metadata `role: edge`, admin on `admin`,
-/// presenting `token` when given.
+/// An Envoy bootstrap that takes everything from weir-control at `cp` over xDS v3 (ADS;
+/// `api_type` `GRPC` for state of the world, `DELTA_GRPC` for incremental): node `id` in
+/// cluster `edge` with metadata `role: edge`, admin on `admin`, presenting `token` when given.
 pub fn ads_bootstrap(
     cp: std::net::SocketAddr,
     admin: u16,
     id: &str,
     token: Option<&str>,
+    api_type: &str,
 ) -> String {
     let address = |ip: String, port: u16| serde_json::json!({"socket_address": {"address": ip, "port_value": port}});
     let ads = serde_json::json!({"ads": {}, "resource_api_version": "V3"});
@@ -220,7 +221,7 @@ pub fn ads_bootstrap(
         "admin": {"address": address("127.0.0.1".into(), admin)},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": api_type,
                 "transport_api_version": "V3",
                 "grpc_services": [{
                     "envoy_grpc": {"cluster_name": "xds"},

@@ -1,5 +1,6 @@
-//! Envoy's own xDS v3: `envoy.service.discovery.v3.AggregatedDiscoveryService`, state of the
-//! world over one ADS stream, on the same port as weir's protocol. An Envoy whose bootstrap
+//! Envoy's own xDS v3: `envoy.service.discovery.v3.AggregatedDiscoveryService` over one ADS
+//! stream, state of the world (`api_type: GRPC`, here) or incremental (`DELTA_GRPC`,
+//! [`delta`]), on the same port as weir's protocol. An Envoy whose bootstrap
 //! points its `ads_config` (`api_type: GRPC`) at weir-control gets the policy folder as
 //! listeners, routes, clusters and endpoints ([`translate`]), with the same scoping by node,
 //! the same token, and the same status: it shows up in `weir-control status` with the version
@@ -13,6 +14,7 @@
 //! Envoy gets of it changed. Envoy counts as running a version once every type it asked for
 //! is ACKed at that version.
 
+mod delta;
 pub mod translate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -94,6 +96,41 @@ impl XdsV3 {
     }
 }
 
+impl XdsV3 {
+    /// What `node` gets of the folder: its view and the view's translation. `None` (and the
+    /// reason in the status) when its view is invalid; a view that does not translate is
+    /// returned with its error, and the status says why nothing is sent.
+    fn view_for(
+        &self,
+        node: &Node,
+        published: &Published,
+    ) -> Option<(Arc<View>, Arc<Translation>)> {
+        let refuse = |version: &str, error: String| {
+            tracing::error!(node = %node.id, %version, "{error}");
+            self.cp.update_proxy(node, |s| {
+                s.nacked_version = version.to_string();
+                s.nack_error = error;
+            });
+        };
+        match published.view_for(node) {
+            Ok(view) => {
+                let t = self.translation(&view);
+                if let Err(e) = t.as_ref() {
+                    refuse(&view.version, format!("not translated for Envoy: {e}"));
+                }
+                Some((view, t))
+            }
+            Err(e) => {
+                refuse(
+                    &published.version,
+                    format!("not pushed by the control plane: this proxy's view is invalid: {e}"),
+                );
+                None
+            }
+        }
+    }
+}
+
 /// `like` with the load assignments of `view`, whose other resources are those `like` was
 /// translated from.
 fn with_endpoints(like: &translate::Resources, view: &View) -> Translation {
@@ -111,8 +148,9 @@ fn with_endpoints(like: &translate::Resources, view: &View) -> Translation {
 }
 
 /// An Envoy node as weir's status shows it: its string metadata fields are its labels (what a
-/// file's `scope.labels` matches).
-fn node_of(n: &EnvoyNode) -> Node {
+/// file's `scope.labels` matches), and its agent and xDS mode stand for weir's version
+/// (`envoy, xDS v3 incremental`).
+fn node_of(n: &EnvoyNode, mode: &str) -> Node {
     let labels = n
         .metadata
         .iter()
@@ -126,7 +164,7 @@ fn node_of(n: &EnvoyNode) -> Node {
         id: n.id.clone(),
         cluster: n.cluster.clone(),
         labels,
-        weir_version: n.user_agent_name.clone(),
+        weir_version: format!("{}, xDS v3 {mode}", n.user_agent_name),
     }
 }
 
@@ -164,31 +202,10 @@ struct Session {
 }
 
 impl Session {
-    /// Takes the current folder: the view for this node and its translation.
     fn take(&mut self, published: &Published) {
-        match published.view_for(&self.node) {
-            Ok(view) => {
-                let t = self.xds.translation(&view);
-                if let Err(e) = t.as_ref() {
-                    self.refuse(&view.version, format!("not translated for Envoy: {e}"));
-                }
-                self.view = Some((view, t));
-            }
-            Err(e) => {
-                self.refuse(
-                    &published.version,
-                    format!("not pushed by the control plane: this proxy's view is invalid: {e}"),
-                );
-            }
+        if let Some(v) = self.xds.view_for(&self.node, published) {
+            self.view = Some(v);
         }
-    }
-
-    fn refuse(&self, version: &str, error: String) {
-        tracing::error!(node = %self.node.id, %version, "{error}");
-        self.xds.cp.update_proxy(&self.node, |s| {
-            s.nacked_version = version.to_string();
-            s.nack_error = error;
-        });
     }
 
     /// Sends type `ty` as the current view has it, unless this Envoy has exactly that
@@ -315,6 +332,21 @@ impl Session {
     }
 }
 
+impl XdsV3 {
+    fn connected(&self, node: &Node) {
+        self.cp.update_proxy(node, |s| {
+            s.node = Some(node.clone());
+            s.connected = true;
+        });
+        tracing::info!(node = %node.id, cluster = %node.cluster, agent = %node.weir_version, "Envoy connected");
+    }
+
+    fn disconnected(&self, node: &Node) {
+        self.cp.update_proxy(node, |s| s.connected = false);
+        tracing::info!(node = %node.id, "Envoy disconnected");
+    }
+}
+
 /// `Cluster` for a type URL, for messages.
 fn short(ty: &str) -> &str {
     ty.rsplit('.').next().unwrap_or(ty)
@@ -347,7 +379,7 @@ impl AggregatedDiscoveryService for XdsV3 {
             .node
             .as_ref()
             .filter(|n| !n.id.is_empty())
-            .map(node_of)
+            .map(|n| node_of(n, "state of the world"))
             .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
         let (tx, rx) = mpsc::channel(8);
         let mut session = Session {
@@ -358,13 +390,9 @@ impl AggregatedDiscoveryService for XdsV3 {
             nonce: 0,
             view: None,
         };
-        self.cp.update_proxy(&node, |s| {
-            s.node = Some(node.clone());
-            s.connected = true;
-        });
-        tracing::info!(node = %node.id, cluster = %node.cluster, agent = %node.weir_version, "Envoy connected (xDS v3, ADS)");
+        self.connected(&node);
         let mut updates = self.cp.published();
-        let cp = self.cp.clone();
+        let xds = self.clone();
         tokio::spawn(async move {
             let current = updates.borrow_and_update().clone();
             if !current.version.is_empty() {
@@ -388,19 +416,63 @@ impl AggregatedDiscoveryService for XdsV3 {
                     }
                 }
             }
-            cp.update_proxy(&session.node, |s| s.connected = false);
-            tracing::info!(node = %session.node.id, "Envoy disconnected");
+            xds.disconnected(&session.node);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        Err(Status::unimplemented(
-            "weir-control serves xDS v3 state of the world over ADS: set ads_config.api_type to GRPC",
-        ))
+        self.cp.check_token(&req)?;
+        let mut inbound = req.into_inner();
+        let first = match inbound.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(Status::invalid_argument(
+                    "stream closed before the node identity",
+                ))
+            }
+        };
+        let node = first
+            .node
+            .as_ref()
+            .filter(|n| !n.id.is_empty())
+            .map(|n| node_of(n, "incremental"))
+            .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
+        let (tx, rx) = mpsc::channel(8);
+        let mut session = delta::Session::new(self.clone(), node.clone(), tx);
+        self.connected(&node);
+        let mut updates = self.cp.published();
+        let xds = self.clone();
+        tokio::spawn(async move {
+            let current = updates.borrow_and_update().clone();
+            if !current.version.is_empty() {
+                session.take(&current);
+            }
+            let mut alive = session.answer(first).await;
+            while alive {
+                tokio::select! {
+                    msg = inbound.next() => match msg {
+                        Some(Ok(m)) => alive = session.answer(m).await,
+                        Some(Err(e)) => {
+                            tracing::info!(node = %session.node.id, "stream error: {e}");
+                            alive = false;
+                        }
+                        None => alive = false,
+                    },
+                    changed = updates.changed() => {
+                        let current = updates.borrow_and_update().clone();
+                        session.take(&current);
+                        alive = changed.is_ok() && session.push().await;
+                    }
+                }
+            }
+            xds.disconnected(&session.node);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

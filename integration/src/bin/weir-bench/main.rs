@@ -637,7 +637,8 @@ mod xds {
                 .serve_with_incoming(weir_integration::grpc_incoming(listener)),
         );
         let admin = weir_integration::weir_process::free_port();
-        let bootstrap = weir_integration::envoy::ads_bootstrap(addr, admin, "envoy-bench", None);
+        let bootstrap =
+            weir_integration::envoy::ads_bootstrap(addr, admin, "envoy-bench", None, "GRPC");
         // Waits until Envoy listens: it has the listener and its routes.
         let envoy = weir_integration::envoy::Envoy::start(&bootstrap, listen)?;
         all_acked(&cp, 1, "")
