@@ -16,7 +16,7 @@ use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::{short, translate, Translation, XdsV3};
+use super::{translate, Translation, XdsV3};
 use crate::pb::Node;
 use crate::server::{Published, View};
 
@@ -37,9 +37,9 @@ struct Subscription {
 }
 
 pub(super) struct Session {
-    pub(super) xds: XdsV3,
-    pub(super) node: Node,
-    pub(super) tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    xds: XdsV3,
+    node: Node,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     subs: BTreeMap<&'static str, Subscription>,
     nonce: u64,
     view: Option<(Arc<View>, Arc<Translation>)>,
@@ -69,7 +69,7 @@ impl Session {
         }
     }
 
-    pub(super) fn take(&mut self, published: &Published) {
+    fn take(&mut self, published: &Published) {
         if let Some(v) = self.xds.view_for(&self.node, published) {
             self.view = Some(v);
         }
@@ -148,7 +148,7 @@ impl Session {
         self.tx.send(Ok(resp)).await.is_ok()
     }
 
-    pub(super) async fn push(&mut self) -> bool {
+    async fn push(&mut self) -> bool {
         for ty in translate::TYPES {
             if self.subs.contains_key(ty) && !self.send(ty, false).await {
                 return false;
@@ -158,9 +158,8 @@ impl Session {
         true
     }
 
-    pub(super) async fn answer(&mut self, req: DeltaDiscoveryRequest) -> bool {
-        let Some(ty) = translate::TYPES.into_iter().find(|t| *t == req.type_url) else {
-            tracing::debug!(node = %self.node.id, type_url = %req.type_url, "type not served");
+    async fn answer(&mut self, req: DeltaDiscoveryRequest) -> bool {
+        let Some(ty) = super::served(&self.node, &req.type_url) else {
             return true;
         };
         let first = !self.subs.contains_key(ty);
@@ -173,17 +172,9 @@ impl Session {
             sub.pending = None;
             match &req.error_detail {
                 Some(e) => {
-                    let error = format!("{}: {}", short(ty), e.message);
-                    let version = self
-                        .view
-                        .as_ref()
-                        .map(|(v, _)| v.version.clone())
-                        .unwrap_or_default();
-                    tracing::warn!(node = %self.node.id, %version, %error, "NACK");
-                    self.xds.cp.update_proxy(&self.node, |s| {
-                        s.nacked_version = version;
-                        s.nack_error = error;
-                    });
+                    let version = self.view.as_ref().map(|(v, _)| v.version.as_str());
+                    self.xds
+                        .nacked(&self.node, ty, version.unwrap_or_default(), &e.message);
                 }
                 None => {
                     sub.acked = true;
@@ -237,13 +228,23 @@ impl Session {
                     })
             });
         if running {
-            self.xds.cp.update_proxy(&self.node, |s| {
-                if s.acked_version != view.version || !s.nack_error.is_empty() {
-                    s.acked_version = view.version.clone();
-                    s.nacked_version.clear();
-                    s.nack_error.clear();
-                }
-            });
+            self.xds.running(&self.node, &view.version);
         }
+    }
+}
+
+impl super::AdsSession for Session {
+    type Request = DeltaDiscoveryRequest;
+    fn node(&self) -> &Node {
+        &self.node
+    }
+    fn take(&mut self, published: &Published) {
+        Session::take(self, published)
+    }
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> super::BoxFuture<'_, bool> {
+        Box::pin(self.answer(req))
+    }
+    fn on_change(&mut self) -> super::BoxFuture<'_, bool> {
+        Box::pin(self.push())
     }
 }

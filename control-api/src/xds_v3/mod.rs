@@ -269,8 +269,7 @@ impl Session {
     }
 
     async fn answer(&mut self, req: DiscoveryRequest) -> bool {
-        let Some(ty) = translate::TYPES.into_iter().find(|t| *t == req.type_url) else {
-            tracing::debug!(node = %self.node.id, type_url = %req.type_url, "type not served");
+        let Some(ty) = served(&self.node, &req.type_url) else {
             return true;
         };
         let sub = self.subs.entry(ty).or_default();
@@ -280,14 +279,7 @@ impl Session {
                 return true;
             };
             match &req.error_detail {
-                Some(e) => {
-                    let error = format!("{}: {}", short(ty), e.message);
-                    tracing::warn!(node = %self.node.id, version = %sent.view, %error, "NACK");
-                    self.xds.cp.update_proxy(&self.node, |s| {
-                        s.nacked_version = sent.view.clone();
-                        s.nack_error = error;
-                    });
-                }
+                Some(e) => self.xds.nacked(&self.node, ty, &sent.view, &e.message),
                 None => {
                     sub.acked = Some(sent);
                     self.record_acks();
@@ -320,31 +312,18 @@ impl Session {
                 .values()
                 .all(|s| s.acked.as_ref().is_some_and(|a| a.version == s.want));
         if running {
-            tracing::debug!(node = %self.node.id, version = %view.version, "ACK");
-            self.xds.cp.update_proxy(&self.node, |s| {
-                if s.acked_version != view.version || !s.nack_error.is_empty() {
-                    s.acked_version = view.version.clone();
-                    s.nacked_version.clear();
-                    s.nack_error.clear();
-                }
-            });
+            self.xds.running(&self.node, &view.version);
         }
     }
 }
 
-impl XdsV3 {
-    fn connected(&self, node: &Node) {
-        self.cp.update_proxy(node, |s| {
-            s.node = Some(node.clone());
-            s.connected = true;
-        });
-        tracing::info!(node = %node.id, cluster = %node.cluster, agent = %node.weir_version, "Envoy connected");
+/// The served type `type_url` names, if it is one.
+fn served(node: &Node, type_url: &str) -> Option<&'static str> {
+    let ty = translate::TYPES.into_iter().find(|t| *t == type_url);
+    if ty.is_none() {
+        tracing::debug!(node = %node.id, %type_url, "type not served");
     }
-
-    fn disconnected(&self, node: &Node) {
-        self.cp.update_proxy(node, |s| s.connected = false);
-        tracing::info!(node = %node.id, "Envoy disconnected");
-    }
+    ty
 }
 
 /// `Cluster` for a type URL, for messages.
@@ -364,67 +343,71 @@ impl AggregatedDiscoveryService for XdsV3 {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<AdsStream>, Status> {
-        self.cp.check_token(&req)?;
-        let mut inbound = req.into_inner();
-        let first = match inbound.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(e),
-            None => {
-                return Err(Status::invalid_argument(
-                    "stream closed before the node identity",
-                ))
-            }
-        };
-        let node = first
-            .node
-            .as_ref()
-            .filter(|n| !n.id.is_empty())
-            .map(|n| node_of(n, "state of the world"))
-            .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
-        let (tx, rx) = mpsc::channel(8);
-        let mut session = Session {
-            xds: self.clone(),
-            node: node.clone(),
-            tx,
-            subs: BTreeMap::new(),
-            nonce: 0,
-            view: None,
-        };
-        self.connected(&node);
-        let mut updates = self.cp.published();
-        let xds = self.clone();
-        tokio::spawn(async move {
-            let current = updates.borrow_and_update().clone();
-            if !current.version.is_empty() {
-                session.take(&current);
-            }
-            let mut alive = session.answer(first).await;
-            while alive {
-                tokio::select! {
-                    msg = inbound.next() => match msg {
-                        Some(Ok(m)) => alive = session.answer(m).await,
-                        Some(Err(e)) => {
-                            tracing::info!(node = %session.node.id, "stream error: {e}");
-                            alive = false;
-                        }
-                        None => alive = false,
-                    },
-                    changed = updates.changed() => {
-                        let current = updates.borrow_and_update().clone();
-                        session.take(&current);
-                        alive = changed.is_ok() && session.push().await;
-                    }
-                }
-            }
-            xds.disconnected(&session.node);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.serve(
+            req,
+            |r: &DiscoveryRequest| r.node.as_ref().map(|n| node_of(n, "state of the world")),
+            |xds, node, tx| Session {
+                xds,
+                node,
+                tx,
+                subs: BTreeMap::new(),
+                nonce: 0,
+                view: None,
+            },
+        )
+        .await
     }
 
     async fn delta_aggregated_resources(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
+        self.serve(
+            req,
+            |r: &DeltaDiscoveryRequest| r.node.as_ref().map(|n| node_of(n, "incremental")),
+            delta::Session::new,
+        )
+        .await
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What both ADS variants do on one stream: take each folder published, answer each request
+/// (false: the stream is gone), push each change.
+trait AdsSession: Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    fn node(&self) -> &Node;
+    fn take(&mut self, published: &Published);
+    fn on_request(&mut self, req: Self::Request) -> BoxFuture<'_, bool>;
+    fn on_change(&mut self) -> BoxFuture<'_, bool>;
+}
+
+impl AdsSession for Session {
+    type Request = DiscoveryRequest;
+    fn node(&self) -> &Node {
+        &self.node
+    }
+    fn take(&mut self, published: &Published) {
+        Session::take(self, published)
+    }
+    fn on_request(&mut self, req: DiscoveryRequest) -> BoxFuture<'_, bool> {
+        Box::pin(self.answer(req))
+    }
+    fn on_change(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(self.push())
+    }
+}
+
+impl XdsV3 {
+    /// Serves one ADS stream: the node from its first request (`node` reads it), then a
+    /// session (`start` makes it) fed the requests and the folder's changes until either ends.
+    async fn serve<S: AdsSession, R: Send + 'static>(
+        &self,
+        req: Request<Streaming<S::Request>>,
+        node: impl FnOnce(&S::Request) -> Option<Node>,
+        start: impl FnOnce(XdsV3, Node, mpsc::Sender<Result<R, Status>>) -> S,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>>, Status> {
         self.cp.check_token(&req)?;
         let mut inbound = req.into_inner();
         let first = match inbound.next().await {
@@ -436,29 +419,30 @@ impl AggregatedDiscoveryService for XdsV3 {
                 ))
             }
         };
-        let node = first
-            .node
-            .as_ref()
+        let node = node(&first)
             .filter(|n| !n.id.is_empty())
-            .map(|n| node_of(n, "incremental"))
             .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
         let (tx, rx) = mpsc::channel(8);
-        let mut session = delta::Session::new(self.clone(), node.clone(), tx);
-        self.connected(&node);
+        let mut session = start(self.clone(), node.clone(), tx);
+        self.cp.update_proxy(&node, |s| {
+            s.node = Some(node.clone());
+            s.connected = true;
+        });
+        tracing::info!(node = %node.id, cluster = %node.cluster, agent = %node.weir_version, "Envoy connected");
         let mut updates = self.cp.published();
-        let xds = self.clone();
+        let cp = self.cp.clone();
         tokio::spawn(async move {
             let current = updates.borrow_and_update().clone();
             if !current.version.is_empty() {
                 session.take(&current);
             }
-            let mut alive = session.answer(first).await;
+            let mut alive = session.on_request(first).await;
             while alive {
                 tokio::select! {
                     msg = inbound.next() => match msg {
-                        Some(Ok(m)) => alive = session.answer(m).await,
+                        Some(Ok(m)) => alive = session.on_request(m).await,
                         Some(Err(e)) => {
-                            tracing::info!(node = %session.node.id, "stream error: {e}");
+                            tracing::info!(node = %session.node().id, "stream error: {e}");
                             alive = false;
                         }
                         None => alive = false,
@@ -466,13 +450,36 @@ impl AggregatedDiscoveryService for XdsV3 {
                     changed = updates.changed() => {
                         let current = updates.borrow_and_update().clone();
                         session.take(&current);
-                        alive = changed.is_ok() && session.push().await;
+                        alive = changed.is_ok() && session.on_change().await;
                     }
                 }
             }
-            xds.disconnected(&session.node);
+            cp.update_proxy(session.node(), |s| s.connected = false);
+            tracing::info!(node = %session.node().id, "Envoy disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Records that `node` rejected view `version`'s resources of type `ty`, and why.
+    fn nacked(&self, node: &Node, ty: &str, version: &str, message: &str) {
+        let error = format!("{}: {message}", short(ty));
+        tracing::warn!(node = %node.id, %version, %error, "NACK");
+        self.cp.update_proxy(node, |s| {
+            s.nacked_version = version.to_string();
+            s.nack_error = error;
+        });
+    }
+
+    /// Records that `node` runs view `version` (clearing an earlier NACK).
+    fn running(&self, node: &Node, version: &str) {
+        tracing::debug!(node = %node.id, %version, "ACK");
+        self.cp.update_proxy(node, |s| {
+            if s.acked_version != version || !s.nack_error.is_empty() {
+                s.acked_version = version.to_string();
+                s.nacked_version.clear();
+                s.nack_error.clear();
+            }
+        });
     }
 }
 
