@@ -532,6 +532,49 @@ mod tests {
     }
 
     #[test]
+    fn a_filter_chain_whose_module_cannot_be_verified_fails_its_routes_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = dir.path().join("f.wasm");
+        std::fs::write(&module, b"\0asm-not-really").unwrap();
+        let text = format!(
+            "listeners: [{{ name: main, address: \"127.0.0.1:15001\", filter_chain: good }}]\nroutes:\n  - {{ name: guarded, match: {{ path: {{ prefix: /g/ }} }}, route: {{ cluster: c }}, filter_chain: bad }}\n  - {{ name: rest, route: {{ cluster: c }} }}\nclusters:\n  - {{ name: c, endpoints: [{{ address: \"10.0.0.1:80\" }}] }}\nfilter_chains:\n  - {{ name: good, filters: [{{ name: g, module: \"{m}\" }}] }}\n  - {{ name: bad, filters: [{{ name: b, module: \"{m}\", sha256: \"{zeros}\" }}] }}\n",
+            m = module.display(),
+            zeros = "0".repeat(64)
+        );
+        let config = weir_policies::load::parse("mesh.yaml", &text).expect("valid");
+        let t = translate::translate(&config).unwrap();
+        assert_eq!(t.not_translated.len(), 1, "{:?}", t.not_translated);
+        assert!(
+            t.not_translated[0]
+                .starts_with("route guarded on listener main: its filter chain bad cannot run")
+                && t.not_translated[0].contains("has sha256"),
+            "{:?}",
+            t.not_translated
+        );
+        // The listener carries only the chain that can run, disabled until a route enables it.
+        use envoy_types::pb::envoy::config::listener::v3::Listener;
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+        use prost::Message;
+        let l = Listener::decode(&*t.by_type[translate::LISTENER][0].1.value).unwrap();
+        let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+            hcm,
+        )) = &l.filter_chains[0].filters[0].config_type
+        else {
+            panic!("no HCM")
+        };
+        let hcm = HttpConnectionManager::decode(&*hcm.value).unwrap();
+        let names: Vec<(&str, bool)> = hcm
+            .http_filters
+            .iter()
+            .map(|f| (f.name.as_str(), f.disabled))
+            .collect();
+        assert_eq!(
+            names,
+            [("weir.good.0", true), ("envoy.filters.http.router", false)]
+        );
+    }
+
+    #[test]
     fn host_conditions_keep_weirs_meaning_in_re2() {
         assert_eq!(translate::host_regex("*"), None);
         // Host names are ASCII (RE2 in Envoy folds case the same way for them).

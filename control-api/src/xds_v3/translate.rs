@@ -4,9 +4,16 @@
 //! weir's semantics are kept where Envoy can express them: routes stay in one ordered list per
 //! listener (first match wins) inside a single `*` virtual host, with weir's host condition as an
 //! `:authority` match (port-less, case-insensitive, `*.example.com` for any longer name). What
-//! Envoy cannot do the way weir does is not approximated: a route to an inference pool, or
-//! whose requests go through a proxy-wasm filter chain, answers 503 with the reason, so such
-//! requests fail visibly instead of skipping the filter or landing elsewhere. Proxy-level
+//! Envoy cannot do the way weir does is not approximated: a route to an inference pool answers
+//! 503 with the reason, so such requests fail visibly instead of landing elsewhere.
+//!
+//! proxy-wasm filter chains run in Envoy's own Wasm filter (V8): every chain a listener's routes
+//! use is in its HTTP connection manager, disabled, and each route enables the filters of its
+//! chain (its own, or its listener's) by name. weir-control reads each module and sends it
+//! inline, after checking its `sha256`, so Envoy runs exactly the module weir would; a module
+//! it cannot read or verify makes the routes that use it answer 503 with the reason, never
+//! run without the filter. `memory_limit_mb` and `callback_deadline` are weir's sandbox and
+//! have no Envoy equivalent. Proxy-level
 //! settings (`admin`, `fast_path`, `access_log`, `tracing`, `otlp_metrics`) are the Envoy
 //! bootstrap's business and are not sent.
 
@@ -88,24 +95,109 @@ fn ads() -> core::ConfigSource {
     }
 }
 
+/// A filter chain as Envoy HTTP filters (disabled until a route enables them), or why it
+/// cannot run.
+type Chain = Result<Vec<hcm::HttpFilter>, String>;
+
+/// The HTTP filter name of filter `index` of chain `chain`.
+fn filter_name(chain: &str, index: usize) -> String {
+    format!("weir.{chain}.{index}")
+}
+
+/// Chain `c` as Envoy Wasm filters, each with its module inline.
+fn wasm_chain(c: &model::FilterChain) -> Chain {
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3 as wasm;
+    use envoy_types::pb::google::protobuf::StringValue;
+    use sha2::{Digest, Sha256};
+    // As weir passes them: a string as is, anything else as JSON.
+    let text = |v: &Option<serde_json::Value>| -> Option<Any> {
+        let value = match v.as_ref()? {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Some(any(&StringValue { value }))
+    };
+    c.filters
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let code = std::fs::read(&f.module)
+                .map_err(|e| format!("filter {}: reading {}: {e}", f.name, f.module))?;
+            if let Some(want) = &f.sha256 {
+                let have = hex::encode(Sha256::digest(&code));
+                if !have.eq_ignore_ascii_case(want) {
+                    return Err(format!(
+                        "filter {}: {} has sha256 {have}, not {want}",
+                        f.name, f.module
+                    ));
+                }
+            }
+            let plugin = wasm::PluginConfig {
+                name: f.name.clone(),
+                root_id: f.root_id.clone(),
+                configuration: text(&f.config),
+                failure_policy: if f.fail_open {
+                    wasm::FailurePolicy::FailOpen
+                } else {
+                    wasm::FailurePolicy::FailClosed
+                } as i32,
+                vm: Some(wasm::plugin_config::Vm::VmConfig(wasm::VmConfig {
+                    vm_id: f.vm_id.clone(),
+                    runtime: "envoy.wasm.runtime.v8".into(),
+                    code: Some(core::AsyncDataSource {
+                        specifier: Some(core::async_data_source::Specifier::Local(
+                            core::DataSource {
+                                specifier: Some(core::data_source::Specifier::InlineBytes(code)),
+                                ..Default::default()
+                            },
+                        )),
+                    }),
+                    configuration: text(&f.vm_config),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+            Ok(hcm::HttpFilter {
+                name: filter_name(&c.name, i),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(&Wasm {
+                    config: Some(plugin),
+                }))),
+                disabled: true,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
 /// Translates `config` (already validated by weir).
 pub fn translate(config: &Config) -> Result<Resources, String> {
     let mut out = Resources::default();
-    let chains: HashMap<&str, &model::Listener> = config
-        .listeners
+    // Each module is read once per translation.
+    let chains: HashMap<&str, Chain> = config
+        .filter_chains
         .iter()
-        .map(|l| (l.name.as_str(), l))
+        .map(|c| (c.name.as_str(), wasm_chain(c)))
         .collect();
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
     for l in &config.listeners {
-        listeners.push((l.name.clone(), any(&listener_of(l)?)));
         let mut entries = Vec::new();
+        // The chains this listener's routes run, in name order (each route enables its own).
+        let mut used = std::collections::BTreeSet::new();
         for r in &config.routes {
             if r.matches.listener.as_deref().is_some_and(|n| n != l.name) {
                 continue;
             }
-            let (entry, why) = route_of(r, chains.get(l.name.as_str()).copied(), config)?;
+            let chain = r.filter_chain.as_deref().or(l.filter_chain.as_deref());
+            let chain = chain.map(|name| {
+                used.insert(name);
+                let filters = chains
+                    .get(name)
+                    .ok_or_else(|| format!("no filter chain {name}"))?;
+                Ok::<_, String>((name, filters))
+            });
+            let (entry, why) = route_of(r, chain.transpose()?, config)?;
             if let Some(why) = why {
                 out.not_translated
                     .push(format!("route {} on listener {}: {why}", r.name, l.name));
@@ -123,6 +215,13 @@ pub fn translate(config: &Config) -> Result<Resources, String> {
             ..Default::default()
         };
         routes.push((l.name.clone(), any(&rc)));
+        let filters = used
+            .iter()
+            .filter_map(|name| chains.get(name)?.as_ref().ok())
+            .flatten()
+            .cloned()
+            .collect();
+        listeners.push((l.name.clone(), any(&listener_of(l, filters)?)));
     }
     let mut clusters = Vec::new();
     let mut endpoints = Vec::new();
@@ -147,7 +246,18 @@ pub fn translate(config: &Config) -> Result<Resources, String> {
     Ok(out)
 }
 
-fn listener_of(l: &model::Listener) -> Result<listener::Listener, String> {
+/// Listener `l` with `filters` (the Wasm filters its routes may enable) before the router.
+fn listener_of(
+    l: &model::Listener,
+    mut filters: Vec<hcm::HttpFilter>,
+) -> Result<listener::Listener, String> {
+    filters.push(hcm::HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+            &Router::default(),
+        ))),
+        ..Default::default()
+    });
     let manager = hcm::HttpConnectionManager {
         stat_prefix: l.name.clone(),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
@@ -157,13 +267,7 @@ fn listener_of(l: &model::Listener) -> Result<listener::Listener, String> {
                 route_config_name: l.name.clone(),
             },
         )),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: filters,
         max_request_headers_kb: Some(u32v(l.max_request_headers_kb)),
         ..Default::default()
     };
@@ -306,25 +410,37 @@ fn header_options(m: &model::HeaderMutation) -> Vec<core::HeaderValueOption> {
 }
 
 /// One weir route as an Envoy route, and why it answers 503 when Envoy cannot run it.
+/// `chain`: the filter chain its requests go through (its own or its listener's).
 fn route_of(
     r: &model::Route,
-    listener: Option<&model::Listener>,
+    chain: Option<(&str, &Chain)>,
     config: &Config,
 ) -> Result<(route::Route, Option<String>), String> {
     let a = &r.action;
-    let chain = r
-        .filter_chain
-        .as_deref()
-        .or(listener.and_then(|l| l.filter_chain.as_deref()));
-    let why = if let Some(chain) = chain {
-        Some(format!(
-            "its requests go through proxy-wasm filter chain {chain}, which weir-control does not translate for Envoy"
-        ))
-    } else {
+    let mut enabled = HashMap::new();
+    let why = match chain {
+        Some((name, Err(e))) => Some(format!("its filter chain {name} cannot run: {e}")),
+        Some((name, Ok(filters))) => {
+            // Prost writes this map in hash order: the route configuration's bytes (not its
+            // meaning) may differ between two translations of the same chains.
+            for i in 0..filters.len() {
+                // A present but empty `config` is how Envoy enables a filter its connection
+                // manager has disabled (no config at all is refused).
+                let on = route::FilterConfig {
+                    config: Some(Any::default()),
+                    ..Default::default()
+                };
+                enabled.insert(filter_name(name, i), any(&on));
+            }
+            None
+        }
+        None => None,
+    };
+    let why = why.or_else(|| {
         a.pool.as_ref().map(|pool| {
             format!("it routes to inference pool {pool}, which only weir can pick replicas for")
         })
-    };
+    });
     let action = match &why {
         Some(why) => route::route::Action::DirectResponse(route::DirectResponseAction {
             status: 503,
@@ -348,6 +464,7 @@ fn route_of(
             request_headers_to_remove: a.request_headers.remove.clone(),
             response_headers_to_add: header_options(&a.response_headers),
             response_headers_to_remove: a.response_headers.remove.clone(),
+            typed_per_filter_config: enabled,
             ..Default::default()
         },
         why,

@@ -1111,7 +1111,8 @@ async fn envoy_follows_the_folder(api_type: &str) {
 /// each with its own listener from a file scoped to it and the same routes and clusters. The
 /// same requests must reach the same backend, with the same path and header changes, through
 /// both: Envoy is the judge of the translation (host, path, header and gRPC matching, route
-/// order, rewrites, header mutations, weighted clusters).
+/// order, rewrites, header mutations, weighted clusters, and proxy-wasm filter chains: the
+/// listener's, and a route's own instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn envoy_and_weir_route_the_same_folder_the_same_way() {
     if let Err(e) = weir_integration::envoy::binary() {
@@ -1125,11 +1126,22 @@ async fn envoy_and_weir_route_the_same_folder_the_same_way() {
     let write = |name: &str, text: String| write_atomically(&f.policies.join(name), &text);
     write(
         "00-weir.yaml",
-        format!("scope: {{ node_ids: [sidecar-1] }}\nlisteners: [{{ name: weir-main, address: \"{listen_w}\" }}]\n"),
+        format!("scope: {{ node_ids: [sidecar-1] }}\nlisteners: [{{ name: weir-main, address: \"{listen_w}\", filter_chain: edge }}]\n"),
     );
     write(
         "00-envoy.yaml",
-        format!("scope: {{ node_ids: [envoy-1] }}\nlisteners: [{{ name: envoy-main, address: \"{listen_e}\" }}]\n"),
+        format!("scope: {{ node_ids: [envoy-1] }}\nlisteners: [{{ name: envoy-main, address: \"{listen_e}\", filter_chain: edge }}]\n"),
+    );
+    // proxy-wasm chains (the header-rewrite example, built with the Envoy SDK): the listeners'
+    // `edge`, and `special` that the /f/ route runs instead.
+    let module = weir_integration::wasm_filters::path("header_rewrite");
+    let sha = weir_integration::wasm_filters::sha256("header_rewrite");
+    write(
+        "20-filters.yaml",
+        format!(
+            "filter_chains:\n  - name: edge\n    filters:\n      - {{ name: edge, module: \"{m}\", sha256: \"{sha}\", config: {{ response_set: {{ x-chain: edge }} }} }}\n  - name: special\n    filters:\n      - {{ name: special, module: \"{m}\", config: {{ response_set: {{ x-chain: special }}, request_set: {{ x-special: \"yes\" }} }} }}\n",
+            m = module.display()
+        ),
     );
     write(
         "10-routes.yaml",
@@ -1144,6 +1156,7 @@ async fn envoy_and_weir_route_the_same_folder_the_same_way() {
   - {{ name: not-debug, match: {{ path: {{ prefix: /nd/ }}, headers: [{{ name: x-debug, present: true, invert: true }}] }}, route: {{ cluster: b }} }}
   - {{ name: rewrite, match: {{ path: {{ prefix: /rw/ }} }}, route: {{ cluster: b, prefix_rewrite: /new/ }} }}
   - {{ name: weighted, match: {{ path: {{ prefix: /w/ }} }}, route: {{ weighted_clusters: [{{ cluster: b, weight: 100 }}] }} }}
+  - {{ name: special, match: {{ path: {{ prefix: /f/ }} }}, route: {{ cluster: b }}, filter_chain: special }}
   - {{ name: all, route: {{ cluster: a, response_headers: {{ add: [{{ name: x-rule, value: all }}] }} }} }}
 clusters:
 {}{}"#,
@@ -1183,13 +1196,16 @@ clusters:
         ("/nd/x", &[("x-debug", "1")], "a"),
         ("/rw/deep/p?x=1", &[], "b"),
         ("/w/1", &[], "b"),
+        ("/f/1", &[], "b"),
         ("/", &[], "a"),
     ];
     let c = h1_client();
     // What a request's routing decides: status, backend, the path and query it arrived with,
     // the headers the route adds or removes, and the response header it adds.
     let seen = |r: Reply| {
-        let j = r.json();
+        // Not JSON (a proxy's own answer): its text stands in the path's place.
+        let j = serde_json::from_str(&r.body)
+            .unwrap_or_else(|_| serde_json::json!({ "path": r.body.clone() }));
         (
             r.status,
             r.backend(),
@@ -1197,15 +1213,22 @@ clusters:
             j["query"].clone(),
             j["headers"]["x-added"].clone(),
             j["headers"]["x-drop"].clone(),
-            r.headers
-                .get("x-rule")
-                .map(|v| v.to_str().unwrap().to_string()),
+            j["headers"]["x-special"].clone(),
+            [r.headers.get("x-rule"), r.headers.get("x-chain")]
+                .map(|v| v.map(|v| v.to_str().unwrap().to_string())),
         )
     };
     for (path, headers, want) in cases {
         let w = seen(send(&c, listen_w, "GET", path, headers).await);
         let e = seen(send(&c, listen_e, "GET", path, headers).await);
         assert_eq!(w.1, *want, "weir: {path} {headers:?}: {w:?}");
+        // Every route runs a chain: /f/ its own, the others the listener's.
+        let chain = if path.starts_with("/f/") {
+            "special"
+        } else {
+            "edge"
+        };
+        assert_eq!(w.7[1].as_deref(), Some(chain), "weir: {path}: {w:?}");
         assert_eq!(
             w,
             e,
