@@ -537,7 +537,7 @@ mod tests {
         let module = dir.path().join("f.wasm");
         std::fs::write(&module, b"\0asm-not-really").unwrap();
         let text = format!(
-            "listeners: [{{ name: main, address: \"127.0.0.1:15001\", filter_chain: good }}]\nroutes:\n  - {{ name: guarded, match: {{ path: {{ prefix: /g/ }} }}, route: {{ cluster: c }}, filter_chain: bad }}\n  - {{ name: rest, route: {{ cluster: c }} }}\nclusters:\n  - {{ name: c, endpoints: [{{ address: \"10.0.0.1:80\" }}] }}\nfilter_chains:\n  - {{ name: good, filters: [{{ name: g, module: \"{m}\" }}] }}\n  - {{ name: bad, filters: [{{ name: b, module: \"{m}\", sha256: \"{zeros}\" }}] }}\n",
+            "listeners: [{{ name: main, address: \"127.0.0.1:15001\", filter_chain: good }}]\nroutes:\n  - {{ name: guarded, match: {{ path: {{ prefix: /g/ }} }}, route: {{ cluster: c }}, filter_chain: bad }}\n  - {{ name: rest, route: {{ cluster: c }} }}\nclusters:\n  - {{ name: c, endpoints: [{{ address: \"10.0.0.1:80\" }}] }}\nfilter_chains:\n  - {{ name: good, filters: [{{ name: g, module: \"{m}\" }}, {{ name: h, module: \"{m}\" }}, {{ name: i, module: \"{m}\" }}] }}\n  - {{ name: bad, filters: [{{ name: b, module: \"{m}\", sha256: \"{zeros}\" }}] }}\n",
             m = module.display(),
             zeros = "0".repeat(64)
         );
@@ -570,8 +570,20 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            [("weir.good.0", true), ("envoy.filters.http.router", false)]
+            [
+                ("weir.good.0", true),
+                ("weir.good.1", true),
+                ("weir.good.2", true),
+                ("envoy.filters.http.router", false)
+            ]
         );
+        // The same config gives the same bytes (routes enabling three filters by name).
+        for _ in 0..5 {
+            let again = translate::translate(&config).unwrap();
+            for ty in translate::TYPES {
+                assert_eq!(again.by_type[ty], t.by_type[ty], "{ty}");
+            }
+        }
     }
 
     #[test]

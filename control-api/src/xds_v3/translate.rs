@@ -417,12 +417,14 @@ fn route_of(
     config: &Config,
 ) -> Result<(route::Route, Option<String>), String> {
     let a = &r.action;
-    let mut enabled = HashMap::new();
+    // Prost writes a map in its iteration order: one hasher state for the whole process makes
+    // two translations of the same chains the same bytes (so the same resource version).
+    static ORDER: std::sync::LazyLock<std::hash::RandomState> =
+        std::sync::LazyLock::new(std::hash::RandomState::new);
+    let mut enabled = HashMap::with_hasher(ORDER.clone());
     let why = match chain {
         Some((name, Err(e))) => Some(format!("its filter chain {name} cannot run: {e}")),
         Some((name, Ok(filters))) => {
-            // Prost writes this map in hash order: the route configuration's bytes (not its
-            // meaning) may differ between two translations of the same chains.
             for i in 0..filters.len() {
                 // A present but empty `config` is how Envoy enables a filter its connection
                 // manager has disabled (no config at all is refused).
