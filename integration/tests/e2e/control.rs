@@ -264,7 +264,12 @@ async fn serve_in_process(cp: ControlPlane) -> SocketAddr {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(DiscoveryServer::new(cp.clone()))
-            .add_service(weir_control::pb::status_server::StatusServer::new(cp))
+            .add_service(weir_control::pb::status_server::StatusServer::new(
+                cp.clone(),
+            ))
+            .add_service(weir_control::xds_v3::AggregatedDiscoveryServiceServer::new(
+                weir_control::xds_v3::XdsV3::new(cp),
+            ))
             .serve_with_incoming(weir_integration::grpc_incoming(listener)),
     );
     addr
@@ -1236,4 +1241,84 @@ clusters:
             envoy.log()
         );
     }
+}
+
+/// Bad input on Envoy's xDS v3 stream, from a real xDS client (tonic, Envoy's protos): a wrong
+/// or missing token is UNAUTHENTICATED, a first request without a node INVALID_ARGUMENT, a
+/// type weir-control does not serve gets no answer while the stream goes on, and a request
+/// for clusters gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn xds_v3_refuses_wrong_tokens_and_missing_identity_and_skips_unknown_types() {
+    use envoy_types::pb::envoy::config::core::v3::Node as EnvoyNode;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    let cp = ControlPlane::new(Some(TOKEN.into()));
+    cp.publish(resources(
+        "clusters: [{ name: c, endpoints: [{ address: \"127.0.0.1:1\" }] }]\n",
+    ));
+    let cp_addr = serve_in_process(cp.clone()).await;
+    let request = |ty: &str, node: bool| DiscoveryRequest {
+        node: node.then(|| EnvoyNode {
+            id: "envoy-x".into(),
+            ..Default::default()
+        }),
+        type_url: ty.into(),
+        ..Default::default()
+    };
+    let open = |token: Option<&'static str>, first: Vec<DiscoveryRequest>| async move {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{cp_addr}"))
+            .await
+            .expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        for r in first {
+            tx.send(r).await.unwrap();
+        }
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        (client.stream_aggregated_resources(req).await, tx)
+    };
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    for token in [Some("wrong"), None] {
+        let (r, _tx) = open(token, vec![request(CDS, true)]).await;
+        assert_eq!(
+            r.unwrap_err().code(),
+            tonic::Code::Unauthenticated,
+            "{token:?}"
+        );
+    }
+    let (r, _tx) = open(Some(TOKEN), vec![request(CDS, false)]).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("node.id"), "{e:?}");
+
+    // A type not served (secrets) first: no answer; then clusters: answered.
+    let (r, tx) = open(
+        Some(TOKEN),
+        vec![request(
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            true,
+        )],
+    )
+    .await;
+    let mut inbound = r.expect("stream").into_inner();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), inbound.message()).await;
+    assert!(quiet.is_err(), "no answer for an unknown type: {quiet:?}");
+    tx.send(request(CDS, false)).await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .expect("answered")
+        .expect("no error")
+        .expect("a response");
+    assert_eq!(resp.type_url, CDS);
+    assert_eq!(resp.resources.len(), 1);
+    assert!(!resp.version_info.is_empty() && !resp.nonce.is_empty());
+    let s = cp.status();
+    let p = s
+        .proxies
+        .iter()
+        .find(|p| p.node.as_ref().unwrap().id == "envoy-x");
+    assert!(p.is_some_and(|p| p.connected), "{s:?}");
 }
