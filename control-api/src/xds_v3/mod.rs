@@ -497,7 +497,7 @@ mod tests {
         }
     }
 
-    const MESH: &str = "listeners: [{ name: main, address: \"127.0.0.1:15001\" }]\nroutes:\n  - { name: r, match: { host: \"*.example.com\" }, route: { cluster: c } }\n  - { name: p, route: { pool: models } }\nclusters:\n  - { name: c, endpoints: [{ address: \"10.0.0.1:80\" }] }\n  - { name: d, original_dst: true }\ninference_pools:\n  - { name: models, protocol: openai, endpoints: [{ address: \"10.0.0.9:8000\", models: [{ name: m }] }] }\n";
+    const MESH: &str = "listeners: [{ name: main, address: \"127.0.0.1:15001\" }]\nroutes:\n  - { name: r, match: { host: \"*.example.com\" }, route: { cluster: c } }\n  - { name: p, match: { path: { prefix: /m/ } }, route: { pool: models } }\n  - { name: o, route: { cluster: d } }\nclusters:\n  - { name: c, endpoints: [{ address: \"10.0.0.1:80\" }] }\n  - { name: d, original_dst: true }\ninference_pools:\n  - { name: models, protocol: openai, endpoints: [{ address: \"10.0.0.9:8000\", models: [{ name: m }] }] }\n";
 
     #[test]
     fn an_endpoint_change_rebuilds_only_load_assignments_and_equals_a_whole_translation() {
@@ -527,8 +527,9 @@ mod tests {
             .map(|(n, _)| n.as_str())
             .collect();
         assert_eq!(names, ["c"]);
-        assert_eq!(whole.not_translated.len(), 1, "{:?}", whole.not_translated);
+        assert_eq!(whole.not_translated.len(), 2, "{:?}", whole.not_translated);
         assert!(whole.not_translated[0].contains("inference pool models"));
+        assert!(whole.not_translated[1].contains("cluster d sends to the original destination"));
     }
 
     #[test]

@@ -443,6 +443,22 @@ fn route_of(
             format!("it routes to inference pool {pool}, which only weir can pick replicas for")
         })
     });
+    // weir's original destination comes from its eBPF capture; an Envoy without a redirect
+    // and the original_dst listener filter would send such requests back to itself.
+    let why = why.or_else(|| {
+        a.cluster
+            .iter()
+            .chain(a.weighted_clusters.iter().map(|w| &w.cluster))
+            .find(|name| {
+                config
+                    .clusters
+                    .iter()
+                    .any(|c| &c.name == *name && c.original_dst)
+            })
+            .map(|name| {
+                format!("its cluster {name} sends to the original destination of weir's eBPF capture, which Envoy does not have")
+            })
+    });
     let action = match &why {
         Some(why) => route::route::Action::DirectResponse(route::DirectResponseAction {
             status: 503,
