@@ -1162,11 +1162,23 @@ async fn envoy_and_weir_route_the_same_folder_the_same_way() {
   - {{ name: rewrite, match: {{ path: {{ prefix: /rw/ }} }}, route: {{ cluster: b, prefix_rewrite: /new/ }} }}
   - {{ name: weighted, match: {{ path: {{ prefix: /w/ }} }}, route: {{ weighted_clusters: [{{ cluster: b, weight: 100 }}] }} }}
   - {{ name: special, match: {{ path: {{ prefix: /f/ }} }}, route: {{ cluster: b }}, filter_chain: special }}
-  - {{ name: all, route: {{ cluster: a, response_headers: {{ add: [{{ name: x-rule, value: all }}] }} }} }}
+  - {{ name: all, route: {{ cluster: a, timeout: 5s, retry: {{ retries: 2, retry_on: [connect-failure, reset, 5xx], per_try_timeout: 2s }}, response_headers: {{ add: [{{ name: x-rule, value: all }}] }} }} }}
 clusters:
 {}{}"#,
-            cluster("a", "http1", &[a.addr], ""),
-            cluster("b", "http1", &[b.addr], "")
+            // Every cluster setting Envoy gets, so its acceptance is tested too: active
+            // health checks, outlier detection, limits, h2c, consistent hashing.
+            cluster(
+                "a",
+                "http1",
+                &[a.addr],
+                "    health_check: { interval: 1s, http: { path: /healthz } }\n    outlier_detection: { consecutive_5xx: 3 }\n    circuit_breaker: { max_requests: 500, max_retries: 3 }\n"
+            ),
+            cluster(
+                "b",
+                "h2c",
+                &[b.addr],
+                "    lb: { ring_hash: { header: x-user } }\n    connect_timeout: 2s\n"
+            )
         ),
     );
     let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
@@ -1219,6 +1231,8 @@ clusters:
             j["headers"]["x-added"].clone(),
             j["headers"]["x-drop"].clone(),
             j["headers"]["x-special"].clone(),
+            // The upstream protocol: cluster b is h2c.
+            j["version"].clone(),
             [r.headers.get("x-rule"), r.headers.get("x-chain")]
                 .map(|v| v.map(|v| v.to_str().unwrap().to_string())),
         )
@@ -1233,7 +1247,9 @@ clusters:
         } else {
             "edge"
         };
-        assert_eq!(w.7[1].as_deref(), Some(chain), "weir: {path}: {w:?}");
+        assert_eq!(w.8[1].as_deref(), Some(chain), "weir: {path}: {w:?}");
+        let version = if *want == "b" { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert_eq!(w.7, version, "weir: {path}: {w:?}");
         assert_eq!(
             w,
             e,
