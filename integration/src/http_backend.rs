@@ -144,6 +144,23 @@ impl HttpBackend {
                 .body(Full::new(body).boxed())
                 .expect("valid response");
         }
+        if path == "/trailers" {
+            // A chunked body ending with trailer fields (HTTP/1.1 chunked trailer section, or
+            // an HTTP/2 trailing HEADERS frame).
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"hello"))),
+                Ok(Frame::trailers({
+                    let mut t = hyper::HeaderMap::new();
+                    t.insert("x-checksum", "abc123".parse().expect("valid"));
+                    t.insert("x-count", "2".parse().expect("valid"));
+                    t
+                })),
+            ];
+            return Response::builder()
+                .header("trailer", "x-checksum, x-count")
+                .body(BodyExt::boxed(StreamBody::new(tokio_stream::iter(frames))))
+                .expect("valid response");
+        }
         if path == "/authz/check" {
             // A tiny authorization service: alice and carol may pass, anyone else may not.
             let user = req

@@ -842,6 +842,24 @@ impl ProxyHttp for WeirProxy {
             })?;
             upstream.set_uri(uri);
         }
+        // TE is hop-by-hop (pingora strips it), but its `trailers` says what weir can take
+        // now: an upstream's trailers are forwarded (HTTP/1.1 and h2), so a client that takes
+        // them has the upstream asked to send them (as gRPC servers expect).
+        let takes_trailers = session
+            .req_header()
+            .headers
+            .get_all(http::header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+            });
+        if takes_trailers {
+            upstream.insert_header(http::header::TE, "trailers")?;
+        }
         let mutation = &route.action.request_headers;
         for name in &mutation.remove {
             upstream.remove_header(name.as_str());

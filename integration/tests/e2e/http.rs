@@ -83,6 +83,59 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(backend.requests(), 4);
 }
 
+/// Response trailers of an HTTP/1.1 upstream (a chunked body's trailer section) reach the
+/// client: an HTTP/1.1 client in the last chunk, an h2c client as a trailing HEADERS frame.
+/// An upstream body without trailers still ends with a bare last chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http1_upstream_trailers_reach_h1_and_h2c_clients() {
+    use std::io::{Read, Write};
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let listen = s.listen;
+    let raw = |path: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(listen).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            c.read_to_end(&mut out)
+                .expect("weir closes after the response");
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let out = raw("/trailers").await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with("\r\n5\r\nhello\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n"),
+        "{out:?}"
+    );
+    let out = raw("/gated-chunks/1").await.unwrap();
+    assert!(out.contains("transfer-encoding: chunked\r\n"), "{out:?}");
+    assert!(out.ends_with("\r\n7\r\nchunk0;\r\n0\r\n\r\n"), "{out:?}");
+
+    let req = ::http::Request::builder()
+        .uri(format!("http://{listen}/trailers"))
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2c_client().request(req).await.expect("h2c request");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body");
+    let trailers = body.trailers().cloned().expect("trailers over h2c");
+    assert_eq!(trailers["x-checksum"], "abc123");
+    assert_eq!(trailers["x-count"], "2");
+    assert_eq!(body.to_bytes(), "hello");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routes_match_rewrite_and_edit_headers() {
     let a = HttpBackend::start("a").await;

@@ -151,6 +151,9 @@ pub struct BodyReader {
     rewind_buf_len: usize,
     upstream: bool,
     body_buf_overread: Option<BytesMut>,
+    // weir patch: the section after the last chunk as read (trailer fields and the final
+    // CRLF), kept so the trailers can be forwarded instead of discarded.
+    trailer_raw: Vec<u8>,
 }
 
 impl BodyReader {
@@ -162,7 +165,31 @@ impl BodyReader {
             rewind_buf_len: 0,
             upstream,
             body_buf_overread: None,
+            trailer_raw: Vec::new(),
         }
+    }
+
+    /// weir patch: the trailer fields of a chunked body that ended with some, once, parsed.
+    /// `None` when the body had none (the common `0\r\n\r\n` end never keeps any bytes) or
+    /// they do not parse (they are then dropped, as before).
+    pub fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        if self.trailer_raw.len() <= CRLF.len() {
+            self.trailer_raw.clear();
+            return None;
+        }
+        let raw = std::mem::take(&mut self.trailer_raw);
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let parsed = match httparse::parse_headers(&raw, &mut fields) {
+            Ok(httparse::Status::Complete((_, parsed))) => parsed,
+            _ => return None,
+        };
+        let mut map = http::HeaderMap::with_capacity(parsed.len());
+        for f in parsed {
+            let name = http::HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+            let value = http::HeaderValue::from_bytes(f.value).ok()?;
+            map.append(name, value);
+        }
+        Some(map)
     }
 
     pub fn need_init(&self) -> bool {
@@ -712,6 +739,7 @@ impl BodyReader {
                             } else {
                                 // Indicate start of parsing final chunked trailers,
                                 // with remaining buf to read
+                                self.trailer_raw.clear();
                                 self.body_state = self.body_state.read_final_chunk(
                                     buf_index_end - (buf_index_start + payload_index),
                                 );
@@ -853,6 +881,8 @@ impl BodyReader {
                     .as_deref()
                     .expect("body buf is initialized before reading trailers")[..n];
 
+                // weir patch: every byte of this read up to the end of the section is kept.
+                let section = buf;
                 let mut start = 0;
                 // try to find end within the current IO buffer
                 while start < n {
@@ -913,11 +943,15 @@ impl BodyReader {
                                 String::from_utf8_lossy(buf).escape_default(),
                             );
 
+                            self.trailer_raw
+                                .extend_from_slice(&section[..start + end_idx]);
                             self.finish_body_buf(start + end_idx, n);
                             return Ok(None);
                         }
                     }
                 }
+                // The size limit above bounds what is kept.
+                self.trailer_raw.extend_from_slice(section);
             }
             _ => panic!("wrong body state: {:?}", self.body_state),
         }
@@ -1423,6 +1457,36 @@ impl BodyWriter {
                 }
             }
             _ => panic!("wrong body mode: {:?}", self.body_mode),
+        }
+    }
+
+    /// weir patch: finishes a chunked body with `trailers` in its last chunk. Any other body
+    /// has no place for them: it finishes as [`Self::finish`] does and they are dropped.
+    pub async fn finish_with_trailers<S>(
+        &mut self,
+        stream: &mut S,
+        trailers: &http::HeaderMap,
+    ) -> Result<Option<usize>>
+    where
+        S: AsyncWrite + Unpin + Send,
+    {
+        let BM::ChunkedEncoding(written) = self.body_mode else {
+            return self.finish(stream).await;
+        };
+        let mut last = Vec::with_capacity(64);
+        last.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers {
+            last.extend_from_slice(name.as_str().as_bytes());
+            last.extend_from_slice(b": ");
+            last.extend_from_slice(value.as_bytes());
+            last.extend_from_slice(b"\r\n");
+        }
+        last.extend_from_slice(b"\r\n");
+        let res = stream.write_all(&last).await;
+        self.body_mode = BM::Complete(written);
+        match res {
+            Ok(()) => Ok(Some(written)),
+            Err(e) => Error::e_because(WriteError, "while writing trailers", e),
         }
     }
 
@@ -2979,6 +3043,58 @@ mod tests {
         assert_eq!(res, None);
         assert_eq!(body_reader.body_state, ParseState::Complete(3));
         assert_eq!(body_reader.get_body_overread(), None);
+        // weir patch: the fields read across five reads are kept, once.
+        let trailers = body_reader.take_trailers().expect("trailers");
+        assert_eq!(trailers["abc"], "hi");
+        assert_eq!(trailers["def"], "bye");
+        assert_eq!(trailers["ghi"], "more");
+        assert_eq!(trailers.len(), 3);
+        assert!(body_reader.take_trailers().is_none());
+    }
+
+    #[tokio::test]
+    async fn read_with_body_without_trailers_keeps_none() {
+        init_log();
+        // weir patch: the last chunk's CRLF in a later read than the 0, and in the same one.
+        for inputs in [
+            &[&b"1\r\na\r\n0\r\n"[..], &b"\r\n"[..]][..],
+            &[&b"1\r\na\r\n0\r\n\r\n"[..]][..],
+        ] {
+            let mut builder = Builder::new();
+            for i in inputs {
+                builder.read(i);
+            }
+            let mut mock_io = builder.build();
+            let mut body_reader = BodyReader::new(false);
+            body_reader.init_chunked(b"");
+            while body_reader.read_body(&mut mock_io).await.unwrap().is_some() {}
+            assert_eq!(body_reader.body_state, ParseState::Complete(1));
+            assert!(body_reader.take_trailers().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn write_body_chunked_with_trailers() {
+        // weir patch: the trailers go in the last chunk.
+        let mut mock_io = Builder::new()
+            .write(b"5\r\nhello\r\n")
+            .write(b"0\r\nx-a: 1\r\nx-b: two\r\n\r\n")
+            .build();
+        let mut body_writer = BodyWriter::new();
+        body_writer.init_chunked();
+        body_writer
+            .write_body(&mut mock_io, b"hello")
+            .await
+            .unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-a", "1".parse().unwrap());
+        trailers.insert("x-b", "two".parse().unwrap());
+        let res = body_writer
+            .finish_with_trailers(&mut mock_io, &trailers)
+            .await
+            .unwrap();
+        assert_eq!(res, Some(5));
+        assert!(body_writer.finished());
     }
 
     #[tokio::test]

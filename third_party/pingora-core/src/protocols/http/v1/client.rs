@@ -59,6 +59,8 @@ pub struct HttpSession {
     body_recv: usize,
     // Tracks whether upgrade handshake was successfully completed
     upgraded: bool,
+    // weir patch: trailers of the response body, returned by the next `read_response_task`.
+    pending_trailers: Option<Box<http::HeaderMap>>,
     // Tracks whether downstream request body started sending upgraded bytes
     received_upgrade_req_body: bool,
     // Tracks whether the response read was ever close-delimited
@@ -97,6 +99,7 @@ impl HttpSession {
             bytes_sent: 0,
             body_recv: 0,
             upgraded: false,
+            pending_trailers: None,
             received_upgrade_req_body: false,
             close_delimited_resp: false,
             allow_h1_response_invalid_content_length: false,
@@ -809,6 +812,10 @@ impl HttpSession {
     }
 
     pub async fn read_response_task(&mut self) -> Result<HttpTask> {
+        // weir patch: trailers read with the end of the body come as the last task.
+        if let Some(trailers) = self.pending_trailers.take() {
+            return Ok(HttpTask::Trailer(Some(trailers)));
+        }
         if self.should_read_resp_header() {
             let resp_header = self.read_resp_header_parts().await?;
             let end_of_body = self.is_body_done();
@@ -833,11 +840,17 @@ impl HttpSession {
             trace!("Response body: {body:?}, upgraded: {}", self.upgraded);
             if self.upgraded {
                 Ok(HttpTask::UpgradedBody(body, end_of_body))
+            } else if let Some(trailers) = end_of_body
+                .then(|| self.body_reader.take_trailers())
+                .flatten()
+            {
+                // weir patch: the body is not the end; its trailers are, on the next call.
+                self.pending_trailers = Some(Box::new(trailers));
+                Ok(HttpTask::Body(body, false))
             } else {
                 Ok(HttpTask::Body(body, end_of_body))
             }
         }
-        // TODO: support h1 trailer
     }
 
     /// Return the [Digest] of the connection

@@ -1083,7 +1083,23 @@ impl HttpSession {
     /// For chunked encoding response, this call will also send the last chunk.
     /// For upgraded sessions, this call will also close the reading of the client body.
     pub async fn finish_body(&mut self) -> Result<Option<usize>> {
-        let res = self.body_writer.finish(&mut self.underlying_stream).await?;
+        self.finish_body_with(None).await
+    }
+
+    /// weir patch: [`Self::finish_body`], with the upstream's trailers in a chunked body's
+    /// last chunk (a body of known length has no place for them).
+    async fn finish_body_with(
+        &mut self,
+        trailers: Option<&http::HeaderMap>,
+    ) -> Result<Option<usize>> {
+        let res = match trailers {
+            Some(t) => {
+                self.body_writer
+                    .finish_with_trailers(&mut self.underlying_stream, t)
+                    .await?
+            }
+            None => self.body_writer.finish(&mut self.underlying_stream).await?,
+        };
         self.underlying_stream
             .flush()
             .await
@@ -1514,6 +1530,7 @@ impl HttpSession {
     }
 
     async fn response_duplex(&mut self, task: HttpTask) -> Result<bool> {
+        let mut trailers = None;
         let end_stream = match task {
             HttpTask::Header(header, end_stream) => {
                 self.write_response_header(header)
@@ -1529,13 +1546,19 @@ impl HttpSession {
                 self.write_non_empty_body(data, true).await?;
                 end_stream
             }
-            HttpTask::Trailer(_) => true, // h1 trailer is not supported yet
+            HttpTask::Trailer(t) => {
+                // weir patch: trailers end a chunked body instead of being dropped.
+                trailers = t;
+                true
+            }
             HttpTask::Done => true,
             HttpTask::Failed(e) => return Err(e),
         };
         if end_stream {
             // no-op if body wasn't initialized or is finished already
-            self.finish_body().await.map_err(|e| e.into_down())?;
+            self.finish_body_with(trailers.as_deref())
+                .await
+                .map_err(|e| e.into_down())?;
         }
         Ok(end_stream || self.body_writer.finished())
     }
@@ -1566,6 +1589,7 @@ impl HttpSession {
         }
 
         let mut end_stream = false;
+        let mut trailers = None;
         for task in tasks.into_iter() {
             end_stream = match task {
                 HttpTask::Header(header, end_stream) => {
@@ -1582,7 +1606,11 @@ impl HttpSession {
                     self.buffer_body_data(data, true);
                     end_stream
                 }
-                HttpTask::Trailer(_) => true, // h1 trailer is not supported yet
+                HttpTask::Trailer(t) => {
+                    // weir patch: written in the last chunk below.
+                    trailers = t;
+                    true
+                }
                 HttpTask::Done => true,
                 HttpTask::Failed(e) => {
                     // flush the data we have and quit
@@ -1598,7 +1626,9 @@ impl HttpSession {
         self.write_body_buf().await.map_err(|e| e.into_down())?;
         if end_stream {
             // no-op if body wasn't initialized or is finished already
-            self.finish_body().await.map_err(|e| e.into_down())?;
+            self.finish_body_with(trailers.as_deref())
+                .await
+                .map_err(|e| e.into_down())?;
         }
         Ok(end_stream || self.body_writer.finished())
     }
