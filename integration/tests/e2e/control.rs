@@ -970,7 +970,7 @@ async fn envoy_follows_the_folder(api_type: &str) {
     }
     let m = Mesh::new().await;
     let (f, listen, cp) = (&m.folder, m.listen, m.cp);
-    let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
+    let control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
     let envoy_admin = free_port();
     let envoy = weir_integration::envoy::Envoy::start(
         &weir_integration::envoy::ads_bootstrap(cp, envoy_admin, "envoy-1", Some(TOKEN), api_type),
@@ -1108,8 +1108,27 @@ async fn envoy_follows_the_folder(api_type: &str) {
 
     // Fixed again: ACKed, and served.
     m.route_to("a");
-    wait_for_envoy(cp, &s.version, false).await;
+    let (s, _) = wait_for_envoy(cp, &s.version, false).await;
     wait_for_backend(listen, "a", "the fixed config reached Envoy").await;
+
+    // The control plane goes away: Envoy serves on. A new one on the same port, with a
+    // change made meanwhile: Envoy reconnects (its own backoff), gets it and ACKs it.
+    drop(control);
+    assert_eq!(
+        backend_of(listen).await,
+        "a",
+        "served without a control plane"
+    );
+    m.route_to("b");
+    let _control = ControlProc::start(&f.policies, cp, &f.token, &f.root.join("control.log"));
+    let (_, p) = wait_for_envoy(cp, &s.version, false).await;
+    assert!(p.connected, "{p:?}");
+    wait_for_backend(
+        listen,
+        "b",
+        "the change made while the control plane was away",
+    )
+    .await;
 }
 
 /// One folder, two proxies: weir (as a control-plane client) and real Envoy (over xDS v3),
