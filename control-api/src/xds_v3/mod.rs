@@ -1,12 +1,12 @@
 //! Envoy's own xDS v3: `envoy.service.discovery.v3.AggregatedDiscoveryService` over one ADS
 //! stream, state of the world (`api_type: GRPC`, here) or incremental (`DELTA_GRPC`,
-//! [`delta`]), on the same port as weir's protocol. An Envoy whose bootstrap
-//! points its `ads_config` (`api_type: GRPC`) at weir-control gets the policy folder as
-//! listeners, routes, clusters and endpoints ([`translate`]), with the same scoping by node,
-//! the same token, and the same status: it shows up in `weir-control status` with the version
-//! it ACKed or the reason it NACKed.
+//! [`delta`]), on the same port as weir's protocol. An Envoy whose bootstrap points its
+//! `ads_config` at weir-control gets the policy folder as listeners, routes, clusters and
+//! endpoints ([`translate`]), with the same scoping by node, the same token, and the same
+//! status: it shows up in `weir-control status` with the version it ACKed or the reason it
+//! NACKed.
 //!
-//! Per type, Envoy's request names what it wants (every listener and cluster; the route
+//! State of the world, per type: Envoy's request names what it wants (every listener and cluster; the route
 //! configurations and load assignments its listeners and clusters refer to). A response
 //! carries a type version (a hash of what it holds) and a nonce; Envoy answers each with an
 //! ACK or a NACK naming that nonce, and an answer to an older nonce is stale and ignored. A
