@@ -45,14 +45,6 @@ pub(super) struct Session {
     view: Option<(Arc<View>, Arc<Translation>)>,
 }
 
-/// A resource's version: a hash of its encoding.
-fn version_of(r: &Any) -> String {
-    format!(
-        "{:016x}",
-        crate::resources::stable_hash((&r.type_url, &r.value))
-    )
-}
-
 impl Session {
     pub(super) fn new(
         xds: XdsV3,
@@ -76,7 +68,7 @@ impl Session {
     }
 
     /// What the current view gives this subscription: name -> (version, resource).
-    fn desired(&self, ty: &str) -> Option<BTreeMap<&str, (String, &Any)>> {
+    fn desired(&self, ty: &str) -> Option<BTreeMap<&str, (&String, &Any)>> {
         let (_, translation) = self.view.as_ref()?;
         let resources = translation.as_ref().as_ref().ok()?;
         let sub = self.subs.get(ty)?;
@@ -87,8 +79,8 @@ impl Session {
                 .map(Vec::as_slice)
                 .unwrap_or(&[])
                 .iter()
-                .filter(|(name, _)| sub.wildcard || sub.names.contains(name))
-                .map(|(name, r)| (name.as_str(), (version_of(r), r)))
+                .filter(|r| sub.wildcard || sub.names.contains(&r.name))
+                .map(|r| (r.name.as_str(), (&r.version, &r.resource)))
                 .collect(),
         )
     }
@@ -102,10 +94,10 @@ impl Session {
         let sub = self.subs.get(ty).expect("desired() found it");
         let resources: Vec<Resource> = desired
             .iter()
-            .filter(|(name, (version, _))| sub.held.get(**name) != Some(version))
+            .filter(|(name, (version, _))| sub.held.get(**name) != Some(*version))
             .map(|(name, (version, r))| Resource {
                 name: name.to_string(),
-                version: version.clone(),
+                version: (*version).clone(),
                 resource: Some((*r).clone()),
                 ..Default::default()
             })
@@ -224,7 +216,7 @@ impl Session {
                 s.acked
                     && self.desired(ty).is_some_and(|d| {
                         d.len() == s.held.len()
-                            && d.iter().all(|(n, (v, _))| s.held.get(*n) == Some(v))
+                            && d.iter().all(|(n, (v, _))| s.held.get(*n) == Some(*v))
                     })
             });
         if running {

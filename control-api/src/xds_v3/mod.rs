@@ -136,12 +136,14 @@ impl XdsV3 {
 fn with_endpoints(like: &translate::Resources, view: &View) -> Translation {
     let mut t = like.clone();
     if let Some(assignments) = t.by_type.get_mut(translate::ENDPOINTS) {
-        for (name, assignment) in assignments.iter_mut() {
+        for assignment in assignments.iter_mut() {
+            let name = std::mem::take(&mut assignment.name);
             let endpoints = view
                 .resources
-                .endpoints(name)
+                .endpoints(&name)
                 .ok_or_else(|| format!("cluster {name} has no endpoints resource"))?;
-            *assignment = translate::endpoints_of(name, &endpoints)?;
+            let resource = translate::endpoints_of(&name, &endpoints)?;
+            *assignment = translate::Named::new(name, resource);
         }
     }
     Ok(t)
@@ -221,17 +223,17 @@ impl Session {
             return true;
         };
         let all = resources.by_type.get(ty).map(Vec::as_slice).unwrap_or(&[]);
-        let chosen: Vec<_> = all
+        let chosen: Vec<&translate::Named> = all
             .iter()
-            .filter(|(name, _)| sub.wildcard || sub.names.binary_search(name).is_ok())
-            .map(|(_, r)| r.clone())
+            .filter(|r| sub.wildcard || sub.names.binary_search(&r.name).is_ok())
             .collect();
+        // The type version: what it holds, by name and resource version.
         let version = format!(
             "{:016x}",
             crate::resources::stable_hash(
                 chosen
                     .iter()
-                    .map(|r| (&r.type_url, &r.value))
+                    .map(|r| (&r.name, &r.version))
                     .collect::<Vec<_>>()
             )
         );
@@ -239,6 +241,7 @@ impl Session {
         if !always && sub.sent.as_ref().is_some_and(|s| s.version == version) {
             return true;
         }
+        let chosen = chosen.into_iter().map(|r| r.resource.clone()).collect();
         self.nonce += 1;
         let sent = Sent {
             nonce: self.nonce.to_string(),
@@ -524,7 +527,7 @@ mod tests {
         // The original_dst cluster has no load assignment; the pool route is reported.
         let names: Vec<&str> = whole.by_type[translate::ENDPOINTS]
             .iter()
-            .map(|(n, _)| n.as_str())
+            .map(|r| r.name.as_str())
             .collect();
         assert_eq!(names, ["c"]);
         assert_eq!(whole.not_translated.len(), 2, "{:?}", whole.not_translated);
@@ -556,7 +559,7 @@ mod tests {
         use envoy_types::pb::envoy::config::listener::v3::Listener;
         use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
         use prost::Message;
-        let l = Listener::decode(&*t.by_type[translate::LISTENER][0].1.value).unwrap();
+        let l = Listener::decode(&*t.by_type[translate::LISTENER][0].resource.value).unwrap();
         let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
             hcm,
         )) = &l.filter_chains[0].filters[0].config_type

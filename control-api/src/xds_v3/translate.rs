@@ -43,11 +43,34 @@ pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluste
 /// both before the listeners and routes that use them), as xDS asks of an ADS server.
 pub const TYPES: [&str; 4] = [CLUSTER, ENDPOINTS, LISTENER, ROUTE];
 
+/// One encoded resource, with the version Envoy sees (a hash of its encoding, computed once
+/// here rather than on every push to every Envoy).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Named {
+    pub name: String,
+    pub version: String,
+    pub resource: Any,
+}
+
+impl Named {
+    pub fn new(name: String, resource: Any) -> Self {
+        let version = format!(
+            "{:016x}",
+            crate::resources::stable_hash((&resource.type_url, &resource.value))
+        );
+        Self {
+            name,
+            version,
+            resource,
+        }
+    }
+}
+
 /// Named, encoded resources of every type.
 #[derive(Debug, Default, Clone)]
 pub struct Resources {
-    /// By type URL: `(name, resource)` sorted by name.
-    pub by_type: HashMap<&'static str, Vec<(String, Any)>>,
+    /// By type URL, sorted by name.
+    pub by_type: HashMap<&'static str, Vec<Named>>,
     /// Routes Envoy answers with 503 because it cannot run them as weir does, with why.
     pub not_translated: Vec<String>,
 }
@@ -241,6 +264,7 @@ pub fn translate(config: &Config) -> Result<Resources, String> {
         (ENDPOINTS, endpoints),
     ] {
         list.sort_by(|a, b| a.0.cmp(&b.0));
+        let list = list.into_iter().map(|(n, r)| Named::new(n, r)).collect();
         out.by_type.insert(ty, list);
     }
     Ok(out)
