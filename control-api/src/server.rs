@@ -263,6 +263,17 @@ impl ControlPlane {
     }
 }
 
+/// A discovery stream's first message, which carries the node identity.
+pub(crate) async fn first_message<M>(inbound: &mut Streaming<M>) -> Result<M, Status> {
+    match inbound.next().await {
+        Some(Ok(m)) => Ok(m),
+        Some(Err(e)) => Err(e),
+        None => Err(Status::invalid_argument(
+            "stream closed before the node identity",
+        )),
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -364,15 +375,7 @@ impl Discovery for ControlPlane {
     ) -> Result<Response<ResponseStream>, Status> {
         self.check_token(&req)?;
         let mut inbound = req.into_inner();
-        let first = match inbound.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(e),
-            None => {
-                return Err(Status::invalid_argument(
-                    "stream closed before the node identity",
-                ))
-            }
-        };
+        let first = first_message(&mut inbound).await?;
         let node = first
             .node
             .filter(|n| !n.id.is_empty())

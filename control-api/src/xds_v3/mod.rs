@@ -413,15 +413,7 @@ impl XdsV3 {
     ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>>, Status> {
         self.cp.check_token(&req)?;
         let mut inbound = req.into_inner();
-        let first = match inbound.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(e),
-            None => {
-                return Err(Status::invalid_argument(
-                    "stream closed before the node identity",
-                ))
-            }
-        };
+        let first = crate::server::first_message(&mut inbound).await?;
         let node = node(&first)
             .filter(|n| !n.id.is_empty())
             .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;

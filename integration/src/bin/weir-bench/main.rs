@@ -434,32 +434,61 @@ mod xds {
         Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime))
     }
 
-    /// The measurements of one (proxies, routes) setting, `rounds` times each: the four
-    /// times, and the CPU the all-routes changes took.
-    async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 5]> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let file = dir.path().join("mesh.yaml");
-        // A file is changed the way editors and config tools do it: a temporary file written
-        // beside it, then renamed over it. The change is the rename.
-        let tmp = dir.path().join("mesh.tmp");
-        let prepare = |text: String| std::fs::write(&tmp, text).map_err(|e| e.to_string());
-        let rename = || std::fs::rename(&tmp, &file).map_err(|e| e.to_string());
-        prepare(policy(routes, 0, 8080))?;
-        rename()?;
-        let cp = ControlPlane::new(None);
-        tokio::spawn(policy_dir::watch(dir.path().to_path_buf(), cp.clone()));
+    /// A policy folder holding `mesh.yaml`, watched by a control plane. The file is changed
+    /// the way editors and config tools do it: a temporary file written beside it
+    /// ([`Self::prepare`]), then renamed over it ([`Self::rename`]): the change is the rename.
+    struct Folder {
+        dir: tempfile::TempDir,
+        cp: ControlPlane,
+    }
+
+    impl Folder {
+        fn new(text: String) -> Res<Self> {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let cp = ControlPlane::new(None);
+            let folder = Self { dir, cp };
+            folder.prepare(text)?;
+            folder.rename()?;
+            tokio::spawn(policy_dir::watch(
+                folder.dir.path().to_path_buf(),
+                folder.cp.clone(),
+            ));
+            Ok(folder)
+        }
+
+        fn prepare(&self, text: String) -> Res<()> {
+            std::fs::write(self.dir.path().join("mesh.tmp"), text).map_err(|e| e.to_string())
+        }
+
+        fn rename(&self) -> Res<()> {
+            let dir = self.dir.path();
+            std::fs::rename(dir.join("mesh.tmp"), dir.join("mesh.yaml")).map_err(|e| e.to_string())
+        }
+    }
+
+    /// Serves `server` (a tonic router) on a free loopback port; its address.
+    async fn serve(server: tonic::transport::server::Router) -> Res<std::net::SocketAddr> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
-        let url = format!(
-            "http://{}",
-            listener.local_addr().map_err(|e| e.to_string())?
-        );
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(DiscoveryServer::new(cp.clone()).max_decoding_message_size(64 << 10))
-                .serve_with_incoming(weir_integration::grpc_incoming(listener)),
-        );
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tokio::spawn(server.serve_with_incoming(weir_integration::grpc_incoming(listener)));
+        Ok(addr)
+    }
+
+    /// The measurements of one (proxies, routes) setting, `rounds` times each: the four
+    /// times, and the CPU the all-routes changes took.
+    async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 5]> {
+        let folder = Folder::new(policy(routes, 0, 8080))?;
+        let (dir, cp) = (&folder.dir, &folder.cp);
+        let url =
+            format!(
+                "http://{}",
+                serve(tonic::transport::Server::builder().add_service(
+                    DiscoveryServer::new(cp.clone()).max_decoding_message_size(64 << 10)
+                ))
+                .await?
+            );
         for i in 0..proxies {
             let opts = ClientOptions {
                 url: url.clone(),
@@ -493,20 +522,20 @@ mod xds {
                 },
             ));
         }
-        all_acked(&cp, proxies, "")
+        all_acked(cp, proxies, "")
             .await
             .map_err(|e| format!("initial: {e}"))?;
 
         // The time from `text` (written beside it before the clock starts) replacing the
         // policy file until every proxy ACKed, and the CPU the process used meanwhile.
         let change = |text: String, what: &'static str| {
-            let (cp, prepare, rename) = (&cp, &prepare, &rename);
+            let folder = &folder;
             async move {
-                prepare(text)?;
-                let old = cp.version();
+                folder.prepare(text)?;
+                let old = folder.cp.version();
                 let (start, cpu) = (Instant::now(), process_cpu());
-                rename()?;
-                all_acked(cp, proxies, &old)
+                folder.rename()?;
+                all_acked(&folder.cp, proxies, &old)
                     .await
                     .map_err(|e| format!("{what}: {e}"))?;
                 Ok::<_, String>((start.elapsed(), process_cpu().saturating_sub(cpu)))
@@ -549,7 +578,7 @@ mod xds {
             let start = Instant::now();
             let new_version = changed_set.version();
             cp.publish(changed_set);
-            all_acked(&cp, proxies, &old).await.map_err(|e| {
+            all_acked(cp, proxies, &old).await.map_err(|e| {
                 format!(
                     "endpoint push {old} -> {new_version} (now {}): {e}",
                     cp.version()
@@ -566,9 +595,9 @@ mod xds {
         let cut = text.find("clusters:\n").ok_or("no clusters section")?;
         let split = dir.path().join("zz-clusters.yaml");
         std::fs::write(&split, &text[cut..]).map_err(|e| e.to_string())?;
-        prepare(text[..cut].to_string())?;
-        rename()?;
-        all_acked(&cp, proxies, &last_push)
+        folder.prepare(text[..cut].to_string())?;
+        folder.rename()?;
+        all_acked(cp, proxies, &last_push)
             .await
             .map_err(|e| format!("split: {e}"))?;
         let mut endpoint_own_file = vec![];
@@ -580,7 +609,7 @@ mod xds {
             let old = cp.version();
             let start = Instant::now();
             std::fs::rename(&tmp, &split).map_err(|e| e.to_string())?;
-            all_acked(&cp, proxies, &old)
+            all_acked(cp, proxies, &old)
                 .await
                 .map_err(|e| format!("endpoint change in its own file: {e}"))?;
             endpoint_own_file.push(start.elapsed());
@@ -614,43 +643,31 @@ mod xds {
     /// translating) and one endpoint changed through the file.
     async fn envoy_one(routes: usize, rounds: usize) -> Res<[Vec<Duration>; 4]> {
         use weir_control::xds_v3::{AggregatedDiscoveryServiceServer, XdsV3, ENVOY_REQUEST_BYTES};
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let file = dir.path().join("mesh.yaml");
-        let tmp = dir.path().join("mesh.tmp");
-        let prepare = |text: String| std::fs::write(&tmp, text).map_err(|e| e.to_string());
-        let rename = || std::fs::rename(&tmp, &file).map_err(|e| e.to_string());
         let listen = weir_integration::weir_process::free_port();
-        prepare(policy_on(listen, routes, 0, 8080))?;
-        rename()?;
-        let cp = ControlPlane::new(None);
-        tokio::spawn(policy_dir::watch(dir.path().to_path_buf(), cp.clone()));
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    AggregatedDiscoveryServiceServer::new(XdsV3::new(cp.clone()))
-                        .max_decoding_message_size(ENVOY_REQUEST_BYTES),
-                )
-                .serve_with_incoming(weir_integration::grpc_incoming(listener)),
-        );
+        let folder = Folder::new(policy_on(listen, routes, 0, 8080))?;
+        let cp = &folder.cp;
+        let addr = serve(
+            tonic::transport::Server::builder().add_service(
+                AggregatedDiscoveryServiceServer::new(XdsV3::new(cp.clone()))
+                    .max_decoding_message_size(ENVOY_REQUEST_BYTES),
+            ),
+        )
+        .await?;
         let admin = weir_integration::weir_process::free_port();
         let bootstrap =
             weir_integration::envoy::ads_bootstrap(addr, admin, "envoy-bench", None, "GRPC");
         // Waits until Envoy listens: it has the listener and its routes.
         let envoy = weir_integration::envoy::Envoy::start(&bootstrap, listen)?;
-        all_acked(&cp, 1, "")
+        all_acked(cp, 1, "")
             .await
             .map_err(|e| format!("initial (Envoy): {e}\n{}", envoy.log()))?;
         let (mut full, mut envoy_cpu, mut cp_cpu, mut endpoint) = (vec![], vec![], vec![], vec![]);
         for generation in 1..=rounds {
-            prepare(policy_on(listen, routes, generation, 8080))?;
+            folder.prepare(policy_on(listen, routes, generation, 8080))?;
             let old = cp.version();
             let (start, cpu, e_cpu) = (Instant::now(), process_cpu(), cpu_of(envoy.pid())?);
-            rename()?;
-            all_acked(&cp, 1, &old)
+            folder.rename()?;
+            all_acked(cp, 1, &old)
                 .await
                 .map_err(|e| format!("routes change (Envoy): {e}\n{}", envoy.log()))?;
             full.push(start.elapsed());
@@ -658,11 +675,11 @@ mod xds {
             envoy_cpu.push(cpu_of(envoy.pid())?.saturating_sub(e_cpu));
 
             tokio::time::sleep(Duration::from_millis(100)).await;
-            prepare(policy_on(listen, routes, generation, 9090))?;
+            folder.prepare(policy_on(listen, routes, generation, 9090))?;
             let old = cp.version();
             let start = Instant::now();
-            rename()?;
-            all_acked(&cp, 1, &old)
+            folder.rename()?;
+            all_acked(cp, 1, &old)
                 .await
                 .map_err(|e| format!("endpoint change (Envoy): {e}\n{}", envoy.log()))?;
             endpoint.push(start.elapsed());
