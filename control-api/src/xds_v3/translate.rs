@@ -202,6 +202,11 @@ pub fn translate(config: &Config) -> Result<Resources, String> {
         .iter()
         .map(|c| (c.name.as_str(), wasm_chain(c)))
         .collect();
+    let clusters: Clusters = config
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
     for l in &config.listeners {
@@ -220,7 +225,7 @@ pub fn translate(config: &Config) -> Result<Resources, String> {
                     .ok_or_else(|| format!("no filter chain {name}"))?;
                 Ok::<_, String>((name, filters))
             });
-            let (entry, why) = route_of(r, chain.transpose()?, config)?;
+            let (entry, why) = route_of(r, chain.transpose()?, &clusters)?;
             if let Some(why) = why {
                 out.not_translated
                     .push(format!("route {} on listener {}: {why}", r.name, l.name));
@@ -438,7 +443,7 @@ fn header_options(m: &model::HeaderMutation) -> Vec<core::HeaderValueOption> {
 fn route_of(
     r: &model::Route,
     chain: Option<(&str, &Chain)>,
-    config: &Config,
+    clusters: &Clusters,
 ) -> Result<(route::Route, Option<String>), String> {
     let a = &r.action;
     // Prost writes a map in its iteration order: one hasher state for the whole process makes
@@ -470,18 +475,12 @@ fn route_of(
     // weir's original destination comes from its eBPF capture; an Envoy without a redirect
     // and the original_dst listener filter would send such requests back to itself.
     let why = why.or_else(|| {
-        a.cluster
-            .iter()
-            .chain(a.weighted_clusters.iter().map(|w| &w.cluster))
-            .find(|name| {
-                config
-                    .clusters
-                    .iter()
-                    .any(|c| &c.name == *name && c.original_dst)
-            })
-            .map(|name| {
-                format!("its cluster {name} sends to the original destination of weir's eBPF capture, which Envoy does not have")
-            })
+        targets(a, clusters).find(|c| c.original_dst).map(|c| {
+            format!(
+                "its cluster {} sends to the original destination of weir's eBPF capture, which Envoy does not have",
+                c.name
+            )
+        })
     });
     let action = match &why {
         Some(why) => route::route::Action::DirectResponse(route::DirectResponseAction {
@@ -495,7 +494,7 @@ fn route_of(
             }),
             ..Default::default()
         }),
-        None => route::route::Action::Route(route_action(a, config)?),
+        None => route::route::Action::Route(route_action(a, clusters)?),
     };
     Ok((
         route::Route {
@@ -513,7 +512,21 @@ fn route_of(
     ))
 }
 
-fn route_action(a: &model::RouteAction, config: &Config) -> Result<route::RouteAction, String> {
+/// Clusters by name.
+type Clusters<'a> = HashMap<&'a str, &'a model::Cluster>;
+
+/// The clusters a route sends to (its cluster, or its weighted ones).
+fn targets<'a>(
+    a: &'a model::RouteAction,
+    clusters: &'a Clusters,
+) -> impl Iterator<Item = &'a model::Cluster> + 'a {
+    a.cluster
+        .iter()
+        .chain(a.weighted_clusters.iter().map(|w| &w.cluster))
+        .filter_map(|name| clusters.get(name.as_str()).copied())
+}
+
+fn route_action(a: &model::RouteAction, clusters: &Clusters) -> Result<route::RouteAction, String> {
     use route::route_action::ClusterSpecifier;
     let target = if let Some(c) = &a.cluster {
         ClusterSpecifier::Cluster(c.clone())
@@ -535,15 +548,10 @@ fn route_action(a: &model::RouteAction, config: &Config) -> Result<route::RouteA
     };
     // Ring hash is a cluster setting in weir and a route one in Envoy: the hash header of the
     // cluster this route sends to.
-    let hashed = a
-        .cluster
-        .iter()
-        .chain(a.weighted_clusters.iter().map(|w| &w.cluster))
-        .filter_map(|name| config.clusters.iter().find(|c| &c.name == name))
-        .find_map(|c| match &c.lb {
-            model::LbPolicy::RingHash { ring_hash } => Some(ring_hash.header.clone()),
-            model::LbPolicy::Simple(_) => None,
-        });
+    let hashed = targets(a, clusters).find_map(|c| match &c.lb {
+        model::LbPolicy::RingHash { ring_hash } => Some(ring_hash.header.clone()),
+        model::LbPolicy::Simple(_) => None,
+    });
     Ok(route::RouteAction {
         cluster_specifier: Some(target),
         // weir's timeout bounds each wait on the upstream (the response's start, each later
