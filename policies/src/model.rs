@@ -392,10 +392,30 @@ pub struct Listener {
     /// gets 431. Envoy's `max_request_headers_kb` and its default; at most 1023.
     #[serde(default = "default_max_request_headers_kb")]
     pub max_request_headers_kb: u32,
+    /// A connection with no request in progress is closed after this long: a new one that
+    /// sends nothing, an HTTP/1.1 one kept alive between requests, an HTTP/2 one with no open
+    /// stream; and so is a WebSocket (upgraded) connection whose client sends nothing for this
+    /// long. Envoy's `idle_timeout` and its default (1 h); `0s` turns it off.
+    #[serde(default = "default_idle_timeout", with = "crate::duration")]
+    pub idle_timeout: Duration,
+    /// How long an HTTP/1.1 request head may take from its first byte to its end; then the
+    /// connection is closed, so a client that sends its head byte by byte cannot hold a
+    /// connection. Envoy's `request_headers_timeout` (which is off unless set); the default,
+    /// 60 s, is nginx's `client_header_timeout`. `0s` turns it off.
+    #[serde(default = "default_request_headers_timeout", with = "crate::duration")]
+    pub request_headers_timeout: Duration,
 }
 
 fn default_max_request_headers_kb() -> u32 {
     60
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_request_headers_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// What a listener speaks downstream.

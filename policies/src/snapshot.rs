@@ -68,6 +68,11 @@ pub struct Listener {
     pub filter_chain: Option<usize>,
     /// Largest request head taken (HTTP/1.1 request line and headers), in bytes.
     pub max_request_headers: usize,
+    /// How long a connection waits for a request (and an upgraded one for its client); `None`:
+    /// no limit.
+    pub idle_timeout: Option<Duration>,
+    /// How long an HTTP/1.1 request head may take from its first byte; `None`: no limit.
+    pub request_headers_timeout: Option<Duration>,
 }
 
 /// A validated filter chain.

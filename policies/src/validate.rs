@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use regex::Regex;
 
@@ -182,6 +183,9 @@ type RouteTargets<'a> = (
     (&'a [InferencePool], &'a HashMap<&'a str, usize>),
 );
 
+/// The longest listener timeout taken (a longer one would overflow the clock's deadlines).
+const MAX_LISTENER_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The largest `max_request_headers_kb`: pingora refuses request heads over 1 MiB itself.
 const MAX_REQUEST_HEADERS_KB: u32 = 1023;
 
@@ -328,11 +332,25 @@ impl Validator {
                     format!("must be between 1 and {MAX_REQUEST_HEADERS_KB} (KiB)"),
                 );
             }
+            let mut limit = |what: &str, d: Duration| {
+                if d > MAX_LISTENER_TIMEOUT {
+                    self.problem(
+                        format!("listeners[{i}].{what}"),
+                        "must be at most 365 days (0s turns it off)",
+                    );
+                }
+                (!d.is_zero()).then_some(d)
+            };
+            let idle_timeout = limit("idle_timeout", l.idle_timeout);
+            let request_headers_timeout =
+                limit("request_headers_timeout", l.request_headers_timeout);
             out.push(Listener {
                 name: l.name.clone(),
                 address,
                 filter_chain: None,
                 max_request_headers: l.max_request_headers_kb as usize * 1024,
+                idle_timeout,
+                request_headers_timeout,
             });
         }
         out

@@ -1,5 +1,7 @@
 //! Config files a person gets wrong, and the errors they read.
 
+use std::time::Duration;
+
 use weir_policies::{load_str, ConfigError, EMBEDDED_DEFAULT};
 
 fn errors(text: &str) -> Vec<ConfigError> {
@@ -41,6 +43,35 @@ fn request_head_limit_out_of_range_names_its_line() {
     assert!(
         e.contains("listeners[0].max_request_headers_kb: must be between 1 and 1023"),
         "{e}"
+    );
+}
+
+#[test]
+fn listener_timeouts_are_checked_and_0s_turns_them_off() {
+    let listener = "listeners:\n  - name: l\n    address: \"127.0.0.1:8080\"\n";
+    let e = one_error(&format!("{BASE}{listener}    idle_timeout: 400d\n"));
+    assert!(e.starts_with("weir.yaml:7:5:"), "{e}");
+    assert!(
+        e.contains("listeners[0].idle_timeout: must be at most 365 days"),
+        "{e}"
+    );
+    let e = one_error(&format!(
+        "{BASE}{listener}    request_headers_timeout: soon\n"
+    ));
+    assert!(e.starts_with("weir.yaml:7:5:"), "{e}");
+    assert!(e.contains("invalid duration \"soon\""), "{e}");
+    let off = format!("{BASE}{listener}    idle_timeout: 0s\n    request_headers_timeout: 0s\n");
+    let snapshot = load_str("weir.yaml", &off).expect("valid");
+    let l = &snapshot.listeners[0];
+    assert_eq!((l.idle_timeout, l.request_headers_timeout), (None, None));
+    let defaults = load_str("weir.yaml", &format!("{BASE}{listener}")).unwrap();
+    let l = &defaults.listeners[0];
+    assert_eq!(
+        (l.idle_timeout, l.request_headers_timeout),
+        (
+            Some(Duration::from_secs(3600)),
+            Some(Duration::from_secs(60))
+        )
     );
 }
 

@@ -127,6 +127,9 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             http_proxy_service_with_name(&conf, proxy, &format!("listener {}", l.name));
         let mut options = HttpServerOptions::default();
         options.h2c = true;
+        options.idle_timeout = l.idle_timeout;
+        options.h2_idle_timeout = l.idle_timeout;
+        options.request_headers_timeout = l.request_headers_timeout;
         if let Some(app) = service.app_logic_mut() {
             app.server_options = Some(options);
         }

@@ -298,6 +298,15 @@ fn listener_of(
         )),
         http_filters: filters,
         max_request_headers_kb: Some(u32v(l.max_request_headers_kb)),
+        // The same meaning in both, 0 turning each off. Envoy's own stream idle timeout (5 min
+        // unless set) would cut quiet gRPC streams and WebSockets weir keeps: it gets the
+        // connection's.
+        common_http_protocol_options: Some(core::HttpProtocolOptions {
+            idle_timeout: Some(duration(l.idle_timeout)),
+            ..Default::default()
+        }),
+        stream_idle_timeout: Some(duration(l.idle_timeout)),
+        request_headers_timeout: Some(duration(l.request_headers_timeout)),
         ..Default::default()
     };
     Ok(listener::Listener {

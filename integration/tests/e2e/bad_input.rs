@@ -1,8 +1,8 @@
 //! Malformed and hostile requests get a 4xx from weir and never reach the backend.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weir_integration::http_backend::HttpBackend;
 
@@ -173,4 +173,154 @@ async fn admin_methods_other_than_the_endpoints_take_get_405() {
             "{a}"
         );
     }
+}
+
+/// Reads until the peer closes (`Ok(0)` or a reset) and returns how long that took from
+/// `since`, or `None` if it stayed open for `limit`. Bytes weir sends before closing (h2
+/// SETTINGS, a response) are read and dropped.
+fn closed_within(s: &mut TcpStream, since: Instant, limit: Duration) -> Option<Duration> {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while since.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(since.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(since.elapsed()),
+        }
+    }
+    None
+}
+
+/// A listener's `idle_timeout` closes connections with no request in progress (a new silent
+/// one, HTTP/1.1 kept alive, h2c with no stream) and a WebSocket whose client is quiet;
+/// `request_headers_timeout` closes a connection whose head trickles in (slowloris), and that
+/// request never reaches the backend. A request slower than both is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_and_slow_clients_are_closed_by_the_listener_timeouts() {
+    let backend = HttpBackend::start("b").await;
+    // An upstream that accepts a WebSocket upgrade and echoes what follows.
+    let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = ws.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = ws.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if c.write_all(reply).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 || c.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let s = start(&format!(
+        "    idle_timeout: 1s\n    request_headers_timeout: 2s\nroutes:\n  - name: ws\n    match: {{ path: {{ prefix: /ws }} }}\n    route: {{ cluster: ws }}\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}{}",
+        cluster("b", "http1", &[backend.addr], ""),
+        cluster("ws", "http1", &[ws_addr], "")
+    ));
+    let listen = s.listen;
+    let limit = Duration::from_secs(10);
+    let results = tokio::task::spawn_blocking(move || {
+        std::thread::scope(|scope| {
+            let silent = scope.spawn(|| {
+                let mut c = TcpStream::connect(listen).unwrap();
+                closed_within(&mut c, Instant::now(), limit)
+            });
+            let kept_alive = scope.spawn(|| {
+                let mut c = TcpStream::connect(listen).unwrap();
+                c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap();
+                let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                closed_within(&mut c, Instant::now(), limit)
+            });
+            let h2c = scope.spawn(|| {
+                let mut c = TcpStream::connect(listen).unwrap();
+                // The preface and an empty SETTINGS frame: an HTTP/2 connection, no stream.
+                c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                    .unwrap();
+                closed_within(&mut c, Instant::now(), limit)
+            });
+            let slowloris = scope.spawn(|| {
+                let mut c = TcpStream::connect(listen).unwrap();
+                let start = Instant::now();
+                c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+                // A header line every 300 ms: never idle for 1 s, never done.
+                for i in 0.. {
+                    if let Some(t) = closed_within(&mut c, start, start.elapsed() + Duration::from_millis(300)) {
+                        return Some(t);
+                    }
+                    if start.elapsed() > limit || c.write_all(format!("X-{i}: 1\r\n").as_bytes()).is_err() {
+                        return closed_within(&mut c, start, limit);
+                    }
+                }
+                None
+            });
+            let websocket = scope.spawn(|| {
+                let mut c = TcpStream::connect(listen).unwrap();
+                c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap();
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                // Quiet for less than the idle timeout: still open and echoing.
+                std::thread::sleep(Duration::from_millis(400));
+                c.write_all(b"ping").unwrap();
+                let n = c.read(&mut buf).unwrap();
+                assert_eq!(&buf[..n], b"ping");
+                closed_within(&mut c, Instant::now(), limit)
+            });
+            let slow_answer = scope.spawn(|| {
+                // The backend takes 2.5 s, longer than both timeouts: a request in progress.
+                let mut c = TcpStream::connect(listen).unwrap();
+                c.set_read_timeout(Some(limit)).unwrap();
+                c.write_all(b"GET /delay/2500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut out = Vec::new();
+                let _ = c.read_to_end(&mut out);
+                String::from_utf8_lossy(&out).lines().next().unwrap_or("").to_string()
+            });
+            let closed = [
+                ("silent new connection", silent.join().unwrap(), 0.9),
+                ("HTTP/1.1 kept alive", kept_alive.join().unwrap(), 0.9),
+                ("h2c with no stream", h2c.join().unwrap(), 0.9),
+                ("request head trickling in", slowloris.join().unwrap(), 1.9),
+                ("quiet WebSocket client", websocket.join().unwrap(), 0.9),
+            ];
+            (closed, slow_answer.join().unwrap())
+        })
+    })
+    .await
+    .unwrap();
+    let (closed, slow_answer) = results;
+    for (what, after, at_least) in closed {
+        let after = after.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
+        assert!(
+            after.as_secs_f64() >= at_least,
+            "{what}: closed after {after:?}, before its timeout"
+        );
+    }
+    assert!(slow_answer.starts_with("HTTP/1.1 200"), "{slow_answer:?}");
+    assert_eq!(
+        backend.requests(),
+        2,
+        "the kept-alive GET and the slow one; not the trickled head"
+    );
 }

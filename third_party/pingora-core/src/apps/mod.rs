@@ -89,6 +89,17 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// weir patch: how long a connection may wait for the first byte of a request (a new
+    /// connection, or an HTTP/1 one kept alive), and how long an upgraded HTTP/1 connection's
+    /// client may send nothing; then it is closed. Default: `None` (pingora's own waits: none
+    /// before the h2c preface, 60 s or the keep-alive timeout before an HTTP/1 request, 60 s
+    /// per read of an upgraded connection).
+    pub idle_timeout: Option<Duration>,
+
+    /// weir patch: how long an HTTP/1 request head may take from its first byte to its end;
+    /// then the connection is closed. Default: `None` (60 s per read).
+    pub request_headers_timeout: Option<Duration>,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -283,9 +294,19 @@ where
             // weir patch: read only until the bytes stop matching the preface. Upstream's
             // read_exact of 24 bytes hangs on shorter HTTP/1 requests (`GET / HTTP/1.0\r\n\r\n`)
             // and drops malformed ones without the 400 they should get.
-            let peeked = stream
-                .try_peek_prefix(H2_PREFACE)
-                .await
+            // weir patch: a connection that sends nothing within the idle timeout is closed.
+            let peek = stream.try_peek_prefix(H2_PREFACE);
+            let peeked = match self.server_options().and_then(|o| o.idle_timeout) {
+                Some(idle) => match pingora_timeout::timeout(idle, peek).await {
+                    Ok(peeked) => peeked,
+                    Err(_) => {
+                        debug!("idle timeout {idle:?} reached before a request");
+                        return None;
+                    }
+                },
+                None => peek.await,
+            };
+            let peeked = peeked
                 .map_err(|e| {
                     // this error is normal when h1 reuse and close the connection
                     debug!("Read error while peeking h2c preface {e}");
@@ -346,7 +367,12 @@ where
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
+            // weir patch: every HTTP/1 session of the connection gets the listener's timeouts.
+            let timeouts = self.server_options().map_or((None, None), |o| {
+                (o.idle_timeout, o.request_headers_timeout)
+            });
             let mut session = ServerSession::new_http1(stream);
+            session.set_downstream_timeouts(timeouts.0, timeouts.1);
             if *shutdown.borrow() {
                 // stop downstream from reusing if this service is shutting down soon
                 session.set_keepalive(None);
@@ -362,6 +388,7 @@ where
             let mut result = self.process_new_http(session, shutdown).await;
             while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
                 let mut session = ServerSession::new_http1(stream);
+                session.set_downstream_timeouts(timeouts.0, timeouts.1);
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
                 }

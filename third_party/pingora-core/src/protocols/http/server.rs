@@ -322,6 +322,18 @@ impl Session {
         }
     }
 
+    /// weir patch: an HTTP/1 session's idle and request headers timeouts (see
+    /// `v1::server::HttpSession::set_downstream_timeouts`). Noop for the others.
+    pub fn set_downstream_timeouts(
+        &mut self,
+        idle: Option<Duration>,
+        request_headers: Option<Duration>,
+    ) {
+        if let Self::H1(s) = self {
+            s.set_downstream_timeouts(idle, request_headers);
+        }
+    }
+
     /// Get the keepalive timeout. None if keepalive is disabled. Not applicable for h2 or
     /// subrequest
     pub fn get_keepalive(&self) -> Option<u64> {

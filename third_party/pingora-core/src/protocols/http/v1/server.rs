@@ -29,7 +29,7 @@ use pingora_timeout::timeout;
 use regex::bytes::Regex;
 use std::any::Any;
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::body::{BodyReader, BodyWriter};
@@ -102,6 +102,11 @@ pub struct HttpSession {
     /// timeouts:
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
+    /// weir patch: how long the connection may wait, with no request in progress, for the first
+    /// byte of one (and how long an upgraded connection's client may send nothing).
+    idle_timeout: Option<Duration>,
+    /// weir patch: how long a request head may take from its first byte to its end.
+    request_headers_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
@@ -187,6 +192,8 @@ impl HttpSession {
             response_written: None,
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
+            idle_timeout: None,
+            request_headers_timeout: None,
             write_timeout: None,
             total_drain_timeout: None,
             body_bytes_sent: 0,
@@ -213,31 +220,66 @@ impl HttpSession {
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
+        head_deadline: Option<Instant>,
     ) -> Result<Option<usize>> {
         let read_result = {
             let read_event = self.underlying_stream.read_buf(buf);
-            match self.keepalive_timeout {
-                KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
+            // weir patch: with the listener's timeouts set, waiting for a request's first byte
+            // is bounded by the idle timeout (the connection then closes quietly, as at the end
+            // of a keep-alive timeout), and the rest of its head by the head's deadline.
+            let idle = match (already_read, self.idle_timeout, &self.keepalive_timeout) {
+                (0, Some(idle), KeepaliveStatus::Timeout(k)) => Some(idle.min(*k)),
+                (0, idle, _) => idle,
+                _ => None,
+            };
+            let head_left = head_deadline
+                .filter(|_| already_read > 0)
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Some(d) = idle {
+                match timeout(d, read_event).await {
                     Ok(res) => res,
-                    Err(e) => {
-                        debug!("keepalive timeout {d:?} reached, {e}");
+                    Err(_) => {
+                        debug!("idle timeout {d:?} reached before a request");
                         return Ok(None);
                     }
-                },
-                KeepaliveStatus::Infinite => {
-                    // FIXME: this should only apply to reads between requests
-                    read_event.await
                 }
-                KeepaliveStatus::Off => match self.read_timeout {
-                    Some(t) => match timeout(t, read_event).await {
+            } else if let Some(left) = head_left {
+                match timeout(left, read_event).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        return Error::e_explain(
+                            ReadTimedout,
+                            format!(
+                                "request headers timeout ({:?}), {already_read} bytes read",
+                                self.request_headers_timeout.unwrap_or_default()
+                            ),
+                        );
+                    }
+                }
+            } else {
+                match self.keepalive_timeout {
+                    KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
                         Ok(res) => res,
                         Err(e) => {
-                            debug!("read timeout {t:?} reached, {e}");
-                            return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
+                            debug!("keepalive timeout {d:?} reached, {e}");
+                            return Ok(None);
                         }
                     },
-                    None => read_event.await,
-                },
+                    KeepaliveStatus::Infinite => {
+                        // FIXME: this should only apply to reads between requests
+                        read_event.await
+                    }
+                    KeepaliveStatus::Off => match self.read_timeout {
+                        Some(t) => match timeout(t, read_event).await {
+                            Ok(res) => res,
+                            Err(e) => {
+                                debug!("read timeout {t:?} reached, {e}");
+                                return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
+                            }
+                        },
+                        None => read_event.await,
+                    },
+                }
             }
         };
 
@@ -303,6 +345,8 @@ impl HttpSession {
             .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
+        // weir patch: the head's deadline runs from its first byte.
+        let mut head_deadline = None;
         let mut detached_suffix = None;
         loop {
             if already_read > MAX_HEADER_SIZE {
@@ -321,9 +365,15 @@ impl HttpSession {
             // subsequent read_buf() would block for data that may never come
             // (the client already pipelined everything it had to send for
             // this request and is waiting for our response).
+            if already_read > 0 && head_deadline.is_none() {
+                head_deadline = self.request_headers_timeout.map(|t| Instant::now() + t);
+            }
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
+            } else if let Some(n) = self
+                .read_request_buf(&mut buf, already_read, head_deadline)
+                .await?
+            {
                 already_read += n;
             } else {
                 return Ok(None);
@@ -604,7 +654,13 @@ impl HttpSession {
 
     /// Read the body into the internal buffer
     async fn read_body(&mut self) -> Result<Option<BufRef>> {
-        match self.read_timeout {
+        // weir patch: an upgraded connection (WebSocket) is bounded by the idle timeout, not by
+        // the body read timeout (60 s unless set): its client may be quiet for long.
+        let read_timeout = match self.idle_timeout {
+            Some(idle) if self.upgraded => Some(idle),
+            _ => self.read_timeout,
+        };
+        match read_timeout {
             Some(t) => match timeout(t, self.do_read_body()).await {
                 Ok(res) => res,
                 Err(_) => Error::e_explain(ReadTimedout, format!("reading body, timeout: {t:?}")),
@@ -714,6 +770,19 @@ impl HttpSession {
                 self.keepalive_timeout = KeepaliveStatus::Off;
             }
         }
+    }
+
+    /// weir patch: the listener's idle timeout (the wait for a request's first byte, and an
+    /// upgraded connection's quiet client) and its request headers timeout (from a head's
+    /// first byte to its end; past it the read fails with `ReadTimedout`). `None` keeps
+    /// pingora's own behaviour for each.
+    pub fn set_downstream_timeouts(
+        &mut self,
+        idle: Option<Duration>,
+        request_headers: Option<Duration>,
+    ) {
+        self.idle_timeout = idle;
+        self.request_headers_timeout = request_headers;
     }
 
     pub fn get_keepalive_timeout(&self) -> Option<u64> {
@@ -1989,6 +2058,41 @@ mod tests_stream {
         let res = http_stream.read_body_bytes().await;
         assert_eq!(http_stream.body_bytes_read(), 0);
         assert_eq!(res.unwrap_err().etype(), &ReadTimedout);
+    }
+
+    // weir patch: a head that trickles in past the request headers timeout fails, although
+    // no single read waits longer than the idle timeout.
+    #[tokio::test]
+    #[should_panic(expected = "There is still data left to read.")]
+    async fn read_request_headers_timeout() {
+        init_log();
+        let mut mock = Builder::new();
+        mock.read(b"GET / HTTP/1.1\r\n");
+        for _ in 0..4 {
+            mock.wait(Duration::from_millis(150)).read(b"X-A: 1\r\n");
+        }
+        let mock_io = mock.read(b"\r\n").build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.set_downstream_timeouts(
+            Some(Duration::from_millis(200)),
+            Some(Duration::from_millis(400)),
+        );
+        let res = http_stream.read_request().await;
+        assert_eq!(res.unwrap_err().etype(), &ReadTimedout);
+    }
+
+    // weir patch: no first byte within the idle timeout: the connection ends quietly.
+    #[tokio::test]
+    #[should_panic(expected = "There is still data left to read.")]
+    async fn read_request_idle_timeout() {
+        init_log();
+        let mock_io = Builder::new()
+            .wait(Duration::from_millis(300))
+            .read(b"GET / HTTP/1.1\r\n\r\n")
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.set_downstream_timeouts(Some(Duration::from_millis(100)), None);
+        assert_eq!(http_stream.read_request().await.unwrap(), None);
     }
 
     #[tokio::test]
