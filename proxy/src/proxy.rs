@@ -567,6 +567,8 @@ impl ProxyHttp for WeirProxy {
         if head.len() > self.max_request_headers {
             return Err(reply::error(431, "request headers too large"));
         }
+        downstream::check_h1_request(session.req_header_mut())
+            .map_err(|(status, why)| reply::error(status, why))?;
         // pingora drops Content-Length when Transfer-Encoding is there too, so the raw
         // headers tell; a request without Transfer-Encoding (nearly all) cannot conflict.
         if session

@@ -58,6 +58,14 @@ async fn bad_requests_get_400_and_never_reach_the_backend() {
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
         ),
         (
+            "HTTP/1.1 without Host",
+            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+        ),
+        (
+            "target that is not a path (routed as /, forwarded as sent)",
+            b"GET admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+        ),
+        (
             "oversize headers",
             [
                 b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec(),
@@ -77,6 +85,13 @@ async fn bad_requests_get_400_and_never_reach_the_backend() {
             "{name}: expected a 4xx, got {line:?}"
         );
     }
+    // A transfer coding weir does not forward (pingora would re-frame the body as chunked and
+    // drop `gzip`, handing the backend coded bytes as plain ones): 501, as Envoy.
+    let gzip = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let line = tokio::task::spawn_blocking(move || raw(listen, gzip))
+        .await
+        .unwrap();
+    assert!(line.starts_with("HTTP/1.1 501"), "gzip, chunked: {line:?}");
     assert_eq!(backend.requests(), 2, "no bad request reached the backend");
 }
 
