@@ -236,6 +236,9 @@ impl HttpSession {
                 .filter(|_| already_read > 0)
                 .map(|d| d.saturating_duration_since(Instant::now()));
             if let Some(d) = idle {
+                // Armed only if the read is not ready at once. A wait over pingora's timer wheel
+                // threshold (15 min; the default is 1 h) is a tokio timer, dropped with the
+                // read: the wheel would keep each 10 ms slot's entry for the whole wait.
                 match timeout(d, read_event).await {
                     Ok(res) => res,
                     Err(_) => {
@@ -345,7 +348,8 @@ impl HttpSession {
             .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
-        // weir patch: the head's deadline runs from its first byte.
+        // weir patch: the head's deadline, taken when its first bytes did not hold all of it
+        // (a head read at once costs no clock read).
         let mut head_deadline = None;
         let mut detached_suffix = None;
         loop {
@@ -365,9 +369,6 @@ impl HttpSession {
             // subsequent read_buf() would block for data that may never come
             // (the client already pipelined everything it had to send for
             // this request and is waiting for our response).
-            if already_read > 0 && head_deadline.is_none() {
-                head_deadline = self.request_headers_timeout.map(|t| Instant::now() + t);
-            }
             if skip_next_read {
                 skip_next_read = false;
             } else if let Some(n) = self
@@ -481,6 +482,11 @@ impl HttpSession {
                         return Ok(Some(s));
                     }
                     HeaderParseState::Partial => {
+                        // weir patch: more of the head to read, by its deadline.
+                        if head_deadline.is_none() {
+                            head_deadline =
+                                self.request_headers_timeout.map(|t| Instant::now() + t);
+                        }
                         break; /* continue the read loop */
                     }
                     HeaderParseState::Invalid(e) => match e {
