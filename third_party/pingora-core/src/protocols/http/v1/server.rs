@@ -236,12 +236,10 @@ impl HttpSession {
                 .filter(|_| already_read > 0)
                 .map(|d| d.saturating_duration_since(Instant::now()));
             if let Some(d) = idle {
-                // Armed only if the read is not ready at once. A wait over pingora's timer wheel
-                // threshold (15 min; the default is 1 h) is a tokio timer, dropped with the
-                // read: the wheel would keep each 10 ms slot's entry for the whole wait.
-                match timeout(d, read_event).await {
-                    Ok(res) => res,
-                    Err(_) => {
+                drop(read_event);
+                match self.read_before_idle_timeout(buf, d).await {
+                    Some(res) => res,
+                    None => {
                         debug!("idle timeout {d:?} reached before a request");
                         return Ok(None);
                     }
@@ -313,6 +311,33 @@ impl HttpSession {
                     /* nothing harmful since we have not ready any thing yet */
                     Ok(None)
                 }
+            }
+        }
+    }
+
+    /// weir patch: a read that gives up (`None`) after `idle`, give or take a second. The timer
+    /// is armed only if the read is not ready at once, on pingora's shared timer wheel: the wait
+    /// is made of pieces under the wheel's threshold (15 min; a longer wait would take a tokio
+    /// timer, registered and removed for each request), each ending on a whole second, so the
+    /// requests of one second share one wheel entry. A read is cancel safe.
+    async fn read_before_idle_timeout(
+        &mut self,
+        buf: &mut BytesMut,
+        idle: Duration,
+    ) -> Option<std::io::Result<usize>> {
+        static BASE: Lazy<Instant> = Lazy::new(Instant::now);
+        let piece = pingora_timeout::fast_timeout::fast_timeout_to_tokio_threshold()
+            .and_then(|t| t.checked_sub(Duration::from_secs(1)))
+            .filter(|p| !p.is_zero())
+            .unwrap_or(idle);
+        let mut left = idle;
+        loop {
+            let since = BASE.elapsed();
+            let wait = Duration::from_secs((since + left.min(piece)).as_secs() + 1) - since;
+            match timeout(wait, self.underlying_stream.read_buf(buf)).await {
+                Ok(res) => return Some(res),
+                Err(_) if left > wait => left -= wait,
+                Err(_) => return None,
             }
         }
     }
@@ -2087,18 +2112,41 @@ mod tests_stream {
         assert_eq!(res.unwrap_err().etype(), &ReadTimedout);
     }
 
-    // weir patch: no first byte within the idle timeout: the connection ends quietly.
+    // weir patch: no first byte within the idle timeout (to the second): the connection ends
+    // quietly.
     #[tokio::test]
     #[should_panic(expected = "There is still data left to read.")]
     async fn read_request_idle_timeout() {
         init_log();
         let mock_io = Builder::new()
-            .wait(Duration::from_millis(300))
+            .wait(Duration::from_millis(1500))
             .read(b"GET / HTTP/1.1\r\n\r\n")
             .build();
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         http_stream.set_downstream_timeouts(Some(Duration::from_millis(100)), None);
         assert_eq!(http_stream.read_request().await.unwrap(), None);
+    }
+
+    // weir patch: a request that comes within the idle timeout is read, also when the wait is
+    // longer than the timer wheel's threshold and made of several pieces.
+    #[tokio::test]
+    async fn read_request_within_the_idle_timeout() {
+        init_log();
+        // Pieces of 1 s (ending on whole seconds): the request comes in the second or third.
+        pingora_timeout::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(
+            Duration::from_secs(2),
+        ));
+        let mock_io = Builder::new()
+            .wait(Duration::from_millis(2200))
+            .read(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.set_downstream_timeouts(Some(Duration::from_secs(4)), None);
+        let read = http_stream.read_request().await;
+        pingora_timeout::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(
+            pingora_timeout::fast_timeout::DEFAULT_FAST_TIMEOUT_TO_TOKIO_THRESHOLD,
+        ));
+        assert!(read.unwrap().is_some());
     }
 
     #[tokio::test]
