@@ -395,7 +395,8 @@ pub struct Listener {
     /// A connection with no request in progress is closed after this long: a new one that
     /// sends nothing, an HTTP/1.1 one kept alive between requests, an HTTP/2 one with no open
     /// stream; and so is a WebSocket (upgraded) connection whose client sends nothing for this
-    /// long (to the second). Envoy's `idle_timeout` and its default (1 h); `0s` turns it off.
+    /// long (to the second), and a response whose client reads nothing for this long. Envoy's
+    /// `idle_timeout` and its default (1 h); `0s` turns it off.
     #[serde(default = "default_idle_timeout", with = "crate::duration")]
     pub idle_timeout: Duration,
     /// How long an HTTP/1.1 request head may take from its first byte to its end; then the

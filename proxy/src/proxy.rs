@@ -3,7 +3,7 @@
 //! [`crate::reply`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -82,6 +82,9 @@ pub struct WeirProxy {
     /// Largest HTTP/1.1 request head taken, in bytes (the listener's
     /// `max_request_headers_kb`); pingora itself reads up to 1 MiB.
     pub max_request_headers: usize,
+    /// The listener's `idle_timeout`, also the longest a response write may wait on a client
+    /// that does not read.
+    pub idle_timeout: Option<Duration>,
     /// The listener's filter chain (index into the snapshot's), for routes without their own.
     pub filter_chain: Option<usize>,
     pub runtime: SharedRuntime,
@@ -559,6 +562,13 @@ impl ProxyHttp for WeirProxy {
         // are served in order on the connection (RFC 9112 9.3.2), as Envoy and HAProxy do.
         // Without this pingora answered the first and closed, dropping the rest.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // A client that stops reading would otherwise hold this request, and its upstream
+        // connection, for as long as it stays connected.
+        if self.idle_timeout.is_some() {
+            session
+                .as_downstream_mut()
+                .set_write_timeout(self.idle_timeout);
+        }
         let Some(h1) = session.as_downstream().as_http1() else {
             // h2c: the h2 crate bounds the header list itself.
             return Ok(());

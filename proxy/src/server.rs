@@ -116,6 +116,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             filter_chain: l.filter_chain,
             listener: l.name.clone(),
             max_request_headers: l.max_request_headers,
+            idle_timeout: l.idle_timeout,
             runtime: runtime.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),

@@ -161,7 +161,7 @@ fn sockets_in_scope_are_redirected_byte_exact_and_detach_leaves_them_working() {
 
 /// Set in the environment of a nested run of this test binary: every weir the proxy-core
 /// suites start gets the fast path, attached to one cgroup the nested process is in.
-const SUITES_ENV: &str = "WEIR_E2E_FAST_PATH";
+pub const SUITES_ENV: &str = "WEIR_E2E_FAST_PATH";
 
 /// The `fast_path:` line [`crate::config_text`] adds under [`SUITES_ENV`]; empty otherwise.
 pub fn fast_path_for_suites() -> String {
