@@ -9,10 +9,14 @@ use pingora::http::RequestHeader;
 /// for `OPTIONS`, or an absolute URI (400: `GET admin` would reach an upstream that reads it
 /// as `/admin` past weir's path-based routing); the only transfer coding weir forwards is
 /// `chunked` (501: pingora re-frames the body as chunked and would drop `gzip` from
-/// `gzip, chunked`, handing the upstream coded bytes as plain ones). A `Content-Length`
-/// repeated or listed with one value is forwarded once, as RFC 9110 8.6 asks of a proxy
-/// (pingora refuses differing values itself).
-pub fn check_h1_request(req: &mut RequestHeader) -> Result<(), (u16, &'static str)> {
+/// `gzip, chunked`, handing the upstream coded bytes as plain ones); `Content-Length` and
+/// `Transfer-Encoding` together are refused (400, see `has_framing_conflict`; `raw_head` is
+/// the head as received). A `Content-Length` repeated or listed with one value is forwarded
+/// once, as RFC 9110 8.6 asks of a proxy (pingora refuses differing values itself).
+pub fn check_h1_request(
+    req: &mut RequestHeader,
+    raw_head: &[u8],
+) -> Result<(), (u16, &'static str)> {
     if req.version == Version::HTTP_11 && !req.headers.contains_key(HOST) {
         return Err((400, "HTTP/1.1 request without Host"));
     }
@@ -38,6 +42,11 @@ pub fn check_h1_request(req: &mut RequestHeader) -> Result<(), (u16, &'static st
             && codings.next().is_none();
         if !chunked_only {
             return Err((501, "transfer coding other than chunked"));
+        }
+        // pingora drops Content-Length when Transfer-Encoding is there too, so the raw head
+        // tells; a request without Transfer-Encoding (nearly all) cannot conflict.
+        if has_framing_conflict(raw_head) {
+            return Err((400, "both Content-Length and Transfer-Encoding"));
         }
     }
     let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
@@ -71,7 +80,7 @@ fn list(req: &RequestHeader, name: http::HeaderName) -> impl Iterator<Item = &[u
 /// Whether raw HTTP/1 request headers carry both `Content-Length` and `Transfer-Encoding`: an
 /// ambiguous framing used for request smuggling, refused with 400 (as Envoy does by default)
 /// instead of being "fixed up".
-pub fn has_framing_conflict(raw_headers: &[u8]) -> bool {
+fn has_framing_conflict(raw_headers: &[u8]) -> bool {
     let mut cl = false;
     let mut te = false;
     for line in raw_headers.split(|b| *b == b'\n') {
@@ -95,7 +104,9 @@ mod tests {
         for (name, value) in head {
             req.append_header(name.to_string(), *value).unwrap();
         }
-        check_h1_request(&mut req).map(|()| req).map_err(|(s, _)| s)
+        check_h1_request(&mut req, b"")
+            .map(|()| req)
+            .map_err(|(s, _)| s)
     }
 
     #[test]

@@ -577,22 +577,8 @@ impl ProxyHttp for WeirProxy {
         if head.len() > self.max_request_headers {
             return Err(reply::error(431, "request headers too large"));
         }
-        downstream::check_h1_request(session.req_header_mut())
-            .map_err(|(status, why)| reply::error(status, why))?;
-        // pingora drops Content-Length when Transfer-Encoding is there too, so the raw
-        // headers tell; a request without Transfer-Encoding (nearly all) cannot conflict.
-        if session
-            .req_header()
-            .headers
-            .contains_key(http::header::TRANSFER_ENCODING)
-            && downstream::has_framing_conflict(&head)
-        {
-            return Err(reply::error(
-                400,
-                "both Content-Length and Transfer-Encoding",
-            ));
-        }
-        Ok(())
+        downstream::check_h1_request(session.req_header_mut(), &head)
+            .map_err(|(status, why)| reply::error(status, why))
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
