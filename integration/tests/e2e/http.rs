@@ -330,7 +330,8 @@ async fn least_request_avoids_the_busy_endpoint() {
     let slow = HttpBackend::start("slow").await;
     let fast = HttpBackend::start("fast").await;
     let fast2 = HttpBackend::start("fast2").await;
-    slow.delay_all(300);
+    // Requests to `slow` hang for the whole test: its in-flight count only grows.
+    slow.delay_all(120_000);
     let rest = format!(
         "routes:\n  - name: all\n    route: {{ cluster: lr }}\nclusters:\n{}",
         cluster(
@@ -342,22 +343,59 @@ async fn least_request_avoids_the_busy_endpoint() {
     );
     let s = start(&rest);
     let c = h1_client();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
+    // One request at a time, so the fast endpoints have nothing in flight when weir picks.
+    // Returns the request's task when it went to `slow` (where it stays in flight).
+    let send_one = || {
         let c = c.clone();
+        let slow = slow.clone();
         let listen = s.listen;
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..10 {
-                assert_eq!(get(&c, listen, "/").await.status, 200);
+        async move {
+            let before = slow.requests();
+            let mut answer = tokio::spawn(async move { get(&c, listen, "/").await });
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                tokio::select! {
+                    r = &mut answer => {
+                        let r = r.expect("request task");
+                        assert_eq!(r.status, 200);
+                        assert_ne!(r.backend(), "slow");
+                        return None;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                        if slow.requests() > before {
+                            return Some(answer);
+                        }
+                        assert!(tokio::time::Instant::now() < deadline, "request unanswered");
+                    }
+                }
             }
-        }));
+        }
+    };
+    // Round robin and random picks send a third of the requests to `slow`, however busy.
+    // Warm up until `slow` holds 3 requests.
+    let mut held = Vec::new();
+    let mut warm_up = 0;
+    while slow.requests() < 3 {
+        held.extend(send_one().await);
+        warm_up += 1;
+        assert!(warm_up < 500, "slow got {} of {warm_up}", slow.requests());
     }
-    for t in tasks {
-        t.await.unwrap();
+    // With `slow` at 3+ in flight and the others at 0 or 1, two random choices pick `slow`
+    // only when both land on it: 1 in 9 (22 of 200 expected, standard deviation 4.4), where
+    // round robin would give 67.
+    let mut to_slow = 0;
+    for _ in 0..200 {
+        if let Some(task) = send_one().await {
+            held.push(task);
+            to_slow += 1;
+        }
     }
-    let (s_n, f_n) = (slow.requests(), fast.requests() + fast2.requests());
-    assert_eq!(s_n + f_n, 80);
-    // Round robin would send a third (~27) to the busy endpoint; with two random choices it
-    // is picked only when both choices land on it while it is busy (~1/9).
-    assert!(s_n <= 18, "busy endpoint got {s_n} of 80");
+    for task in held {
+        task.abort();
+    }
+    assert!(to_slow <= 45, "busy endpoint got {to_slow} of 200");
+    assert_eq!(
+        to_slow + 3 + fast.requests() + fast2.requests(),
+        200 + warm_up
+    );
 }
