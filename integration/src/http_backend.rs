@@ -5,6 +5,8 @@
 //! - `/status/N`: replies N.
 //! - `/delay/MS`: replies 200 after MS milliseconds.
 //! - `/close`: replies 200 with `connection: close`, then closes the connection.
+//! - `/echo-trailers`: the request body's length and trailer fields (`len name=value ...`),
+//!   its `trailer` header as `x-declared`.
 //! - `/gated-chunks/N`: streams N chunks; each after the first waits for [`HttpBackend::open_gate`].
 //! - anything else: 200 with a JSON body describing the request (backend name, method, path,
 //!   headers, body length).
@@ -143,6 +145,32 @@ impl HttpBackend {
                 .header("content-type", ct)
                 .body(Full::new(body).boxed())
                 .expect("valid response");
+        }
+        if path == "/echo-trailers" {
+            // The request body's length and its trailer fields, as `len name=value ...`
+            // (sorted), with the request's `trailer` header echoed as `x-declared`.
+            let declared = req.headers().get("trailer").cloned();
+            let collected = req.into_body().collect().await;
+            let Ok(collected) = collected else {
+                return text(400, "body read failed");
+            };
+            let mut fields: Vec<String> = collected
+                .trailers()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            fields.sort();
+            let mut resp = text(
+                200,
+                &format!("{} {}", collected.to_bytes().len(), fields.join(" ")),
+            );
+            if let Some(d) = declared {
+                resp.headers_mut().insert("x-declared", d);
+            }
+            return resp;
         }
         if path == "/trailers" {
             // A chunked body ending with trailer fields (HTTP/1.1 chunked trailer section, or

@@ -831,13 +831,23 @@ impl ProxyHttp for WeirProxy {
             .path_and_query()
             .map_or("/", |p| p.as_str());
         if let Some(path) = routing::rewrite_path(route, original) {
-            let uri = path.parse::<http::Uri>().map_err(|e| {
-                Error::because(
-                    ErrorType::InternalError,
-                    "rewritten path is not a valid URI",
-                    e,
-                )
-            })?;
+            // Only the path changes: an HTTP/2 request's scheme and authority (it has no Host
+            // header) stay, or an h2 upstream would get a request with no authority.
+            let mut parts = upstream.uri.clone().into_parts();
+            let uri = path
+                .parse::<http::uri::PathAndQuery>()
+                .map_err(|e| {
+                    Error::because(
+                        ErrorType::InternalError,
+                        "rewritten path is not a valid URI",
+                        e,
+                    )
+                })
+                .and_then(|p| {
+                    parts.path_and_query = Some(p);
+                    http::Uri::from_parts(parts)
+                        .map_err(|e| Error::because(ErrorType::InternalError, "rewritten URI", e))
+                })?;
             upstream.set_uri(uri);
         }
         // TE is hop-by-hop (pingora strips it), but its `trailers` says what weir can take
@@ -857,6 +867,13 @@ impl ProxyHttp for WeirProxy {
             });
         if takes_trailers {
             upstream.insert_header(http::header::TE, "trailers")?;
+        }
+        // `Trailer` (the fields a body ends with) is not hop-by-hop, though pingora strips it
+        // with those that are: the request's trailers go on to the upstream, so does it.
+        if !upstream.headers.contains_key(http::header::TRAILER) {
+            for v in session.req_header().headers.get_all(http::header::TRAILER) {
+                upstream.append_header(http::header::TRAILER, v.clone())?;
+            }
         }
         let mutation = &route.action.request_headers;
         for name in &mutation.remove {

@@ -137,6 +137,76 @@ async fn http1_upstream_trailers_reach_h1_and_h2c_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_trailers_reach_http1_and_h2c_upstreams() {
+    use std::io::{Read, Write};
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: h2\n    match: {{ path: {{ prefix: /h2/ }} }}\n    route: {{ cluster: h2, prefix_rewrite: / }}\n  - name: all\n    route: {{ cluster: h1 }}\nclusters:\n{}{}",
+        cluster("h1", "http1", &[backend.addr], ""),
+        cluster("h2", "h2c", &[backend.addr], "")
+    ));
+    let listen = s.listen;
+    // An HTTP/1.1 client's chunked body with a trailer section.
+    for path in ["/echo-trailers", "/h2/echo-trailers"] {
+        let out = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(listen).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum, x-count\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            c.read_to_end(&mut out).expect("weir closes after the response");
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+        assert!(
+            out.ends_with("11 x-checksum=abc123 x-count=2"),
+            "{path}: {out:?}"
+        );
+        assert!(
+            out.contains("x-declared: x-checksum, x-count\r\n"),
+            "{path}: {out:?}"
+        );
+    }
+    // An h2c client's body ending with a trailing HEADERS frame. (Through the h2 route's
+    // prefix rewrite too, which once dropped an h2 request's authority: 500.)
+    for path in ["/echo-trailers", "/h2/echo-trailers"] {
+        let frames: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"hello"))),
+            Ok(hyper::body::Frame::trailers({
+                let mut t = ::http::HeaderMap::new();
+                t.insert("x-checksum", "abc123".parse().unwrap());
+                t
+            })),
+        ];
+        let req = ::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{listen}{path}"))
+            .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+                frames,
+            )))
+            .unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let resp = client.request(req).await.expect("h2c request");
+        assert_eq!(resp.status(), 200, "{path}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "5 x-checksum=abc123", "{path}");
+    }
+    // No trailers: nothing invented.
+    let r = send(&h1_client(), listen, "POST", "/echo-trailers", &[]).await;
+    assert_eq!(r.body, "0 ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routes_match_rewrite_and_edit_headers() {
     let a = HttpBackend::start("a").await;
     let b = HttpBackend::start("b").await;

@@ -590,6 +590,17 @@ impl Session {
         }
     }
 
+    /// weir patch: the request's trailer fields, once its body has been read to its end
+    /// (HTTP/1.1 chunked or HTTP/2; `None` before, when it had none, after the first call,
+    /// and for subrequests and custom sessions).
+    pub fn take_request_trailers(&mut self) -> Option<http::HeaderMap> {
+        match self {
+            Self::H1(s) => s.take_request_trailers(),
+            Self::H2(s) => s.take_request_trailers(),
+            Self::Subrequest(_) | Self::Custom(_) => None,
+        }
+    }
+
     /// Notify the client that the entire body is sent
     /// for H1 chunked encoding, this will end the last empty chunk
     /// for H1 content-length, this has no effect.

@@ -194,7 +194,23 @@ impl HttpSession {
     /// Flush local buffer and notify the server by sending the last chunk if chunked encoding is
     /// used.
     pub async fn finish_body(&mut self) -> Result<Option<usize>> {
-        let res = self.body_writer.finish(&mut self.underlying_stream).await?;
+        self.finish_body_with(None).await
+    }
+
+    /// weir patch: [`Self::finish_body`], with the downstream request's trailers in a chunked
+    /// body's last chunk (a body of known length has no place for them: they are dropped).
+    pub async fn finish_body_with(
+        &mut self,
+        trailers: Option<&http::HeaderMap>,
+    ) -> Result<Option<usize>> {
+        let res = match trailers {
+            Some(t) => {
+                self.body_writer
+                    .finish_with_trailers(&mut self.underlying_stream, t)
+                    .await?
+            }
+            None => self.body_writer.finish(&mut self.underlying_stream).await?,
+        };
         self.underlying_stream
             .flush()
             .await

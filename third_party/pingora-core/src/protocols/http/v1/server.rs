@@ -725,6 +725,12 @@ impl HttpSession {
     }
 
     /// Whether there is no (more) body to be read.
+    /// weir patch: the trailer fields of a chunked request body, once it has been read to its
+    /// end (`None` before, when it had none, and after the first call).
+    pub fn take_request_trailers(&mut self) -> Option<http::HeaderMap> {
+        self.body_reader.take_trailers()
+    }
+
     pub fn is_body_done(&mut self) -> bool {
         self.init_body_reader();
         self.body_reader.body_done()

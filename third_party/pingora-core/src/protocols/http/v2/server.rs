@@ -864,6 +864,19 @@ impl HttpSession {
     }
 
     /// Whether there is no more body to read
+    /// weir patch: the request's trailers, once its body has been read to its end (`None`
+    /// when it had none, and after the first call). Call it only then: a stream whose client
+    /// sent trailers ends with them, so they are already here (its body reads `None` while
+    /// they wait, and `is_end_stream` is false until they are taken); before the end, polling
+    /// for them would leave a no-op waker in place of the body reader's.
+    pub fn take_request_trailers(&mut self) -> Option<HeaderMap> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.request_body_reader.poll_trailers(&mut cx) {
+            std::task::Poll::Ready(Ok(Some(trailers))) => Some(trailers),
+            _ => None,
+        }
+    }
+
     pub fn is_body_done(&self) -> bool {
         // Check no body in request
         // Also check we hit end of stream
