@@ -679,6 +679,24 @@ impl ProxyHttp for WeirProxy {
         Ok(())
     }
 
+    async fn request_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(stream) = ctx.filters.as_mut() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let verdict = stream.request_trailers(filters::map_pairs(trailers)).await;
+        self.filter_timed("request_trailers", started);
+        if let Some(pairs) = self.filter_stop(ctx, verdict)? {
+            filters::apply_map_pairs(trailers, pairs)?;
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(
         &self,
         session: &mut Session,

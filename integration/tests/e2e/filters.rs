@@ -84,6 +84,55 @@ fn metric(weir: &Weir, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filters_see_and_set_request_and_response_trailers() {
+    use std::io::{Read, Write};
+    let backend = HttpBackend::start("b").await;
+    let rest = format!(
+        "filter_chains:\n  - name: edge\n    filters:\n{}routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
+        filter("header_rewrite", "trailers", r#"{"request_trailers_set": {"x-filtered": "in"}, "response_trailers_set": {"x-count": "3"}}"#, ""),
+        cluster("b", "http1", &[backend.addr], "")
+    );
+    let s = start_with(Some("edge"), &rest, &[]);
+    let listen = s.listen;
+    let raw = |head: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(listen).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            c.write_all(head.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            c.read_to_end(&mut out)
+                .expect("weir closes after the response");
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    // The request's trailer section, with the filter's field added, reaches the backend.
+    let out = raw("POST /echo-trailers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n").await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with("5 x-checksum=abc123 x-filtered=in"),
+        "{out:?}"
+    );
+    // The response's trailers, with the filter's value, reach the client.
+    let out = raw("GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        out.ends_with("\r\n0\r\nx-checksum: abc123\r\nx-count: 3\r\n\r\n"),
+        "{out:?}"
+    );
+    for phase in ["request_trailers", "response_trailers"] {
+        assert_eq!(
+            metric(
+                &s.weir,
+                &format!("weir_wasm_filter_phase_seconds_count{{phase=\"{phase}\"}}")
+            ),
+            1.0,
+            "{phase}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn header_filters_on_listener_and_route_chains() {
     let backend = HttpBackend::start("b").await;
     let rest = format!(

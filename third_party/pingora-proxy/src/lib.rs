@@ -607,9 +607,11 @@ pub struct Session {
     upstream_write_pending_time: Duration,
     /// Flag that is set when the shutdown process has begun.
     shutdown_flag: Arc<AtomicBool>,
-    /// weir patch: the downstream request's trailers, once its body has ended (kept for a
-    /// retry, which sends them again).
+    /// weir patch: the downstream request's trailers once its body has ended and they went
+    /// through `request_trailer_filter` (kept for a retry, which sends them again), and
+    /// whether that happened.
     request_trailers: Option<Box<http::HeaderMap>>,
+    request_trailers_taken: bool,
 }
 
 impl Session {
@@ -638,26 +640,8 @@ impl Session {
             upstream_write_pending_time: Duration::ZERO,
             shutdown_flag,
             request_trailers: None,
+            request_trailers_taken: false,
         }
-    }
-
-    /// weir patch: the downstream request's trailers for the upstream, once its body has
-    /// ended (`end_of_body`): taken from the downstream session the first time, kept for
-    /// retries.
-    pub(crate) fn request_trailers_at(
-        &mut self,
-        end_of_body: bool,
-    ) -> Option<Box<http::HeaderMap>> {
-        if !end_of_body {
-            return None;
-        }
-        if self.request_trailers.is_none() {
-            self.request_trailers = self
-                .downstream_session
-                .take_request_trailers()
-                .map(Box::new);
-        }
-        self.request_trailers.clone()
     }
 
     /// Create a new [Session] from the given [Stream]

@@ -1013,7 +1013,19 @@ where
 
                 Ok(HttpTask::UpgradedBody(data, end))
             }
-            HttpTask::Trailer(h) => Ok(HttpTask::Trailer(h)), // TODO: support trailers for h1
+            // weir patch: an HTTP/1.1 upstream's trailers go through `response_trailer_filter`
+            // as an h2 upstream's do (a buffer it returns ends the body instead).
+            HttpTask::Trailer(Some(mut trailers)) => {
+                match self
+                    .inner
+                    .response_trailer_filter(session, &mut trailers, ctx)
+                    .await?
+                {
+                    Some(buffer) => Ok(HttpTask::Body(Some(buffer), true)),
+                    None => Ok(HttpTask::Trailer(Some(trailers))),
+                }
+            }
+            HttpTask::Trailer(None) => Ok(HttpTask::Trailer(None)),
             HttpTask::Done => Ok(task),
             HttpTask::Failed(_) => Ok(task), // Do nothing just pass the error down
         };
@@ -1028,6 +1040,33 @@ where
             }
         }
         res
+    }
+
+    /// weir patch: the downstream request's trailers for the upstream, once its body has
+    /// ended (`end_of_body`): the first time taken from the downstream session and passed
+    /// through `request_trailer_filter`, then kept for retries.
+    pub(crate) async fn request_trailers_at(
+        &self,
+        session: &mut Session,
+        end_of_body: bool,
+        ctx: &mut SV::CTX,
+    ) -> Result<Option<Box<http::HeaderMap>>>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        if !end_of_body {
+            return Ok(None);
+        }
+        if !session.request_trailers_taken {
+            session.request_trailers_taken = true;
+            let mut trailers = session.downstream_session.take_request_trailers();
+            if let Some(t) = trailers.as_mut() {
+                self.inner.request_trailer_filter(session, t, ctx).await?;
+            }
+            session.request_trailers = trailers.map(Box::new);
+        }
+        Ok(session.request_trailers.clone())
     }
 
     // TODO:: use this function to replace send_body_to2
@@ -1081,7 +1120,7 @@ where
             tx.send(HttpTask::UpgradedBody(data, upstream_end_of_body));
         } else {
             // weir patch: the trailers are in place before the body's end is sent.
-            if let Some(t) = session.request_trailers_at(end_of_body) {
+            if let Some(t) = self.request_trailers_at(session, end_of_body, ctx).await? {
                 *trailers.lock().expect("trailers lock") = Some(t);
             }
             tx.send(HttpTask::Body(data, upstream_end_of_body));
@@ -1106,7 +1145,10 @@ pub(crate) async fn send_body_to1(
         match task {
             HttpTask::Body(data, end) => {
                 body_done = end;
-                if let Some(d) = data {
+                // weir patch: an empty chunk is not written: in a chunked body it would be
+                // the last chunk, before `finish_body_with` could put the trailers in it
+                // (a request body filter may leave the body's end as an empty chunk).
+                if let Some(d) = data.filter(|d| !d.is_empty()) {
                     let m = client_session.write_body(&d).await;
                     match m {
                         Ok(m) => match m {

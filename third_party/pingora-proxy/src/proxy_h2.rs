@@ -1081,7 +1081,7 @@ where
             }
         };
         // weir patch: a request with trailers ends with them, not with its last data.
-        let trailers = session.request_trailers_at(end);
+        let trailers = self.request_trailers_at(session, end, ctx).await?;
         let end = end && trailers.is_none();
         // Nothing left to write but the trailers (an h2 client's body ends with a trailing
         // HEADERS frame, read as `None`).

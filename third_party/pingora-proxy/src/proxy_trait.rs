@@ -158,6 +158,20 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// weir patch: the downstream request's trailers, once its body has ended, before they
+    /// go to the upstream (called once per request, also when it is retried).
+    async fn request_trailer_filter(
+        &self,
+        _session: &mut Session,
+        _trailers: &mut http::HeaderMap,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(())
+    }
+
     /// This filter decides if the request is cacheable and what cache backend to use
     ///
     /// The caller can interact with `Session.cache` to enable caching.

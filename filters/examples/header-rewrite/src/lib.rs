@@ -1,8 +1,10 @@
-//! Header rewrite: sets and removes request and response headers as its plugin config says.
+//! Header rewrite: sets and removes request and response headers, and sets trailer fields of
+//! requests and responses that end with trailers, as its plugin config says.
 //!
 //! ```json
 //! {"request_set": {"x-a": "1"}, "request_remove": ["x-b"],
-//!  "response_set": {"x-c": "2"}, "response_remove": ["server"]}
+//!  "response_set": {"x-c": "2"}, "response_remove": ["server"],
+//!  "request_trailers_set": {"x-d": "3"}, "response_trailers_set": {"x-e": "4"}}
 //! ```
 
 use std::collections::BTreeMap;
@@ -19,6 +21,8 @@ struct Rules {
     request_remove: Vec<String>,
     response_set: BTreeMap<String, String>,
     response_remove: Vec<String>,
+    request_trailers_set: BTreeMap<String, String>,
+    response_trailers_set: BTreeMap<String, String>,
 }
 
 proxy_wasm::main! {{
@@ -81,6 +85,20 @@ impl HttpContext for Rewrite {
         }
         for (name, value) in &self.rules.response_set {
             self.set_http_response_header(name, Some(value));
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        for (name, value) in &self.rules.request_trailers_set {
+            self.set_http_request_trailer(name, Some(value));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        for (name, value) in &self.rules.response_trailers_set {
+            self.set_http_response_trailer(name, Some(value));
         }
         Action::Continue
     }
