@@ -85,7 +85,6 @@ fn metric(weir: &Weir, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn filters_see_and_set_request_and_response_trailers() {
-    use std::io::{Read, Write};
     let backend = HttpBackend::start("b").await;
     let rest = format!(
         "filter_chains:\n  - name: edge\n    filters:\n{}routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
@@ -93,29 +92,17 @@ async fn filters_see_and_set_request_and_response_trailers() {
         cluster("b", "http1", &[backend.addr], "")
     );
     let s = start_with(Some("edge"), &rest, &[]);
-    let listen = s.listen;
-    let raw = |head: &'static str| {
-        tokio::task::spawn_blocking(move || {
-            let mut c = std::net::TcpStream::connect(listen).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            c.write_all(head.as_bytes()).unwrap();
-            let mut out = Vec::new();
-            c.read_to_end(&mut out)
-                .expect("weir closes after the response");
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
+    let raw = |head: &'static str| raw_exchange(s.listen, head);
     // The request's trailer section, with the filter's field added, reaches the backend.
-    let out = raw("POST /echo-trailers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n").await.unwrap();
+    let out = raw("POST /echo-trailers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(
         out.ends_with("5 x-checksum=abc123 x-filtered=in"),
         "{out:?}"
     );
     // The response's trailers, with the filter's value, reach the client.
-    let out = raw("GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let out =
+        raw("GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n").await;
     assert!(
         out.ends_with("\r\n0\r\nx-checksum: abc123\r\nx-count: 3\r\n\r\n"),
         "{out:?}"

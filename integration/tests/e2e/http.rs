@@ -41,30 +41,21 @@ async fn h1_and_h2c_clients_reach_h1_and_h2c_upstreams() {
 /// framings among them, are each proxied and answered in order on the one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_requests_are_answered_in_order() {
-    use std::io::{Read, Write};
     let backend = HttpBackend::start("b").await;
     let s = start(&format!(
         "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
         cluster("b", "http1", &[backend.addr], "")
     ));
     let listen = s.listen;
-    let out = tokio::task::spawn_blocking(move || {
-        let mut c = std::net::TcpStream::connect(listen).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c.write_all(
-            b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n\
-              POST /echo-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
-              POST /echo-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
-              3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
-              GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        c.read_to_end(&mut out).expect("weir closes after the last");
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .await
-    .unwrap();
+    let out = raw_exchange(
+        listen,
+        &b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n\
+           POST /echo-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+           POST /echo-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+           3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+           GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+    )
+    .await;
     assert_eq!(out.matches("HTTP/1.1 200").count(), 4, "{out}");
     let at = |needle: &str| {
         out.find(needle)
@@ -88,37 +79,25 @@ async fn pipelined_requests_are_answered_in_order() {
 /// An upstream body without trailers still ends with a bare last chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http1_upstream_trailers_reach_h1_and_h2c_clients() {
-    use std::io::{Read, Write};
     let backend = HttpBackend::start("b").await;
     let s = start(&format!(
         "routes:\n  - name: all\n    route: {{ cluster: b }}\nclusters:\n{}",
         cluster("b", "http1", &[backend.addr], "")
     ));
     let listen = s.listen;
-    let raw = |path: &'static str| {
-        tokio::task::spawn_blocking(move || {
-            let mut c = std::net::TcpStream::connect(listen).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            c.write_all(
-                format!(
-                    "GET {path} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            let mut out = Vec::new();
-            c.read_to_end(&mut out)
-                .expect("weir closes after the response");
-            String::from_utf8_lossy(&out).into_owned()
-        })
+    let raw = |path: &str| {
+        raw_exchange(
+            listen,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n"),
+        )
     };
-    let out = raw("/trailers").await.unwrap();
+    let out = raw("/trailers").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(
         out.ends_with("\r\n5\r\nhello\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n"),
         "{out:?}"
     );
-    let out = raw("/gated-chunks/1").await.unwrap();
+    let out = raw("/gated-chunks/1").await;
     assert!(out.contains("transfer-encoding: chunked\r\n"), "{out:?}");
     assert!(out.ends_with("\r\n7\r\nchunk0;\r\n0\r\n\r\n"), "{out:?}");
 
@@ -138,7 +117,6 @@ async fn http1_upstream_trailers_reach_h1_and_h2c_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_trailers_reach_http1_and_h2c_upstreams() {
-    use std::io::{Read, Write};
     let backend = HttpBackend::start("b").await;
     let s = start(&format!(
         "routes:\n  - name: h2\n    match: {{ path: {{ prefix: /h2/ }} }}\n    route: {{ cluster: h2, prefix_rewrite: / }}\n  - name: all\n    route: {{ cluster: h1 }}\nclusters:\n{}{}",
@@ -148,22 +126,13 @@ async fn request_trailers_reach_http1_and_h2c_upstreams() {
     let listen = s.listen;
     // An HTTP/1.1 client's chunked body with a trailer section.
     for path in ["/echo-trailers", "/h2/echo-trailers"] {
-        let out = tokio::task::spawn_blocking(move || {
-            let mut c = std::net::TcpStream::connect(listen).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            c.write_all(
-                format!(
-                    "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum, x-count\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            let mut out = Vec::new();
-            c.read_to_end(&mut out).expect("weir closes after the response");
-            String::from_utf8_lossy(&out).into_owned()
-        })
-        .await
-        .unwrap();
+        let out = raw_exchange(
+            listen,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum, x-count\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n"
+            ),
+        )
+        .await;
         assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
         assert!(
             out.ends_with("11 x-checksum=abc123 x-count=2"),

@@ -99,6 +99,24 @@ pub async fn get(client: &HttpClient, listen: SocketAddr, path: &str) -> Reply {
     send(client, listen, "GET", path, &[]).await
 }
 
+/// Writes `request` as is on a new connection to `listen` and returns all weir answers until
+/// it closes the connection (the last request should say `Connection: close`).
+pub async fn raw_exchange(listen: SocketAddr, request: impl Into<Vec<u8>>) -> String {
+    use std::io::{Read, Write};
+    let request = request.into();
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(listen).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(&request).expect("write the request");
+        let mut out = Vec::new();
+        c.read_to_end(&mut out)
+            .expect("weir closes after the response");
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("raw exchange")
+}
+
 /// A weir with one listener `main`; `rest` is YAML with routes and clusters.
 pub struct Setup {
     pub weir: Weir,
