@@ -454,15 +454,11 @@ int weir_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-// Bytes in the psock queue of the socket at `sk` (0 when it has none, or the kernel does not
-// count them: `msg_tot_len` came with Linux 6.x; without it the queue stays unbounded, as it
-// was, rather than the programs failing to load).
+// Bytes in the psock queue of the socket at `sk` (0 when it has none).
 static __always_inline __u32 psock_queued(__u64 sk)
 {
 	__u64 user_data = 0;
 	__u32 queued = 0;
-	if (!bpf_core_field_exists(((struct sk_psock___weir *)0)->msg_tot_len))
-		return 0;
 	if (bpf_core_read(&user_data, sizeof(user_data),
 			  &((struct sock___weir *)sk)->sk_user_data) != 0)
 		return 0;
