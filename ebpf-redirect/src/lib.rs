@@ -8,10 +8,7 @@
 //! hands every message sent on such a socket straight to its peer's receive queue, so bytes
 //! between the app and the proxy (and the proxy and a local upstream) skip the loopback TCP
 //! stack. The proxy still parses HTTP; only the transport of the bytes changes. A peer that
-//! is not in the map is a miss and the message takes the ordinary path. So does a message to
-//! a peer with 4 MiB unread from the fast path (the kernel would queue without bound for a
-//! peer that reads nothing): that direction goes through TCP, whose flow control pushes back
-//! on the sender, until the peer has read what TCP brought it.
+//! is not in the map is a miss and the message takes the ordinary path.
 //!
 //! Dropping a [`FastPath`] detaches the programs: no new socket is accelerated. Sockets
 //! already accelerated keep their redirect until they close; they are never taken out of the
@@ -82,9 +79,9 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("loading the eBPF programs (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {0}")]
+    #[error("loading the eBPF programs (needs CAP_BPF and CAP_NET_ADMIN): {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("{what} (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {source}")]
+    #[error("{what} (needs CAP_BPF and CAP_NET_ADMIN): {source}")]
     Program {
         what: &'static str,
         source: aya::programs::ProgramError,
@@ -235,9 +232,6 @@ pub struct Counters {
     pub connects_captured: u64,
     /// Outbound connects in scope left alone because their destination could not be kept.
     pub capture_failed: u64,
-    /// Messages sent through TCP because their peer had too much unread (until it reads
-    /// what TCP brought it).
-    pub messages_queue_full: u64,
 }
 
 impl Counters {
@@ -279,11 +273,6 @@ impl Counters {
                 "Outbound connects in scope left alone: their destination could not be kept.",
                 self.capture_failed,
             ),
-            (
-                "messages_queue_full",
-                "Messages sent through TCP because the peer socket had 4 MiB unread from the fast path.",
-                self.messages_queue_full,
-            ),
         ]
     }
 }
@@ -316,7 +305,7 @@ pub struct FastPath {
     outbound: Option<Outbound>,
 }
 
-const COUNTERS: u32 = 8;
+const COUNTERS: u32 = 7;
 
 impl FastPath {
     /// Loads the programs, attaches `sock_ops` to the cgroup v2 at `cgroup` (alongside any
@@ -559,7 +548,6 @@ impl FastPath {
             bytes_redirected: v[4],
             connects_captured: v[5],
             capture_failed: v[6],
-            messages_queue_full: v[7],
         })
     }
 }
