@@ -685,16 +685,8 @@ impl ProxyHttp for WeirProxy {
         trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(stream) = ctx.filters.as_mut() else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        let verdict = stream.request_trailers(filters::map_pairs(trailers)).await;
-        self.filter_timed("request_trailers", started);
-        if let Some(pairs) = self.filter_stop(ctx, verdict)? {
-            filters::apply_map_pairs(trailers, pairs)?;
-        }
-        Ok(())
+        self.trailers_through_filters(Dir::Request, trailers, ctx)
+            .await
     }
 
     async fn upstream_peer(
@@ -851,21 +843,12 @@ impl ProxyHttp for WeirProxy {
         if let Some(path) = routing::rewrite_path(route, original) {
             // Only the path changes: an HTTP/2 request's scheme and authority (it has no Host
             // header) stay, or an h2 upstream would get a request with no authority.
+            let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
+                Error::because(ErrorType::InternalError, "rewritten path is not valid", e)
+            };
             let mut parts = upstream.uri.clone().into_parts();
-            let uri = path
-                .parse::<http::uri::PathAndQuery>()
-                .map_err(|e| {
-                    Error::because(
-                        ErrorType::InternalError,
-                        "rewritten path is not a valid URI",
-                        e,
-                    )
-                })
-                .and_then(|p| {
-                    parts.path_and_query = Some(p);
-                    http::Uri::from_parts(parts)
-                        .map_err(|e| Error::because(ErrorType::InternalError, "rewritten URI", e))
-                })?;
+            parts.path_and_query = Some(path.parse().map_err(|e| bad(Box::new(e)))?);
+            let uri = http::Uri::from_parts(parts).map_err(|e| bad(Box::new(e)))?;
             upstream.set_uri(uri);
         }
         // TE is hop-by-hop (pingora strips it), but its `trailers` says what weir can take
@@ -888,8 +871,10 @@ impl ProxyHttp for WeirProxy {
         }
         // `Trailer` (the fields a body ends with) is not hop-by-hop, though pingora strips it
         // with those that are: the request's trailers go on to the upstream, so does it.
-        if !upstream.headers.contains_key(http::header::TRAILER) {
-            for v in session.req_header().headers.get_all(http::header::TRAILER) {
+        let declared = session.req_header().headers.get_all(http::header::TRAILER);
+        if declared.iter().next().is_some() && !upstream.headers.contains_key(http::header::TRAILER)
+        {
+            for v in declared {
                 upstream.append_header(http::header::TRAILER, v.clone())?;
             }
         }
@@ -1048,15 +1033,8 @@ impl ProxyHttp for WeirProxy {
         {
             ctx.grpc_status = Some(s);
         }
-        let Some(stream) = ctx.filters.as_mut() else {
-            return Ok(None);
-        };
-        let started = Instant::now();
-        let verdict = stream.response_trailers(filters::map_pairs(trailers)).await;
-        self.filter_timed("response_trailers", started);
-        if let Some(pairs) = self.filter_stop(ctx, verdict)? {
-            filters::apply_map_pairs(trailers, pairs)?;
-        }
+        self.trailers_through_filters(Dir::Response, trailers, ctx)
+            .await?;
         Ok(None)
     }
 
@@ -1201,6 +1179,30 @@ impl ProxyHttp for WeirProxy {
 
 impl WeirProxy {
     /// Records one filter phase's time since `started`.
+    /// A request's or response's trailers through its filter chain (if any), which may change
+    /// them or stop the request.
+    async fn trailers_through_filters(
+        &self,
+        dir: Dir,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(stream) = ctx.filters.as_mut() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let pairs = filters::map_pairs(trailers);
+        let (verdict, phase) = match dir {
+            Dir::Request => (stream.request_trailers(pairs).await, "request_trailers"),
+            Dir::Response => (stream.response_trailers(pairs).await, "response_trailers"),
+        };
+        self.filter_timed(phase, started);
+        if let Some(pairs) = self.filter_stop(ctx, verdict)? {
+            filters::apply_map_pairs(trailers, pairs)?;
+        }
+        Ok(())
+    }
+
     fn filter_timed(&self, phase: &str, started: Instant) {
         self.metrics
             .filter_time
@@ -1389,4 +1391,11 @@ impl WeirProxy {
         };
         log.log(&config.fields, &entry);
     }
+}
+
+/// Which of a request's messages a filter phase is for.
+#[derive(Clone, Copy)]
+enum Dir {
+    Request,
+    Response,
 }

@@ -1042,33 +1042,6 @@ where
         res
     }
 
-    /// weir patch: the downstream request's trailers for the upstream, once its body has
-    /// ended (`end_of_body`): the first time taken from the downstream session and passed
-    /// through `request_trailer_filter`, then kept for retries.
-    pub(crate) async fn request_trailers_at(
-        &self,
-        session: &mut Session,
-        end_of_body: bool,
-        ctx: &mut SV::CTX,
-    ) -> Result<Option<Box<http::HeaderMap>>>
-    where
-        SV: ProxyHttp + Send + Sync,
-        SV::CTX: Send + Sync,
-    {
-        if !end_of_body {
-            return Ok(None);
-        }
-        if !session.request_trailers_taken {
-            session.request_trailers_taken = true;
-            let mut trailers = session.downstream_session.take_request_trailers();
-            if let Some(t) = trailers.as_mut() {
-                self.inner.request_trailer_filter(session, t, ctx).await?;
-            }
-            session.request_trailers = trailers.map(Box::new);
-        }
-        Ok(session.request_trailers.clone())
-    }
-
     // TODO:: use this function to replace send_body_to2
     async fn send_body_to_pipe(
         &self,
