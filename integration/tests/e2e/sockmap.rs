@@ -100,11 +100,11 @@ fn sockets_in_scope_are_redirected_byte_exact_and_detach_leaves_them_working() {
     assert_eq!(fast.counters().unwrap(), Default::default());
 
     let capture = Capture::on_lo();
-    let data = pattern(8 << 20, 1);
+    let data = pattern(3 << 20, 1);
     let back = echo(TcpStream::connect(("127.0.0.1", port)).unwrap(), &data);
     assert!(
         back == data,
-        "8 MiB echoed byte-exact through the fast path"
+        "3 MiB echoed byte-exact through the fast path (under its 4 MiB bound)"
     );
     let c = fast.counters().unwrap();
     assert_eq!(c.sockets_inserted, 2, "both ends of the connection: {c:?}");
@@ -156,6 +156,147 @@ fn sockets_in_scope_are_redirected_byte_exact_and_detach_leaves_them_working() {
     assert!(
         capture.payload_segments(port) > 0,
         "new connections use TCP again"
+    );
+}
+
+/// Bytes the sender has written that its peer has not acknowledged (SIOCOUTQ): 0 once TCP
+/// carried everything.
+fn unacked(conn: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer given.
+    let rc = unsafe { libc::ioctl(conn.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
+#[test]
+fn a_peer_that_reads_nothing_is_sent_4_mib_then_tcp_pushes_back() {
+    if !can_load_bpf("sockmap queue bound") {
+        return;
+    }
+    let cg = TestCgroup::enter("bound");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut fast = FastPath::attach(&cg.path).expect("attach the fast path");
+    fast.set_ports([port]).unwrap();
+    let mut reader = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut writer, _) = listener.accept().unwrap();
+    let data = pattern(64 << 20, 7);
+
+    // The reader reads nothing. Unbounded, every write would land in its queue at once (the
+    // kernel bounds a redirect only by the node's TCP memory); bounded, the redirect stops
+    // at 4 MiB and TCP's buffers fill until a write would block.
+    writer.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    while sent < data.len() {
+        match writer.write(&data[sent..(sent + (256 << 10)).min(data.len())]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write after {sent} bytes: {e}"),
+        }
+    }
+    let stalled = fast.counters().unwrap();
+    assert!(
+        sent < 16 << 20,
+        "{sent} bytes accepted for a reader that reads nothing: {stalled:?}"
+    );
+    assert!(stalled.messages_queue_full > 0, "{stalled:?}");
+    assert!(
+        stalled.bytes_redirected >= 3 << 20 && stalled.bytes_redirected <= 4 << 20,
+        "the fast path took up to 4 MiB: {stalled:?}"
+    );
+
+    // The reader reads what was sent: the redirected part first, then TCP's, in order.
+    let mut got = vec![0u8; sent];
+    reader.read_exact(&mut got).unwrap();
+    assert!(
+        got == data[..sent],
+        "the first {sent} bytes arrived in order"
+    );
+    // Once the reader has read everything TCP carried, the writer's next message is
+    // redirected again. (The kernel sends the message after a write that would have blocked
+    // the way that write went, without asking the program: so one chunk at a time, each read
+    // before the next.)
+    writer.set_nonblocking(false).unwrap();
+    let mut at = sent;
+    for _ in 0..3 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while unacked(&writer) != 0 {
+            assert!(std::time::Instant::now() < deadline, "TCP never drained");
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let chunk = &data[at..at + (64 << 10)];
+        writer.write_all(chunk).unwrap();
+        let mut got = vec![0u8; chunk.len()];
+        reader.read_exact(&mut got).unwrap();
+        assert!(got == chunk, "bytes {at}.. arrived in order");
+        at += chunk.len();
+        if fast.counters().unwrap().messages_redirected > stalled.messages_redirected {
+            break;
+        }
+    }
+    let back = fast.counters().unwrap();
+    assert!(
+        back.messages_redirected > stalled.messages_redirected,
+        "back on the fast path once TCP had nothing unread: {back:?}"
+    );
+    // The rest, written while it is read: byte-exact whichever way each part went.
+    let rest = data[at..].to_vec();
+    let w = thread::spawn(move || {
+        for chunk in rest.chunks(256 << 10) {
+            writer.write_all(chunk).unwrap();
+        }
+    });
+    let mut got = vec![0u8; data.len() - at];
+    reader.read_exact(&mut got).unwrap();
+    w.join().unwrap();
+    assert!(got == data[at..], "the rest arrived in order");
+}
+
+#[test]
+fn a_short_read_means_the_reader_has_everything_that_arrived() {
+    // Readers under edge-triggered epoll (tokio, nginx) take a read shorter than their buffer
+    // as "nothing more has arrived" and wait for the next wake-up. With 4 MiB redirected into
+    // the reader's psock queue and then a little more through TCP, one read must return both:
+    // were the TCP bytes left in a second queue, that read would stop at the psock's 4 MiB and
+    // such a reader would wait forever for bytes that had already arrived.
+    if !can_load_bpf("sockmap single receive queue") {
+        return;
+    }
+    let cg = TestCgroup::enter("one-queue");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut fast = FastPath::attach(&cg.path).expect("attach the fast path");
+    fast.set_ports([port]).unwrap();
+    let mut reader = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut writer, _) = listener.accept().unwrap();
+    let data = pattern((4 << 20) + (16 << 10), 9);
+    for chunk in data.chunks(256 << 10) {
+        writer.write_all(chunk).unwrap();
+    }
+    let sent = fast.counters().unwrap();
+    assert_eq!(sent.bytes_redirected, 4 << 20, "{sent:?}");
+    assert!(
+        sent.messages_queue_full > 0,
+        "the last 16 KiB went through TCP: {sent:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while unacked(&writer) != 0 {
+        assert!(std::time::Instant::now() < deadline, "TCP never delivered");
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    thread::sleep(std::time::Duration::from_millis(50));
+
+    reader.set_nonblocking(true).unwrap();
+    let mut got = vec![0u8; 8 << 20];
+    let n = reader.read(&mut got).unwrap();
+    assert_eq!(n, data.len(), "one read returns everything that arrived");
+    assert!(got[..n] == data[..], "in order");
+    let more = reader.read(&mut got);
+    assert!(
+        matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "and nothing is left after it: {more:?}"
     );
 }
 
@@ -242,13 +383,14 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
     }
     let capture = Capture::on_lo();
 
-    // 32 clients at once, each POSTing 1 MiB and getting it back, plus one 32 MiB body.
+    // Everything until the capture is checked stays under the fast path's bound (4 MiB
+    // unread per direction), so all of it is redirected.
+    // 32 clients at once, each POSTing 1 MiB and getting it back.
     let client = h1_client();
-    let mut tasks = Vec::new();
-    for i in 0..33u8 {
+    let echo_body = |i: u8, len: usize| {
         let (client, listen) = (client.clone(), s.listen);
-        tasks.push(tokio::spawn(async move {
-            let body = pattern(if i == 32 { 32 << 20 } else { 1 << 20 }, i);
+        tokio::spawn(async move {
+            let body = pattern(len, i);
             let req = ::http::Request::builder()
                 .method("POST")
                 .uri(format!("http://{listen}/echo-body"))
@@ -258,15 +400,16 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
             assert_eq!(resp.status(), 200);
             let got = resp.into_body().collect().await.unwrap().to_bytes();
             assert!(got == body, "client {i}: body echoed byte-exact");
-        }));
-    }
+        })
+    };
+    let tasks: Vec<_> = (0..32u8).map(|i| echo_body(i, 1 << 20)).collect();
     for t in tasks {
         t.await.unwrap();
     }
-    // gRPC: 4 MiB messages there and back on one h2 connection.
+    // gRPC: 3 MiB messages there and back on one h2 connection.
     let mut g = crate::grpc::client(s.listen).await;
     for i in 0..4u8 {
-        let payload = pattern(4 << 20, 100 + i);
+        let payload = pattern(3 << 20, 100 + i);
         let reply = g
             .unary(weir_integration::pb::Msg {
                 text: format!("m{i}"),
@@ -321,9 +464,10 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
     let c = &v["counters"];
     assert!(c["sockets_inserted"].as_u64().unwrap() >= 4, "{v}");
     assert!(
-        c["bytes_redirected"].as_u64().unwrap() > 2 * (64 << 20),
+        c["bytes_redirected"].as_u64().unwrap() > 2 * (56 << 20),
         "the bodies went through the fast path: {v}"
     );
+    assert_eq!(c["messages_queue_full"], 0, "{v}");
     for port in [s.listen.port(), http.addr.port(), grpc.addr.port()] {
         assert_eq!(
             capture.payload_segments(port),
@@ -341,6 +485,9 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
     );
     let v = ebpf_json(&s.weir);
     assert_eq!(v["counters"]["sockets_inserted"], inserted, "{v}");
+    // A 32 MiB body: a writer that runs 4 MiB ahead of its reader goes through TCP until the
+    // reader catches up; the bytes arrive in order whichever way each part went.
+    echo_body(32, 32 << 20).await.unwrap();
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert!(metrics.contains("weir_sockmap_attached 1"), "{metrics}");
     assert!(metrics.contains("weir_sockmap_messages_redirected_total "));
