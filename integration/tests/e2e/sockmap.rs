@@ -170,18 +170,34 @@ fn unacked(conn: &TcpStream) -> i32 {
     n
 }
 
+/// Waits (5 s at most) until TCP has carried everything `conn` wrote.
+fn wait_acked(conn: &TcpStream) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while unacked(conn) != 0 {
+        assert!(std::time::Instant::now() < deadline, "TCP never delivered");
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// One accelerated connection on 127.0.0.1, its process in a cgroup of its own named
+/// `name`: the cgroup and the fast path (keep both alive), the client and the server side.
+fn accelerated_pair(name: &str) -> (TestCgroup, FastPath, TcpStream, TcpStream) {
+    let cg = TestCgroup::enter(name);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut fast = FastPath::attach(&cg.path).expect("attach the fast path");
+    fast.set_ports([port]).unwrap();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (cg, fast, client, server)
+}
+
 #[test]
 fn a_peer_that_reads_nothing_is_sent_4_mib_then_tcp_pushes_back() {
     if !can_load_bpf("sockmap queue bound") {
         return;
     }
-    let cg = TestCgroup::enter("bound");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut fast = FastPath::attach(&cg.path).expect("attach the fast path");
-    fast.set_ports([port]).unwrap();
-    let mut reader = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let (mut writer, _) = listener.accept().unwrap();
+    let (_cg, fast, mut reader, mut writer) = accelerated_pair("bound");
     let data = pattern(64 << 20, 7);
 
     // The reader reads nothing. Unbounded, every write would land in its queue at once (the
@@ -221,11 +237,7 @@ fn a_peer_that_reads_nothing_is_sent_4_mib_then_tcp_pushes_back() {
     writer.set_nonblocking(false).unwrap();
     let mut at = sent;
     for _ in 0..3 {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while unacked(&writer) != 0 {
-            assert!(std::time::Instant::now() < deadline, "TCP never drained");
-            thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_acked(&writer);
         let chunk = &data[at..at + (64 << 10)];
         writer.write_all(chunk).unwrap();
         let mut got = vec![0u8; chunk.len()];
@@ -264,13 +276,7 @@ fn a_short_read_means_the_reader_has_everything_that_arrived() {
     if !can_load_bpf("sockmap single receive queue") {
         return;
     }
-    let cg = TestCgroup::enter("one-queue");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut fast = FastPath::attach(&cg.path).expect("attach the fast path");
-    fast.set_ports([port]).unwrap();
-    let mut reader = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let (mut writer, _) = listener.accept().unwrap();
+    let (_cg, fast, mut reader, mut writer) = accelerated_pair("one-queue");
     let data = pattern((4 << 20) + (16 << 10), 9);
     for chunk in data.chunks(256 << 10) {
         writer.write_all(chunk).unwrap();
@@ -281,11 +287,7 @@ fn a_short_read_means_the_reader_has_everything_that_arrived() {
         sent.messages_queue_full > 0,
         "the last 16 KiB went through TCP: {sent:?}"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while unacked(&writer) != 0 {
-        assert!(std::time::Instant::now() < deadline, "TCP never delivered");
-        thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_acked(&writer);
     thread::sleep(std::time::Duration::from_millis(50));
 
     reader.set_nonblocking(true).unwrap();
