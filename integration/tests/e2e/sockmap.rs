@@ -559,14 +559,17 @@ fn proxy_core_suites_pass_with_the_fast_path_on() {
     if !can_load_bpf("proxy suites on the fast path") {
         return;
     }
-    // This test binary again, with the proxy-core suites (HTTP, gRPC, resilience, bad input),
-    // each weir on the fast path.
+    // This test binary again, with the proxy-core suites (HTTP, gRPC, resilience, bad input)
+    // and the streaming inference ones (SSE, KServe gRPC with the real tritonclient), each
+    // weir on the fast path.
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "http::",
             "grpc::",
             "resilience::",
             "bad_input::",
+            "inference::",
+            "kserve::",
             "--test-threads",
             "4",
         ])
@@ -580,7 +583,7 @@ fn proxy_core_suites_pass_with_the_fast_path_on() {
         .and_then(|l| l.split(' ').next())
         .and_then(|n| n.parse::<u32>().ok());
     assert!(
-        out.status.success() && passed.is_some_and(|n| n >= 18),
+        out.status.success() && passed.is_some_and(|n| n >= 38),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
