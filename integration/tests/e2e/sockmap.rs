@@ -278,8 +278,13 @@ fn a_short_read_means_the_reader_has_everything_that_arrived() {
     }
     let (_cg, fast, mut reader, mut writer) = accelerated_pair("one-queue");
     let data = pattern((4 << 20) + (16 << 10), 9);
-    for chunk in data.chunks(256 << 10) {
-        writer.write_all(chunk).unwrap();
+    // One message per write, small enough that the kernel never splits it; a write that
+    // waits for a reader that reads nothing fails here instead of hanging.
+    writer
+        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    for chunk in data.chunks(64 << 10) {
+        writer.write_all(chunk).expect("TCP takes the last 16 KiB");
     }
     let sent = fast.counters().unwrap();
     assert_eq!(sent.bytes_redirected, 4 << 20, "{sent:?}");
