@@ -25,7 +25,9 @@
 // proxy's write timeout can fire), and comes back to the fast path once the peer has read
 // everything TCP carried. `weir_skb` puts what TCP delivers into the same psock queue, behind
 // what was redirected, so bytes stay in order and a reader has one queue; nothing is
-// redirected while TCP has bytes unread, so nothing redirected overtakes them. This
+// redirected while TCP has bytes unread, so nothing redirected overtakes them ("unread":
+// the peer's copied_seq short of its rcv_nxt; Linux 6.18's tcp_bpf_recvmsg_parser advances
+// copied_seq only for bytes read from TCP skbs, not for redirected ones). This
 // reads kernel memory (the peer's `struct sock`, its psock, both ends' `struct tcp_sock`)
 // with CO-RE relocated offsets, which needs CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
 //
