@@ -170,6 +170,26 @@ fn unacked(conn: &TcpStream) -> i32 {
     n
 }
 
+/// Makes closing `conn` send a reset (SO_LINGER 0).
+fn reset_on_close(conn: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: SO_LINGER reads one `struct linger` from the pointer, of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
 /// Waits (5 s at most) until TCP has carried everything `conn` wrote.
 fn wait_acked(conn: &TcpStream) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -354,6 +374,91 @@ fn fast_path_config(cg: &TestCgroup, rest: &str) -> String {
         "{rest}fast_path: {{ mode: sockmap, cgroup: \"{}\" }}\n",
         cg.path.display()
     )
+}
+
+#[test]
+fn an_upstream_given_up_mid_response_is_reset_at_once() {
+    // The upstream sends a 1 GiB response; the client reads 1 MiB, stalls, and leaves. Both
+    // of weir's connections are on the fast path, so the upstream's bytes wait unread in
+    // weir's psock queue, not TCP's: a plain close would send a FIN, and the upstream, blocked
+    // on a closed window, would hear of it only when weir's FIN_WAIT2 socket expired (60 s).
+    // weir closes a connection it gives up mid-response with a reset, so the upstream's write
+    // fails at once.
+    if !can_load_bpf("sockmap upstream reset") {
+        return;
+    }
+    let cg = TestCgroup::enter("reset");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let (failed_tx, failed_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, _) = upstream.accept().unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut b).unwrap();
+            assert!(n > 0, "request head");
+            head.extend_from_slice(&b[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n")
+            .unwrap();
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0usize;
+        let err = loop {
+            match conn.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) => break e,
+            }
+        };
+        let _ = failed_tx.send((std::time::Instant::now(), sent, err.kind()));
+    });
+    let s = start(&fast_path_config(
+        &cg,
+        &format!(
+            "routes:\n  - name: all\n    route: {{ cluster: up }}\nclusters:\n{}",
+            cluster("up", "http1", &[up_addr], "")
+        ),
+    ));
+    let mut client = TcpStream::connect(s.listen).unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nhost: weir\r\n\r\n")
+        .unwrap();
+    let mut got = 0;
+    let mut b = vec![0u8; 64 << 10];
+    while got < 1 << 20 {
+        let n = client.read(&mut b).unwrap();
+        assert!(n > 0, "the response body flows");
+        got += n;
+    }
+    let counters = &ebpf_json(&s.weir)["counters"];
+    assert!(
+        counters["messages_redirected"].as_u64().unwrap() > 0,
+        "on the fast path: {counters}"
+    );
+    // The client stops reading until every queue on the way is full and the upstream's write
+    // waits on a closed window, then leaves with a reset (SO_LINGER 0), so weir hears of it
+    // at once. (A client that leaves with a plain close sends only a FIN, for the same
+    // reason, and weir, waiting on its closed window, hears of it when that FIN_WAIT2
+    // socket expires: tcp_fin_timeout, 60 s. README.)
+    thread::sleep(std::time::Duration::from_millis(1500));
+    reset_on_close(&client);
+    let left = std::time::Instant::now();
+    drop(client);
+    let (failed_at, sent, kind) = failed_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the upstream's write failed within 20 s of the client leaving");
+    let after = failed_at.saturating_duration_since(left);
+    assert!(
+        matches!(
+            kind,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{kind:?} after {sent} bytes"
+    );
+    assert!(
+        after < std::time::Duration::from_secs(5),
+        "the upstream learned {after:?} after the client left ({sent} bytes sent)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -425,6 +425,10 @@ where
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())
                                 .await;
+                        } else if h1.response_body_unfinished() {
+                            // weir patch: a connection given up mid-response closes with a
+                            // reset, so the server stops sending at once.
+                            h1.reset_on_close();
                         }
                         (server_reused, error)
                     }

@@ -111,6 +111,12 @@ impl SocketDigest {
         }
     }
 
+    /// weir patch: makes closing the socket send a reset (SO_LINGER 0).
+    #[cfg(unix)]
+    pub fn reset_on_close(&self) -> std::io::Result<()> {
+        super::l4::ext::set_linger_zero(self.raw_fd)
+    }
+
     /// Return the kernel socket cookie for this connection.
     ///
     /// This is backed by Linux's `SO_COOKIE` socket option. On other Unix

@@ -286,6 +286,27 @@ pub fn get_tcp_info(_fd: RawSocket) -> io::Result<TCP_INFO> {
     Ok(unsafe { TCP_INFO::new() })
 }
 
+/// weir patch: SO_LINGER on with a zero timeout, so that closing the socket sends a reset
+/// and discards what is unsent.
+#[cfg(target_os = "linux")]
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    set_opt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+}
+
+/// weir patch: see the Linux version.
+#[cfg(all(unix, not(target_os = "linux")))]
+pub fn set_linger_zero(_fd: RawFd) -> io::Result<()> {
+    Ok(())
+}
+
 /// Set the TCP receive buffer size. See SO_RCVBUF.
 #[cfg(target_os = "linux")]
 pub fn set_recv_buf(fd: RawFd, val: usize) -> Result<()> {

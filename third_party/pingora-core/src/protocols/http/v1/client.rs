@@ -532,6 +532,23 @@ impl HttpSession {
         self.bytes_sent
     }
 
+    /// weir patch: whether a response body was being read and has not ended (the server
+    /// may still be sending it).
+    pub fn response_body_unfinished(&self) -> bool {
+        !self.body_reader.need_init() && !self.body_reader.body_done()
+    }
+
+    /// weir patch: makes dropping this session close the connection with a reset instead
+    /// of a FIN. For a connection given up mid-response: Linux resets such a close by itself
+    /// only when bytes wait unread in TCP's own receive queue, and a server blocked on a
+    /// full window would otherwise learn of it only when its window probes fail.
+    pub fn reset_on_close(&self) {
+        #[cfg(unix)]
+        if let Some(d) = self.digest.socket_digest.as_ref() {
+            let _ = d.reset_on_close();
+        }
+    }
+
     /// Whether there is no more body to read.
     pub fn is_body_done(&mut self) -> bool {
         self.init_body_reader();
