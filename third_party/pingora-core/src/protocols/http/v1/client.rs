@@ -540,8 +540,9 @@ impl HttpSession {
 
     /// weir patch: makes dropping this session close the connection with a reset instead
     /// of a FIN. For a connection given up mid-response: Linux resets such a close by itself
-    /// only when bytes wait unread in TCP's own receive queue, and a server blocked on a
-    /// full window would otherwise learn of it only when its window probes fail.
+    /// only when bytes wait unread in TCP's own receive queue (not so when a sockmap holds
+    /// them), and a server blocked on the closed window would otherwise hear of the close
+    /// only when the closed socket's FIN_WAIT2 state expired (60 s).
     pub fn reset_on_close(&self) {
         #[cfg(unix)]
         if let Some(d) = self.digest.socket_digest.as_ref() {
