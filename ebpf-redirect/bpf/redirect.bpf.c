@@ -60,7 +60,23 @@
 // the running kernel's BTF (CO-RE).
 struct sock___weir {
 	void *sk_user_data;
+	__u8 sk_shutdown;
 } __attribute__((preserve_access_index));
+
+#define RCV_SHUTDOWN 1
+
+#ifndef TCP_USER_TIMEOUT
+#define TCP_USER_TIMEOUT 18
+#endif
+#ifndef TCP_RTO_MAX_MS
+#define TCP_RTO_MAX_MS 44
+#endif
+
+// The longest wait between two probes of a closed window on an accelerated socket (Linux
+// backs off to 120 s; ignored before Linux 6.15), and how long a socket whose peer has closed
+// keeps probing one before it gives up with a reset (see peer_closed).
+#define PROBE_MAX_MS 1000
+#define CLOSED_PEER_TIMEOUT_MS 100
 
 struct tcp_sock___weir {
 	__u32 rcv_nxt;
@@ -209,7 +225,8 @@ enum counter {
 	CONNECTS_CAPTURED = 5,
 	CAPTURE_FAILED = 6,
 	MSGS_QUEUE_FULL = 7,
-	COUNTERS = 8,
+	PEERS_CLOSED = 8,
+	COUNTERS = 9,
 };
 
 struct {
@@ -380,6 +397,39 @@ static __always_inline void forget_sock_info(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&weir_sock_info, &key);
 }
 
+// The socket got its peer's FIN. If the peer closed (or shut down reading) rather than only
+// shut down writing, nothing will ever read what this socket still sends, and the kernel
+// does not say so: a socket closed with bytes unread in its psock queue sends a FIN, not the
+// reset TCP sends when bytes are left in its own queue, and the closed socket's FIN_WAIT2
+// time-wait ignores the probes of a window that closed on a reader that had stopped reading.
+// The writer (the proxy, blocked writing a response to a client that went away) would wait
+// for that time-wait to expire (tcp_fin_timeout, 60 s). So the socket gets a user timeout:
+// its next probe of a closed window (at most PROBE_MAX_MS away) gives up, and its writer
+// gets an error at once. A peer that only half-closed still reads, and is left alone.
+static __always_inline void peer_closed(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+	sockops_key(skops, &key);
+	struct sock_key peer = {
+		.local = key.remote,
+		.remote = key.local,
+		.local_port = key.remote_port,
+		.remote_port = key.local_port,
+	};
+	struct sock_info *info = bpf_map_lookup_elem(&weir_sock_info, &peer);
+	if (!info)
+		return;
+	// Read out first: inside bpf_core_read, `info->sk` would get a CO-RE relocation too.
+	struct sock___weir *sk = (void *)info->sk;
+	__u8 shutdown = 0;
+	if (bpf_core_read(&shutdown, sizeof(shutdown), &sk->sk_shutdown) != 0 ||
+	    !(shutdown & RCV_SHUTDOWN))
+		return;
+	int ms = CLOSED_PEER_TIMEOUT_MS;
+	if (bpf_setsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms)) == 0)
+		count(PEERS_CLOSED, 1);
+}
+
 SEC("sockops")
 int weir_sockops(struct bpf_sock_ops *skops)
 {
@@ -402,6 +452,10 @@ int weir_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		// Captured and accelerated sockets asked for this: forget what is kept on them.
+		if (skops->args[1] == BPF_TCP_CLOSE_WAIT) {
+			peer_closed(skops);
+			return 1;
+		}
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			return 1;
 		if (family == AF_INET) {
@@ -451,8 +505,10 @@ int weir_sockops(struct bpf_sock_ops *skops)
 		count(INSERT_FAILED, 1);
 		return 1;
 	}
-	// Hear when it closes, to delete its sock_info.
+	// Hear when its peer closes (peer_closed) and when it closes, to delete its sock_info.
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	int probe_max = PROBE_MAX_MS;
+	bpf_setsockopt(skops, IPPROTO_TCP, TCP_RTO_MAX_MS, &probe_max, sizeof(probe_max));
 	count(SOCKETS_INSERTED, 1);
 	return 1;
 }

@@ -241,6 +241,9 @@ pub struct Counters {
     /// Messages sent through TCP because their peer had too much unread (until it reads
     /// what TCP brought it).
     pub messages_queue_full: u64,
+    /// Accelerated sockets whose peer closed (not only half-closed): a window that closed on
+    /// them is probed briefly, then given up with a reset, so a blocked writer gets an error.
+    pub peers_closed: u64,
 }
 
 impl Counters {
@@ -287,6 +290,11 @@ impl Counters {
                 "Messages sent through TCP because the peer socket had 4 MiB unread from the fast path.",
                 self.messages_queue_full,
             ),
+            (
+                "peers_closed",
+                "Accelerated sockets whose peer closed: a write blocked on them fails within about a second.",
+                self.peers_closed,
+            ),
         ]
     }
 }
@@ -319,7 +327,7 @@ pub struct FastPath {
     outbound: Option<Outbound>,
 }
 
-const COUNTERS: u32 = 8;
+const COUNTERS: u32 = 9;
 
 impl FastPath {
     /// Loads the programs, attaches `sock_ops` to the cgroup v2 at `cgroup` (alongside any
@@ -572,6 +580,7 @@ impl FastPath {
             connects_captured: v[5],
             capture_failed: v[6],
             messages_queue_full: v[7],
+            peers_closed: v[8],
         })
     }
 }

@@ -170,6 +170,28 @@ fn unacked(conn: &TcpStream) -> i32 {
     n
 }
 
+/// The TCP-level socket option `opt` of `conn`, an int.
+fn tcp_option(conn: &TcpStream, opt: libc::c_int) -> std::io::Result<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to the int it is given, and `len` back.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Makes closing `conn` send a reset (SO_LINGER 0).
 fn reset_on_close(conn: &TcpStream) {
     use std::os::fd::AsRawFd;
@@ -199,6 +221,21 @@ fn wait_acked(conn: &TcpStream) {
     }
 }
 
+/// Writes `data` to `writer` without blocking, 256 KiB at a time, until a write would block
+/// (or all of it is written); leaves `writer` nonblocking. How many bytes were written.
+fn write_until_blocked(writer: &mut TcpStream, data: &[u8]) -> usize {
+    writer.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    while sent < data.len() {
+        match writer.write(&data[sent..(sent + (256 << 10)).min(data.len())]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write after {sent} bytes: {e}"),
+        }
+    }
+    sent
+}
+
 /// One accelerated connection on 127.0.0.1, its process in a cgroup of its own named
 /// `name`: the cgroup and the fast path (keep both alive), the client and the server side.
 fn accelerated_pair(name: &str) -> (TestCgroup, FastPath, TcpStream, TcpStream) {
@@ -223,15 +260,7 @@ fn a_peer_that_reads_nothing_is_sent_4_mib_then_tcp_pushes_back() {
     // The reader reads nothing. Unbounded, every write would land in its queue at once (the
     // kernel bounds a redirect only by the node's TCP memory); bounded, the redirect stops
     // at 4 MiB and TCP's buffers fill until a write would block.
-    writer.set_nonblocking(true).unwrap();
-    let mut sent = 0;
-    while sent < data.len() {
-        match writer.write(&data[sent..(sent + (256 << 10)).min(data.len())]) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => panic!("write after {sent} bytes: {e}"),
-        }
-    }
+    let sent = write_until_blocked(&mut writer, &data);
     let stalled = fast.counters().unwrap();
     assert!(
         sent < 16 << 20,
@@ -287,6 +316,102 @@ fn a_peer_that_reads_nothing_is_sent_4_mib_then_tcp_pushes_back() {
 }
 
 #[test]
+fn a_writer_blocked_on_a_peer_that_closed_gets_an_error_at_once() {
+    // The reader reads nothing until the writer blocks on a closed window, then closes. Its
+    // unread bytes sit in its psock queue, which the kernel does not count when it chooses
+    // between a reset and a FIN at close: it sends a FIN, and its FIN_WAIT2 time-wait ignores
+    // the writer's window probes, so the writer would wait up to 60 s (tcp_fin_timeout).
+    // `peer_closed` gives the writer a user timeout when its peer closes, and probes come
+    // at least every second: the blocked write fails within seconds.
+    if !can_load_bpf("sockmap peer closed") {
+        return;
+    }
+    let (_cg, fast, reader, mut writer) = accelerated_pair("peer-closed");
+    // Window probes at least every second (TCP_RTO_MAX_MS, Linux 6.15 and later), so the
+    // wait does not grow with how long the reader stalled before it closed.
+    const TCP_RTO_MAX_MS: libc::c_int = 44;
+    match tcp_option(&writer, TCP_RTO_MAX_MS) {
+        Ok(ms) => assert_eq!(ms, 1000, "the writer's longest wait between probes"),
+        Err(e) => {
+            let why = format!(
+                "this kernel has no TCP_RTO_MAX_MS ({e}): a writer here waits for its next \
+                 window probe, which backs off up to 120 s, before it learns its peer closed"
+            );
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("\n*** {why} ***\n");
+        }
+    }
+    let data = pattern(64 << 20, 11);
+    let sent = write_until_blocked(&mut writer, &data);
+    assert!(sent < data.len(), "the writer blocked");
+    // Let the writer's window probes back off, as they would under a stalled client.
+    thread::sleep(std::time::Duration::from_millis(2500));
+    let closed = std::time::Instant::now();
+    drop(reader);
+    writer.set_nonblocking(false).unwrap();
+    writer
+        .set_write_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let err = loop {
+        if let Err(e) = writer.write(&data[sent..]) {
+            break e;
+        }
+    };
+    let after = closed.elapsed();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ),
+        "the write failed with {err} after {after:?} (WouldBlock: the write timeout, 20 s)"
+    );
+    assert!(
+        after < std::time::Duration::from_secs(5),
+        "the writer learned {after:?} after its peer closed"
+    );
+    assert_eq!(fast.counters().unwrap().peers_closed, 1);
+}
+
+#[test]
+fn a_peer_that_only_half_closed_still_gets_everything() {
+    // The same stall, but the reader only shuts down its writing side: it still reads, so
+    // the writer must not be cut off, however long the window stays closed.
+    if !can_load_bpf("sockmap half-close") {
+        return;
+    }
+    let (_cg, fast, mut reader, mut writer) = accelerated_pair("half-closed");
+    let data = pattern(32 << 20, 13);
+    let sent = write_until_blocked(&mut writer, &data);
+    assert!(sent < data.len(), "the writer blocked");
+    reader.shutdown(std::net::Shutdown::Write).unwrap();
+    thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(
+        fast.counters().unwrap().peers_closed,
+        0,
+        "a half-close is no close"
+    );
+    writer.set_nonblocking(false).unwrap();
+    let rest = data[sent..].to_vec();
+    // The writer writes the rest and closes; the reader reads to that end.
+    let w = thread::spawn(move || writer.write_all(&rest));
+    let mut got = Vec::with_capacity(data.len());
+    if let Err(e) = reader.read_to_end(&mut got) {
+        panic!("read after {} bytes: {e}", got.len());
+    }
+    w.join().unwrap().expect("the writer wrote everything");
+    assert!(
+        got.len() == data.len() && got == data,
+        "{} bytes arrived",
+        got.len()
+    );
+    // (The writer's close finds the reader in FIN_WAIT2, not waiting on a closed window:
+    // nothing to count there either.)
+    assert_eq!(fast.counters().unwrap().peers_closed, 0);
+}
+
+#[test]
 fn a_short_read_means_the_reader_has_everything_that_arrived() {
     // Readers under edge-triggered epoll (tokio, nginx) take a read shorter than their buffer
     // as "nothing more has arrived" and wait for the next wake-up. With 4 MiB redirected into
@@ -324,6 +449,49 @@ fn a_short_read_means_the_reader_has_everything_that_arrived() {
     assert!(
         matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "and nothing is left after it: {more:?}"
+    );
+}
+
+#[test]
+fn bytes_sent_before_a_reset_can_still_be_read() {
+    // A server that answers early and closes with bytes unread (an HTTP 413 before the body,
+    // say) sends a reset after its answer. Through TCP, Linux keeps what arrived before the
+    // reset readable: the reader gets the answer, then ECONNRESET.
+    if !can_load_bpf("sockmap data before reset") {
+        return;
+    }
+    let (_cg, fast, mut reader, mut writer) = accelerated_pair("data-then-reset");
+    // 4 MiB through the fast path and the rest through TCP (past the queue bound).
+    let data = pattern((4 << 20) + (16 << 10), 5);
+    writer
+        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    for chunk in data.chunks(64 << 10) {
+        writer.write_all(chunk).unwrap();
+    }
+    let sent = fast.counters().unwrap();
+    assert!(
+        sent.bytes_redirected > 0 && sent.messages_queue_full > 0,
+        "{sent:?}"
+    );
+    wait_acked(&writer);
+    reset_on_close(&writer);
+    drop(writer);
+    thread::sleep(std::time::Duration::from_millis(50));
+    let mut got = Vec::new();
+    let mut b = vec![0u8; 64 << 10];
+    let end = loop {
+        match reader.read(&mut b) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) => break Some(e),
+        }
+    };
+    assert!(
+        got.len() == data.len() && got == data,
+        "{} of {} bytes read before {end:?}",
+        got.len(),
+        data.len()
     );
 }
 
@@ -378,16 +546,31 @@ fn fast_path_config(cg: &TestCgroup, rest: &str) -> String {
 
 #[test]
 fn an_upstream_given_up_mid_response_is_reset_at_once() {
-    // The upstream sends a 1 GiB response; the client reads 1 MiB, stalls, and leaves. Both
-    // of weir's connections are on the fast path, so the upstream's bytes wait unread in
-    // weir's psock queue, not TCP's: a plain close would send a FIN, and the upstream, blocked
-    // on a closed window, would hear of it only when weir's FIN_WAIT2 socket expired (60 s).
-    // weir closes a connection it gives up mid-response with a reset, so the upstream's write
-    // fails at once.
-    if !can_load_bpf("sockmap upstream reset") {
+    upstream_learns_at_once_that_the_client_left("reset", true);
+}
+
+#[test]
+fn an_upstream_learns_at_once_that_a_client_closed_mid_response() {
+    upstream_learns_at_once_that_the_client_left("closed", false);
+}
+
+/// The upstream sends a 1 GiB response through weir on the fast path; the client reads 1 MiB,
+/// stalls until every queue on the way is full and the upstream's write waits on a closed
+/// window, then leaves: with a reset (SO_LINGER 0) when `reset`, else with a plain close.
+/// The upstream's write must fail within seconds.
+///
+/// Two things stood in the way. The bytes wait unread in psock queues, not TCP's, and the
+/// kernel counts only TCP's when it chooses between a reset and a FIN at close: a plain close
+/// sends a FIN, and the closed socket's FIN_WAIT2 time-wait ignores window probes, so a
+/// writer blocked on it would hear of the close when it expires (tcp_fin_timeout, 60 s).
+/// `peer_closed` in the BPF program ends that wait for weir's write to the client; and weir
+/// closes an upstream connection it gives up mid-response with a reset, which ends it for
+/// the upstream's write.
+fn upstream_learns_at_once_that_the_client_left(name: &str, reset: bool) {
+    if !can_load_bpf("sockmap: the client left") {
         return;
     }
-    let cg = TestCgroup::enter("reset");
+    let cg = TestCgroup::enter(name);
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
     let (failed_tx, failed_rx) = std::sync::mpsc::channel();
@@ -435,13 +618,10 @@ fn an_upstream_given_up_mid_response_is_reset_at_once() {
         counters["messages_redirected"].as_u64().unwrap() > 0,
         "on the fast path: {counters}"
     );
-    // The client stops reading until every queue on the way is full and the upstream's write
-    // waits on a closed window, then leaves with a reset (SO_LINGER 0), so weir hears of it
-    // at once. (A client that leaves with a plain close sends only a FIN, for the same
-    // reason, and weir, waiting on its closed window, hears of it when that FIN_WAIT2
-    // socket expires: tcp_fin_timeout, 60 s. README.)
     thread::sleep(std::time::Duration::from_millis(1500));
-    reset_on_close(&client);
+    if reset {
+        reset_on_close(&client);
+    }
     let left = std::time::Instant::now();
     drop(client);
     let (failed_at, sent, kind) = failed_rx
@@ -459,6 +639,14 @@ fn an_upstream_given_up_mid_response_is_reset_at_once() {
         after < std::time::Duration::from_secs(5),
         "the upstream learned {after:?} after the client left ({sent} bytes sent)"
     );
+    let closed = ebpf_json(&s.weir)["counters"]["peers_closed"]
+        .as_u64()
+        .unwrap();
+    if reset {
+        assert_eq!(closed, 0, "a reset needs no help");
+    } else {
+        assert!(closed >= 1, "weir's socket to the client saw it close");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
