@@ -105,6 +105,10 @@ enum Bench {
         /// Rounds; each measures latency and load in both modes, taking turns.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// For the run, idle vCPUs poll this many ns before they halt (a KVM guest's
+        /// haltpoll cpuidle driver; put back after). Left as it is when not given.
+        #[arg(long)]
+        halt_poll_ns: Option<u64>,
     },
     /// Control plane: time from a policy file change until every connected proxy has ACKed.
     Xds {
@@ -804,6 +808,7 @@ fn main() {
             connections,
             body_mib,
             rounds,
+            halt_poll_ns,
         } => build_weir().and_then(|weir| {
             sockmap::run(
                 &weir,
@@ -812,6 +817,7 @@ fn main() {
                     connections,
                     body_mib,
                     rounds: rounds.max(1),
+                    halt_poll_ns,
                 },
             )
         }),

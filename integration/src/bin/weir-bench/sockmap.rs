@@ -23,6 +23,37 @@ pub struct Opts {
     pub body_mib: u64,
     /// Rounds of latency and load measurements, the two modes taking turns in each.
     pub rounds: usize,
+    /// Idle vCPUs poll this long before they halt, for the run (a KVM guest's haltpoll
+    /// cpuidle driver); `None` leaves the machine as it is.
+    pub halt_poll_ns: Option<u64>,
+}
+
+/// A KVM guest's haltpoll cpuidle setting: how long an idle vCPU polls before it halts. At 0
+/// it halts at once, and waking it (another CPU's task wakes one of its own) is a VM exit
+/// and entry: about 50 µs of a loopback round trip between two CPUs on this project's VMs
+/// (66 µs p50 against 13 µs with 200 µs of polling, in a ping-pong of 100-byte messages),
+/// which hides the few µs of TCP the fast path saves per message.
+const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// Sets [`HALT_POLL_NS`] until dropped, then puts back what was there.
+struct HaltPoll(String);
+
+impl HaltPoll {
+    fn set(ns: u64) -> Res<Self> {
+        let old = std::fs::read_to_string(HALT_POLL_NS)
+            .map_err(|e| format!("--halt-poll-ns: {HALT_POLL_NS}: {e} (not a KVM guest with the haltpoll cpuidle driver?)"))?;
+        std::fs::write(HALT_POLL_NS, ns.to_string())
+            .map_err(|e| format!("--halt-poll-ns: writing {HALT_POLL_NS}: {e}"))?;
+        Ok(HaltPoll(old.trim().to_string()))
+    }
+}
+
+impl Drop for HaltPoll {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(HALT_POLL_NS, &self.0) {
+            eprintln!("could not put {HALT_POLL_NS} back to {}: {e}", self.0);
+        }
+    }
 }
 
 /// What one mode measured over all rounds.
@@ -33,19 +64,26 @@ struct Mode {
     cpu_us_per_req: Vec<f64>,
     /// Best of three, in GiB/s.
     bulk_gib_s: f64,
+    /// Blocking reads of the bulk downloads that failed with EAGAIN.
+    bulk_eagain: u64,
     ebpf: String,
 }
 
-/// Downloads `/big` from 127.0.0.1:`port` (HTTP/1.1, reading exactly content-length bytes);
-/// GiB/s.
-fn bulk(port: u16) -> Res<f64> {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+/// Downloads `/big` from 127.0.0.1:`port` (HTTP/1.1, reading exactly content-length bytes)
+/// with blocking reads: GiB/s, and how many reads failed with EAGAIN (which a blocking read
+/// must never do; Linux's sockmap receive path has been seen to, README) and were retried.
+fn bulk(port: u16) -> Res<(f64, u64)> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("bulk: connecting to weir: {e}"))?;
     let start = Instant::now();
-    write!(c, "GET /big HTTP/1.1\r\nhost: bench\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(c, "GET /big HTTP/1.1\r\nhost: bench\r\n\r\n")
+        .map_err(|e| format!("bulk: writing the request: {e}"))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut head = Vec::new();
     let (length, mut got) = loop {
-        let n = c.read(&mut buf).map_err(|e| e.to_string())?;
+        let n = c
+            .read(&mut buf)
+            .map_err(|e| format!("bulk: reading the response head: {e}"))?;
         if n == 0 {
             return Err("closed before the response head".into());
         }
@@ -60,14 +98,25 @@ fn bulk(port: u16) -> Res<f64> {
             break (length, (head.len() - end - 4) as u64);
         }
     };
+    let mut eagain = 0;
     while got < length {
-        let n = c.read(&mut buf).map_err(|e| e.to_string())?;
+        let n = match c.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                eagain += 1;
+                continue;
+            }
+            Err(e) => return Err(format!("bulk: reading after {got} of {length} bytes: {e}")),
+        };
         if n == 0 {
             return Err(format!("closed after {got} of {length} bytes"));
         }
         got += n as u64;
     }
-    Ok(length as f64 / (1u64 << 30) as f64 / start.elapsed().as_secs_f64())
+    Ok((
+        length as f64 / (1u64 << 30) as f64 / start.elapsed().as_secs_f64(),
+        eagain,
+    ))
 }
 
 pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
@@ -78,6 +127,10 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         return Err(format!("weir was built without its BPF programs: {why}"));
     }
     install_tools(&["wrk", "nginx"])?;
+    let _halt_poll = opts.halt_poll_ns.map(HaltPoll::set).transpose()?;
+    let halt_poll_now = std::fs::read_to_string(HALT_POLL_NS)
+        .ok()
+        .map(|v| v.trim().to_string());
     // Every process of the benchmark (wrk, nginx, weir, the bulk reader) in one cgroup, the
     // one the fast path attaches to; weir gets a core of its own.
     let cg = TestCgroup::enter("bench");
@@ -149,7 +202,9 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
     eprintln!("bulk: best of 3 per mode, taking turns");
     for _ in 0..3 {
         for (m, (_, port, _)) in weirs.iter().enumerate() {
-            modes[m].bulk_gib_s = modes[m].bulk_gib_s.max(bulk(*port)?);
+            let (gib_s, eagain) = bulk(*port)?;
+            modes[m].bulk_gib_s = modes[m].bulk_gib_s.max(gib_s);
+            modes[m].bulk_eagain += eagain;
         }
     }
     let ebpf = admin_get(([127, 0, 0, 1], weirs[1].2).into(), "/ebpf")
@@ -180,6 +235,21 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         d = opts.duration,
         c = opts.connections,
     );
+    match (&halt_poll_now, opts.halt_poll_ns) {
+        (Some(ns), Some(_)) => {
+            let _ = writeln!(
+                out,
+                "Idle vCPUs polled {ns} ns before halting during the run (guest_halt_poll_ns, put back after).\n"
+            );
+        }
+        (Some(ns), None) if ns == "0" => {
+            let _ = writeln!(
+                out,
+                "This VM halts idle vCPUs at once (guest_halt_poll_ns 0): a wake-up across CPUs costs a VM exit, about 50 µs here, four times per -c1 request, which the fast path does not remove. --halt-poll-ns 200000 measures as on a host whose idle CPUs poll.\n"
+            );
+        }
+        _ => {}
+    }
     let _ = writeln!(
         out,
         "| mode | -c1 p50 µs | -c1 p99 µs | -c1 req/s | -c{} req/s | -c{} p50 ms | -c{} p99 ms | weir CPU µs/req | bulk GiB/s | errors | eBPF |\n|---|---|---|---|---|---|---|---|---|---|---|",
@@ -218,6 +288,14 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         100.0 * (on.bulk_gib_s / off.bulk_gib_s - 1.0),
         opts.connections,
     );
+    let eagain: Vec<u64> = modes.iter().map(|m| m.bulk_eagain).collect();
+    if eagain.iter().any(|&n| n > 0) {
+        let _ = writeln!(
+            out,
+            "\n!!! blocking reads of the bulk downloads that failed with EAGAIN (retried): fast path off {}, on {} (README: Linux's sockmap receive path)",
+            eagain[0], eagain[1]
+        );
+    }
     print!("{out}");
     Ok(())
 }
