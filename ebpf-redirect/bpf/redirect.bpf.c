@@ -390,6 +390,18 @@ static __always_inline void sockops_key(struct bpf_sock_ops *skops, struct sock_
 	}
 }
 
+// The key of the socket at the other end of the connection whose socket has `key`.
+static __always_inline struct sock_key other_end(const struct sock_key *key)
+{
+	struct sock_key peer = {
+		.local = key->remote,
+		.remote = key->local,
+		.local_port = key->remote_port,
+		.remote_port = key->local_port,
+	};
+	return peer;
+}
+
 static __always_inline void forget_sock_info(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
@@ -410,12 +422,7 @@ static __always_inline void peer_closed(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
 	sockops_key(skops, &key);
-	struct sock_key peer = {
-		.local = key.remote,
-		.remote = key.local,
-		.local_port = key.remote_port,
-		.remote_port = key.local_port,
-	};
+	struct sock_key peer = other_end(&key);
 	struct sock_info *info = bpf_map_lookup_elem(&weir_sock_info, &peer);
 	if (!info)
 		return;
@@ -475,12 +482,7 @@ int weir_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	if (proxy) {
 		// The proxy's connection: its peer's side is accelerated too when it comes up.
-		struct sock_key peer = {
-			.local = key.remote,
-			.remote = key.local,
-			.local_port = key.remote_port,
-			.remote_port = key.local_port,
-		};
+		struct sock_key peer = other_end(&key);
 		__u8 one = 1;
 		bpf_map_update_elem(&weir_expect, &peer, &one, BPF_ANY);
 	} else if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
@@ -567,12 +569,7 @@ int weir_msg(struct sk_msg_md *msg)
 	int room = psock_queued(info->sk) + size <= MAX_QUEUED;
 	if (room && info->by_tcp) {
 		// Back to the fast path only once TCP has nothing of ours left unread.
-		struct sock_key own = {
-			.local = peer.remote,
-			.remote = peer.local,
-			.local_port = peer.remote_port,
-			.remote_port = peer.local_port,
-		};
+		struct sock_key own = other_end(&peer);
 		struct sock_info *mine = bpf_map_lookup_elem(&weir_sock_info, &own);
 		room = mine && tcp_drained(mine->sk, info->sk);
 	}
