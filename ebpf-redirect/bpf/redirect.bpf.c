@@ -31,6 +31,14 @@
 // reads kernel memory (the peer's `struct sock`, its psock, both ends' `struct tcp_sock`)
 // with CO-RE relocated offsets, which needs CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
 //
+// Because of that queue, a socket closed with bytes unread sends a FIN where TCP would send
+// a reset, and a peer blocked writing to it would not hear of it for a minute: `peer_closed`
+// ends such a wait (a user timeout once the peer has closed, and probes at least every second).
+//
+// Known defect, not understood yet (README): a blocking read on an accelerated socket has
+// been seen to fail with EAGAIN, in Linux's tcp_bpf receive path, while the bound had a
+// direction on TCP.
+//
 // Facts this relies on (measured on Linux 6.x): remote_port in bpf_sock_ops and sk_msg_md is
 // the network-order port in the upper 16 bits; local_port is host order. Live sockets are never
 // deleted from the map by weir (the kernel removes a socket when it closes). A client's
@@ -458,11 +466,12 @@ int weir_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		// Captured and accelerated sockets asked for this: forget what is kept on them.
+		// Captured and accelerated sockets asked for this. Their peer's FIN came in:
 		if (skops->args[1] == BPF_TCP_CLOSE_WAIT) {
 			peer_closed(skops);
 			return 1;
 		}
+		// They closed: forget what is kept on them.
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			return 1;
 		if (family == AF_INET) {
