@@ -1178,7 +1178,6 @@ impl ProxyHttp for WeirProxy {
 }
 
 impl WeirProxy {
-    /// Records one filter phase's time since `started`.
     /// A request's or response's trailers through its filter chain (if any), which may change
     /// them or stop the request.
     async fn trailers_through_filters(
@@ -1203,6 +1202,7 @@ impl WeirProxy {
         Ok(())
     }
 
+    /// Records one filter phase's time since `started`.
     fn filter_timed(&self, phase: &str, started: Instant) {
         self.metrics
             .filter_time

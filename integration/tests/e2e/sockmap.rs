@@ -236,6 +236,21 @@ fn write_until_blocked(writer: &mut TcpStream, data: &[u8]) -> usize {
     sent
 }
 
+/// Writes 4 MiB and 16 KiB (`pattern` with `seed`) to a peer that reads nothing: the fast
+/// path takes 4 MiB, TCP the rest (past the queue bound). One message per write, small enough
+/// that the kernel never splits it; a write that waits for the reader fails instead of
+/// hanging. What was written.
+fn send_past_the_bound(writer: &mut TcpStream, seed: u8) -> Vec<u8> {
+    let data = pattern((4 << 20) + (16 << 10), seed);
+    writer
+        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    for chunk in data.chunks(64 << 10) {
+        writer.write_all(chunk).expect("TCP takes the last 16 KiB");
+    }
+    data
+}
+
 /// One accelerated connection on 127.0.0.1, its process in a cgroup of its own named
 /// `name`: the cgroup and the fast path (keep both alive), the client and the server side.
 fn accelerated_pair(name: &str) -> (TestCgroup, FastPath, TcpStream, TcpStream) {
@@ -422,15 +437,7 @@ fn a_short_read_means_the_reader_has_everything_that_arrived() {
         return;
     }
     let (_cg, fast, mut reader, mut writer) = accelerated_pair("one-queue");
-    let data = pattern((4 << 20) + (16 << 10), 9);
-    // One message per write, small enough that the kernel never splits it; a write that
-    // waits for a reader that reads nothing fails here instead of hanging.
-    writer
-        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    for chunk in data.chunks(64 << 10) {
-        writer.write_all(chunk).expect("TCP takes the last 16 KiB");
-    }
+    let data = send_past_the_bound(&mut writer, 9);
     let sent = fast.counters().unwrap();
     assert_eq!(sent.bytes_redirected, 4 << 20, "{sent:?}");
     assert!(
@@ -461,14 +468,7 @@ fn bytes_sent_before_a_reset_can_still_be_read() {
         return;
     }
     let (_cg, fast, mut reader, mut writer) = accelerated_pair("data-then-reset");
-    // 4 MiB through the fast path and the rest through TCP (past the queue bound).
-    let data = pattern((4 << 20) + (16 << 10), 5);
-    writer
-        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    for chunk in data.chunks(64 << 10) {
-        writer.write_all(chunk).unwrap();
-    }
+    let data = send_past_the_bound(&mut writer, 5);
     let sent = fast.counters().unwrap();
     assert!(
         sent.bytes_redirected > 0 && sent.messages_queue_full > 0,
