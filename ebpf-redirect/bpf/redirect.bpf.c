@@ -18,26 +18,11 @@
 // deletes when the socket closes). Never captured: loopback destinations, and the proxy's own
 // connections, so the proxy reaches the original destination itself.
 //
-// A redirected message lands in the peer's psock queue, which the kernel bounds only by the
-// node's TCP memory: a peer that reads nothing would have everything queued. So `weir_msg`
-// redirects only while the peer has less than MAX_QUEUED unread there; past that the
-// direction goes through TCP (its windows and buffers push back on the sender, and the
-// proxy's write timeout can fire), and comes back to the fast path once the peer has read
-// everything TCP carried. `weir_skb` puts what TCP delivers into the same psock queue, behind
-// what was redirected, so bytes stay in order and a reader has one queue; nothing is
-// redirected while TCP has bytes unread, so nothing redirected overtakes them ("unread":
-// the peer's copied_seq short of its rcv_nxt; Linux 6.18's tcp_bpf_recvmsg_parser advances
-// copied_seq only for bytes read from TCP skbs, not for redirected ones). This
-// reads kernel memory (the peer's `struct sock`, its psock, both ends' `struct tcp_sock`)
-// with CO-RE relocated offsets, which needs CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
-//
-// Because of that queue, a socket closed with bytes unread sends a FIN where TCP would send
-// a reset, and a peer blocked writing to it would not hear of it for a minute: `peer_closed`
-// ends such a wait (a user timeout once the peer has closed, and probes at least every second).
-//
-// Known defect, not understood yet (README): a blocking read on an accelerated socket has
-// been seen to fail with EAGAIN, in Linux's tcp_bpf receive path, while the bound had a
-// direction on TCP.
+// Nothing bounds what waits in a peer's queue but the kernel's socket memory accounting (node
+// TCP memory, memory cgroup): a direction is never sent through TCP once accelerated. Doing
+// that past a few MiB left bytes in two queues that Linux 6.18 cannot read safely as one
+// (README: a short read that hangs edge-triggered readers, or, through an sk_skb verdict,
+// retransmitted bytes delivered twice).
 //
 // Facts this relies on (measured on Linux 6.x): remote_port in bpf_sock_ops and sk_msg_md is
 // the network-order port in the upper 16 bits; local_port is host order. Live sockets are never
@@ -48,7 +33,6 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include <bpf/bpf_core_read.h>
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -59,46 +43,6 @@
 #ifndef IPPROTO_TCP
 #define IPPROTO_TCP 6
 #endif
-
-// Bytes a peer may have unread in its psock queue before TCP takes over: about what TCP
-// itself lets a sender have in flight to a slow reader (tcp_wmem's 4 MiB).
-#define MAX_QUEUED (4u << 20)
-
-// The kernel's own structures, only the fields read here: the loader fixes their offsets from
-// the running kernel's BTF (CO-RE).
-struct sock___weir {
-	void *sk_user_data;
-	__u8 sk_shutdown;
-} __attribute__((preserve_access_index));
-
-#define RCV_SHUTDOWN 1
-
-#ifndef TCP_USER_TIMEOUT
-#define TCP_USER_TIMEOUT 18
-#endif
-#ifndef TCP_RTO_MAX_MS
-#define TCP_RTO_MAX_MS 44
-#endif
-
-// The longest wait between two probes of a closed window on an accelerated socket (Linux
-// backs off to 120 s; ignored before Linux 6.15), and how long a socket whose peer has closed
-// keeps probing one before it gives up with a reset (see peer_closed).
-#define PROBE_MAX_MS 1000
-#define CLOSED_PEER_TIMEOUT_MS 100
-
-struct tcp_sock___weir {
-	__u32 rcv_nxt;
-	__u32 copied_seq;
-	__u32 snd_una;
-	__u32 write_seq;
-} __attribute__((preserve_access_index));
-
-struct sk_psock___weir {
-	__u32 msg_tot_len;
-} __attribute__((preserve_access_index));
-
-// The low bits of sk_user_data are flags (SK_USER_DATA_NOCOPY, _BPF, _PSOCK).
-#define SK_USER_DATA_PTRMASK (~7ull)
 
 // An address of either family: IPv6, or IPv4 as ::ffff:a.b.c.d (so an IPv6 socket talking
 // to a v4-mapped address has the same key as the IPv4 socket at the other end). Network order.
@@ -138,23 +82,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } weir_ports SEC(".maps");
-
-// Each socket in weir_socks, by the same key: its `struct sock` (an address only read
-// through bpf_probe_read_kernel) and whether messages to it go through TCP now (written only
-// by its peer's sk_msg runs, under the peer's socket lock). Put in before the socket goes
-// into weir_socks and deleted when it closes, so every redirect target has one.
-struct sock_info {
-	__u64 sk;
-	__u32 by_tcp;
-	__u32 pad;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct sock_key);
-	__type(value, struct sock_info);
-} weir_sock_info SEC(".maps");
 
 // Settings written by the proxy (one entry).
 struct weir_cfg {
@@ -232,9 +159,7 @@ enum counter {
 	BYTES_REDIRECTED = 4,
 	CONNECTS_CAPTURED = 5,
 	CAPTURE_FAILED = 6,
-	MSGS_QUEUE_FULL = 7,
-	PEERS_CLOSED = 8,
-	COUNTERS = 9,
+	COUNTERS = 7,
 };
 
 struct {
@@ -382,69 +307,6 @@ static __always_inline void file_original_destination(struct bpf_sock_ops *skops
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-// The socket's own key, from a sock_ops context.
-static __always_inline void sockops_key(struct bpf_sock_ops *skops, struct sock_key *key)
-{
-	key->local_port = skops->local_port;
-	key->remote_port = bpf_ntohl(skops->remote_port);
-	if (skops->family == AF_INET) {
-		set_v4(&key->local, skops->local_ip4);
-		set_v4(&key->remote, skops->remote_ip4);
-		ctx_barrier();
-	} else {
-		set_v6(&key->local, skops->local_ip6);
-		set_v6(&key->remote, skops->remote_ip6);
-		ctx_barrier();
-	}
-}
-
-// The key of the socket at the other end of the connection whose socket has `key`.
-static __always_inline struct sock_key other_end(const struct sock_key *key)
-{
-	struct sock_key peer = {
-		.local = key->remote,
-		.remote = key->local,
-		.local_port = key->remote_port,
-		.remote_port = key->local_port,
-	};
-	return peer;
-}
-
-static __always_inline void forget_sock_info(struct bpf_sock_ops *skops)
-{
-	struct sock_key key = {};
-	sockops_key(skops, &key);
-	bpf_map_delete_elem(&weir_sock_info, &key);
-}
-
-// The socket got its peer's FIN. If the peer closed (or shut down reading) rather than only
-// shut down writing, nothing will ever read what this socket still sends, and the kernel
-// does not say so: a socket closed with bytes unread in its psock queue sends a FIN, not the
-// reset TCP sends when bytes are left in its own queue, and the closed socket's FIN_WAIT2
-// time-wait ignores the probes of a window that closed on a reader that had stopped reading.
-// The writer (the proxy, blocked writing a response to a client that went away) would wait
-// for that time-wait to expire (tcp_fin_timeout, 60 s). So the socket gets a user timeout:
-// its next probe of a closed window (at most PROBE_MAX_MS away) gives up, and its writer
-// gets an error at once. A peer that only half-closed still reads, and is left alone.
-static __always_inline void peer_closed(struct bpf_sock_ops *skops)
-{
-	struct sock_key key = {};
-	sockops_key(skops, &key);
-	struct sock_key peer = other_end(&key);
-	struct sock_info *info = bpf_map_lookup_elem(&weir_sock_info, &peer);
-	if (!info)
-		return;
-	// Read out first: inside bpf_core_read, `info->sk` would get a CO-RE relocation too.
-	struct sock___weir *sk = (void *)info->sk;
-	__u8 shutdown = 0;
-	if (bpf_core_read(&shutdown, sizeof(shutdown), &sk->sk_shutdown) != 0 ||
-	    !(shutdown & RCV_SHUTDOWN))
-		return;
-	int ms = CLOSED_PEER_TIMEOUT_MS;
-	if (bpf_setsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms)) == 0)
-		count(PEERS_CLOSED, 1);
-}
-
 SEC("sockops")
 int weir_sockops(struct bpf_sock_ops *skops)
 {
@@ -466,32 +328,40 @@ int weir_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		// Captured and accelerated sockets asked for this. Their peer's FIN came in:
-		if (skops->args[1] == BPF_TCP_CLOSE_WAIT) {
-			peer_closed(skops);
-			return 1;
-		}
-		// They closed: forget what is kept on them.
-		if (skops->args[1] != BPF_TCP_CLOSE)
-			return 1;
-		if (family == AF_INET) {
+		// Only captured (IPv4) sockets asked for this: forget their destination once closed.
+		if (skops->args[1] == BPF_TCP_CLOSE) {
 			struct addr4 key = { .ip4 = skops->local_ip4, .port = skops->local_port };
 			bpf_map_delete_elem(&weir_orig_dst, &key);
 			__u64 cookie = bpf_get_socket_cookie(skops);
 			bpf_map_delete_elem(&weir_conn_dst, &cookie);
 		}
-		forget_sock_info(skops);
 		return 1;
 	default:
 		return 1;
 	}
-	struct sock_key key = {};
-	sockops_key(skops, &key);
+	struct sock_key key = {
+		.local_port = skops->local_port,
+		.remote_port = bpf_ntohl(skops->remote_port),
+	};
+	if (family == AF_INET) {
+		set_v4(&key.local, skops->local_ip4);
+		set_v4(&key.remote, skops->remote_ip4);
+		ctx_barrier();
+	} else {
+		set_v6(&key.local, skops->local_ip6);
+		set_v6(&key.remote, skops->remote_ip6);
+		ctx_barrier();
+	}
 	if (!is_local(&key.local) || !is_local(&key.remote))
 		return 1;
 	if (proxy) {
 		// The proxy's connection: its peer's side is accelerated too when it comes up.
-		struct sock_key peer = other_end(&key);
+		struct sock_key peer = {
+			.local = key.remote,
+			.remote = key.local,
+			.local_port = key.remote_port,
+			.remote_port = key.local_port,
+		};
 		__u8 one = 1;
 		bpf_map_update_elem(&weir_expect, &peer, &one, BPF_ANY);
 	} else if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
@@ -501,55 +371,11 @@ int weir_sockops(struct bpf_sock_ops *skops)
 	}
 	if (!proxy && !in_scope(key.local_port, key.remote_port))
 		return 1;
-	struct bpf_sock *sk = skops->sk;
-	if (!sk) {
+	if (bpf_sock_hash_update(skops, &weir_socks, &key, BPF_NOEXIST) == 0)
+		count(SOCKETS_INSERTED, 1);
+	else
 		count(INSERT_FAILED, 1);
-		return 1;
-	}
-	struct sock_info info = { .sk = (__u64)sk };
-	if (bpf_map_update_elem(&weir_sock_info, &key, &info, BPF_NOEXIST) != 0) {
-		count(INSERT_FAILED, 1);
-		return 1;
-	}
-	if (bpf_sock_hash_update(skops, &weir_socks, &key, BPF_NOEXIST) != 0) {
-		bpf_map_delete_elem(&weir_sock_info, &key);
-		count(INSERT_FAILED, 1);
-		return 1;
-	}
-	// Hear when its peer closes (peer_closed) and when it closes, to delete its sock_info.
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	int probe_max = PROBE_MAX_MS;
-	bpf_setsockopt(skops, IPPROTO_TCP, TCP_RTO_MAX_MS, &probe_max, sizeof(probe_max));
-	count(SOCKETS_INSERTED, 1);
 	return 1;
-}
-
-// Bytes in the psock queue of the socket at `sk` (0 when it has none).
-static __always_inline __u32 psock_queued(__u64 sk)
-{
-	__u64 user_data = 0;
-	__u32 queued = 0;
-	if (bpf_core_read(&user_data, sizeof(user_data),
-			  &((struct sock___weir *)sk)->sk_user_data) != 0)
-		return 0;
-	struct sk_psock___weir *psock = (void *)(user_data & SK_USER_DATA_PTRMASK);
-	if (psock)
-		bpf_core_read(&queued, sizeof(queued), &psock->msg_tot_len);
-	return queued;
-}
-
-// Whether the sender at `own` has every byte it sent through TCP acknowledged, and the peer at
-// `peer` has read every byte TCP brought it: then nothing TCP carried is still unread.
-static __always_inline int tcp_drained(__u64 own, __u64 peer)
-{
-	struct tcp_sock___weir *s = (void *)own, *p = (void *)peer;
-	__u32 snd_una = 0, write_seq = 1, copied_seq = 0, rcv_nxt = 1;
-	if (bpf_core_read(&snd_una, sizeof(snd_una), &s->snd_una) != 0 ||
-	    bpf_core_read(&write_seq, sizeof(write_seq), &s->write_seq) != 0 ||
-	    bpf_core_read(&copied_seq, sizeof(copied_seq), &p->copied_seq) != 0 ||
-	    bpf_core_read(&rcv_nxt, sizeof(rcv_nxt), &p->rcv_nxt) != 0)
-		return 0;
-	return snd_una == write_seq && copied_seq == rcv_nxt;
 }
 
 SEC("sk_msg")
@@ -569,45 +395,12 @@ int weir_msg(struct sk_msg_md *msg)
 		ctx_barrier();
 	}
 	__u64 size = msg->size;
-	struct sock_info *info = bpf_map_lookup_elem(&weir_sock_info, &peer);
-	if (!info) {
-		// Not accelerated (every socket in weir_socks has its sock_info).
-		count(MSGS_MISSED, 1);
-		return SK_PASS;
-	}
-	int room = psock_queued(info->sk) + size <= MAX_QUEUED;
-	if (room && info->by_tcp) {
-		// Back to the fast path only once TCP has nothing of ours left unread.
-		struct sock_key own = other_end(&peer);
-		struct sock_info *mine = bpf_map_lookup_elem(&weir_sock_info, &own);
-		room = mine && tcp_drained(mine->sk, info->sk);
-	}
-	if (info->by_tcp != !room)
-		info->by_tcp = !room;
-	if (!room) {
-		count(MSGS_QUEUE_FULL, 1);
-		return SK_PASS;
-	}
 	if (bpf_msg_redirect_hash(msg, &weir_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(MSGS_REDIRECTED, 1);
 		count(BYTES_REDIRECTED, size);
 		return SK_PASS;
 	}
 	count(MSGS_MISSED, 1);
-	return SK_PASS;
-}
-
-// Attached to weir_socks as a stream verdict: what TCP delivers to an accelerated socket
-// (bytes sent before it was, and a direction `weir_msg` sends through TCP) is taken off TCP's
-// receive queue into the socket's psock queue, behind what was redirected to it. So a reader
-// has one queue, in order, and a short read means it has read everything: readers that take
-// it so under edge-triggered epoll (tokio, nginx) would otherwise wait forever on bytes left
-// in TCP's queue after a read that drained only the psock's. The skb keeps its charge on the
-// socket's receive memory while it waits there, so TCP's window still closes on a reader that
-// reads nothing.
-SEC("sk_skb/stream_verdict")
-int weir_skb(struct __sk_buff *skb)
-{
 	return SK_PASS;
 }
 

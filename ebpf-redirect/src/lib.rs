@@ -8,12 +8,9 @@
 //! hands every message sent on such a socket straight to its peer's receive queue, so bytes
 //! between the app and the proxy (and the proxy and a local upstream) skip the loopback TCP
 //! stack. The proxy still parses HTTP; only the transport of the bytes changes. A peer that
-//! is not in the map is a miss and the message takes the ordinary path. So does a message to
-//! a peer with 4 MiB unread from the fast path (the kernel would queue without bound for a
-//! peer that reads nothing): that direction goes through TCP, whose flow control pushes back
-//! on the sender, until the peer has read what TCP brought it. A `sk_skb` stream verdict on
-//! the same sockhash passes what TCP delivers into the queue the redirected messages wait in,
-//! so a reader has one queue, in order (a short read means it has everything that arrived).
+//! is not in the map is a miss and the message takes the ordinary path. Nothing bounds what
+//! waits for a peer that reads slowly but the kernel's socket memory accounting (README: the
+//! two ways of sending a direction through TCP past a bound both broke readers on Linux 6.18).
 //!
 //! Dropping a [`FastPath`] detaches the programs: no new socket is accelerated. Sockets
 //! already accelerated keep their redirect until they close; they are never taken out of the
@@ -32,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SkSkb, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::Ebpf;
 
 /// Where the fast path attaches by default: the root of the cgroup v2 hierarchy (from
@@ -59,10 +56,9 @@ static PROGRAMS: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 static PROGRAMS: Option<&[u8]> = None;
 
 /// The programs an attached [`FastPath`] has in the kernel (attach type and name).
-pub const PROGRAMS_ATTACHED: [&str; 6] = [
+pub const PROGRAMS_ATTACHED: [&str; 5] = [
     "sock_ops weir_sockops",
     "sk_msg weir_msg",
-    "sk_skb/stream_verdict weir_skb",
     "cgroup/connect4 weir_connect4",
     "cgroup/connect6 weir_connect6",
     "cgroup/getpeername4 weir_getpeername4",
@@ -85,9 +81,9 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("loading the eBPF programs (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {0}")]
+    #[error("loading the eBPF programs (needs CAP_BPF and CAP_NET_ADMIN): {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("{what} (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {source}")]
+    #[error("{what} (needs CAP_BPF and CAP_NET_ADMIN): {source}")]
     Program {
         what: &'static str,
         source: aya::programs::ProgramError,
@@ -238,12 +234,6 @@ pub struct Counters {
     pub connects_captured: u64,
     /// Outbound connects in scope left alone because their destination could not be kept.
     pub capture_failed: u64,
-    /// Messages sent through TCP because their peer had too much unread (until it reads
-    /// what TCP brought it).
-    pub messages_queue_full: u64,
-    /// Accelerated sockets whose peer closed (not only half-closed): a window that closed on
-    /// them is probed briefly, then given up with a reset, so a blocked writer gets an error.
-    pub peers_closed: u64,
 }
 
 impl Counters {
@@ -285,16 +275,6 @@ impl Counters {
                 "Outbound connects in scope left alone: their destination could not be kept.",
                 self.capture_failed,
             ),
-            (
-                "messages_queue_full",
-                "Messages sent through TCP because the peer socket had 4 MiB unread from the fast path.",
-                self.messages_queue_full,
-            ),
-            (
-                "peers_closed",
-                "Accelerated sockets whose peer closed: a write blocked on them fails within about a second.",
-                self.peers_closed,
-            ),
         ]
     }
 }
@@ -327,11 +307,11 @@ pub struct FastPath {
     outbound: Option<Outbound>,
 }
 
-const COUNTERS: u32 = 9;
+const COUNTERS: u32 = 7;
 
 impl FastPath {
     /// Loads the programs, attaches `sock_ops` to the cgroup v2 at `cgroup` (alongside any
-    /// other programs there, with a BPF link) and `sk_msg` and `sk_skb` to the sockhash. No port is in scope until
+    /// other programs there, with a BPF link) and `sk_msg` to the sockhash. No port is in scope until
     /// [`FastPath::set_ports`].
     pub fn attach(cgroup: &Path) -> Result<Self, Error> {
         let bytes = PROGRAMS.ok_or_else(|| Error::NotBuilt(unavailable_reason().unwrap_or("")))?;
@@ -356,15 +336,6 @@ impl FastPath {
         msg.load().map_err(program("loading sk_msg"))?;
         msg.attach(socks.fd())
             .map_err(program("attaching sk_msg to the sockhash"))?;
-        // Before sock_ops: a socket takes the sockhash's programs when it is inserted.
-        let skb: &mut SkSkb = bpf
-            .program_mut("weir_skb")
-            .expect("weir_skb is in the object")
-            .try_into()
-            .map_err(program("weir_skb"))?;
-        skb.load().map_err(program("loading sk_skb"))?;
-        skb.attach(socks.fd())
-            .map_err(program("attaching sk_skb to the sockhash"))?;
         let ops: &mut SockOps = bpf
             .program_mut("weir_sockops")
             .expect("weir_sockops is in the object")
@@ -579,8 +550,6 @@ impl FastPath {
             bytes_redirected: v[4],
             connects_captured: v[5],
             capture_failed: v[6],
-            messages_queue_full: v[7],
-            peers_closed: v[8],
         })
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 /// `CI=true`, where nothing may be skipped).
 pub fn can_load_bpf(test: &str) -> bool {
     let why = if unsafe { libc::geteuid() } != 0 {
-        Some("not root (loading BPF needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)".to_string())
+        Some("not root (loading BPF needs CAP_BPF and CAP_NET_ADMIN)".to_string())
     } else {
         weir_ebpf::unavailable_reason()
             .map(|r| format!("weir was built without its BPF programs: {r}"))

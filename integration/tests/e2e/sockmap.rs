@@ -159,39 +159,6 @@ fn sockets_in_scope_are_redirected_byte_exact_and_detach_leaves_them_working() {
     );
 }
 
-/// Bytes the sender has written that its peer has not acknowledged (SIOCOUTQ): 0 once TCP
-/// carried everything.
-fn unacked(conn: &TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer given.
-    let rc = unsafe { libc::ioctl(conn.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
-    n
-}
-
-/// The TCP-level socket option `opt` of `conn`, an int.
-fn tcp_option(conn: &TcpStream, opt: libc::c_int) -> std::io::Result<libc::c_int> {
-    use std::os::fd::AsRawFd;
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes to the int it is given, and `len` back.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(v)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Makes closing `conn` send a reset (SO_LINGER 0).
 fn reset_on_close(conn: &TcpStream) {
     use std::os::fd::AsRawFd;
@@ -212,45 +179,6 @@ fn reset_on_close(conn: &TcpStream) {
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }
 
-/// Waits (5 s at most) until TCP has carried everything `conn` wrote.
-fn wait_acked(conn: &TcpStream) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while unacked(conn) != 0 {
-        assert!(std::time::Instant::now() < deadline, "TCP never delivered");
-        thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
-/// Writes `data` to `writer` without blocking, 256 KiB at a time, until a write would block
-/// (or all of it is written); leaves `writer` nonblocking. How many bytes were written.
-fn write_until_blocked(writer: &mut TcpStream, data: &[u8]) -> usize {
-    writer.set_nonblocking(true).unwrap();
-    let mut sent = 0;
-    while sent < data.len() {
-        match writer.write(&data[sent..(sent + (256 << 10)).min(data.len())]) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => panic!("write after {sent} bytes: {e}"),
-        }
-    }
-    sent
-}
-
-/// Writes 4 MiB and 16 KiB (`pattern` with `seed`) to a peer that reads nothing: the fast
-/// path takes 4 MiB, TCP the rest (past the queue bound). One message per write, small enough
-/// that the kernel never splits it; a write that waits for the reader fails instead of
-/// hanging. What was written.
-fn send_past_the_bound(writer: &mut TcpStream, seed: u8) -> Vec<u8> {
-    let data = pattern((4 << 20) + (16 << 10), seed);
-    writer
-        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    for chunk in data.chunks(64 << 10) {
-        writer.write_all(chunk).expect("TCP takes the last 16 KiB");
-    }
-    data
-}
-
 /// One accelerated connection on 127.0.0.1, its process in a cgroup of its own named
 /// `name`: the cgroup and the fast path (keep both alive), the client and the server side.
 fn accelerated_pair(name: &str) -> (TestCgroup, FastPath, TcpStream, TcpStream) {
@@ -264,217 +192,146 @@ fn accelerated_pair(name: &str) -> (TestCgroup, FastPath, TcpStream, TcpStream) 
     (cg, fast, client, server)
 }
 
-#[test]
-fn a_peer_that_reads_nothing_is_sent_4_mib_then_tcp_pushes_back() {
-    if !can_load_bpf("sockmap queue bound") {
-        return;
-    }
-    let (_cg, fast, mut reader, mut writer) = accelerated_pair("bound");
-    let data = pattern(64 << 20, 7);
-
-    // The reader reads nothing. Unbounded, every write would land in its queue at once (the
-    // kernel bounds a redirect only by the node's TCP memory); bounded, the redirect stops
-    // at 4 MiB and TCP's buffers fill until a write would block.
-    let sent = write_until_blocked(&mut writer, &data);
-    let stalled = fast.counters().unwrap();
-    assert!(
-        sent < 16 << 20,
-        "{sent} bytes accepted for a reader that reads nothing: {stalled:?}"
-    );
-    assert!(stalled.messages_queue_full > 0, "{stalled:?}");
-    assert!(
-        stalled.bytes_redirected >= 3 << 20 && stalled.bytes_redirected <= 4 << 20,
-        "the fast path took up to 4 MiB: {stalled:?}"
-    );
-
-    // The reader reads what was sent: the redirected part first, then TCP's, in order.
-    let mut got = vec![0u8; sent];
-    reader.read_exact(&mut got).unwrap();
-    assert!(
-        got == data[..sent],
-        "the first {sent} bytes arrived in order"
-    );
-    // Once the reader has read everything TCP carried, the writer's next message is
-    // redirected again. (The kernel sends the message after a write that would have blocked
-    // the way that write went, without asking the program: so one chunk at a time, each read
-    // before the next.)
-    writer.set_nonblocking(false).unwrap();
-    let mut at = sent;
-    for _ in 0..3 {
-        wait_acked(&writer);
-        let chunk = &data[at..at + (64 << 10)];
-        writer.write_all(chunk).unwrap();
-        let mut got = vec![0u8; chunk.len()];
-        reader.read_exact(&mut got).unwrap();
-        assert!(got == chunk, "bytes {at}.. arrived in order");
-        at += chunk.len();
-        if fast.counters().unwrap().messages_redirected > stalled.messages_redirected {
-            break;
-        }
-    }
-    let back = fast.counters().unwrap();
-    assert!(
-        back.messages_redirected > stalled.messages_redirected,
-        "back on the fast path once TCP had nothing unread: {back:?}"
-    );
-    // The rest, written while it is read: byte-exact whichever way each part went.
-    let rest = data[at..].to_vec();
-    let w = thread::spawn(move || {
-        for chunk in rest.chunks(256 << 10) {
-            writer.write_all(chunk).unwrap();
-        }
-    });
-    let mut got = vec![0u8; data.len() - at];
-    reader.read_exact(&mut got).unwrap();
-    w.join().unwrap();
-    assert!(got == data[at..], "the rest arrived in order");
+/// The position of the first byte where `got` and `want` differ, if any (lengths included).
+fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .or((got.len() != want.len()).then(|| got.len().min(want.len())))
 }
 
 #[test]
-fn a_writer_blocked_on_a_peer_that_closed_gets_an_error_at_once() {
-    // The reader reads nothing until the writer blocks on a closed window, then closes. Its
-    // unread bytes sit in its psock queue, which the kernel does not count when it chooses
-    // between a reset and a FIN at close: it sends a FIN, and its FIN_WAIT2 time-wait ignores
-    // the writer's window probes, so the writer would wait up to 60 s (tcp_fin_timeout).
-    // `peer_closed` gives the writer a user timeout when its peer closes, and probes come
-    // at least every second: the blocked write fails within seconds.
+fn a_reader_slower_than_its_writer_gets_every_byte_once_in_order() {
+    // Every message goes to the reader's queue, however much waits there: once a connection
+    // is accelerated nothing of it takes TCP. weir once sent a direction through TCP when its
+    // peer had 4 MiB unread, with an sk_skb verdict putting what TCP delivered into the same
+    // queue; Linux hands that verdict each TCP skb whole, so a retransmitted segment that
+    // overlapped bytes already received was delivered twice (a corrupted download, and the
+    // socket's copied_seq run ahead of rcv_nxt, which made blocking reads fail with EAGAIN;
+    // README). The reader here uses blocking reads, which must never fail with WouldBlock,
+    // and pauses now and then, so tens of MiB wait for it.
+    if !can_load_bpf("sockmap slow reader") {
+        return;
+    }
+    let (_cg, fast, mut reader, writer) = accelerated_pair("slow-reader");
+    const LEN: usize = 96 << 20;
+    let data = std::sync::Arc::new(pattern(LEN, 7));
+    let w = {
+        let data = data.clone();
+        let mut writer = writer;
+        thread::spawn(move || -> std::io::Result<TcpStream> {
+            for chunk in data.chunks(256 << 10) {
+                writer.write_all(chunk)?;
+            }
+            Ok(writer)
+        })
+    };
+    let mut got = Vec::with_capacity(LEN);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pause_at = 4 << 20;
+    while got.len() < LEN {
+        match reader.read(&mut buf) {
+            Ok(0) => panic!("EOF after {} bytes", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("a blocking read failed after {} bytes: {e}", got.len()),
+        }
+        if got.len() >= pause_at {
+            thread::sleep(std::time::Duration::from_millis(20));
+            pause_at += 8 << 20;
+        }
+    }
+    let _writer = w.join().unwrap().expect("the writer wrote everything");
+    if let Some(at) = first_difference(&got, &data) {
+        panic!("byte {at} of {LEN} differs");
+    }
+    let c = fast.counters().unwrap();
+    assert_eq!(
+        c.bytes_redirected, LEN as u64,
+        "every byte took the fast path: {c:?}"
+    );
+    assert_eq!(c.messages_missed, 0, "{c:?}");
+}
+
+#[test]
+fn a_writer_whose_peer_closed_with_bytes_unread_gets_an_error_at_once() {
+    // The reader reads nothing of 8 MiB and closes. Its unread bytes wait in its psock queue,
+    // which the kernel does not count when it chooses between a reset and a FIN at close: it
+    // sends a FIN. The writer's next message finds no peer in the map, goes through TCP to a
+    // socket that is gone, and is answered with a reset: its write after that fails.
     if !can_load_bpf("sockmap peer closed") {
         return;
     }
     let (_cg, fast, reader, mut writer) = accelerated_pair("peer-closed");
-    // Window probes at least every second (TCP_RTO_MAX_MS, Linux 6.15 and later), so the
-    // wait does not grow with how long the reader stalled before it closed.
-    const TCP_RTO_MAX_MS: libc::c_int = 44;
-    match tcp_option(&writer, TCP_RTO_MAX_MS) {
-        Ok(ms) => assert_eq!(ms, 1000, "the writer's longest wait between probes"),
-        Err(e) => {
-            let why = format!(
-                "this kernel has no TCP_RTO_MAX_MS ({e}): a writer here waits for its next \
-                 window probe, which backs off up to 120 s, before it learns its peer closed"
-            );
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-            eprintln!("\n*** {why} ***\n");
-        }
-    }
-    let data = pattern(64 << 20, 11);
-    let sent = write_until_blocked(&mut writer, &data);
-    assert!(sent < data.len(), "the writer blocked");
-    // Let the writer's window probes back off, as they would under a stalled client.
-    thread::sleep(std::time::Duration::from_millis(2500));
+    let data = pattern(8 << 20, 11);
+    writer
+        .set_write_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    writer
+        .write_all(&data)
+        .expect("the reader's queue takes 8 MiB that it does not read");
+    assert_eq!(fast.counters().unwrap().bytes_redirected, 8 << 20);
     let closed = std::time::Instant::now();
     drop(reader);
-    writer.set_nonblocking(false).unwrap();
-    writer
-        .set_write_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
     let err = loop {
-        if let Err(e) = writer.write(&data[sent..]) {
+        if let Err(e) = writer.write(&data[..64 << 10]) {
             break e;
         }
+        assert!(
+            closed.elapsed() < std::time::Duration::from_secs(5),
+            "writes still succeed 5 s after the peer closed"
+        );
+        thread::sleep(std::time::Duration::from_millis(10));
     };
-    let after = closed.elapsed();
     assert!(
         matches!(
             err.kind(),
-            std::io::ErrorKind::TimedOut
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::BrokenPipe
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
         ),
-        "the write failed with {err} after {after:?} (WouldBlock: the write timeout, 20 s)"
+        "the write failed with {err} after {:?}",
+        closed.elapsed()
     );
-    assert!(
-        after < std::time::Duration::from_secs(5),
-        "the writer learned {after:?} after its peer closed"
-    );
-    assert_eq!(fast.counters().unwrap().peers_closed, 1);
 }
 
 #[test]
 fn a_peer_that_only_half_closed_still_gets_everything() {
-    // The same stall, but the reader only shuts down its writing side: it still reads, so
-    // the writer must not be cut off, however long the window stays closed.
+    // The reader shuts down only its writing side: the writer sees its end of stream, and
+    // must still be able to send it everything.
     if !can_load_bpf("sockmap half-close") {
         return;
     }
     let (_cg, fast, mut reader, mut writer) = accelerated_pair("half-closed");
     let data = pattern(32 << 20, 13);
-    let sent = write_until_blocked(&mut writer, &data);
-    assert!(sent < data.len(), "the writer blocked");
     reader.shutdown(std::net::Shutdown::Write).unwrap();
-    thread::sleep(std::time::Duration::from_millis(2500));
-    assert_eq!(
-        fast.counters().unwrap().peers_closed,
-        0,
-        "a half-close is no close"
-    );
-    writer.set_nonblocking(false).unwrap();
-    let rest = data[sent..].to_vec();
-    // The writer writes the rest and closes; the reader reads to that end.
-    let w = thread::spawn(move || writer.write_all(&rest));
+    let mut end = [0u8; 1];
+    assert_eq!(writer.read(&mut end).unwrap(), 0, "the writer sees the FIN");
+    let w = {
+        let data = data.clone();
+        thread::spawn(move || writer.write_all(&data))
+    };
+    thread::sleep(std::time::Duration::from_millis(200));
     let mut got = Vec::with_capacity(data.len());
     if let Err(e) = reader.read_to_end(&mut got) {
         panic!("read after {} bytes: {e}", got.len());
     }
     w.join().unwrap().expect("the writer wrote everything");
-    assert!(
-        got.len() == data.len() && got == data,
-        "{} bytes arrived",
-        got.len()
-    );
-    // (The writer's close finds the reader in FIN_WAIT2, not waiting on a closed window:
-    // nothing to count there either.)
-    assert_eq!(fast.counters().unwrap().peers_closed, 0);
-}
-
-#[test]
-fn a_short_read_means_the_reader_has_everything_that_arrived() {
-    // Readers under edge-triggered epoll (tokio, nginx) take a read shorter than their buffer
-    // as "nothing more has arrived" and wait for the next wake-up. With 4 MiB redirected into
-    // the reader's psock queue and then a little more through TCP, one read must return both:
-    // were the TCP bytes left in a second queue, that read would stop at the psock's 4 MiB and
-    // such a reader would wait forever for bytes that had already arrived.
-    if !can_load_bpf("sockmap single receive queue") {
-        return;
+    if let Some(at) = first_difference(&got, &data) {
+        panic!("byte {at} differs ({} bytes arrived)", got.len());
     }
-    let (_cg, fast, mut reader, mut writer) = accelerated_pair("one-queue");
-    let data = send_past_the_bound(&mut writer, 9);
-    let sent = fast.counters().unwrap();
-    assert_eq!(sent.bytes_redirected, 4 << 20, "{sent:?}");
-    assert!(
-        sent.messages_queue_full > 0,
-        "the last 16 KiB went through TCP: {sent:?}"
-    );
-    wait_acked(&writer);
-    thread::sleep(std::time::Duration::from_millis(50));
-
-    reader.set_nonblocking(true).unwrap();
-    let mut got = vec![0u8; 8 << 20];
-    let n = reader.read(&mut got).unwrap();
-    assert_eq!(n, data.len(), "one read returns everything that arrived");
-    assert!(got[..n] == data[..], "in order");
-    let more = reader.read(&mut got);
-    assert!(
-        matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "and nothing is left after it: {more:?}"
-    );
+    assert_eq!(fast.counters().unwrap().bytes_redirected, data.len() as u64);
 }
 
 #[test]
 fn bytes_sent_before_a_reset_can_still_be_read() {
     // A server that answers early and closes with bytes unread (an HTTP 413 before the body,
     // say) sends a reset after its answer. Through TCP, Linux keeps what arrived before the
-    // reset readable: the reader gets the answer, then ECONNRESET.
+    // reset readable: so must the fast path.
     if !can_load_bpf("sockmap data before reset") {
         return;
     }
     let (_cg, fast, mut reader, mut writer) = accelerated_pair("data-then-reset");
-    let data = send_past_the_bound(&mut writer, 5);
-    let sent = fast.counters().unwrap();
-    assert!(
-        sent.bytes_redirected > 0 && sent.messages_queue_full > 0,
-        "{sent:?}"
-    );
-    wait_acked(&writer);
+    let data = pattern(4 << 20, 5);
+    writer.write_all(&data).unwrap();
+    assert_eq!(fast.counters().unwrap().bytes_redirected, data.len() as u64);
     reset_on_close(&writer);
     drop(writer);
     thread::sleep(std::time::Duration::from_millis(50));
@@ -488,7 +345,7 @@ fn bytes_sent_before_a_reset_can_still_be_read() {
         }
     };
     assert!(
-        got.len() == data.len() && got == data,
+        first_difference(&got, &data).is_none(),
         "{} of {} bytes read before {end:?}",
         got.len(),
         data.len()
@@ -554,18 +411,14 @@ fn an_upstream_learns_at_once_that_a_client_closed_mid_response() {
     upstream_learns_at_once_that_the_client_left("closed", false);
 }
 
-/// The upstream sends a 1 GiB response through weir on the fast path; the client reads 1 MiB,
-/// stalls until every queue on the way is full and the upstream's write waits on a closed
-/// window, then leaves: with a reset (SO_LINGER 0) when `reset`, else with a plain close.
+/// The upstream sends a 1 GiB response through weir on the fast path; the client reads 1 MiB
+/// and leaves: with a reset (SO_LINGER 0) when `reset`, else with a plain close, which sends
+/// a FIN even with bytes unread (they wait in its psock queue, which the kernel does not count
+/// at close). weir's next write to the client fails (the message finds no peer in the map,
+/// takes TCP, and is answered with a reset), weir gives the upstream up, and closes that
+/// connection with a reset too, since the upstream may be waiting on a window that a FIN
+/// would leave closed (a FIN_WAIT2 socket ignores window probes until tcp_fin_timeout, 60 s).
 /// The upstream's write must fail within seconds.
-///
-/// Two things stood in the way. The bytes wait unread in psock queues, not TCP's, and the
-/// kernel counts only TCP's when it chooses between a reset and a FIN at close: a plain close
-/// sends a FIN, and the closed socket's FIN_WAIT2 time-wait ignores window probes, so a
-/// writer blocked on it would hear of the close when it expires (tcp_fin_timeout, 60 s).
-/// `peer_closed` in the BPF program ends that wait for weir's write to the client; and weir
-/// closes an upstream connection it gives up mid-response with a reset, which ends it for
-/// the upstream's write.
 fn upstream_learns_at_once_that_the_client_left(name: &str, reset: bool) {
     if !can_load_bpf("sockmap: the client left") {
         return;
@@ -618,7 +471,6 @@ fn upstream_learns_at_once_that_the_client_left(name: &str, reset: bool) {
         counters["messages_redirected"].as_u64().unwrap() > 0,
         "on the fast path: {counters}"
     );
-    thread::sleep(std::time::Duration::from_millis(1500));
     if reset {
         reset_on_close(&client);
     }
@@ -639,14 +491,6 @@ fn upstream_learns_at_once_that_the_client_left(name: &str, reset: bool) {
         after < std::time::Duration::from_secs(5),
         "the upstream learned {after:?} after the client left ({sent} bytes sent)"
     );
-    let closed = ebpf_json(&s.weir)["counters"]["peers_closed"]
-        .as_u64()
-        .unwrap();
-    if reset {
-        assert_eq!(closed, 0, "a reset needs no help");
-    } else {
-        assert!(closed >= 1, "weir's socket to the client saw it close");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -767,7 +611,6 @@ async fn http_and_grpc_through_weir_ride_the_fast_path_byte_exact() {
         c["bytes_redirected"].as_u64().unwrap() > 2 * (56 << 20),
         "the bodies went through the fast path: {v}"
     );
-    assert_eq!(c["messages_queue_full"], 0, "{v}");
     for port in [s.listen.port(), http.addr.port(), grpc.addr.port()] {
         assert_eq!(
             capture.payload_segments(port),
