@@ -18,8 +18,8 @@
 // deletes when the socket closes). Never captured: loopback destinations, and the proxy's own
 // connections, so the proxy reaches the original destination itself.
 //
-// Nothing bounds what waits in a peer's queue but the kernel's socket memory accounting (node
-// TCP memory, memory cgroup): a direction is never sent through TCP once accelerated. Doing
+// Nothing bounds what waits in a peer's queue but the kernel's socket memory accounting (the
+// node's TCP memory): a direction is never sent through TCP once accelerated. Doing
 // that past a few MiB left bytes in two queues that Linux 6.18 cannot read safely as one
 // (README: a short read that hangs edge-triggered readers, or, through an sk_skb verdict,
 // retransmitted bytes delivered twice).
