@@ -22,6 +22,8 @@ pub struct Opts {
     /// wrk duration of the counted load, e.g. 8s (valgrind runs a proxy ~50x slower).
     pub duration: String,
     pub connections: u32,
+    /// Keep callgrind's output files instead of removing them with the run's directory.
+    pub keep: bool,
 }
 
 struct Counted {
@@ -83,6 +85,13 @@ pub fn run_all(opts: &Opts) -> Res<()> {
         opts,
     )?);
     print!("{}", report(&rows, opts));
+    if opts.keep {
+        let kept = dir.keep();
+        println!(
+            "callgrind output kept in {} (callgrind.<port>.<pid>.1, in the order measured)",
+            kept.display()
+        );
+    }
     Ok(())
 }
 

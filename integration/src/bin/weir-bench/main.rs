@@ -52,6 +52,9 @@ enum Bench {
         /// wrk connections.
         #[arg(long, default_value_t = 10)]
         connections: u32,
+        /// Keep callgrind's output files (the run prints where) for `callgrind_annotate`.
+        #[arg(long)]
+        keep: bool,
     },
     /// Proxy-wasm filter cost: no filter, the header filter and the body filter, in weir
     /// and in Envoy (V8), plus the filter-thread round trip measured in process.
@@ -781,9 +784,11 @@ fn main() {
         Bench::Instructions {
             duration,
             connections,
+            keep,
         } => instructions::run_all(&instructions::Opts {
             duration,
             connections,
+            keep,
         }),
         Bench::Inference {
             duration,
