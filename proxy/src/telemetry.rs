@@ -71,8 +71,6 @@ const SPANS_FIELD: u32 = 2;
 thread_local! {
     /// Where a worker encodes a request's spans before it takes the queue's lock.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Where a span's fields are encoded before its length is known.
-    static SPAN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// [`Attrs::display`]'s text.
     static FORMATTED: RefCell<String> = const { RefCell::new(String::new()) };
     /// The last two addresses [`Attrs::ip`] wrote, as text: a request's client and its
@@ -144,7 +142,9 @@ const ATTRIBUTES_FIELD: u32 = 9;
 
 impl Attrs {
     pub fn new() -> Self {
-        Self(Vec::with_capacity(256))
+        // Room for a request's server span (a dozen attributes, ~300 bytes): starting at 256
+        // bytes, most requests grew it once.
+        Self(Vec::with_capacity(512))
     }
 
     /// `KeyValue { key, value: AnyValue { ... } }`: `value` writes the `AnyValue` field (key
@@ -165,7 +165,21 @@ impl Attrs {
 
     /// A string attribute (`AnyValue.string_value`, field 1).
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
-        let len = key_len(1) + encoded_len_varint(value.len() as u64) + value.len();
+        // The common case, a key and value of a few dozen bytes: every length fits one byte,
+        // and the attribute is four fixed header bytes around the key and around the value
+        // (writing those as six separate fields was ~180 instructions an attribute).
+        let (k, v) = (key.len(), value.len());
+        let kv = 2 + k + 2 + 2 + v;
+        if kv < 0x80 {
+            let out = &mut self.0;
+            out.reserve(2 + kv);
+            out.extend_from_slice(&[tag_byte(ATTRIBUTES_FIELD), kv as u8, tag_byte(1), k as u8]);
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&[tag_byte(2), (2 + v) as u8, tag_byte(1), v as u8]);
+            out.extend_from_slice(value.as_bytes());
+            return self;
+        }
+        let len = key_len(1) + encoded_len_varint(v as u64) + v;
         self.put(key, len, |out| put_len_delimited(1, value.as_bytes(), out));
         self
     }
@@ -222,14 +236,16 @@ impl Attrs {
     }
 }
 
+/// The key byte of length-delimited field `tag` (under 16).
+const fn tag_byte(tag: u32) -> u8 {
+    (tag << 3 | WireType::LengthDelimited as u32) as u8
+}
+
 /// A length-delimited field's key and length: two bytes in the common case (a field number
 /// under 16, a length under 128), prost's encoding otherwise.
 fn put_header(tag: u32, len: usize, out: &mut Vec<u8>) {
     if tag < 16 && len < 0x80 {
-        out.extend_from_slice(&[
-            (tag << 3 | WireType::LengthDelimited as u32) as u8,
-            len as u8,
-        ]);
+        out.extend_from_slice(&[tag_byte(tag), len as u8]);
     } else {
         encode_key(tag, WireType::LengthDelimited, out);
         encode_varint(len as u64, out);
@@ -513,53 +529,74 @@ struct SpanFields<'a> {
 
 /// Appends the span, ended now, to `out` as a `ScopeSpans.spans` field: the OTLP `Span`
 /// message written field by field (no message structs, no allocation once the buffers have
-/// grown).
+/// grown), straight into `out` behind its length, which is worked out first (encoding into a
+/// buffer of its own and copying that was a copy of every span).
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     use prost::encoding::{fixed32, fixed64, int32};
     let end = SystemTime::now();
-    SPAN.with_borrow_mut(|b| {
-        b.clear();
-        put_len_delimited(1, &f.trace.trace_id().to_bytes(), b);
-        put_len_delimited(2, &f.id.to_bytes(), b);
-        let state = f.trace.trace_state().header();
-        if !state.is_empty() {
-            put_len_delimited(3, state.as_bytes(), b);
-        }
-        if f.parent != SpanId::INVALID {
-            put_len_delimited(4, &f.parent.to_bytes(), b);
-        }
-        let name_len: usize = f.name.iter().map(|p| p.len()).sum();
-        put_header(5, name_len, b);
-        for part in f.name {
-            b.put_slice(part.as_bytes());
-        }
-        int32::encode(6, &(f.kind as i32), b);
-        fixed64::encode(7, &unix_nanos(f.start), b);
-        fixed64::encode(8, &unix_nanos(end), b);
-        b.put_slice(f.attributes);
-        // Status (15): empty (unset) unless the span failed.
-        match f.status {
-            None => put_len_delimited(15, &[], b),
-            Some(e) => {
-                let code = status::StatusCode::Error as i32;
-                let len = key_len(2)
-                    + encoded_len_varint(e.len() as u64)
-                    + e.len()
-                    + int32::encoded_len(3, &code);
-                put_header(15, len, b);
-                put_len_delimited(2, e.as_bytes(), b);
-                int32::encode(3, &code, b);
-            }
-        }
-        // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
-        let mut flags =
-            u32::from(f.trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
-        if f.parent_remote {
-            flags |= SpanFlags::ContextIsRemoteMask as u32;
-        }
-        fixed32::encode(16, &flags, b);
-        put_len_delimited(SPANS_FIELD, b, out);
+    let len_delimited = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let state = f.trace.trace_state().header();
+    let name_len: usize = f.name.iter().map(|p| p.len()).sum();
+    let kind = f.kind as i32;
+    let error = f.status.map(|e| {
+        let code = status::StatusCode::Error as i32;
+        (
+            e,
+            code,
+            len_delimited(2, e.len()) + int32::encoded_len(3, &code),
+        )
     });
+    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
+    let mut flags =
+        u32::from(f.trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
+    if f.parent_remote {
+        flags |= SpanFlags::ContextIsRemoteMask as u32;
+    }
+    let has_parent = f.parent != SpanId::INVALID;
+    let len = len_delimited(1, 16)
+        + len_delimited(2, 8)
+        + if state.is_empty() {
+            0
+        } else {
+            len_delimited(3, state.len())
+        }
+        + if has_parent { len_delimited(4, 8) } else { 0 }
+        + len_delimited(5, name_len)
+        + int32::encoded_len(6, &kind)
+        + 2 * fixed64::encoded_len(7, &0)
+        + f.attributes.len()
+        + len_delimited(15, error.map_or(0, |(_, _, len)| len))
+        + fixed32::encoded_len(16, &flags);
+    out.reserve(len_delimited(SPANS_FIELD, len));
+    put_header(SPANS_FIELD, len, out);
+    let start = out.len();
+    put_len_delimited(1, &f.trace.trace_id().to_bytes(), out);
+    put_len_delimited(2, &f.id.to_bytes(), out);
+    if !state.is_empty() {
+        put_len_delimited(3, state.as_bytes(), out);
+    }
+    if has_parent {
+        put_len_delimited(4, &f.parent.to_bytes(), out);
+    }
+    put_header(5, name_len, out);
+    for part in f.name {
+        out.put_slice(part.as_bytes());
+    }
+    int32::encode(6, &kind, out);
+    fixed64::encode(7, &unix_nanos(f.start), out);
+    fixed64::encode(8, &unix_nanos(end), out);
+    out.put_slice(f.attributes);
+    // Status (15): empty (unset) unless the span failed.
+    match error {
+        None => put_header(15, 0, out),
+        Some((e, code, len)) => {
+            put_header(15, len, out);
+            put_len_delimited(2, e.as_bytes(), out);
+            int32::encode(3, &code, out);
+        }
+    }
+    fixed32::encode(16, &flags, out);
+    debug_assert_eq!(out.len() - start, len, "the span is as long as worked out");
 }
 
 /// The fields of an OTLP `ExportTraceServiceRequest` that come before its spans: one
@@ -1259,6 +1296,45 @@ mod tests {
         assert_eq!(span.status.as_ref().unwrap().code, StatusCode::Unset as i32);
         assert!(span.parent_span_id.is_empty());
         assert_eq!(span.flags, 0x101);
+    }
+
+    #[test]
+    fn string_attributes_encode_as_prost_does_on_both_sides_of_the_one_byte_lengths() {
+        use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
+        use prost::Message;
+        // An attribute is a `Span.attributes` field: key and length, then the `KeyValue`.
+        #[derive(Message)]
+        struct Span {
+            #[prost(message, repeated, tag = "9")]
+            attributes: Vec<KeyValue>,
+        }
+        for (k, v) in [
+            (1, 0),
+            (10, 111),
+            (10, 112),
+            (10, 113),
+            (1, 121),
+            (3, 200),
+            (130, 2),
+        ] {
+            let (key, value) = ("k".repeat(k), "v".repeat(v));
+            let mut attrs = super::Attrs::default();
+            attrs.str(&key, &value);
+            let expected = Span {
+                attributes: vec![KeyValue {
+                    key,
+                    value: Some(AnyValue {
+                        value: Some(Value::StringValue(value)),
+                    }),
+                    ..Default::default()
+                }],
+            };
+            assert_eq!(
+                attrs.0,
+                expected.encode_to_vec(),
+                "key {k} bytes, value {v}"
+            );
+        }
     }
 
     #[test]
