@@ -150,12 +150,7 @@ impl Attrs {
     /// `KeyValue { key, value: AnyValue { ... } }`: `value` writes the `AnyValue` field (key
     /// included), `value_len` bytes.
     fn put(&mut self, key: &str, value_len: usize, value: impl FnOnce(&mut Vec<u8>)) {
-        let kv = key_len(1)
-            + encoded_len_varint(key.len() as u64)
-            + key.len()
-            + key_len(2)
-            + encoded_len_varint(value_len as u64)
-            + value_len;
+        let kv = len_delimited(1, key.len()) + len_delimited(2, value_len);
         let out = &mut self.0;
         put_header(ATTRIBUTES_FIELD, kv, out);
         put_len_delimited(1, key.as_bytes(), out);
@@ -179,8 +174,9 @@ impl Attrs {
             out.extend_from_slice(value.as_bytes());
             return self;
         }
-        let len = key_len(1) + encoded_len_varint(v as u64) + v;
-        self.put(key, len, |out| put_len_delimited(1, value.as_bytes(), out));
+        self.put(key, len_delimited(1, v), |out| {
+            put_len_delimited(1, value.as_bytes(), out)
+        });
         self
     }
 
@@ -234,6 +230,11 @@ impl Attrs {
         });
         self
     }
+}
+
+/// The encoded size of length-delimited field `tag` holding `len` bytes.
+fn len_delimited(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
 /// The key byte of length-delimited field `tag` (under 16).
@@ -534,7 +535,6 @@ struct SpanFields<'a> {
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     use prost::encoding::{fixed32, fixed64, int32};
     let end = SystemTime::now();
-    let len_delimited = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
     let state = f.trace.trace_state().header();
     let name_len: usize = f.name.iter().map(|p| p.len()).sum();
     let kind = f.kind as i32;
@@ -639,11 +639,8 @@ impl RequestFraming {
     /// The export request carrying `spans` (encoded `ScopeSpans.spans` fields).
     fn request(&self, spans: &[u8]) -> Bytes {
         let scope_spans = self.scope.len() + spans.len();
-        let resource_spans =
-            self.resource.len() + key_len(2) + encoded_len_varint(scope_spans as u64) + scope_spans;
-        let mut out = Vec::with_capacity(
-            key_len(1) + encoded_len_varint(resource_spans as u64) + resource_spans,
-        );
+        let resource_spans = self.resource.len() + len_delimited(2, scope_spans);
+        let mut out = Vec::with_capacity(len_delimited(1, resource_spans));
         // ExportTraceServiceRequest.resource_spans (1) { resource (1), scope_spans (2) {
         // scope (1), spans (2)... } }
         encode_key(1, WireType::LengthDelimited, &mut out);
