@@ -702,6 +702,19 @@ impl BodyReader {
                             "Got size {chunk_size}, payload_index: {payload_index}, chunk: {:?}",
                             String::from_utf8_lossy(buf).escape_default(),
                         );
+                        // weir patch: httparse takes any byte in a chunk extension, a lone LF
+                        // included, and ends the line at the first CRLF. A peer that ends it
+                        // at the LF instead (as many proxies do) frames the body differently:
+                        // request smuggling (the "TERM.EXT" and "EXT.TERM" pairs, e.g.
+                        // CVE-2025-55315). RFC 9112 allows no control byte but HTAB there.
+                        let line = &buf[..payload_index.saturating_sub(CRLF.len())];
+                        if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                            self.body_state = self.body_state.done(0);
+                            return Error::e_explain(
+                                INVALID_CHUNK,
+                                "control byte (such as a lone LF) in a chunk-size line",
+                            );
+                        }
                         let chunk_size = match usize::try_from(chunk_size) {
                             Ok(chunk_size) => chunk_size,
                             Err(_) => {
@@ -2444,6 +2457,44 @@ mod tests {
         assert_eq!(res, None);
         assert_eq!(body_reader.body_state, ParseState::Complete(0));
         assert_eq!(body_reader.get_body_overread(), None);
+    }
+
+    // weir patch: a chunk line with a lone LF (or another control byte) is an error, wherever
+    // it is and whatever follows; extensions of tokens, quoted strings and HTAB still pass.
+    #[tokio::test]
+    async fn read_with_body_chunk_line_control_bytes() {
+        init_log();
+        for input in [
+            &b"3;x\nabc\r\nabc\r\n0\r\n\r\n"[..],
+            b"2;\nxx\r\n0\r\n\r\n",
+            b"0;a\nb\r\n\r\n",
+            b"3;a\x00b\r\nabc\r\n0\r\n\r\n",
+            b"3;a\x7fb\r\nabc\r\n0\r\n\r\n",
+            b"1\r\na\r\n3;x\x0by\r\nabc\r\n0\r\n\r\n",
+        ] {
+            let mut mock_io = Builder::new().read(input).build();
+            let mut body_reader = BodyReader::new(false);
+            body_reader.init_chunked(b"");
+            let err = loop {
+                match body_reader.read_body(&mut mock_io).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("{:?} was read whole", input.escape_ascii().to_string()),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(*err.etype(), INVALID_CHUNK, "{}", input.escape_ascii());
+            assert!(matches!(body_reader.body_state, ParseState::Done(_)));
+        }
+        let input = b"3;name=\"v al\"\t;b\r\nabc\r\n0\r\n\r\n";
+        let mut mock_io = Builder::new().read(&input[..]).build();
+        let mut body_reader = BodyReader::new(false);
+        body_reader.init_chunked(b"");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap();
+        assert_eq!(res, Some(BufRef::new(18, 3)));
+        assert_eq!(body_reader.get_body(&res.unwrap()), b"abc");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap();
+        assert_eq!(res, None);
+        assert_eq!(body_reader.body_state, ParseState::Complete(3));
     }
 
     #[tokio::test]
