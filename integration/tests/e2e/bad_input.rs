@@ -149,7 +149,9 @@ async fn request_heads_over_the_listener_limit_get_431() {
 /// CRLF, while many proxies end it at the LF: in front of weir, such a proxy and weir would
 /// cut the body in different places, and the bytes one takes for body the other takes for a
 /// request of its own (request smuggling, the "TERM.EXT" / "EXT.TERM" pairs). Extensions of
-/// tokens, quoted strings and HTAB still pass, the body intact.
+/// tokens, quoted strings and HTAB still pass, the body intact. (weir streams bodies, so the
+/// request's head may have reached the backend already; its body then fails there, as with
+/// any body cut short.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chunk_lines_with_control_bytes_get_400() {
     let backend = HttpBackend::start("b").await;
