@@ -35,12 +35,7 @@ pub fn check_h1_request(
         return Err((400, "request target is not a path, * or an absolute URI"));
     }
     if req.headers.contains_key(TRANSFER_ENCODING) {
-        let mut codings = list(req, TRANSFER_ENCODING);
-        let chunked_only = codings
-            .next()
-            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-            && codings.next().is_none();
-        if !chunked_only {
+        if !chunked_alone(&req.headers) {
             return Err((501, "transfer coding other than chunked"));
         }
         // pingora drops Content-Length when Transfer-Encoding is there too, so the raw head
@@ -55,7 +50,7 @@ pub fn check_h1_request(
         .is_some_and(|v| lengths.next().is_some() || v.as_bytes().contains(&b','))
     {
         let single = {
-            let mut values = list(req, CONTENT_LENGTH);
+            let mut values = list(&req.headers, CONTENT_LENGTH);
             let first = values.next().unwrap_or_default();
             if first.is_empty() || values.any(|v| v != first) {
                 return Err((400, "conflicting Content-Length values"));
@@ -68,9 +63,21 @@ pub fn check_h1_request(
     Ok(())
 }
 
-/// The comma-separated elements of every `name` field of `req`, trimmed.
-fn list(req: &RequestHeader, name: http::HeaderName) -> impl Iterator<Item = &[u8]> {
-    req.headers
+/// Whether `headers`' `Transfer-Encoding` names `chunked` and nothing else: the only transfer
+/// coding weir forwards, in a request (above) or a response (`upstream_response_filter`).
+/// pingora takes the body's framing from it and writes its own; any other coding would reach
+/// the far side as plain bytes, or in a coding it may not know.
+pub fn chunked_alone(headers: &http::HeaderMap) -> bool {
+    let mut codings = list(headers, TRANSFER_ENCODING);
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
+}
+
+/// The comma-separated elements of every `name` field of `headers`, trimmed.
+fn list(headers: &http::HeaderMap, name: http::HeaderName) -> impl Iterator<Item = &[u8]> {
+    headers
         .get_all(name)
         .into_iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))

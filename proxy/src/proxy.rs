@@ -907,6 +907,18 @@ impl ProxyHttp for WeirProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // An HTTP/1.1 upstream's body in a transfer coding other than `chunked` (`gzip`, or
+        // `gzip, chunked`): pingora would frame it anew, and an h2 client would get the coded
+        // bytes as the content itself. 502, as nginx answers it.
+        if resp.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && !downstream::chunked_alone(&resp.headers)
+        {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "upstream response in a transfer coding other than chunked",
+            )
+            .into_up());
+        }
         let status = resp.status.as_u16();
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
             tracer.attempt_status(trace, status);

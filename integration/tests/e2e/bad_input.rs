@@ -1,4 +1,5 @@
-//! Malformed and hostile requests get a 4xx from weir and never reach the backend.
+//! Malformed and hostile requests get a 4xx from weir and never reach the backend; a broken
+//! upstream response gets a 5xx.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -8,19 +9,14 @@ use weir_integration::http_backend::HttpBackend;
 
 use crate::*;
 
-/// Writes raw bytes and returns all weir answers until it closes.
-fn exchange(listen: std::net::SocketAddr, request: &[u8]) -> String {
+/// Writes raw bytes and returns the status line weir answers with ("" if it just closed).
+fn raw(listen: std::net::SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(listen).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(request);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Writes raw bytes and returns the status line weir answers with ("" if it just closed).
-fn raw(listen: std::net::SocketAddr, request: &[u8]) -> String {
-    let text = exchange(listen, request);
+    let text = String::from_utf8_lossy(&out);
     text.lines().next().unwrap_or("").to_string()
 }
 
@@ -162,9 +158,7 @@ async fn chunk_lines_with_control_bytes_get_400() {
     let listen = s.listen;
     let head = "POST /echo-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     let fine = format!("{head}3;name=\"v al\"\t;b\r\nabc\r\n0\r\n\r\n");
-    let answer = tokio::task::spawn_blocking(move || exchange(listen, fine.as_bytes()))
-        .await
-        .unwrap();
+    let answer = raw_exchange(listen, fine).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer.ends_with("\r\n\r\nabc"),
@@ -186,6 +180,55 @@ async fn chunk_lines_with_control_bytes_get_400() {
             .await
             .unwrap();
         assert!(line.starts_with("HTTP/1.1 400"), "{name}: {line:?}");
+    }
+}
+
+/// An HTTP/1.1 upstream whose response body is in a transfer coding other than `chunked`
+/// (`gzip`, `gzip, chunked`) gets the client a 502, over HTTP/1.1 and h2c: weir frames a body
+/// anew, and an h2 client would otherwise take the coded bytes for the content. `chunked`
+/// alone (in any case) passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_transfer_codings_other_than_chunked_get_502() {
+    // An upstream that answers by path, then closes.
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = up.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let path = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
+                let (coding, body): (&str, &[u8]) = match path {
+                    b"/gzip" => ("gzip", b"abc"),
+                    b"/gzip-chunked" => ("gzip, chunked", b"3\r\nabc\r\n0\r\n\r\n"),
+                    _ => ("Chunked", b"3\r\nabc\r\n0\r\n\r\n"),
+                };
+                let reply = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n");
+                let _ = c.write_all(&[reply.as_bytes(), body].concat()).await;
+            });
+        }
+    });
+    let s = start(&format!(
+        "routes:\n  - name: all\n    route: {{ cluster: up }}\nclusters:\n{}",
+        cluster("up", "http1", &[up_addr], "")
+    ));
+    let (h1, h2) = (h1_client(), h2c_client());
+    for path in ["/gzip", "/gzip-chunked", "/chunked"] {
+        let want = if path == "/chunked" { 200 } else { 502 };
+        for (client, name) in [(&h1, "HTTP/1.1"), (&h2, "h2c")] {
+            let reply = get(client, s.listen, path).await;
+            assert_eq!(reply.status, want, "{path} over {name}: {}", reply.body);
+            if want == 200 {
+                assert_eq!(reply.body, "abc", "{path} over {name}");
+            }
+        }
     }
 }
 
