@@ -1,7 +1,8 @@
 //! Inference pools end to end: the model read from the request picks a replica, a busy pool
 //! queues then sheds, load reports steer requests, a rolling weight reload under a stream of
 //! gRPC `ModelStreamInfer` clients breaks no stream, requests wait while every replica
-//! reloads, and a backend killed mid-stream ends the stream with a gRPC status.
+//! reloads, a backend killed mid-stream ends the stream with a gRPC status, and a client that
+//! leaves mid-stream ends it at the model server.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -564,4 +565,111 @@ async fn a_backend_killed_mid_stream_ends_the_stream_with_a_grpc_status() {
         .await
         .expect("no hang");
     assert!(err.is_err(), "{err:?}");
+}
+
+/// A client that leaves in the middle of a stream (an HTTP/1.1 SSE client closing its
+/// connection, an h2c one resetting its stream, a gRPC client cancelling `ModelStreamInfer`)
+/// ends the stream at the model server too, at once (within the server's next token): a GPU
+/// stops generating tokens nobody will read, and the replica's slot in the pool (the
+/// picker's in-flight count) is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_mid_stream_ends_it_at_the_model_server() {
+    use std::io::{Read, Write};
+    let sim = ModelServer::start(&["llama"]).await;
+    // 1,000 tokens 20 ms apart: 20 s, unless the stream ends early.
+    sim.load.token_delay_us.store(20_000, Ordering::Relaxed);
+    let sse = start(&pool_config("openai", &[(sim.http_addr, "llama")], ""));
+    let grpc = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], ""));
+    let gone_within = |what: &str, weir: &Weir, endpoint: SocketAddr| {
+        let started = Instant::now();
+        wait_for(
+            &format!("{what}: the model server's stream to end"),
+            Duration::from_secs(5),
+            || sim.load.running.load(Ordering::Relaxed) == 0,
+        );
+        wait_for(
+            &format!("{what}: the replica's slot to be given back"),
+            Duration::from_secs(5),
+            || endpoint_json(weir, endpoint)["in_flight"] == 0,
+        );
+        started.elapsed()
+    };
+
+    // SSE over HTTP/1.1: read the first event, then close the connection.
+    let listen = sse.listen;
+    let first = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(listen).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = r#"{"model": "llama", "prompt": "hi", "max_tokens": 1000, "stream": true}"#;
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("data: ") {
+            let n = c.read(&mut buf).expect("read");
+            assert!(n > 0, "closed before the first event");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+        // `c` drops here: the client is gone.
+    })
+    .await
+    .unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(sim.load.running.load(Ordering::Relaxed), 1, "streaming");
+    let took = tokio::task::block_in_place(|| gone_within("SSE", &sse.weir, sim.http_addr));
+    eprintln!("SSE client gone: the server's stream ended {took:?} later");
+
+    // The same over h2c: read the first event, then drop the response (RST_STREAM CANCEL);
+    // weir's upstream is HTTP/1.1, so its connection has to go.
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/v1/completions", sse.listen))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            r#"{"model": "llama", "prompt": "hi", "max_tokens": 1000, "stream": true}"#,
+        )))
+        .unwrap();
+    let h2 = h2c_client();
+    let mut resp = h2.request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let frame = resp
+        .body_mut()
+        .frame()
+        .await
+        .expect("a frame")
+        .expect("data");
+    assert!(frame.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
+    assert_eq!(sim.load.running.load(Ordering::Relaxed), 1, "streaming");
+    drop(resp);
+    let took =
+        tokio::task::block_in_place(|| gone_within("SSE over h2c", &sse.weir, sim.http_addr));
+    eprintln!("h2c SSE stream reset: the server's stream ended {took:?} later");
+
+    // KServe gRPC: take two tokens, then drop the call (RST_STREAM CANCEL).
+    let mut client = kserve_client(grpc.listen).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(token_request("llama", "leaver", 1000))
+        .await
+        .unwrap();
+    let mut responses = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    for _ in 0..2 {
+        let r = responses.message().await.expect("token").expect("token");
+        assert!(r.infer_response.is_some());
+    }
+    assert_eq!(sim.load.running.load(Ordering::Relaxed), 1, "streaming");
+    drop(responses);
+    drop(tx);
+    let took = tokio::task::block_in_place(|| gone_within("gRPC", &grpc.weir, sim.addr));
+    eprintln!("gRPC call cancelled: the server's stream ended {took:?} later");
+    // The connection stays usable for the next call.
+    assert_eq!(stream_once(grpc.listen, "next", 2).await, Ok("1".into()));
 }
