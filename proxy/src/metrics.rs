@@ -316,7 +316,7 @@ fn render_pools(runtime: &Runtime, out: &mut String) {
         return;
     }
     type Counter = fn(&PoolCounters) -> &AtomicU64;
-    let counters: [(&str, &str, Counter); 5] = [
+    let counters: [(&str, &str, Counter); 6] = [
         (
             "weir_inference_queued_total",
             "Requests that waited for a busy pool's replica.",
@@ -341,6 +341,11 @@ fn render_pools(runtime: &Runtime, out: &mut String) {
             "weir_inference_streams_cut_total",
             "Streams ended by a drain deadline.",
             |c| &c.streams_cut,
+        ),
+        (
+            "weir_inference_abandoned_total",
+            "Requests whose client left while they waited for a replica (their place given back).",
+            |c| &c.abandoned,
         ),
     ];
     for (name, help, get) in counters {

@@ -343,7 +343,19 @@ impl WeirProxy {
                     adapter: adapter.as_deref(),
                     prefix,
                 };
-                match pool::acquire(pool, cfg, &need, ctx.deadline).await {
+                let wait = pool::acquire(pool, cfg, &need, ctx.deadline);
+                let Some(acquired) = unless_client_leaves(session.as_downstream_mut(), wait).await
+                else {
+                    pool.counters
+                        .abandoned
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(Error::explain(
+                        ErrorType::ConnectionClosed,
+                        "the client left while its request waited for a replica",
+                    )
+                    .into_down());
+                };
+                match acquired {
                     Ok((endpoint, lease)) => {
                         ctx.inference = Some(InferenceCtx {
                             pool: pool_id,
@@ -1410,4 +1422,37 @@ impl WeirProxy {
 enum Dir {
     Request,
     Response,
+}
+
+/// `wait` (a place in an inference pool's queue) unless the client leaves first: `None` then.
+/// pingora notices a closed downstream only when it next reads or writes it; a request that
+/// waits for a replica does neither, and without this a client that gave up kept its place in
+/// the queue (others were shed for it) and, once a replica freed, had it start generating for
+/// nobody. Watched: an h2 stream's reset, and an HTTP/1.1 connection's close once the request
+/// is read whole (pingora's own proxy loop watches it so, with the same rules for a half-close
+/// and for pipelined bytes). An HTTP/1.1 request whose body is still arriving is not watched:
+/// that would read its body.
+async fn unless_client_leaves<T>(
+    downstream: &mut pingora::protocols::http::ServerSession,
+    wait: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(wait);
+    if downstream.is_body_done() {
+        tokio::select! {
+            out = &mut wait => Some(out),
+            idle = downstream.read_body_or_idle(false) => match idle {
+                Err(_) => None,
+                // Not reached once the body is done (the read only ends in an error), but
+                // should it end otherwise, the wait goes on unwatched.
+                Ok(_) => Some(wait.await),
+            },
+        }
+    } else if let Some(reset) = downstream.watch_h2_stream_close() {
+        tokio::select! {
+            out = &mut wait => Some(out),
+            _ = reset => None,
+        }
+    } else {
+        Some(wait.await)
+    }
 }

@@ -673,3 +673,110 @@ async fn a_client_that_leaves_mid_stream_ends_it_at_the_model_server() {
     // The connection stays usable for the next call.
     assert_eq!(stream_once(grpc.listen, "next", 2).await, Ok("1".into()));
 }
+
+/// A client that leaves while its request waits in a busy pool's queue (an HTTP/1.1 client
+/// closing its connection, an h2c one resetting its stream) gives its place back at once, is
+/// counted in `weir_inference_abandoned_total`, and never reaches a replica when one frees.
+/// (pingora notices a closed downstream only when it reads or writes it; a queued request
+/// does neither.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_the_queue_gives_its_place_back() {
+    use std::io::Write;
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(sim.http_addr, "llama")],
+        "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 30s }\n",
+    ));
+    let listen = s.listen;
+    // Gated: a stream of these holds the server's `running` count at 1 after its first token
+    // until a permit comes, so a request that reached the server shows, even if it ended.
+    const BODY: &str = r#"{"model": "llama", "prompt": "p", "max_tokens": 2, "stream": true}"#;
+    let gated = |uri: String| {
+        ::http::Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header("content-type", "application/json")
+            .header("x-sim-gated", "1")
+            .body(Full::new(Bytes::from(BODY)))
+            .unwrap()
+    };
+    let waiting = || pools_json(&s.weir)["pools"][0]["waiting"].as_u64();
+    let held = h1_client()
+        .request(gated(format!("http://{listen}/v1/completions")))
+        .await
+        .expect("the stream holding the only slot");
+    assert_eq!(held.status(), 200);
+
+    // HTTP/1.1: the request is read whole, then the connection closes while it waits.
+    let leaver = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(listen).expect("connect");
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nx-sim-gated: 1\r\ncontent-length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        )
+        .unwrap();
+        c
+    })
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "the HTTP/1.1 request queued",
+            Duration::from_secs(5),
+            || waiting() == Some(1),
+        )
+    });
+    drop(leaver);
+    tokio::task::block_in_place(|| {
+        wait_for("its place given back", Duration::from_secs(2), || {
+            waiting() == Some(0)
+        })
+    });
+
+    // h2c: the stream is reset while it waits.
+    let h2 = h2c_client();
+    let pending = tokio::spawn(async move {
+        let _ = h2
+            .request(gated(format!("http://{listen}/v1/completions")))
+            .await;
+    });
+    tokio::task::block_in_place(|| {
+        wait_for("the h2c request queued", Duration::from_secs(5), || {
+            waiting() == Some(1)
+        })
+    });
+    pending.abort();
+    let _ = pending.await;
+    tokio::task::block_in_place(|| {
+        wait_for("its place given back", Duration::from_secs(2), || {
+            waiting() == Some(0)
+        })
+    });
+
+    // The slot frees: neither reaches the server.
+    sim.gate.add_permits(1);
+    let text = held
+        .into_body()
+        .collect()
+        .await
+        .expect("held body")
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("[DONE]"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sim.load.running.load(Ordering::Relaxed),
+        0,
+        "a request whose client had left reached the server"
+    );
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
+    assert!(
+        metrics.contains("weir_inference_abandoned_total{pool=\"llm\"} 2"),
+        "{metrics}"
+    );
+    // The pool still serves.
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    let (status, body) = completion(listen, ask, &[]).await;
+    assert_eq!(status, 200, "{body}");
+}

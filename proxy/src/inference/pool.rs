@@ -140,6 +140,8 @@ pub struct PoolCounters {
     pub reload_waits: AtomicU64,
     pub unknown_model: AtomicU64,
     pub streams_cut: AtomicU64,
+    /// Requests whose client left while they waited for a replica.
+    pub abandoned: AtomicU64,
 }
 
 impl PoolState {
