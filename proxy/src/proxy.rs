@@ -396,6 +396,14 @@ impl WeirProxy {
                         "rate_limit_exceeded",
                         format!("every replica of {model:?} is busy and the queue is full"),
                     )),
+                    Err(NoReplica::DeadlineExceeded) => Some(reply(
+                        504,
+                        grpc::code::DEADLINE_EXCEEDED,
+                        "timeout",
+                        format!(
+                            "the request's deadline passed while it waited for a replica of {model:?}"
+                        ),
+                    )),
                     Err(NoReplica::Reloading) => Some(reply(
                         503,
                         grpc::code::UNAVAILABLE,

@@ -780,3 +780,95 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     let (status, body) = completion(listen, ask, &[]).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A request whose own deadline (a gRPC client's `grpc-timeout`, the route's `timeout`)
+/// passes while it waits for a busy pool's replica gets 504 / DEADLINE_EXCEEDED, as any other
+/// timeout of the request, not the 429 / RESOURCE_EXHAUSTED of a full queue (and is not
+/// counted as shed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadline_that_passes_in_the_queue_is_a_timeout() {
+    let sim = ModelServer::start(&["llama"]).await;
+    // A stream of 200 tokens 50 ms apart holds the only slot for 10 s.
+    sim.load.token_delay_us.store(50_000, Ordering::Relaxed);
+    let busy = "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 10s }\n";
+    let grpc = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], busy));
+    let mut holder = kserve_client(grpc.listen).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(token_request("llama", "holder", 200))
+        .await
+        .unwrap();
+    let mut held = holder
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    held.message().await.expect("token").expect("token");
+
+    // A gRPC call with `grpc-timeout: 300m`, sent by hand: tonic's client would give up by
+    // itself at the deadline and report CANCELLED, hiding what weir answers.
+    let message = prost::Message::encode_to_vec(&token_request("llama", "late", 1));
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let call = ::http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/inference.GRPCInferenceService/ModelInfer",
+            grpc.listen
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(Full::new(Bytes::from(framed)))
+        .unwrap();
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), h2c_client().request(call))
+        .await
+        .expect("an answer, not a hang")
+        .expect("a response");
+    let took = started.elapsed();
+    let (head, body) = reply.into_parts();
+    let trailers = body.collect().await.expect("body").trailers().cloned();
+    let status = head
+        .headers
+        .get("grpc-status")
+        .or_else(|| trailers.as_ref().and_then(|t| t.get("grpc-status")))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_eq!(
+        status.as_deref(),
+        Some("4"),
+        "DEADLINE_EXCEEDED: {head:?} {trailers:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // The route's own timeout, for an OpenAI client.
+    let http = start(&format!(
+        "routes:\n  - name: ai\n    route: {{ pool: llm, timeout: 300ms }}\ninference_pools:\n  - name: llm\n    protocol: openai\n    endpoints:\n      - {{ address: \"{}\", models: [{{ name: llama }}] }}\n{busy}",
+        sim.http_addr
+    ));
+    let listen = http.listen;
+    let hold =
+        serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 200, "stream": true});
+    let holding = tokio::spawn(completion(listen, hold, &[]));
+    tokio::task::block_in_place(|| {
+        wait_for(
+            "the HTTP stream to hold the slot",
+            Duration::from_secs(5),
+            || endpoint_json(&http.weir, sim.http_addr)["in_flight"] == 1,
+        )
+    });
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    let (status, body) = completion(listen, ask, &[]).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("deadline"), "{body}");
+    holding.abort();
+    for weir in [&grpc.weir, &http.weir] {
+        let (_, metrics) = admin_get(weir.admin, "/stats/prometheus").expect("metrics");
+        assert!(
+            metrics.contains("weir_inference_shed_total{pool=\"llm\"} 0"),
+            "{metrics}"
+        );
+    }
+    drop(tx);
+}

@@ -371,6 +371,9 @@ pub enum NoReplica {
     Reloading,
     /// No replica serves it: 404 / NOT_FOUND.
     UnknownModel,
+    /// The request's own deadline (the route's `timeout`, a gRPC client's `grpc-timeout`)
+    /// passed first: 504 / DEADLINE_EXCEEDED, as any other timeout of the request.
+    DeadlineExceeded,
 }
 
 /// Waits (bounded by the pool's queue and reload settings and `deadline`) for a replica that
@@ -420,6 +423,9 @@ pub async fn acquire(
         }
         let now = Instant::now();
         if now >= until {
+            if deadline.is_some_and(|d| d < start + limit) {
+                return Err(NoReplica::DeadlineExceeded);
+            }
             if outcome == NoReplica::Shed {
                 pool.counters.shed.fetch_add(1, Ordering::Relaxed);
             }
