@@ -1445,8 +1445,10 @@ async fn unless_client_leaves<T>(
     wait: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     tokio::pin!(wait);
+    // `biased`: the wait first, so a replica free at once costs no read of the client.
     if downstream.is_body_done() {
         tokio::select! {
+            biased;
             out = &mut wait => Some(out),
             idle = downstream.read_body_or_idle(false) => match idle {
                 Err(_) => None,
@@ -1457,6 +1459,7 @@ async fn unless_client_leaves<T>(
         }
     } else if let Some(reset) = downstream.watch_h2_stream_close() {
         tokio::select! {
+            biased;
             out = &mut wait => Some(out),
             _ = reset => None,
         }
