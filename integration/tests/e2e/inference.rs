@@ -675,7 +675,8 @@ async fn a_client_that_leaves_mid_stream_ends_it_at_the_model_server() {
 }
 
 /// A client that leaves while its request waits in a busy pool's queue (an HTTP/1.1 client
-/// closing its connection, an h2c one resetting its stream) gives its place back at once, is
+/// closing its connection, an h2c one resetting its stream, a gRPC client cancelling a
+/// `ModelStreamInfer` whose request stream is still open) gives its place back at once, is
 /// counted in `weir_inference_abandoned_total`, and never reaches a replica when one frees.
 /// (pingora notices a closed downstream only when it reads or writes it; a queued request
 /// does neither.)
@@ -779,6 +780,49 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
     let (status, body) = completion(listen, ask, &[]).await;
     assert_eq!(status, 200, "{body}");
+
+    // gRPC `ModelStreamInfer`: its request stream stays open, so the h2 stream's reset is
+    // what tells. A slow stream holds the only slot of a KServe pool.
+    sim.load.token_delay_us.store(50_000, Ordering::Relaxed);
+    let grpc = start(&pool_config(
+        "kserve_grpc",
+        &[(sim.addr, "llama")],
+        "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 30s }\n",
+    ));
+    let open = |id: &'static str| {
+        let listen = grpc.listen;
+        async move {
+            let mut client = kserve_client(listen).await.expect("connect");
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(token_request("llama", id, 200)).await.unwrap();
+            let call = client
+                .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            (tx, call)
+        }
+    };
+    let (_holder_tx, held) = open("holder").await;
+    let mut held = held.expect("the holding stream opens").into_inner();
+    held.message().await.expect("token").expect("token");
+    let waiting = || pools_json(&grpc.weir)["pools"][0]["waiting"].as_u64();
+    let queued = tokio::spawn(open("queued"));
+    tokio::task::block_in_place(|| {
+        wait_for("the gRPC stream queued", Duration::from_secs(5), || {
+            waiting() == Some(1)
+        })
+    });
+    queued.abort();
+    let _ = queued.await;
+    tokio::task::block_in_place(|| {
+        wait_for("its place given back", Duration::from_secs(2), || {
+            waiting() == Some(0)
+        })
+    });
+    let (_, metrics) = admin_get(grpc.weir.admin, "/stats/prometheus").expect("metrics");
+    assert!(
+        metrics.contains("weir_inference_abandoned_total{pool=\"llm\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// A request whose own deadline (a gRPC client's `grpc-timeout`, the route's `timeout`)
