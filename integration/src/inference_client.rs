@@ -87,16 +87,10 @@ pub async fn stream_on(
     id: &str,
     tokens: i64,
 ) -> Result<(String, StreamTimes), String> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(token_request("llama", id, tokens))
-        .await
-        .map_err(|_| "request channel closed")?;
     let start = Instant::now();
-    let mut responses = client
-        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let (tx, mut responses) = open_stream(client, id, tokens)
         .await
-        .map_err(|e| format!("{id}: {e}"))?
-        .into_inner();
+        .map_err(|e| format!("{id}: {e}"))?;
     let mut version = None;
     let mut times = StreamTimes {
         first_token: 0,
@@ -136,6 +130,30 @@ pub async fn stream_on(
         Ok(None) => Ok((version.unwrap_or_default(), times)),
         other => Err(format!("{id}: stream did not end cleanly: {other:?}")),
     }
+}
+
+/// Opens a `ModelStreamInfer` call asking for `tokens` tokens of `llama`: the sender of its
+/// request stream (still open: dropping it ends the stream) and the responses.
+pub async fn open_stream(
+    client: &mut KserveClient,
+    id: &str,
+    tokens: i64,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<ModelInferRequest>,
+        tonic::Streaming<ModelStreamInferResponse>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(token_request("llama", id, tokens))
+        .await
+        .expect("the receiver is alive");
+    let responses = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, responses))
 }
 
 /// [`stream_on`] over a new connection to `addr`; returns the version.

@@ -193,17 +193,12 @@ async fn upstream_transfer_codings_other_than_chunked_get_502() {
     let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_addr = up.local_addr().unwrap();
     tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         while let Ok((mut c, _)) = up.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_head(&mut c).await else {
+                    return;
+                };
                 let path = head.split(|b| *b == b' ').nth(1).unwrap_or_default();
                 let (coding, body): (&str, &[u8]) = match path {
                     b"/gzip" => ("gzip", b"abc"),
@@ -283,6 +278,21 @@ async fn admin_methods_other_than_the_endpoints_take_get_405() {
     }
 }
 
+/// What a raw upstream reads of a request: up to the end of its head (and whatever came with
+/// it); `None` if the connection ends first.
+async fn read_head(c: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// Reads until the peer closes (`Ok(0)` or a reset) and returns how long that took from
 /// `since`, or `None` if it stayed open for `limit`. Bytes weir sends before closing (h2
 /// SETTINGS, a response) are read and dropped.
@@ -316,18 +326,14 @@ async fn idle_and_slow_clients_are_closed_by_the_listener_timeouts() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         while let Ok((mut c, _)) = ws.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut c).await.is_none() {
+                    return;
                 }
                 let reply = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
                 if c.write_all(reply).await.is_err() {
                     return;
                 }
+                let mut buf = [0u8; 4096];
                 while let Ok(n) = c.read(&mut buf).await {
                     if n == 0 || c.write_all(&buf[..n]).await.is_err() {
                         return;

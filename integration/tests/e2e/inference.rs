@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weir_integration::inference_client::{
-    kserve_client, reload_backend, reload_signal, reload_through_admin, stream_once, token_request,
+    kserve_client, open_stream, reload_backend, reload_signal, reload_through_admin, stream_once,
+    token_request,
 };
 use weir_integration::model_server::ModelServer;
 use weir_integration::weir_process::{admin_get, Weir};
@@ -134,6 +135,21 @@ async fn openai_requests_reach_a_replica_of_their_model() {
     assert_eq!(e["models"][0]["state"], "serving", "{e}");
 }
 
+/// The body of [`gated_stream`]: a streamed completion of two tokens.
+const GATED_BODY: &str = r#"{"model": "llama", "prompt": "p", "max_tokens": 2, "stream": true}"#;
+
+/// A streamed completion through `listen` that the simulated server holds after its first
+/// token until the test adds a permit to its gate (`x-sim-gated`).
+fn gated_stream(listen: SocketAddr) -> ::http::Request<Full<Bytes>> {
+    ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{listen}/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-sim-gated", "1")
+        .body(Full::new(Bytes::from(GATED_BODY)))
+        .expect("valid request")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_busy_pool_queues_then_sheds_with_429() {
     let sim = ModelServer::start(&["llama"]).await;
@@ -145,15 +161,10 @@ async fn a_busy_pool_queues_then_sheds_with_429() {
     let listen = s.listen;
     // One gated stream holds the only slot.
     let hold = || async move {
-        let req = ::http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{listen}/v1/completions"))
-            .header("x-sim-gated", "1")
-            .body(Full::new(Bytes::from(
-                r#"{"model": "llama", "prompt": "p", "max_tokens": 2, "stream": true}"#,
-            )))
-            .unwrap();
-        let resp = h1_client().request(req).await.expect("held stream");
+        let resp = h1_client()
+            .request(gated_stream(listen))
+            .await
+            .expect("held stream");
         assert_eq!(resp.status(), 200);
         resp
     };
@@ -533,15 +544,9 @@ async fn a_backend_killed_mid_stream_ends_the_stream_with_a_grpc_status() {
     sim.load.token_delay_us.store(50_000, Ordering::Relaxed);
     let s = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], ""));
     let mut client = kserve_client(s.listen).await.expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(token_request("llama", "doomed", 200))
+    let (tx, mut responses) = open_stream(&mut client, "doomed", 200)
         .await
-        .unwrap();
-    let mut responses = client
-        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream opens")
-        .into_inner();
+        .expect("stream opens");
     for _ in 0..2 {
         let r = responses.message().await.expect("token").expect("token");
         assert!(r.infer_response.is_some());
@@ -652,15 +657,9 @@ async fn a_client_that_leaves_mid_stream_ends_it_at_the_model_server() {
 
     // KServe gRPC: take two tokens, then drop the call (RST_STREAM CANCEL).
     let mut client = kserve_client(grpc.listen).await.expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(token_request("llama", "leaver", 1000))
+    let (tx, mut responses) = open_stream(&mut client, "leaver", 1000)
         .await
-        .unwrap();
-    let mut responses = client
-        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream opens")
-        .into_inner();
+        .expect("stream opens");
     for _ in 0..2 {
         let r = responses.message().await.expect("token").expect("token");
         assert!(r.infer_response.is_some());
@@ -692,19 +691,9 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     let listen = s.listen;
     // Gated: a stream of these holds the server's `running` count at 1 after its first token
     // until a permit comes, so a request that reached the server shows, even if it ended.
-    const BODY: &str = r#"{"model": "llama", "prompt": "p", "max_tokens": 2, "stream": true}"#;
-    let gated = |uri: String| {
-        ::http::Request::builder()
-            .method("POST")
-            .uri(uri)
-            .header("content-type", "application/json")
-            .header("x-sim-gated", "1")
-            .body(Full::new(Bytes::from(BODY)))
-            .unwrap()
-    };
     let waiting = || pools_json(&s.weir)["pools"][0]["waiting"].as_u64();
     let held = h1_client()
-        .request(gated(format!("http://{listen}/v1/completions")))
+        .request(gated_stream(listen))
         .await
         .expect("the stream holding the only slot");
     assert_eq!(held.status(), 200);
@@ -714,8 +703,8 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
         let mut c = std::net::TcpStream::connect(listen).expect("connect");
         write!(
             c,
-            "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nx-sim-gated: 1\r\ncontent-length: {}\r\n\r\n{BODY}",
-            BODY.len()
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nx-sim-gated: 1\r\ncontent-length: {}\r\n\r\n{GATED_BODY}",
+            GATED_BODY.len()
         )
         .unwrap();
         c
@@ -739,9 +728,7 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     // h2c: the stream is reset while it waits.
     let h2 = h2c_client();
     let pending = tokio::spawn(async move {
-        let _ = h2
-            .request(gated(format!("http://{listen}/v1/completions")))
-            .await;
+        let _ = h2.request(gated_stream(listen)).await;
     });
     tokio::task::block_in_place(|| {
         wait_for("the h2c request queued", Duration::from_secs(5), || {
@@ -793,16 +780,10 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
         let listen = grpc.listen;
         async move {
             let mut client = kserve_client(listen).await.expect("connect");
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            tx.send(token_request("llama", id, 200)).await.unwrap();
-            let call = client
-                .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await;
-            (tx, call)
+            open_stream(&mut client, id, 200).await
         }
     };
-    let (_holder_tx, held) = open("holder").await;
-    let mut held = held.expect("the holding stream opens").into_inner();
+    let (_holder_tx, mut held) = open("holder").await.expect("the holding stream opens");
     held.message().await.expect("token").expect("token");
     let waiting = || pools_json(&grpc.weir)["pools"][0]["waiting"].as_u64();
     let queued = tokio::spawn(open("queued"));
@@ -837,15 +818,9 @@ async fn a_deadline_that_passes_in_the_queue_is_a_timeout() {
     let busy = "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 10s }\n";
     let grpc = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], busy));
     let mut holder = kserve_client(grpc.listen).await.expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(token_request("llama", "holder", 200))
+    let (tx, mut held) = open_stream(&mut holder, "holder", 200)
         .await
-        .unwrap();
-    let mut held = holder
-        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream opens")
-        .into_inner();
+        .expect("stream opens");
     held.message().await.expect("token").expect("token");
 
     // A gRPC call with `grpc-timeout: 300m`, sent by hand: tonic's client would give up by
