@@ -1,5 +1,6 @@
 """Drives a KServe v2 / Triton gRPC endpoint with the real tritonclient and prints what it saw
-as JSON. Usage: triton_client.py HOST:PORT MODEL MAX_TOKENS"""
+as JSON. Usage: triton_client.py HOST:PORT MODEL MAX_TOKENS [COMPRESSION]: with COMPRESSION
+(gzip or deflate) the inference requests go compressed."""
 import json
 import queue
 import sys
@@ -8,6 +9,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 url, model, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+compression = sys.argv[4] if len(sys.argv) > 4 else None
 client = grpcclient.InferenceServerClient(url=url)
 out = {
     "server_ready": client.is_server_ready(),
@@ -17,7 +19,7 @@ out = {
 
 prompt = grpcclient.InferInput("PROMPT", [1], "BYTES")
 prompt.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
-result = client.infer(model, [prompt], request_id="unary-1")
+result = client.infer(model, [prompt], request_id="unary-1", compression_algorithm=compression)
 out["unary"] = {
     "id": result.get_response().id,
     "version": result.get_response().model_version,
@@ -25,7 +27,8 @@ out["unary"] = {
 }
 
 responses = queue.Queue()
-client.start_stream(callback=lambda result, error: responses.put((result, error)))
+client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                    compression_algorithm=compression)
 streamed = []
 for request in range(2):
     client.async_stream_infer(model, [prompt], request_id=f"stream-{request}",

@@ -153,7 +153,11 @@ impl ModelServer {
             .store(5_000, std::sync::atomic::Ordering::Relaxed);
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let tasks = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
-        let svc = GrpcInferenceServiceServer::new(Sim(state.clone(), load.clone()));
+        // Like Triton, it takes gzip and deflate requests (tritonclient's
+        // `compression_algorithm`).
+        let svc = GrpcInferenceServiceServer::new(Sim(state.clone(), load.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate);
         let addr = serve(&tasks, true, move |req| {
             use tonic::codegen::Service;
             let mut svc = svc.clone();

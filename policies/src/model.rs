@@ -860,8 +860,9 @@ pub struct InferencePool {
     pub metrics: Option<PoolMetrics>,
     #[serde(default = "default_connect_timeout", with = "crate::duration")]
     pub connect_timeout: Duration,
-    /// Most request body bytes read to find the model (OpenAI bodies may name it after a long
-    /// prompt); a request whose model is not found within it is refused with 400.
+    /// Most request body bytes read to find the model: an OpenAI JSON body (read whole: it may
+    /// name the model after a long prompt) or a gRPC call's first message. A larger one is
+    /// refused with 413 / `RESOURCE_EXHAUSTED` unless `x-weir-model` names the model.
     #[serde(default = "default_max_body")]
     pub max_body: u32,
     /// Traffic split by weights version during a rollout: model → version → weight. A new

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use weir_filters::{FilterStream, LocalResponse, StreamInfo, Verdict};
 
 use crate::drain::{Drain, InFlight};
-use crate::inference::model::{self as infer_model, Extract, MODEL_HEADER};
+use crate::inference::model::{self as infer_model, Extract, Unreadable, MODEL_HEADER};
 use crate::inference::picker::{Need, Pick};
 use crate::inference::pool::{self, Lease, NoReplica, Origin};
 use crate::inference::reload::Signal;
@@ -314,20 +314,25 @@ impl WeirProxy {
                 .map(str::to_string)
         };
         let version = header(session, MODEL_VERSION_HEADER);
-        let (named, prefix) = match header(session, MODEL_HEADER) {
-            Some(m) => (Some(m), None),
+        let read = match header(session, MODEL_HEADER) {
+            Some(m) => Ok((Some(m), None)),
             None => self.read_model(session, ctx.grpc, cfg).await?,
         };
         let reply = |status: u16, code: u32, kind: &'static str, message: String| {
             (status, code, kind, message)
         };
+        let (named, prefix, refused) = match read {
+            Ok((named, prefix)) => (named, prefix, None),
+            Err(why) => (None, None, Some(unreadable(why, ctx.grpc, cfg.max_body))),
+        };
         let failed = match named.as_deref().map(|n| (n, pool.resolve(n))) {
             // Server-wide calls (`ServerReady`, `GET /v1/models`) name no model: any replica
-            // answers them, picked by the cluster's balancer.
-            None => None,
+            // answers them, picked by the cluster's balancer. A model weir cannot read is
+            // refused: a replica picked without it may not serve it.
+            None => refused,
             Some((n, None)) => Some(reply(
                 404,
-                5, // NOT_FOUND
+                grpc::code::NOT_FOUND,
                 "model_not_found",
                 format!("pool {:?} serves no model {n:?}", cfg.name),
             )),
@@ -376,7 +381,7 @@ impl WeirProxy {
                     }
                     Err(NoReplica::UnknownModel) => Some(reply(
                         404,
-                        5,
+                        grpc::code::NOT_FOUND,
                         "model_not_found",
                         format!(
                             "no replica in pool {:?} serves model {model:?}{}{}",
@@ -446,43 +451,69 @@ impl WeirProxy {
         Ok(true)
     }
 
-    /// Reads just enough of the body to find the model (the first gRPC message's
-    /// `model_name`, or the JSON `model`), and for JSON the prompt's prefix hash. What is read
-    /// stays in pingora's retry buffer, which replays it upstream.
+    /// Reads what of the body names the model: a gRPC call's first message, or a JSON body
+    /// whole (for its prompt's prefix hash too), at most the pool's `max_body`. What is read
+    /// stays in pingora's retry buffer, which replays it upstream; the rest of a gRPC stream
+    /// is not held back. `Err` of the outer result: the client's body failed; of the inner
+    /// one: the request names a model weir cannot read, and is refused.
     async fn read_model(
         &self,
         session: &mut Session,
         grpc: bool,
         cfg: &weir_policies::snapshot::InferencePool,
-    ) -> Result<(Option<String>, Option<u64>)> {
+    ) -> Result<std::result::Result<(Option<String>, Option<u64>), Unreadable>> {
+        let req = session.req_header();
+        let text = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let encoding = text("grpc-encoding").map(str::to_string);
+        if grpc && !infer_model::names_a_model(req.uri.path()) {
+            return Ok(Ok((None, None)));
+        }
+        if !grpc {
+            // Only a JSON body is read: a form upload (`/v1/audio/transcriptions`) or another
+            // body names no model weir knows how to find.
+            let json = text("content-type")
+                .and_then(|t| t.split(';').next())
+                .is_none_or(|t| {
+                    let t = t.trim().to_ascii_lowercase();
+                    t == "application/json" || t.ends_with("+json")
+                });
+            if !json {
+                return Ok(Ok((None, None)));
+            }
+            if let Some(coding) =
+                text("content-encoding").filter(|c| !c.eq_ignore_ascii_case("identity"))
+            {
+                return Ok(Err(Unreadable::Encoded(coding.to_string())));
+            }
+            let declared = text("content-length").and_then(|n| n.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > cfg.max_body as u64) {
+                return Ok(Err(Unreadable::TooLarge));
+            }
+        }
         let downstream = session.as_downstream_mut();
         // One read is at most 64 KiB: room for the last read past `max_body`.
         downstream.enable_retry_buffering_up_to(cfg.max_body + (128 << 10));
         let mut done = downstream.is_body_empty();
         let mut buf = bytes::BytesMut::new();
         loop {
-            let found = if grpc {
-                match infer_model::from_grpc(&buf) {
-                    Extract::NeedMore if done => Extract::Absent,
-                    other => other,
+            if grpc {
+                match infer_model::from_grpc(&buf, encoding.as_deref(), cfg.max_body, done) {
+                    Extract::Found(m) => return Ok(Ok((Some(m), None))),
+                    Extract::Absent => return Ok(Ok((None, None))),
+                    Extract::Unreadable(why) => return Ok(Err(why)),
+                    Extract::NeedMore => {}
                 }
-            } else {
-                infer_model::from_json(&buf, done)
-            };
-            match found {
-                // A JSON body is read whole for its prompt's prefix (it is one document the
-                // server parses whole anyway); a gRPC stream goes on at once.
-                Extract::Found(m) if grpc || done || buf.len() >= cfg.max_body => {
-                    let prefix = (!grpc && done)
-                        .then(|| infer_model::prompt_prefix(&buf, cfg.picker.prefix_bytes as usize))
-                        .flatten();
-                    return Ok((Some(m), prefix));
-                }
-                Extract::Found(_) | Extract::NeedMore => {}
-                Extract::Absent => return Ok((None, None)),
-            }
-            if buf.len() >= cfg.max_body {
-                return Ok((None, None));
+            } else if buf.len() > cfg.max_body {
+                return Ok(Err(Unreadable::TooLarge));
+            } else if done {
+                // The whole body, parsed once.
+                return Ok(
+                    match infer_model::from_json(&buf, cfg.picker.prefix_bytes as usize) {
+                        (Extract::Found(m), prefix) => Ok((Some(m), prefix)),
+                        (Extract::Unreadable(why), _) => Err(why),
+                        _ => Ok((None, None)),
+                    },
+                );
             }
             match session.as_downstream_mut().read_request_body().await? {
                 Some(chunk) => buf.extend_from_slice(&chunk),
@@ -532,6 +563,48 @@ impl WeirProxy {
                 .with_label_values(&[cluster.name.as_str(), kind])
                 .inc();
         }
+    }
+}
+
+/// The answer to a request whose model cannot be read: status, gRPC code, OpenAI error type
+/// and message.
+fn unreadable(why: Unreadable, on_grpc: bool, max_body: usize) -> (u16, u32, &'static str, String) {
+    let what = if on_grpc {
+        "the first gRPC message"
+    } else {
+        "the request body"
+    };
+    match why {
+        Unreadable::TooLarge => (
+            413,
+            grpc::code::RESOURCE_EXHAUSTED,
+            "invalid_request_error",
+            format!(
+                "{what} is larger than the pool's max_body ({max_body} bytes), the most weir \
+                 reads to find the model: raise max_body, or name the model in the \
+                 {MODEL_HEADER} header"
+            ),
+        ),
+        Unreadable::Encoded(coding) => (
+            415,
+            grpc::code::UNIMPLEMENTED,
+            "invalid_request_error",
+            format!(
+                "weir cannot read the model from {what} encoded with {coding:?}: send it {}, \
+                 or name the model in the {MODEL_HEADER} header",
+                if on_grpc {
+                    "uncompressed, gzip or deflate"
+                } else {
+                    "uncompressed"
+                }
+            ),
+        ),
+        Unreadable::Malformed(e) => (
+            400,
+            grpc::code::INVALID_ARGUMENT,
+            "invalid_request_error",
+            format!("weir cannot read the model from {what}: {e}"),
+        ),
     }
 }
 

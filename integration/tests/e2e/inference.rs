@@ -1,8 +1,9 @@
-//! Inference pools end to end: the model read from the request picks a replica, a busy pool
-//! queues then sheds, load reports steer requests, a rolling weight reload under a stream of
-//! gRPC `ModelStreamInfer` clients breaks no stream, requests wait while every replica
-//! reloads, a backend killed mid-stream ends the stream with a gRPC status, and a client that
-//! leaves mid-stream ends it at the model server.
+//! Inference pools end to end: the model read from the request picks a replica (read as the
+//! servers read it, or the request is refused), a busy pool queues then sheds, load reports
+//! steer requests, a rolling weight reload under a stream of gRPC `ModelStreamInfer` clients
+//! breaks no stream, requests wait while every replica reloads, a backend killed mid-stream
+//! ends the stream with a gRPC status, and a client that leaves mid-stream ends it at the
+//! model server.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,16 +61,29 @@ async fn completion(
     body: serde_json::Value,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    post_completion(listen, body.to_string(), headers).await
+}
+
+/// `POST /v1/completions` with `body` as written (a `Value` would sort its keys), as JSON
+/// unless `headers` name another content type.
+async fn post_completion(
+    listen: SocketAddr,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut req = ::http::Request::builder()
         .method("POST")
-        .uri(format!("http://{listen}/v1/completions"))
-        .header("content-type", "application/json");
+        .uri(format!("http://{listen}/v1/completions"));
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req = req.header("content-type", "application/json");
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("request");
+    let req = req.body(Full::new(body.into())).expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(20), h1_client().request(req))
         .await
         .expect("reply within 20 s")
@@ -122,8 +136,7 @@ async fn openai_requests_reach_a_replica_of_their_model() {
         "{{\"prompt\": \"{}\", \"max_tokens\": 1, \"model\": \"llama\"}}",
         "x".repeat(300 << 10)
     );
-    let (status, body) =
-        completion(s.listen, serde_json::from_str(&long).expect("json"), &[]).await;
+    let (status, body) = post_completion(s.listen, long, &[]).await;
     assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
     assert!(body.contains("v3-token0"), "{body}");
     // No model named (GET /v1/models): any replica answers.
@@ -425,17 +438,37 @@ async fn tritonclient_streams_through_an_inference_pool() {
         return;
     }
     let sim = ModelServer::start(&["llama"]).await;
-    let s = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], ""));
+    let other = ModelServer::start_with(&["mistral"], 5).await;
+    let s = start(&pool_config(
+        "kserve_grpc",
+        &[(other.addr, "mistral"), (sim.addr, "llama")],
+        "",
+    ));
     let listen = s.listen;
-    let seen =
-        tokio::task::spawn_blocking(move || crate::kserve::triton_client(listen, "llama", 4))
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("tritonclient through the pool failed: {e}"));
-    assert_eq!(seen["server_ready"], true, "no model named: any replica");
-    assert_eq!(seen["model_ready"], true);
-    assert_eq!(seen["unary"]["token"], "v1-token0");
-    assert_eq!(seen["stream"].as_array().map(Vec::len), Some(8), "{seen}");
+    // Compressed, as tritonclient can send it: weir decodes the first message to read its
+    // model (a replica picked without it would be mistral's half the time).
+    for compression in ["gzip", "deflate"] {
+        let seen = tokio::task::spawn_blocking(move || {
+            crate::kserve::triton_client(listen, "llama", 4, Some(compression))
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("tritonclient ({compression}) through the pool failed: {e}"));
+        assert_eq!(seen["server_ready"], true, "no model named: any replica");
+        assert_eq!(seen["model_ready"], true);
+        assert_eq!(
+            seen["unary"]["token"], "v1-token0",
+            "llama's server: {seen}"
+        );
+        let stream = seen["stream"].as_array().expect("stream");
+        assert_eq!(stream.len(), 8, "{seen}");
+        assert!(
+            stream
+                .iter()
+                .all(|r| r["token"].as_str().is_some_and(|t| t.starts_with("v1-"))),
+            "{seen}"
+        );
+    }
     assert_eq!(endpoint_json(&s.weir, sim.addr)["in_flight"], 0);
 }
 
@@ -826,39 +859,16 @@ async fn a_deadline_that_passes_in_the_queue_is_a_timeout() {
     // A gRPC call with `grpc-timeout: 300m`, sent by hand: tonic's client would give up by
     // itself at the deadline and report CANCELLED, hiding what weir answers.
     let message = prost::Message::encode_to_vec(&token_request("llama", "late", 1));
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    let call = ::http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{}/inference.GRPCInferenceService/ModelInfer",
-            grpc.listen
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "300m")
-        .body(Full::new(Bytes::from(framed)))
-        .unwrap();
     let started = Instant::now();
-    let reply = tokio::time::timeout(Duration::from_secs(10), h2c_client().request(call))
-        .await
-        .expect("an answer, not a hang")
-        .expect("a response");
+    let (status, _, _) = grpc_by_hand(
+        grpc.listen,
+        "ModelInfer",
+        grpc_frame(0, &message),
+        &[("grpc-timeout", "300m")],
+    )
+    .await;
     let took = started.elapsed();
-    let (head, body) = reply.into_parts();
-    let trailers = body.collect().await.expect("body").trailers().cloned();
-    let status = head
-        .headers
-        .get("grpc-status")
-        .or_else(|| trailers.as_ref().and_then(|t| t.get("grpc-status")))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    assert_eq!(
-        status.as_deref(),
-        Some("4"),
-        "DEADLINE_EXCEEDED: {head:?} {trailers:?}"
-    );
+    assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED");
     assert!(took < Duration::from_secs(5), "{took:?}");
 
     // The route's own timeout, for an OpenAI client.
@@ -890,4 +900,190 @@ async fn a_deadline_that_passes_in_the_queue_is_a_timeout() {
         );
     }
     drop(tx);
+}
+
+/// `message` in a gRPC frame with compression flag `flag`.
+fn grpc_frame(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut f = vec![flag];
+    f.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    f.extend_from_slice(message);
+    f
+}
+
+/// A call to `GRPCInferenceService/{method}` sent by hand over h2c, `frames` as given, with
+/// `headers` added (tonic's client frames, compresses and times out by itself). Returns
+/// `grpc-status`, `grpc-message` and the response body.
+async fn grpc_by_hand(
+    listen: SocketAddr,
+    method: &str,
+    frames: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> (Option<String>, String, Bytes) {
+    let mut call = ::http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{listen}/inference.GRPCInferenceService/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        call = call.header(*k, *v);
+    }
+    let call = call.body(Full::new(Bytes::from(frames))).unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), h2c_client().request(call))
+        .await
+        .expect("an answer, not a hang")
+        .expect("a response");
+    let (head, body) = reply.into_parts();
+    let body = body.collect().await.expect("body");
+    let trailers = body.trailers().cloned();
+    let field = |name: &str| {
+        head.headers
+            .get(name)
+            .or_else(|| trailers.as_ref().and_then(|t| t.get(name)))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (status, message) = (field("grpc-status"), field("grpc-message"));
+    (status, message.unwrap_or_default(), body.to_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_json_model_is_read_as_the_server_reads_it_or_the_request_is_refused() {
+    let llama = ModelServer::start_with(&["llama"], 3).await;
+    let mistral = ModelServer::start_with(&["mistral"], 5).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(llama.http_addr, "llama"), (mistral.http_addr, "mistral")],
+        "    max_body: 65536\n",
+    ));
+    // `model` twice: Python's json (vLLM's server) takes the last, and so does weir.
+    let (status, body) = post_completion(
+        s.listen,
+        r#"{"model": "mistral", "prompt": "hi", "max_tokens": 1, "model": "llama"}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("v3-token0"),
+        "llama's server answered: {body}"
+    );
+
+    // What weir cannot read is refused by weir itself (its message), not sent to a replica
+    // picked without the model: a body over max_body (declared, or found out when read
+    // chunked), JSON weir cannot parse (Python would take NaN), a compressed body.
+    let over = format!(
+        "{{\"model\": \"llama\", \"max_tokens\": 1, \"prompt\": \"{}\"}}",
+        "x".repeat(70 << 10)
+    );
+    let (status, body) = post_completion(s.listen, over.clone(), &[]).await;
+    assert_eq!(status, 413, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).expect("an OpenAI error");
+    assert_eq!(err["error"]["type"], "invalid_request_error", "{body}");
+    assert!(
+        body.contains("max_body (65536 bytes)") && body.contains("x-weir-model"),
+        "{body}"
+    );
+    let mut chunked = String::from(
+        "POST /v1/completions HTTP/1.1\r\nHost: weir\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n",
+    );
+    for part in over.as_bytes().chunks(8 << 10) {
+        chunked += &format!("{:x}\r\n{}\r\n", part.len(), String::from_utf8_lossy(part));
+    }
+    chunked += "0\r\n\r\n";
+    let reply = raw_exchange(s.listen, chunked).await;
+    assert!(reply.starts_with("HTTP/1.1 413 "), "{reply}");
+    assert!(reply.contains("max_body"), "{reply}");
+    let (status, body) = post_completion(
+        s.listen,
+        r#"{"model": "llama", "prompt": "hi", "temperature": NaN}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("weir cannot read the model"), "{body}");
+    let (status, body) = post_completion(
+        s.listen,
+        vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0],
+        &[("content-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("encoded with \\\"gzip\\\""), "{body}");
+    // A body that is not JSON names no model weir looks for (a form upload): any replica
+    // answers it, as before.
+    let (status, body) =
+        post_completion(s.listen, "prompt=hi", &[("content-type", "text/plain")]).await;
+    assert_ne!(status, 413, "{body}");
+    assert!(!body.contains("weir cannot read"), "{body}");
+    // Exactly max_body bytes are read whole: the model is found.
+    let mut exact = format!(
+        "{{\"model\": \"llama\", \"max_tokens\": 1, \"prompt\": \"{}",
+        "x".repeat(1000)
+    );
+    exact += &"y".repeat(65536 - exact.len() - 2);
+    exact += "\"}";
+    assert_eq!(exact.len(), 65536);
+    let (status, body) = post_completion(s.listen, exact, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("v3-token0"), "{body}");
+    assert_eq!(endpoint_json(&s.weir, llama.http_addr)["in_flight"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_model_is_read_as_the_server_reads_it_or_the_call_is_refused() {
+    let llama = ModelServer::start_with(&["llama"], 3).await;
+    let mistral = ModelServer::start_with(&["mistral"], 5).await;
+    let s = start(&pool_config(
+        "kserve_grpc",
+        &[(llama.addr, "llama"), (mistral.addr, "mistral")],
+        "    max_body: 65536\n",
+    ));
+    let has = |body: &[u8], token: &[u8]| body.windows(token.len()).any(|w| w == token);
+    // `model_name` twice: protobuf's last one wins, at the server and at weir.
+    let mut twice = prost::Message::encode_to_vec(&token_request("mistral", "twice", 1));
+    prost::encoding::string::encode(1, &"llama".to_string(), &mut twice);
+    let (status, message, body) =
+        grpc_by_hand(s.listen, "ModelInfer", grpc_frame(0, &twice), &[]).await;
+    assert_eq!(status.as_deref(), Some("0"), "{message}");
+    assert!(has(&body, b"v3-token0"), "llama's server answered");
+
+    // A first message over max_body, one weir cannot parse, one compressed with a coding
+    // weir does not decode: refused by weir (its own message), not sent to any replica.
+    let mut big = token_request("llama", "big", 1);
+    big.raw_input_contents = vec![vec![0; 70 << 10]];
+    let refused = [
+        (
+            grpc_frame(0, &prost::Message::encode_to_vec(&big)),
+            None,
+            "8",
+            "max_body (65536 bytes)",
+        ),
+        (
+            grpc_frame(0, &[0x0a, 0x05, b'l']),
+            None,
+            "3",
+            "weir cannot read",
+        ),
+        (
+            grpc_frame(
+                1,
+                &prost::Message::encode_to_vec(&token_request("llama", "snappy", 1)),
+            ),
+            Some("snappy"),
+            "12",
+            "\"snappy\"",
+        ),
+    ];
+    for (frames, coding, code, says) in refused {
+        let headers: Vec<_> = coding.map(|c| ("grpc-encoding", c)).into_iter().collect();
+        let (status, message, _) = grpc_by_hand(s.listen, "ModelInfer", frames, &headers).await;
+        assert_eq!(status.as_deref(), Some(code), "{message}");
+        assert!(message.contains(says), "{message}");
+    }
+    // Calls that carry no model in field 1 are not read for one: any replica answers.
+    let (status, message, _) = grpc_by_hand(s.listen, "ServerReady", grpc_frame(0, &[]), &[]).await;
+    assert_eq!(status.as_deref(), Some("0"), "{message}");
 }

@@ -31,6 +31,7 @@ pub(crate) fn triton_client(
     target: std::net::SocketAddr,
     model: &str,
     tokens: u32,
+    compression: Option<&str>,
 ) -> Result<serde_json::Value, String> {
     let script =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/triton_client.py");
@@ -39,6 +40,7 @@ pub(crate) fn triton_client(
         .arg(target.to_string())
         .arg(model)
         .arg(tokens.to_string())
+        .args(compression)
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
@@ -58,7 +60,7 @@ async fn tritonclient_streams_inference_through_weir() {
         cluster("sim", "h2c", &[sim.addr], "")
     ));
     let listen = s.listen;
-    let seen = tokio::task::spawn_blocking(move || triton_client(listen, "llama", 4))
+    let seen = tokio::task::spawn_blocking(move || triton_client(listen, "llama", 4, None))
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("tritonclient through weir failed: {e}"));

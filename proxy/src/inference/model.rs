@@ -1,9 +1,18 @@
 //! Which model a request asks for, read from the request itself: the `model_name` of the first
-//! KServe v2 gRPC message (field 1 of `ModelInferRequest`), or the `model` field of an
-//! OpenAI-style JSON body. Pure functions over the bytes seen so far, so the proxy can read just
-//! enough of a stream and hold nothing else back. A header (`x-weir-model`) may override both.
+//! KServe v2 gRPC message (field 1 of `ModelInferRequest` and of the other `Model*` calls'
+//! requests), or the `model` field of an OpenAI-style JSON body. Pure functions over the bytes
+//! seen so far, so the proxy reads what it must and holds nothing else back. A header
+//! (`x-weir-model`) may override both.
+//!
+//! weir must read the name the server will read, or a request reaches a replica picked for
+//! another model than it is served (past that model's queue and limits). So the name is read
+//! the way the servers read it (protobuf and Python's `json`: the last of a repeated field
+//! wins) from the whole first message or the whole JSON body, and a body weir cannot read whole
+//! is refused ([`Unreadable`]), never sent to any replica.
 
-use prost::encoding::{decode_key, decode_varint, WireType};
+use std::io::Read;
+
+use prost::Message;
 
 /// The header that names the model and overrides the body.
 pub const MODEL_HEADER: &str = "x-weir-model";
@@ -14,92 +23,145 @@ pub enum Extract {
     Found(String),
     /// Not decided yet: read more of the body.
     NeedMore,
-    /// The request names no model (or cannot: compressed, not JSON...).
+    /// The request names no model (`ServerReady`, `GET /v1/models`, a JSON body without
+    /// `model`).
     Absent,
+    /// The request may name a model, but weir cannot read it.
+    Unreadable(Unreadable),
 }
 
-/// `model_name` from the start of a gRPC request body (5-byte frame header, then a
-/// `ModelInferRequest`). Reads only up to the field; a compressed first message is `Absent`.
-pub fn from_grpc(body: &[u8]) -> Extract {
+/// Why a request's model cannot be read: the request is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unreadable {
+    /// The body (JSON) or its first message (gRPC) is larger than the pool's `max_body`.
+    TooLarge,
+    /// Compressed with a coding weir does not decode (the coding, as the request names it).
+    Encoded(String),
+    /// Not what its protocol says it is (the parser's words).
+    Malformed(String),
+}
+
+/// The part of every KServe v2 `Model*` request that names the model: field 1 (`model_name`
+/// of `ModelInferRequest`, `name` of `ModelReadyRequest`, `ModelMetadataRequest`,
+/// `ModelConfigRequest`, `ModelStatisticsRequest`).
+#[derive(Clone, PartialEq, Message)]
+struct Named {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// Whether a gRPC method of `GRPCInferenceService` names a model in field 1 of its request:
+/// the `Model*` calls do; the others (`ServerReady`, `RepositoryModelLoad`, the shared-memory
+/// and trace calls) carry other things there, and go to any replica.
+pub fn names_a_model(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|m| m.starts_with("Model"))
+}
+
+/// `model_name` from the start of a gRPC request body: the first message whole (5-byte frame
+/// header, then the message, compressed with `encoding` when its flag says so), at most
+/// `max_body` bytes before and after decompression. `complete`: the body has ended.
+pub fn from_grpc(body: &[u8], encoding: Option<&str>, max_body: usize, complete: bool) -> Extract {
     if body.len() < 5 {
-        return Extract::NeedMore;
-    }
-    if body[0] != 0 {
-        return Extract::Absent;
+        return match (complete, body.is_empty()) {
+            (false, _) => Extract::NeedMore,
+            // A call whose request stream sent no message names nothing.
+            (true, true) => Extract::Absent,
+            (true, false) => malformed("the request ended inside a gRPC frame header"),
+        };
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let complete = body.len() >= 5 + len;
-    let mut msg = &body[5..body.len().min(5 + len)];
-    let more = || {
-        if complete {
-            Extract::Absent
+    if len > max_body {
+        return Extract::Unreadable(Unreadable::TooLarge);
+    }
+    let Some(msg) = body.get(5..5 + len) else {
+        return if complete {
+            malformed("the request ended inside its first gRPC message")
         } else {
             Extract::NeedMore
-        }
-    };
-    while !msg.is_empty() {
-        let Ok((tag, wire)) = decode_key(&mut msg) else {
-            return more();
         };
-        match wire {
-            WireType::LengthDelimited => {
-                let Ok(n) = decode_varint(&mut msg) else {
-                    return more();
-                };
-                let n = n as usize;
-                if msg.len() < n {
-                    return more();
-                }
-                if tag == 1 {
-                    return match std::str::from_utf8(&msg[..n]) {
-                        Ok(name) if !name.is_empty() => Extract::Found(name.to_string()),
-                        _ => Extract::Absent,
-                    };
-                }
-                msg = &msg[n..];
-            }
-            WireType::Varint => {
-                if decode_varint(&mut msg).is_err() {
-                    return more();
-                }
-            }
-            WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
-                let n = if wire == WireType::SixtyFourBit { 8 } else { 4 };
-                if msg.len() < n {
-                    return more();
-                }
-                msg = &msg[n..];
-            }
-            WireType::StartGroup | WireType::EndGroup => return Extract::Absent,
+    };
+    let decoded;
+    let msg = match body[0] {
+        0 => msg,
+        1 => {
+            decoded = match decompress(msg, encoding, max_body) {
+                Ok(d) => d,
+                Err(e) => return Extract::Unreadable(e),
+            };
+            &decoded[..]
         }
+        flag => return malformed(&format!("gRPC frame flag {flag} (0 or 1 expected)")),
+    };
+    match Named::decode(msg) {
+        Ok(Named { name }) if name.is_empty() => Extract::Absent,
+        Ok(Named { name }) => Extract::Found(name),
+        Err(e) => malformed(&e.to_string()),
     }
-    more()
 }
 
-/// The `model` field of a JSON request body (`/v1/chat/completions`, `/v1/completions`).
-/// `complete` says whether `body` is the whole body.
-pub fn from_json(body: &[u8], complete: bool) -> Extract {
-    #[derive(serde::Deserialize)]
-    struct Model {
-        model: Option<String>,
+/// A compressed gRPC message, decoded as `grpc-encoding` says (`gzip`, or `deflate`: zlib).
+fn decompress(msg: &[u8], encoding: Option<&str>, max_body: usize) -> Result<Vec<u8>, Unreadable> {
+    let mut out = Vec::new();
+    let limit = max_body as u64 + 1;
+    let read = match encoding {
+        Some("gzip") => flate2::read::GzDecoder::new(msg)
+            .take(limit)
+            .read_to_end(&mut out),
+        Some("deflate") => flate2::read::ZlibDecoder::new(msg)
+            .take(limit)
+            .read_to_end(&mut out),
+        other => {
+            return Err(Unreadable::Encoded(
+                other
+                    .unwrap_or("(a compressed message without grpc-encoding)")
+                    .to_string(),
+            ))
+        }
+    };
+    match read {
+        Ok(_) if out.len() > max_body => Err(Unreadable::TooLarge),
+        Ok(_) => Ok(out),
+        Err(e) => Err(Unreadable::Malformed(format!(
+            "the compressed message: {e}"
+        ))),
     }
-    match serde_json::from_slice::<Model>(body) {
-        Ok(Model { model: Some(m) }) if !m.is_empty() => Extract::Found(m),
-        Ok(_) => Extract::Absent,
-        Err(e) if e.is_eof() && !complete => Extract::NeedMore,
-        Err(_) => Extract::Absent,
+}
+
+fn malformed(why: &str) -> Extract {
+    Extract::Unreadable(Unreadable::Malformed(why.to_string()))
+}
+
+/// The `model` field of a whole JSON request body (`/v1/chat/completions`, `/v1/completions`),
+/// and a hash of its prompt's first `prefix_bytes` bytes ([`prompt_prefix`]). An empty body or
+/// one that is not a JSON object names no model; a body that does not parse is malformed.
+pub fn from_json(body: &[u8], prefix_bytes: usize) -> (Extract, Option<u64>) {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return (Extract::Absent, None);
     }
+    // Into a `Value`, as Python's `json` reads it: of a repeated key, the last one counts.
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return (malformed(&format!("the body is not JSON: {e}")), None),
+    };
+    let found = match v.get("model") {
+        None | Some(serde_json::Value::Null) => Extract::Absent,
+        Some(serde_json::Value::String(m)) if m.is_empty() => Extract::Absent,
+        Some(serde_json::Value::String(m)) => Extract::Found(m.clone()),
+        Some(_) => malformed("`model` is not a string"),
+    };
+    (found, prompt_prefix(&v, prefix_bytes))
 }
 
 /// A hash of the first `n` bytes of an OpenAI request's prompt (`prompt`, or the `messages`'
 /// contents in order), for prefix-cache affinity: requests that share a prompt prefix share a
 /// hash. `None` when the body has no prompt or `n` is 0.
-pub fn prompt_prefix(body: &[u8], n: usize) -> Option<u64> {
+pub fn prompt_prefix(v: &serde_json::Value, n: usize) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     if n == 0 {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let mut text = String::new();
     let mut push = |s: &str| {
         if text.len() < n {
@@ -139,48 +201,181 @@ pub fn prompt_prefix(body: &[u8], n: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
-    /// A gRPC frame of a `ModelInferRequest` with `id` (field 3) before `model_name`, as
-    /// clients are free to order fields.
-    fn frame(model: &str) -> Vec<u8> {
+    const MAX: usize = 4 << 20;
+
+    /// A `ModelInferRequest` with `id` (field 3) before `model_name`, as clients are free to
+    /// order fields, and a 1000-byte tensor after it.
+    fn message(model: &str) -> Vec<u8> {
         let mut m = Vec::new();
         prost::encoding::string::encode(3, &"req-1".to_string(), &mut m);
         prost::encoding::int64::encode(99, &7, &mut m);
         prost::encoding::string::encode(1, &model.to_string(), &mut m);
         prost::encoding::bytes::encode(7, &vec![0u8; 1000], &mut m);
-        let mut f = vec![0];
+        m
+    }
+
+    /// `m` in a gRPC frame with compression flag `flag`.
+    fn framed(flag: u8, m: &[u8]) -> Vec<u8> {
+        let mut f = vec![flag];
         f.extend_from_slice(&(m.len() as u32).to_be_bytes());
-        f.extend(m);
+        f.extend_from_slice(m);
         f
     }
 
     #[test]
-    fn grpc_model_name_is_read_from_the_first_bytes_only() {
-        let f = frame("llama-3-8b");
-        // Enough bytes for the name: found without the 1000-byte tensor behind it.
-        let upto = f.windows(10).position(|w| w == b"llama-3-8b").unwrap() + 10;
-        assert_eq!(from_grpc(&f[..upto]), Extract::Found("llama-3-8b".into()));
-        for cut in 0..upto {
-            assert_eq!(from_grpc(&f[..cut]), Extract::NeedMore, "cut at {cut}");
+    fn grpc_model_name_is_read_from_the_whole_first_message() {
+        let f = framed(0, &message("llama-3-8b"));
+        for cut in 0..f.len() {
+            assert_eq!(
+                from_grpc(&f[..cut], None, MAX, false),
+                Extract::NeedMore,
+                "cut at {cut}"
+            );
         }
-        assert_eq!(from_grpc(&f), Extract::Found("llama-3-8b".into()));
+        assert_eq!(
+            from_grpc(&f, None, MAX, false),
+            Extract::Found("llama-3-8b".into())
+        );
+        // A second message behind the first is not waited for.
+        let mut two = f.clone();
+        two.extend_from_slice(&framed(0, &message("other"))[..9]);
+        assert_eq!(
+            from_grpc(&two, None, MAX, false),
+            Extract::Found("llama-3-8b".into())
+        );
+        // A request stream that ends inside its first message is malformed; one with no
+        // message at all names nothing.
+        for cut in [3, 5, 40] {
+            assert!(matches!(
+                from_grpc(&f[..cut], None, MAX, true),
+                Extract::Unreadable(Unreadable::Malformed(_))
+            ));
+        }
+        assert_eq!(from_grpc(&[], None, MAX, true), Extract::Absent);
     }
 
     #[test]
-    fn grpc_without_a_name_compressed_or_garbage_is_absent() {
+    fn a_repeated_grpc_model_name_is_read_as_protobuf_reads_it_the_last_one() {
+        // What a client could hand-craft to reach a replica picked for `allowed` with a
+        // request the server reads as `other`.
+        let mut m = message("allowed");
+        prost::encoding::string::encode(1, &"other".to_string(), &mut m);
+        assert_eq!(
+            from_grpc(&framed(0, &m), None, MAX, false),
+            Extract::Found("other".into())
+        );
+        // A group (an old wire type servers still skip) before the name is skipped too.
+        let mut g = Vec::new();
+        prost::encoding::encode_key(9, prost::encoding::WireType::StartGroup, &mut g);
+        prost::encoding::int32::encode(1, &5, &mut g);
+        prost::encoding::encode_key(9, prost::encoding::WireType::EndGroup, &mut g);
+        g.extend(message("grouped"));
+        assert_eq!(
+            from_grpc(&framed(0, &g), None, MAX, false),
+            Extract::Found("grouped".into())
+        );
+    }
+
+    #[test]
+    fn compressed_grpc_messages_are_decoded_within_max_body() {
+        let m = message("llama");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&m).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        zl.write_all(&m).unwrap();
+        let zl = zl.finish().unwrap();
+        assert_eq!(
+            from_grpc(&framed(1, &gz), Some("gzip"), MAX, false),
+            Extract::Found("llama".into())
+        );
+        assert_eq!(
+            from_grpc(&framed(1, &zl), Some("deflate"), MAX, false),
+            Extract::Found("llama".into())
+        );
+        assert_eq!(
+            from_grpc(&framed(1, &gz), Some("snappy"), MAX, false),
+            Extract::Unreadable(Unreadable::Encoded("snappy".into()))
+        );
+        assert!(matches!(
+            from_grpc(&framed(1, &gz), None, MAX, false),
+            Extract::Unreadable(Unreadable::Encoded(_))
+        ));
+        assert!(matches!(
+            from_grpc(&framed(1, &gz), Some("deflate"), MAX, false),
+            Extract::Unreadable(Unreadable::Malformed(_))
+        ));
+        // A message that inflates past max_body (a few KiB of zeros here) is too large,
+        // however small it is compressed.
+        assert_eq!(
+            from_grpc(&framed(1, &gz), Some("gzip"), 500, false),
+            Extract::Unreadable(Unreadable::TooLarge)
+        );
+    }
+
+    #[test]
+    fn a_first_message_over_max_body_is_too_large_from_its_header() {
+        let f = framed(0, &message("llama"));
+        assert_eq!(
+            from_grpc(&f[..5], None, 1000, false),
+            Extract::Unreadable(Unreadable::TooLarge)
+        );
+        assert_eq!(
+            from_grpc(&f, None, f.len() - 5, false),
+            Extract::Found("llama".into()),
+            "exactly max_body is read"
+        );
+    }
+
+    #[test]
+    fn grpc_without_a_name_or_garbage() {
         let mut m = Vec::new();
         prost::encoding::string::encode(3, &"req-1".to_string(), &mut m);
-        let mut f = vec![0];
-        f.extend_from_slice(&(m.len() as u32).to_be_bytes());
-        f.extend(m);
-        assert_eq!(from_grpc(&f), Extract::Absent);
-        let mut compressed = frame("m");
-        compressed[0] = 1;
-        assert_eq!(from_grpc(&compressed), Extract::Absent);
-        assert_eq!(
-            from_grpc(&[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]),
-            Extract::Absent
-        );
+        assert_eq!(from_grpc(&framed(0, &m), None, MAX, false), Extract::Absent);
+        for bad in [
+            framed(0, &[0xff, 0xff, 0xff]),
+            framed(2, &message("m")),
+            // Field 1 as a varint, and a name that is not UTF-8.
+            framed(0, &[0x08, 0x01]),
+            framed(0, &[0x0a, 0x02, 0xc3, 0x28]),
+        ] {
+            assert!(
+                matches!(
+                    from_grpc(&bad, None, MAX, false),
+                    Extract::Unreadable(Unreadable::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_model_calls_name_a_model_in_field_one() {
+        for m in [
+            "ModelInfer",
+            "ModelStreamInfer",
+            "ModelReady",
+            "ModelMetadata",
+            "ModelConfig",
+            "ModelStatistics",
+        ] {
+            assert!(names_a_model(&format!(
+                "/inference.GRPCInferenceService/{m}"
+            )));
+        }
+        for m in [
+            "ServerReady",
+            "ServerMetadata",
+            "RepositoryModelLoad",
+            "CudaSharedMemoryRegister",
+            "TraceSetting",
+        ] {
+            assert!(!names_a_model(&format!(
+                "/inference.GRPCInferenceService/{m}"
+            )));
+        }
     }
 
     #[test]
@@ -189,44 +384,61 @@ mod tests {
             serde_json::json!({"model": "m", "messages": [
                 {"role": "system", "content": "You are terse."},
                 {"role": "user", "content": text}]})
-            .to_string()
         };
-        let a = prompt_prefix(chat("tell me about rivers and weirs").as_bytes(), 24);
-        let b = prompt_prefix(chat("tell me about lakes").as_bytes(), 24);
-        let c = prompt_prefix(chat("tell me about lakes").as_bytes(), 64);
+        let a = prompt_prefix(&chat("tell me about rivers and weirs"), 24);
+        let b = prompt_prefix(&chat("tell me about lakes"), 24);
+        let c = prompt_prefix(&chat("tell me about lakes"), 64);
         assert!(a.is_some());
         assert_eq!(a, b, "the first 24 bytes are the same");
         assert_ne!(b, c, "64 bytes reach the part that differs");
-        let p = |prompt: &str| {
-            prompt_prefix(
-                serde_json::json!({"prompt": prompt}).to_string().as_bytes(),
-                8,
-            )
-        };
+        let p = |prompt: &str| prompt_prefix(&serde_json::json!({"prompt": prompt}), 8);
         assert_eq!(p("abcdefgh-1"), p("abcdefgh-2"));
         assert_ne!(p("abcdefgh"), p("xbcdefgh"));
-        assert_eq!(prompt_prefix(br#"{"model": "m"}"#, 8), None);
-        assert_eq!(prompt_prefix(b"not json", 8), None);
-        assert_eq!(prompt_prefix(chat("x").as_bytes(), 0), None);
+        assert_eq!(prompt_prefix(&serde_json::json!({"model": "m"}), 8), None);
+        assert_eq!(prompt_prefix(&chat("x"), 0), None);
         // Cutting inside a multi-byte character does not panic.
-        assert!(prompt_prefix(
-            serde_json::json!({"prompt": "ééé"}).to_string().as_bytes(),
-            3
-        )
-        .is_some());
+        assert!(p("ééééé").is_some());
+        // The same through from_json.
+        let body = chat("tell me about lakes").to_string();
+        assert_eq!(from_json(body.as_bytes(), 24).1, b);
     }
 
     #[test]
-    fn json_model_waits_for_enough_of_the_body() {
-        let body = br#"{"messages": [{"role": "user", "content": "hi"}], "model": "mistral-7b", "stream": true}"#;
-        assert_eq!(from_json(body, true), Extract::Found("mistral-7b".into()));
-        assert_eq!(from_json(&body[..20], false), Extract::NeedMore);
+    fn json_model_is_read_as_python_reads_it() {
+        let found = |body: &str| from_json(body.as_bytes(), 0).0;
         assert_eq!(
-            from_json(&body[..20], true),
-            Extract::Absent,
-            "truncated body"
+            found(r#"{"messages": [{"role": "user", "content": "hi"}], "model": "mistral-7b"}"#),
+            Extract::Found("mistral-7b".into())
         );
-        assert_eq!(from_json(br#"{"prompt": "x"}"#, true), Extract::Absent);
-        assert_eq!(from_json(b"not json", true), Extract::Absent);
+        // Of a repeated key the last counts, in Python's json and in serde_json's Value.
+        assert_eq!(
+            found(r#"{"model": "allowed", "prompt": "x", "model": "other"}"#),
+            Extract::Found("other".into())
+        );
+        for none in [
+            "",
+            " \r\n",
+            r#"{"prompt": "x"}"#,
+            r#"{"model": null}"#,
+            "[1, 2]",
+        ] {
+            assert_eq!(found(none), Extract::Absent, "{none:?}");
+        }
+        // What weir cannot parse it does not send on: a server that parses more (Python
+        // takes NaN and lone surrogates) would read a model weir did not.
+        for bad in [
+            "not json",
+            r#"{"model": "m", "temperature": NaN}"#,
+            r#"{"model": "m""#,
+            r#"{"model": "m"} trailing"#,
+            r#"{"model": 7}"#,
+            r#"{"model": "\ud800"}"#,
+        ] {
+            assert!(
+                matches!(found(bad), Extract::Unreadable(Unreadable::Malformed(_))),
+                "{bad}: {:?}",
+                found(bad)
+            );
+        }
     }
 }
