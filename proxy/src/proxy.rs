@@ -498,7 +498,14 @@ impl WeirProxy {
         loop {
             if grpc {
                 match infer_model::from_grpc(&buf, encoding.as_deref(), cfg.max_body, done) {
-                    Extract::Found(m) => return Ok(Ok((Some(m), None))),
+                    Extract::Found(m) => {
+                        let prefix = infer_model::grpc_prompt_prefix(
+                            buf.freeze(),
+                            encoding.as_deref(),
+                            cfg.picker.prefix_bytes as usize,
+                        );
+                        return Ok(Ok((Some(m), prefix)));
+                    }
                     Extract::Absent => return Ok(Ok((None, None))),
                     Extract::Unreadable(why) => return Ok(Err(why)),
                     Extract::NeedMore => {}

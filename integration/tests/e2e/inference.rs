@@ -1087,3 +1087,67 @@ async fn a_grpc_model_is_read_as_the_server_reads_it_or_the_call_is_refused() {
     let (status, message, _) = grpc_by_hand(s.listen, "ServerReady", grpc_frame(0, &[]), &[]).await;
     assert_eq!(status.as_deref(), Some("0"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_sharing_a_prompt_prefix_keep_to_one_replica() {
+    use weir_integration::kserve::model_infer_request::InferInputTensor;
+    let sims = [
+        ModelServer::start_with(&["llama"], 1).await,
+        ModelServer::start_with(&["llama"], 2).await,
+        ModelServer::start_with(&["llama"], 3).await,
+        ModelServer::start_with(&["llama"], 4).await,
+    ];
+    for protocol in ["openai", "kserve_grpc"] {
+        let grpc = protocol == "kserve_grpc";
+        let eps: Vec<_> = sims
+            .iter()
+            .map(|m| (if grpc { m.addr } else { m.http_addr }, "llama"))
+            .collect();
+        let s = start(&pool_config(
+            protocol,
+            &eps,
+            "    picker: { prefix_bytes: 24 }\n",
+        ));
+        let mut client = kserve_client(s.listen).await.expect("connect");
+        // Which server (its weights version) answers a prompt.
+        let mut ask = async |prompt: String| -> String {
+            if grpc {
+                // The prompt as tritonclient sends a BYTES input: in raw contents, each
+                // element a 4-byte little-endian length and the bytes.
+                let mut r = token_request("llama", "prefix", 1);
+                r.inputs = vec![InferInputTensor {
+                    name: "PROMPT".into(),
+                    datatype: "BYTES".into(),
+                    shape: vec![1],
+                    ..Default::default()
+                }];
+                let mut raw = (prompt.len() as u32).to_le_bytes().to_vec();
+                raw.extend_from_slice(prompt.as_bytes());
+                r.raw_input_contents = vec![raw];
+                let reply = client.model_infer(r).await.expect("ModelInfer");
+                reply.into_inner().model_version
+            } else {
+                let ask = serde_json::json!({"model": "llama", "prompt": prompt, "max_tokens": 1});
+                let (status, body) = completion(s.listen, ask, &[]).await;
+                assert_eq!(status, 200, "{body}");
+                let at = body.find("-token0").expect("a token");
+                body[..at].rsplit('v').next().expect("version").to_string()
+            }
+        };
+        let mut homes = std::collections::BTreeSet::new();
+        for p in 0..8 {
+            let mut seen = std::collections::BTreeSet::new();
+            for q in 0..3 {
+                // The first 24 bytes ("prompt 00p of the test, ") are the prefix.
+                seen.insert(ask(format!("prompt {p:03} of the test, then question {q}")).await);
+            }
+            assert_eq!(seen.len(), 1, "{protocol}: prompt {p} went to {seen:?}");
+            homes.extend(seen);
+        }
+        // Without the prefix every request would go to the first idle replica.
+        assert!(
+            homes.len() >= 2,
+            "{protocol}: eight prefixes all on {homes:?}"
+        );
+    }
+}

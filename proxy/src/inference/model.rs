@@ -8,7 +8,8 @@
 //! another model than it is served (past that model's queue and limits). So the name is read
 //! the way the servers read it (protobuf and Python's `json`: the last of a repeated field
 //! wins) from the whole first message or the whole JSON body, and a body weir cannot read whole
-//! is refused ([`Unreadable`]), never sent to any replica.
+//! is refused ([`Unreadable`]), never sent to any replica. The prompt's first bytes are hashed
+//! for prefix-cache affinity from the same read.
 
 use std::io::Read;
 
@@ -63,48 +64,131 @@ pub fn names_a_model(path: &str) -> bool {
 /// header, then the message, compressed with `encoding` when its flag says so), at most
 /// `max_body` bytes before and after decompression. `complete`: the body has ended.
 pub fn from_grpc(body: &[u8], encoding: Option<&str>, max_body: usize, complete: bool) -> Extract {
+    match first_message(body, encoding, max_body, complete) {
+        Ok(msg) => match Named::decode(&msg[..]) {
+            Ok(Named { name }) if name.is_empty() => Extract::Absent,
+            Ok(Named { name }) => Extract::Found(name),
+            Err(e) => malformed(&e.to_string()),
+        },
+        Err(found) => found,
+    }
+}
+
+/// The first gRPC message of `body`, decompressed; `Err` says what to do instead.
+fn first_message<'a>(
+    body: &'a [u8],
+    encoding: Option<&str>,
+    max_body: usize,
+    complete: bool,
+) -> Result<std::borrow::Cow<'a, [u8]>, Extract> {
     if body.len() < 5 {
-        return match (complete, body.is_empty()) {
+        return Err(match (complete, body.is_empty()) {
             (false, _) => Extract::NeedMore,
             // A call whose request stream sent no message names nothing.
             (true, true) => Extract::Absent,
             (true, false) => malformed("the request ended inside a gRPC frame header"),
-        };
+        });
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     if len > max_body {
-        return Extract::Unreadable(Unreadable::TooLarge);
+        return Err(Extract::Unreadable(Unreadable::TooLarge));
     }
     let Some(msg) = body.get(5..5 + len) else {
-        return if complete {
+        return Err(if complete {
             malformed("the request ended inside its first gRPC message")
         } else {
             Extract::NeedMore
-        };
+        });
     };
-    let decoded;
-    let msg = match body[0] {
-        0 => msg,
-        1 => {
-            decoded = match decompress(msg, encoding, max_body) {
-                Ok(d) => d,
-                Err(e) => return Extract::Unreadable(e),
-            };
-            &decoded[..]
-        }
-        flag => return malformed(&format!("gRPC frame flag {flag} (0 or 1 expected)")),
-    };
-    match Named::decode(msg) {
-        Ok(Named { name }) if name.is_empty() => Extract::Absent,
-        Ok(Named { name }) => Extract::Found(name),
-        Err(e) => malformed(&e.to_string()),
+    match body[0] {
+        0 => Ok(msg.into()),
+        1 => decompress(msg, encoding, max_body)
+            .map(Into::into)
+            .map_err(Extract::Unreadable),
+        flag => Err(malformed(&format!(
+            "gRPC frame flag {flag} (0 or 1 expected)"
+        ))),
     }
+}
+
+/// A hash of the first `n` bytes of the prompt of the `ModelInferRequest` that starts `body`
+/// (read whole by [`from_grpc`]), for prefix-cache affinity. The prompt is the first element
+/// of the input `text_input` (the name Triton's TensorRT-LLM and vLLM backends use), else of
+/// the first `BYTES` input, from the tensor's contents or its raw bytes (each element a 4-byte
+/// little-endian length, then the bytes). `None` for other requests or one without such an
+/// input. Tensors are not copied: `body`'s bytes are sliced.
+pub fn grpc_prompt_prefix(body: bytes::Bytes, encoding: Option<&str>, n: usize) -> Option<u64> {
+    if n == 0 {
+        return None;
+    }
+    let msg = match first_message(&body, encoding, usize::MAX, true).ok()? {
+        std::borrow::Cow::Owned(decoded) => bytes::Bytes::from(decoded),
+        std::borrow::Cow::Borrowed(m) => body.slice_ref(m),
+    };
+    let Prompted {
+        mut inputs,
+        raw_input_contents,
+    } = Prompted::decode(msg).ok()?;
+    let at = inputs
+        .iter()
+        .position(|i| i.name == "text_input" && i.datatype == "BYTES")
+        .or_else(|| inputs.iter().position(|i| i.datatype == "BYTES"))?;
+    // Raw contents, when a request uses them, hold every input in order.
+    let prompt = if raw_input_contents.is_empty() {
+        inputs
+            .swap_remove(at)
+            .contents?
+            .bytes_contents
+            .into_iter()
+            .next()?
+    } else {
+        let raw = raw_input_contents.get(at)?;
+        let len = u32::from_le_bytes(raw.get(..4)?.try_into().ok()?) as usize;
+        raw.slice(4..4usize.checked_add(len).filter(|&end| end <= raw.len())?)
+    };
+    hash_prefix(&prompt, n)
+}
+
+/// The parts of a `ModelInferRequest` that hold its prompt.
+#[derive(Clone, PartialEq, Message)]
+struct Prompted {
+    #[prost(message, repeated, tag = "5")]
+    inputs: Vec<InputTensor>,
+    #[prost(bytes = "bytes", repeated, tag = "7")]
+    raw_input_contents: Vec<bytes::Bytes>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct InputTensor {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    datatype: String,
+    #[prost(message, optional, tag = "5")]
+    contents: Option<TensorContents>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TensorContents {
+    #[prost(bytes = "bytes", repeated, tag = "8")]
+    bytes_contents: Vec<bytes::Bytes>,
+}
+
+/// A hash of the first `n` bytes of `text` (`None` when either is empty).
+fn hash_prefix(text: &[u8], n: usize) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    if n == 0 || text.is_empty() {
+        return None;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text[..n.min(text.len())].hash(&mut h);
+    Some(h.finish())
 }
 
 /// A compressed gRPC message, decoded as `grpc-encoding` says (`gzip`, or `deflate`: zlib).
 fn decompress(msg: &[u8], encoding: Option<&str>, max_body: usize) -> Result<Vec<u8>, Unreadable> {
     let mut out = Vec::new();
-    let limit = max_body as u64 + 1;
+    let limit = (max_body as u64).saturating_add(1);
     let read = match encoding {
         Some("gzip") => flate2::read::GzDecoder::new(msg)
             .take(limit)
@@ -158,7 +242,6 @@ pub fn from_json(body: &[u8], prefix_bytes: usize) -> (Extract, Option<u64>) {
 /// contents in order), for prefix-cache affinity: requests that share a prompt prefix share a
 /// hash. `None` when the body has no prompt or `n` is 0.
 pub fn prompt_prefix(v: &serde_json::Value, n: usize) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
     if n == 0 {
         return None;
     }
@@ -186,16 +269,7 @@ pub fn prompt_prefix(v: &serde_json::Value, n: usize) -> Option<u64> {
         }
         _ => return None,
     }
-    if text.is_empty() {
-        return None;
-    }
-    let mut end = n.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text[..end].hash(&mut h);
-    Some(h.finish())
+    hash_prefix(text.as_bytes(), n)
 }
 
 #[cfg(test)]
@@ -376,6 +450,121 @@ mod tests {
                 "/inference.GRPCInferenceService/{m}"
             )));
         }
+    }
+
+    /// A framed `ModelInferRequest` (the generated types of the proto that matches Triton's)
+    /// with an `INT32` input and then a `BYTES` input `name` holding `prompt`, in raw contents
+    /// (as tritonclient sends them) or in the tensor's `bytes_contents`.
+    fn prompted(name: &str, prompt: &str, raw: bool) -> bytes::Bytes {
+        use weir_control::kserve::model_infer_request::InferInputTensor;
+        use weir_control::kserve::{InferTensorContents, ModelInferRequest};
+        let input = |name: &str, datatype: &str, contents| InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: vec![1],
+            contents: (!raw).then_some(contents),
+            ..Default::default()
+        };
+        let r = ModelInferRequest {
+            model_name: "llama".into(),
+            inputs: vec![
+                input("max_tokens", "INT32", InferTensorContents::default()),
+                input(
+                    name,
+                    "BYTES",
+                    InferTensorContents {
+                        bytes_contents: vec![prompt.into(), b"second element".to_vec()],
+                        ..Default::default()
+                    },
+                ),
+            ],
+            raw_input_contents: if raw {
+                let mut element = (prompt.len() as u32).to_le_bytes().to_vec();
+                element.extend_from_slice(prompt.as_bytes());
+                vec![16i32.to_le_bytes().to_vec(), element]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        framed(0, &r.encode_to_vec()).into()
+    }
+
+    #[test]
+    fn a_grpc_prompt_is_hashed_from_its_bytes_input() {
+        let hash = |name, prompt, raw| grpc_prompt_prefix(prompted(name, prompt, raw), None, 16);
+        let a = hash("PROMPT", "You are a careful assistant. Summarise:", true);
+        assert!(a.is_some());
+        assert_eq!(
+            a,
+            hash("PROMPT", "You are a careful assistant. Translate:", true),
+            "the first 16 bytes are the same"
+        );
+        assert_ne!(a, hash("PROMPT", "You are terse. Summarise:", true));
+        // From the tensor's contents too, the same prompt hashing the same.
+        assert_eq!(
+            a,
+            hash("PROMPT", "You are a careful assistant. Summarise:", false)
+        );
+        assert_eq!(
+            a,
+            hash(
+                "text_input",
+                "You are a careful assistant. Summarise:",
+                true
+            )
+        );
+        // Compressed.
+        let framed_gz = {
+            let plain = prompted("PROMPT", "You are a careful assistant. Summarise:", true);
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&plain[5..]).unwrap();
+            bytes::Bytes::from(framed(1, &gz.finish().unwrap()))
+        };
+        assert_eq!(a, grpc_prompt_prefix(framed_gz, Some("gzip"), 16));
+        // No prompt: no BYTES input, no bytes in it, a raw length past its end, n = 0.
+        assert_eq!(
+            grpc_prompt_prefix(framed(0, &message("llama")).into(), None, 16),
+            None
+        );
+        assert_eq!(hash("PROMPT", "", false), None);
+        let mut cut = prompted("PROMPT", "abc", true).to_vec();
+        let at = cut.windows(3).position(|w| w == b"abc").unwrap();
+        cut[at - 4] = 200;
+        assert_eq!(grpc_prompt_prefix(cut.into(), None, 16), None);
+        assert_eq!(
+            grpc_prompt_prefix(prompted("PROMPT", "abc", true), None, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn text_input_is_the_prompt_when_there_is_one() {
+        use weir_control::kserve::model_infer_request::InferInputTensor;
+        use weir_control::kserve::{InferTensorContents, ModelInferRequest};
+        let bytes_input = |name: &str, text: &str| InferInputTensor {
+            name: name.into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents: Some(InferTensorContents {
+                bytes_contents: vec![text.into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = ModelInferRequest {
+            model_name: "llama".into(),
+            inputs: vec![
+                bytes_input("stop_words", "END"),
+                bytes_input("text_input", "the prompt"),
+            ],
+            ..Default::default()
+        };
+        let framed_r = bytes::Bytes::from(framed(0, &r.encode_to_vec()));
+        assert_eq!(
+            grpc_prompt_prefix(framed_r, None, 64),
+            hash_prefix(b"the prompt", 64)
+        );
     }
 
     #[test]
