@@ -60,6 +60,51 @@ pub struct SimLoad {
 }
 
 impl SimLoad {
+    /// The ORCA `endpoint-load-metrics` value vLLM writes when a request asks for one
+    /// (`endpoint-load-metrics-format: TEXT` or `JSON`), with vLLM's names.
+    fn orca(&self, format: &str) -> Option<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let kv = f64::from(self.kv_cache_permille.load(Relaxed)) / 1000.0;
+        let waiting = f64::from(self.waiting.load(Relaxed));
+        match format.to_ascii_lowercase().as_str() {
+            "text" => Some(format!(
+                "TEXT named_metrics.kv_cache_usage_perc={kv:?}, named_metrics.num_requests_waiting={waiting:?}"
+            )),
+            "json" => Some(format!(
+                "JSON {}",
+                serde_json::json!({"named_metrics": {"kv_cache_usage_perc": kv, "num_requests_waiting": waiting}})
+            )),
+            _ => None,
+        }
+    }
+
+    /// The same as a serialized `OrcaLoadReport` (its `named_metrics`, field 8), as gRPC
+    /// servers send it in `endpoint-load-metrics-bin`.
+    fn orca_report(&self) -> Vec<u8> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let metrics: HashMap<String, f64> = HashMap::from([
+            (
+                "kv_cache_usage_perc".to_string(),
+                f64::from(self.kv_cache_permille.load(Relaxed)) / 1000.0,
+            ),
+            (
+                "num_requests_waiting".to_string(),
+                f64::from(self.waiting.load(Relaxed)),
+            ),
+        ]);
+        let mut out = Vec::new();
+        prost::encoding::hash_map::encode(
+            prost::encoding::string::encode,
+            prost::encoding::string::encoded_len,
+            prost::encoding::double::encode,
+            prost::encoding::double::encoded_len,
+            8,
+            &metrics,
+            &mut out,
+        );
+        out
+    }
+
     fn metrics(&self) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         format!(
@@ -318,6 +363,11 @@ async fn openai(
         }
     };
     let gated = req.headers().get("x-sim-gated").is_some();
+    let orca = req
+        .headers()
+        .get("endpoint-load-metrics-format")
+        .and_then(|f| f.to_str().ok())
+        .and_then(|f| load.orca(f));
     let body = req
         .into_body()
         .collect()
@@ -391,18 +441,15 @@ async fn openai(
         );
         r.headers_mut()
             .insert("x-weight-version", weight_version.parse().expect("ascii"));
+        if let Some(orca) = orca {
+            r.headers_mut()
+                .insert("endpoint-load-metrics", orca.parse().expect("ascii"));
+        }
         return r;
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
     >(4);
-    let orca = format!(
-        "TEXT named_metrics.kv_cache_utilization={}",
-        f64::from(
-            load.kv_cache_permille
-                .load(std::sync::atomic::Ordering::Relaxed)
-        ) / 1000.0
-    );
     let running = Running::new(&load);
     tokio::spawn(async move {
         let _running = running;
@@ -443,13 +490,14 @@ async fn openai(
             .await;
     });
     let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    hyper::Response::builder()
+    let mut r = hyper::Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
-        .header("x-weight-version", weight_version)
-        .header("endpoint-load-metrics", orca)
-        .body(body.boxed())
-        .expect("valid response")
+        .header("x-weight-version", weight_version);
+    if let Some(orca) = orca {
+        r = r.header("endpoint-load-metrics", orca);
+    }
+    r.body(body.boxed()).expect("valid response")
 }
 
 #[derive(Clone)]
@@ -585,7 +633,13 @@ impl GrpcInferenceService for Sim {
         r: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let m = self.ready(&r.get_ref().model_name)?;
-        Ok(Response::new(token_response(r.get_ref(), &m, 0, None)))
+        let mut reply = Response::new(token_response(r.get_ref(), &m, 0, None));
+        // Its load, as gRPC servers report it per call (ORCA, binary metadata).
+        reply.metadata_mut().insert_bin(
+            "endpoint-load-metrics-bin",
+            tonic::metadata::MetadataValue::from_bytes(&self.1.orca_report()),
+        );
+        Ok(reply)
     }
 
     type ModelStreamInferStream = ResponseStream;

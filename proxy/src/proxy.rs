@@ -18,6 +18,7 @@ use bytes::Bytes;
 use weir_filters::{FilterStream, LocalResponse, StreamInfo, Verdict};
 
 use crate::drain::{Drain, InFlight};
+use crate::inference::load;
 use crate::inference::model::{self as infer_model, Extract, Unreadable, MODEL_HEADER};
 use crate::inference::picker::{Need, Pick};
 use crate::inference::pool::{self, Lease, NoReplica, Origin};
@@ -38,8 +39,6 @@ const MAX_H2_STREAMS: usize = 128;
 pub const MODEL_VERSION_HEADER: &str = "x-weir-model-version";
 /// The version of the weights that produced a response, as model servers report it.
 pub const WEIGHT_VERSION_HEADER: &str = "x-weight-version";
-/// ORCA load report on a response.
-const ORCA_HEADER: &str = "endpoint-load-metrics";
 
 /// The retry policy of pool routes that set none: another replica, only before the first
 /// response byte, when the chosen one refused the stream or was not ready for it.
@@ -111,6 +110,8 @@ pub struct RequestCtx {
     tried: Vec<usize>,
     /// Set when `upstream_response_filter` turned a response into a retry.
     retry_next: bool,
+    /// weir asked the replica for its load report (ORCA): the client does not get it.
+    orca_asked: bool,
     _load: Option<EndpointLoad>,
     _cluster_slot: Option<Gauge>,
     retry_slot: Option<Gauge>,
@@ -536,12 +537,7 @@ impl WeirProxy {
         let (Some(inf), Some(rt)) = (ctx.inference.as_ref(), ctx.runtime.as_ref()) else {
             return;
         };
-        if let Some(sample) = resp
-            .headers
-            .get(ORCA_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::inference::load::from_orca)
-        {
+        if let Some(sample) = load::orca_sample(&resp.headers) {
             inf.lease.endpoint.report(&sample);
         }
         let version = resp
@@ -638,6 +634,7 @@ impl ProxyHttp for WeirProxy {
             tries: 0,
             tried: Vec::new(),
             retry_next: false,
+            orca_asked: false,
             _load: None,
             _cluster_slot: None,
             retry_slot: None,
@@ -931,6 +928,12 @@ impl ProxyHttp for WeirProxy {
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_ref()) {
             tracer.inject(trace, upstream);
         }
+        // vLLM and Triton report their load (ORCA) only when asked; a client that did not ask
+        // does not get the report.
+        if ctx.inference.is_some() && !upstream.headers.contains_key(load::ORCA_FORMAT_HEADER) {
+            upstream.insert_header(load::ORCA_FORMAT_HEADER, "TEXT")?;
+            ctx.orca_asked = true;
+        }
         let Some((_, route, cluster, _)) = ctx.parts() else {
             return Ok(());
         };
@@ -1024,6 +1027,9 @@ impl ProxyHttp for WeirProxy {
             tracer.attempt_status(trace, status);
         }
         self.observe_replica(ctx, resp);
+        if ctx.orca_asked {
+            resp.remove_header(load::ORCA_HEADER);
+        }
         ctx.record_result(status >= 500);
         if status >= 500 {
             self.count_failure(ctx, "status");
@@ -1144,6 +1150,12 @@ impl ProxyHttp for WeirProxy {
             .and_then(|v| v.parse::<u32>().ok())
         {
             ctx.grpc_status = Some(s);
+        }
+        // gRPC servers send their per-call load report (ORCA) in the trailers.
+        if let Some(inf) = ctx.inference.as_ref() {
+            if let Some(sample) = load::orca_sample(trailers) {
+                inf.lease.endpoint.report(&sample);
+            }
         }
         self.trailers_through_filters(Dir::Response, trailers, ctx)
             .await?;

@@ -1151,3 +1151,85 @@ async fn requests_sharing_a_prompt_prefix_keep_to_one_replica() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orca_load_reports_steer_requests_to_the_idle_replica() {
+    let a = ModelServer::start_with(&["llama"], 1).await;
+    let b = ModelServer::start_with(&["llama"], 2).await;
+    for protocol in ["openai", "kserve_grpc"] {
+        let grpc = protocol == "kserve_grpc";
+        let addr = |m: &ModelServer| if grpc { m.addr } else { m.http_addr };
+        // No scrape: what weir knows of the load comes with the responses. vLLM reports it
+        // only when asked (weir asks); a gRPC server sends it as binary metadata.
+        let s = start(&pool_config(
+            protocol,
+            &[(addr(&a), "llama"), (addr(&b), "llama")],
+            "",
+        ));
+        let mut client = kserve_client(s.listen).await.expect("connect");
+        let mut ask = async |orca_format: Option<&str>| -> (String, Option<String>) {
+            if grpc {
+                let reply = client
+                    .model_infer(token_request("llama", "orca", 1))
+                    .await
+                    .expect("ModelInfer");
+                (reply.into_inner().model_version, None)
+            } else {
+                let headers: Vec<_> = orca_format
+                    .map(|f| ("endpoint-load-metrics-format", f))
+                    .into_iter()
+                    .collect();
+                let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+                let req = ::http::Request::builder()
+                    .method("POST")
+                    .uri(format!("http://{}/v1/completions", s.listen))
+                    .header("content-type", "application/json");
+                let req = headers
+                    .iter()
+                    .fold(req, |r, (k, v)| r.header(*k, *v))
+                    .body(Full::new(Bytes::from(ask.to_string())))
+                    .unwrap();
+                let resp = h1_client().request(req).await.expect("response");
+                let orca = resp
+                    .headers()
+                    .get("endpoint-load-metrics")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let body = String::from_utf8_lossy(&body);
+                let at = body.find("-token0").expect("a token");
+                (body[..at].rsplit('v').next().unwrap().to_string(), orca)
+            }
+        };
+        for (busy, idle, version) in [(&a, &b, "2"), (&b, &a, "1")] {
+            busy.load.waiting.store(40, Ordering::Relaxed);
+            busy.load.kv_cache_permille.store(900, Ordering::Relaxed);
+            idle.load.waiting.store(0, Ordering::Relaxed);
+            idle.load.kv_cache_permille.store(100, Ordering::Relaxed);
+            // Requests reach each replica until weir has heard both reports.
+            let mut tries = 0;
+            while endpoint_json(&s.weir, addr(busy))["queue_depth"] != 40
+                || endpoint_json(&s.weir, addr(idle))["queue_depth"] != 0
+            {
+                tries += 1;
+                assert!(tries <= 10, "{protocol}: no load report reached weir");
+                let (_, orca) = ask(None).await;
+                assert_eq!(orca, None, "a client that did not ask gets no report");
+            }
+            for _ in 0..10 {
+                assert_eq!(
+                    ask(None).await.0,
+                    version,
+                    "{protocol}: to the idle replica"
+                );
+            }
+        }
+        if !grpc {
+            // A client that asks for the report gets it, in its format.
+            let (_, orca) = ask(Some("JSON")).await;
+            assert!(
+                orca.as_deref().is_some_and(|o| o.starts_with("JSON {")),
+                "{orca:?}"
+            );
+        }
+    }
+}

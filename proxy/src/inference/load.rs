@@ -1,5 +1,5 @@
 //! Replica load as model servers report it: a vLLM-style Prometheus `/metrics` page (scraped
-//! periodically) and ORCA `endpoint-load-metrics` response headers (free with every response).
+//! periodically) and ORCA load reports (free with every response that weir asks one of).
 //! Pure parsers; the picker reads the result through [`super::picker::Load`].
 
 use super::picker::Load;
@@ -55,11 +55,40 @@ pub fn from_prometheus(text: &str) -> Result<LoadSample, String> {
     Ok(sample)
 }
 
+/// The response header a server reports its load in (ORCA).
+pub const ORCA_HEADER: &str = "endpoint-load-metrics";
+/// The same report as a serialized `OrcaLoadReport` (gRPC's per-call reports, in trailers).
+pub const ORCA_BIN_HEADER: &str = "endpoint-load-metrics-bin";
+/// The request header that asks a server for [`ORCA_HEADER`]: vLLM and Triton report only
+/// when asked.
+pub const ORCA_FORMAT_HEADER: &str = "endpoint-load-metrics-format";
+
+/// The ORCA report among `headers` (response headers or trailers): [`ORCA_HEADER`] in any of
+/// its forms, else [`ORCA_BIN_HEADER`] (base64, padded or not, as gRPC writes binary
+/// metadata).
+pub fn orca_sample(headers: &http::HeaderMap) -> Option<LoadSample> {
+    if let Some(v) = headers.get(ORCA_HEADER) {
+        return from_orca(v.to_str().ok()?);
+    }
+    from_orca_report(&base64_decode(headers.get(ORCA_BIN_HEADER)?.as_bytes())?)
+}
+
+fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
+    use base64::engine::{general_purpose, DecodePaddingMode, Engine, GeneralPurpose};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        general_purpose::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    LENIENT.decode(text.trim_ascii()).ok()
+}
+
 /// Reads an ORCA `endpoint-load-metrics` header in its TEXT
-/// (`TEXT cpu_utilization=0.3, named_metrics.kv_cache_utilization=0.4`) or JSON
-/// (`JSON {"named_metrics": {"kv_cache_utilization": 0.4}}`) form. Named metrics
-/// `kv_cache_utilization`, `num_requests_waiting` and `num_requests_running` are used; the
-/// binary form and malformed values give `None`.
+/// (`TEXT cpu_utilization=0.3, named_metrics.kv_cache_utilization=0.4`), JSON
+/// (`JSON {"named_metrics": {"kv_cache_utilization": 0.4}}`) or BIN (`BIN ` and a base64
+/// `OrcaLoadReport`) form. Of the named metrics, `kv_cache_usage_perc` (vLLM's name) or
+/// `kv_cache_utilization` (Triton's), `num_requests_waiting` and `num_requests_running` are
+/// used; malformed values give `None`.
 pub fn from_orca(header: &str) -> Option<LoadSample> {
     let header = header.trim();
     let named: Vec<(String, f64)> = if let Some(text) = header.strip_prefix("TEXT ") {
@@ -82,15 +111,38 @@ pub fn from_orca(header: &str) -> Option<LoadSample> {
                     .collect()
             })
             .unwrap_or_default()
+    } else if let Some(bin) = header.strip_prefix("BIN ") {
+        return from_orca_report(&base64_decode(bin.as_bytes())?);
     } else {
         return None;
     };
-    let get = |name: &str| named.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-    Some(LoadSample {
-        waiting: get("num_requests_waiting"),
-        running: get("num_requests_running"),
-        kv_cache: get("kv_cache_utilization"),
-    })
+    Some(sample(named))
+}
+
+/// A serialized `xds.data.orca.v3.OrcaLoadReport`, of which only `named_metrics` is read.
+pub fn from_orca_report(bytes: &[u8]) -> Option<LoadSample> {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OrcaLoadReport {
+        #[prost(map = "string, double", tag = "8")]
+        named_metrics: std::collections::HashMap<String, f64>,
+    }
+    let report = <OrcaLoadReport as prost::Message>::decode(bytes).ok()?;
+    Some(sample(report.named_metrics.into_iter().collect()))
+}
+
+fn sample(named: Vec<(String, f64)>) -> LoadSample {
+    let get = |names: &[&str]| {
+        named
+            .iter()
+            .find(|(k, _)| names.contains(&k.as_str()))
+            .map(|(_, v)| *v)
+            .filter(|v| v.is_finite())
+    };
+    LoadSample {
+        waiting: get(&["num_requests_waiting"]),
+        running: get(&["num_requests_running"]),
+        kv_cache: get(&["kv_cache_usage_perc", "kv_cache_utilization"]),
+    }
 }
 
 #[cfg(test)]
@@ -132,7 +184,7 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
     }
 
     #[test]
-    fn orca_text_and_json_headers() {
+    fn orca_text_json_and_bin_headers() {
         let s = from_orca("TEXT cpu_utilization=0.3, named_metrics.kv_cache_utilization=0.25, named_metrics.num_requests_waiting=2").unwrap();
         assert_eq!(
             (s.kv_cache, s.waiting, s.running),
@@ -143,10 +195,17 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
         )
         .unwrap();
         assert_eq!(s.kv_cache, Some(0.5));
+        // vLLM's names.
+        let s = from_orca(
+            "TEXT named_metrics.kv_cache_usage_perc=0.75, named_metrics.num_requests_waiting=3.0",
+        )
+        .unwrap();
+        assert_eq!((s.kv_cache, s.waiting), (Some(0.75), Some(3.0)));
         assert_eq!(
-            from_orca("BIN CgkJAAAAAAAA4D8="),
-            None,
-            "binary form is not read"
+            from_orca("TEXT named_metrics.kv_cache_utilization=NaN")
+                .unwrap()
+                .kv_cache,
+            None
         );
         assert_eq!(
             from_orca("TEXT named_metrics.kv_cache_utilization=lots"),
@@ -161,5 +220,50 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
             .unwrap()
             .apply(&mut load);
         assert_eq!((load.queue_depth, load.kv_cache), (7, 1.0));
+    }
+
+    /// `named_metrics` as protobuf writes the map: entries of field 8, each a key (1) and a
+    /// double (2).
+    fn report(metrics: &[(&str, f64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let map: std::collections::HashMap<String, f64> =
+            metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        prost::encoding::hash_map::encode(
+            prost::encoding::string::encode,
+            prost::encoding::string::encoded_len,
+            prost::encoding::double::encode,
+            prost::encoding::double::encoded_len,
+            8,
+            &map,
+            &mut out,
+        );
+        // cpu_utilization (1) before it, as servers write it.
+        let mut with_cpu = Vec::new();
+        prost::encoding::double::encode(1, &0.3, &mut with_cpu);
+        with_cpu.extend(out);
+        with_cpu
+    }
+
+    #[test]
+    fn orca_binary_reports_in_either_header() {
+        use base64::Engine;
+        let bytes = report(&[("kv_cache_usage_perc", 0.5), ("num_requests_waiting", 4.0)]);
+        let padded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let s = from_orca(&format!("BIN {padded}")).unwrap();
+        assert_eq!((s.kv_cache, s.waiting), (Some(0.5), Some(4.0)));
+        // gRPC binary metadata: its own header, base64 without padding.
+        let mut headers = http::HeaderMap::new();
+        let unpadded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&bytes);
+        headers.insert(ORCA_BIN_HEADER, unpadded.parse().unwrap());
+        assert_eq!(orca_sample(&headers), Some(s.clone()));
+        // The text header wins when both are there.
+        headers.insert(
+            ORCA_HEADER,
+            "TEXT named_metrics.num_requests_waiting=9".parse().unwrap(),
+        );
+        assert_eq!(orca_sample(&headers).unwrap().waiting, Some(9.0));
+        assert_eq!(from_orca("BIN not base64!"), None);
+        assert_eq!(from_orca("BIN AAAA"), None, "not a report");
+        assert_eq!(orca_sample(&http::HeaderMap::new()), None);
     }
 }

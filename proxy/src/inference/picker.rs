@@ -1,6 +1,6 @@
 //! The endpoint picker for inference pools: a pure function from a request's model needs and
 //! each replica's state and load to a decision. No I/O; the proxy feeds it what health checks,
-//! metric scrapes (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`), ORCA load headers
+//! metric scrapes (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`), ORCA load reports
 //! and weight-reload signals told it.
 //!
 //! Order of the decision:
