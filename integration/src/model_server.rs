@@ -57,6 +57,9 @@ pub struct SimLoad {
     /// vLLM's sleep mode (`POST /sleep`, `POST /wake_up`, `GET /is_sleeping`): while asleep
     /// the weights are gone and completions fail with 503.
     pub sleeping: std::sync::atomic::AtomicBool,
+    /// LoRA adapters in memory (`vllm:lora_requests_info`'s `running_lora_adapters`,
+    /// comma-separated), set by tests.
+    pub lora_adapters: Mutex<String>,
 }
 
 impl SimLoad {
@@ -116,10 +119,18 @@ impl SimLoad {
              vllm:num_requests_waiting{{model_name=\"sim\"}} {}\n\
              # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
              # TYPE vllm:kv_cache_usage_perc gauge\n\
-             vllm:kv_cache_usage_perc{{model_name=\"sim\"}} {}\n",
+             vllm:kv_cache_usage_perc{{model_name=\"sim\"}} {}\n\
+             # HELP vllm:lora_requests_info Running stats on lora requests.\n\
+             # TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"}} {}\n",
             self.running.load(Relaxed),
             self.waiting.load(Relaxed),
-            f64::from(self.kv_cache_permille.load(Relaxed)) / 1000.0
+            f64::from(self.kv_cache_permille.load(Relaxed)) / 1000.0,
+            self.lora_adapters.lock().unwrap(),
+            // vLLM's value: when the label set was last set.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
         )
     }
 

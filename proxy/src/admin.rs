@@ -149,6 +149,7 @@ impl AdminApp {
                             "max_in_flight": e.max_in_flight,
                             "queue_depth": reported.queue_depth,
                             "kv_cache": reported.kv_cache,
+                            "loaded_adapters": reported.loaded_adapters,
                             "models": models,
                         })
                     })

@@ -1233,3 +1233,45 @@ async fn orca_load_reports_steer_requests_to_the_idle_replica() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_for_a_lora_adapter_go_to_the_replica_that_has_it_loaded() {
+    let a = ModelServer::start_with(&["llama", "sql-lora"], 1).await;
+    let b = ModelServer::start_with(&["llama", "sql-lora"], 2).await;
+    let endpoint = |m: &ModelServer| {
+        format!(
+            "      - {{ address: \"{}\", models: [{{ name: llama, adapters: [sql-lora] }}] }}\n",
+            m.http_addr
+        )
+    };
+    let s = start(&format!(
+        "routes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: openai\n    metrics: {{ interval: 50ms }}\n    picker: {{ prefix_bytes: 0 }}\n    endpoints:\n{}{}",
+        endpoint(&a),
+        endpoint(&b)
+    ));
+    // (Prefix affinity off: its pull would outweigh the adapter's.)
+    let ask = serde_json::json!({"model": "sql-lora", "prompt": "p", "max_tokens": 1});
+    for (loaded, other, tag) in [(&b, &a, "v2-"), (&a, &b, "v1-")] {
+        // What vLLM's /metrics says (`vllm:lora_requests_info`), scraped by weir.
+        *loaded.load.lora_adapters.lock().unwrap() = "sql-lora".into();
+        other.load.lora_adapters.lock().unwrap().clear();
+        wait_for(
+            "the scrape to see the adapters",
+            Duration::from_secs(5),
+            || {
+                endpoint_json(&s.weir, loaded.http_addr)["loaded_adapters"]
+                    == serde_json::json!(["sql-lora"])
+                    && endpoint_json(&s.weir, other.http_addr)["loaded_adapters"]
+                        == serde_json::json!([])
+            },
+        );
+        for _ in 0..10 {
+            let (status, body) = completion(s.listen, ask.clone(), &[]).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(
+                body.contains(tag),
+                "to the replica with sql-lora loaded: {body}"
+            );
+        }
+    }
+}

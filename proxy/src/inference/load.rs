@@ -13,6 +13,8 @@ pub struct LoadSample {
     pub running: Option<f64>,
     /// KV-cache use, 0.0 to 1.0.
     pub kv_cache: Option<f64>,
+    /// LoRA adapters in the server's memory now (running or waiting requests use them).
+    pub adapters: Option<Vec<String>>,
 }
 
 impl LoadSample {
@@ -28,14 +30,44 @@ impl LoadSample {
 }
 
 /// Reads vLLM's gauges from a Prometheus text page: `vllm:num_requests_waiting`,
-/// `vllm:num_requests_running` (summed over label sets, e.g. per model) and
-/// `vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`; the highest reported).
+/// `vllm:num_requests_running` (summed over label sets, e.g. per model),
+/// `vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`; the highest reported)
+/// and the LoRA adapters loaded now: `vllm:lora_requests_info`'s `running_lora_adapters` and
+/// `waiting_lora_adapters` (comma-separated), of its newest label set (the value is when vLLM
+/// set it; older sets stay on the page).
 pub fn from_prometheus(text: &str) -> Result<LoadSample, String> {
     use openmetrics_parser::PrometheusValue;
     let page = openmetrics_parser::prometheus::parse_prometheus(text)
         .map_err(|e| format!("metrics page: {e:?}"))?;
     let mut sample = LoadSample::default();
+    let mut lora_newest = f64::NEG_INFINITY;
     for (name, family) in &page.families {
+        if name == "vllm:lora_requests_info" {
+            for s in family.iter_samples() {
+                let (PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n)) = &s.value else {
+                    continue;
+                };
+                let (Ok(labels), at) = (s.get_labelset(), n.as_f64()) else {
+                    continue;
+                };
+                if at >= lora_newest {
+                    lora_newest = at;
+                    let names = ["running_lora_adapters", "waiting_lora_adapters"];
+                    let mut adapters: Vec<String> = names
+                        .iter()
+                        .filter_map(|l| labels.get_label_value(l))
+                        .flat_map(|v| v.split(','))
+                        .map(str::trim)
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    adapters.sort();
+                    adapters.dedup();
+                    sample.adapters = Some(adapters);
+                }
+            }
+            continue;
+        }
         for s in family.iter_samples() {
             let v = match &s.value {
                 PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
@@ -142,6 +174,7 @@ fn sample(named: Vec<(String, f64)>) -> LoadSample {
         waiting: get(&["num_requests_waiting"]),
         running: get(&["num_requests_running"]),
         kv_cache: get(&["kv_cache_usage_perc", "kv_cache_utilization"]),
+        adapters: None,
     }
 }
 
@@ -172,7 +205,8 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
             LoadSample {
                 waiting: Some(5.0),
                 running: Some(4.0),
-                kv_cache: Some(0.42)
+                kv_cache: Some(0.42),
+                adapters: None,
             }
         );
         let mut load = Load::default();
@@ -181,6 +215,32 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
         let old = from_prometheus("vllm:gpu_cache_usage_perc 0.9\n").unwrap();
         assert_eq!(old.kv_cache, Some(0.9), "older vLLM name");
         assert_eq!(from_prometheus("up 1\n").unwrap(), LoadSample::default());
+    }
+
+    #[test]
+    fn loaded_lora_adapters_come_from_the_newest_lora_requests_info() {
+        let page = r#"# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql-lora",waiting_lora_adapters=""} 1.7643e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="chat-lora,sql-lora",waiting_lora_adapters="math-lora"} 1.7644e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.7642e+09
+"#;
+        let s = from_prometheus(page).unwrap();
+        assert_eq!(
+            s.adapters,
+            Some(vec![
+                "chat-lora".into(),
+                "math-lora".into(),
+                "sql-lora".into()
+            ])
+        );
+        // None loaded now: an empty list, which clears what an earlier scrape said.
+        let idle = from_prometheus(
+            "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1.8e+09\n",
+        )
+        .unwrap();
+        assert_eq!(idle.adapters, Some(vec![]));
+        assert_eq!(from_prometheus(VLLM).unwrap().adapters, None);
     }
 
     #[test]

@@ -86,6 +86,9 @@ impl PoolEndpoint {
         sample.apply(&mut load);
         r.queue_depth = load.queue_depth;
         r.kv_cache = load.kv_cache;
+        if let Some(adapters) = &sample.adapters {
+            r.loaded_adapters.clone_from(adapters);
+        }
     }
 
     /// The model's version now, if the endpoint serves it.
