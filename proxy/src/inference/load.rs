@@ -29,9 +29,10 @@ impl LoadSample {
     }
 }
 
-/// Reads vLLM's gauges from a Prometheus text page: `vllm:num_requests_waiting`,
+/// Reads a model server's gauges from its Prometheus text page: `vllm:num_requests_waiting`,
 /// `vllm:num_requests_running` (summed over label sets, e.g. per model),
-/// `vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`; the highest reported)
+/// `vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`; the highest reported),
+/// or the same under SGLang's, trtllm-serve's or Triton TensorRT-LLM's names,
 /// and the LoRA adapters loaded now: `vllm:lora_requests_info`'s `running_lora_adapters` and
 /// `waiting_lora_adapters` (comma-separated), of its newest label set (the value is when vLLM
 /// set it; older sets stay on the page).
@@ -73,11 +74,35 @@ pub fn from_prometheus(text: &str) -> Result<LoadSample, String> {
                 PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
                 _ => continue,
             };
+            let label = |l: &str| {
+                s.get_labelset()
+                    .ok()
+                    .and_then(|set| set.get_label_value(l).map(str::to_string))
+            };
             let sum = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + v);
+            // The same three numbers under each server's names (vLLM, SGLang, trtllm-serve,
+            // Triton's TensorRT-LLM backend), as the Gateway API inference extension reads them.
             match name.as_str() {
-                "vllm:num_requests_waiting" => sum(&mut sample.waiting),
-                "vllm:num_requests_running" => sum(&mut sample.running),
-                "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                "vllm:num_requests_waiting"
+                | "sglang:num_queue_reqs"
+                | "trtllm_num_requests_waiting" => sum(&mut sample.waiting),
+                "vllm:num_requests_running"
+                | "sglang:num_running_reqs"
+                | "trtllm_num_requests_running" => sum(&mut sample.running),
+                "nv_trt_llm_request_metrics" => match label("request_type").as_deref() {
+                    Some("waiting") => sum(&mut sample.waiting),
+                    Some("scheduled") => sum(&mut sample.running),
+                    _ => {}
+                },
+                "vllm:kv_cache_usage_perc"
+                | "vllm:gpu_cache_usage_perc"
+                | "sglang:token_usage"
+                | "trtllm_kv_cache_utilization" => {
+                    sample.kv_cache = Some(sample.kv_cache.map_or(v, |k: f64| k.max(v)))
+                }
+                "nv_trt_llm_kv_cache_block_metrics"
+                    if label("kv_cache_block_type").as_deref() == Some("fraction") =>
+                {
                     sample.kv_cache = Some(sample.kv_cache.map_or(v, |k: f64| k.max(v)))
                 }
                 _ => {}
@@ -215,6 +240,39 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
         let old = from_prometheus("vllm:gpu_cache_usage_perc 0.9\n").unwrap();
         assert_eq!(old.kv_cache, Some(0.9), "older vLLM name");
         assert_eq!(from_prometheus("up 1\n").unwrap(), LoadSample::default());
+    }
+
+    #[test]
+    fn sglang_trtllm_serve_and_triton_pages_give_the_same_numbers() {
+        let sglang = "# TYPE sglang:num_queue_reqs gauge\n\
+            sglang:num_queue_reqs{model_name=\"m\"} 6.0\n\
+            # TYPE sglang:num_running_reqs gauge\n\
+            sglang:num_running_reqs{model_name=\"m\"} 2.0\n\
+            # TYPE sglang:token_usage gauge\n\
+            sglang:token_usage{model_name=\"m\"} 0.31\n";
+        let trtllm_serve = "# TYPE trtllm_num_requests_waiting gauge\n\
+            trtllm_num_requests_waiting 6\n\
+            # TYPE trtllm_num_requests_running gauge\n\
+            trtllm_num_requests_running 2\n\
+            # TYPE trtllm_kv_cache_utilization gauge\n\
+            trtllm_kv_cache_utilization 0.31\n";
+        // Triton's TensorRT-LLM backend: one family per kind, told apart by a label.
+        let triton = "# TYPE nv_trt_llm_request_metrics gauge\n\
+            nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"context\",version=\"1\"} 1\n\
+            nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"scheduled\",version=\"1\"} 2\n\
+            nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"waiting\",version=\"1\"} 6\n\
+            nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"max\",version=\"1\"} 64\n\
+            # TYPE nv_trt_llm_kv_cache_block_metrics gauge\n\
+            nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\",model=\"tensorrt_llm\",version=\"1\"} 4096\n\
+            nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\",model=\"tensorrt_llm\",version=\"1\"} 0.31\n";
+        for page in [sglang, trtllm_serve, triton] {
+            let s = from_prometheus(page).unwrap();
+            assert_eq!(
+                (s.waiting, s.running, s.kv_cache),
+                (Some(6.0), Some(2.0), Some(0.31)),
+                "{page}"
+            );
+        }
     }
 
     #[test]
