@@ -295,8 +295,8 @@ impl WeirProxy {
     }
 
     /// Reads which model the request asks for, waits for a replica of the pool that can take
-    /// it, and holds it in `ctx`. `Ok(true)`: answered here (no such model, shed...). A request
-    /// that names no model goes to any replica.
+    /// it, and holds it in `ctx`. `Ok(true)`: answered here (the pool's model list, no such
+    /// model, shed...). A request that names no model goes to any replica.
     async fn pick_replica(
         &self,
         session: &mut Session,
@@ -305,6 +305,21 @@ impl WeirProxy {
     ) -> Result<bool> {
         let rt = ctx.runtime.clone().expect("routed before picking");
         let (cfg, pool) = (&rt.snapshot.pools[pool_id], &rt.pools[pool_id]);
+        if cfg.protocol == InferenceProtocol::Openai
+            && session.req_header().method == http::Method::GET
+        {
+            if let Some((status, body)) = openai_models(pool, session.req_header().uri.path()) {
+                let local = LocalResponse {
+                    status,
+                    headers: vec![("content-type".to_string(), b"application/json".to_vec())],
+                    body: body.to_string().into_bytes(),
+                    grpc_status: None,
+                    details: String::new(),
+                };
+                reply::send_local(session, false, &local).await?;
+                return Ok(true);
+            }
+        }
         let header = |session: &Session, name: &str| {
             session
                 .req_header()
@@ -567,6 +582,40 @@ impl WeirProxy {
                 .inc();
         }
     }
+}
+
+/// OpenAI's model list (`GET /v1/models`) and model (`GET /v1/models/{id}`) for a pool: the
+/// pool's models and adapters, not the one replica's a forwarded request would list. `None`
+/// for other paths.
+fn openai_models(pool: &pool::PoolState, path: &str) -> Option<(u16, serde_json::Value)> {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let model = |id: &str, parent: Option<&str>| {
+        serde_json::json!({
+            "id": id, "object": "model", "created": created, "owned_by": "weir",
+            "root": parent.unwrap_or(id), "parent": parent,
+        })
+    };
+    let models = pool.models();
+    if path.trim_end_matches('/') == "/v1/models" {
+        let data: Vec<_> = models
+            .iter()
+            .map(|(id, parent)| model(id, parent.as_deref()))
+            .collect();
+        return Some((200, serde_json::json!({"object": "list", "data": data})));
+    }
+    let id = path.strip_prefix("/v1/models/")?;
+    Some(match models.iter().find(|(m, _)| m == id) {
+        Some((id, parent)) => (200, model(id, parent.as_deref())),
+        None => (
+            404,
+            serde_json::json!({"error": {
+                "message": format!("the model {id:?} does not exist"),
+                "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+            }}),
+        ),
+    })
 }
 
 /// The answer to a request whose model cannot be read: status, gRPC code, OpenAI error type

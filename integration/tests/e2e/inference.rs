@@ -139,9 +139,22 @@ async fn openai_requests_reach_a_replica_of_their_model() {
     let (status, body) = post_completion(s.listen, long, &[]).await;
     assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
     assert!(body.contains("v3-token0"), "{body}");
-    // No model named (GET /v1/models): any replica answers.
+    // The model list is the pool's (weir answers it), not one replica's: each server here
+    // lists its own.
     let r = get(&h1_client(), s.listen, "/v1/models").await;
     assert_eq!(r.status, 200, "{}", r.body);
+    let ids: Vec<_> = r.json()["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, ["llama", "mistral"], "{}", r.body);
+    let r = get(&h1_client(), s.listen, "/v1/models/mistral").await;
+    assert_eq!((r.status, r.json()["id"].as_str()), (200, Some("mistral")));
+    let r = get(&h1_client(), s.listen, "/v1/models/gpt-5").await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
     // The version each server reported (x-weight-version) is what the pool now knows.
     let e = endpoint_json(&s.weir, llama.http_addr);
     assert_eq!(e["models"][0]["version"], "3", "{e}");
@@ -1249,6 +1262,11 @@ async fn requests_for_a_lora_adapter_go_to_the_replica_that_has_it_loaded() {
         endpoint(&a),
         endpoint(&b)
     ));
+    // The adapter is in the pool's model list, with its model.
+    let r = get(&h1_client(), s.listen, "/v1/models").await;
+    let listed = r.json()["data"].clone();
+    assert_eq!(listed[1]["id"], "sql-lora", "{listed}");
+    assert_eq!(listed[1]["parent"], "llama", "{listed}");
     // (Prefix affinity off: its pull would outweigh the adapter's.)
     let ask = serde_json::json!({"model": "sql-lora", "prompt": "p", "max_tokens": 1});
     for (loaded, other, tag) in [(&b, &a, "v2-"), (&a, &b, "v1-")] {

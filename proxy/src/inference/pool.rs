@@ -232,6 +232,21 @@ impl PoolState {
         None
     }
 
+    /// Every model and LoRA adapter the pool's endpoints serve, sorted, each once: the
+    /// adapter with its model (OpenAI's `parent`).
+    pub fn models(&self) -> Vec<(String, Option<String>)> {
+        let mut all = std::collections::BTreeMap::new();
+        for e in &self.endpoints {
+            for m in e.models().iter() {
+                all.entry(m.name.clone()).or_insert(None);
+                for a in &m.adapters {
+                    all.entry(a.clone()).or_insert_with(|| Some(m.name.clone()));
+                }
+            }
+        }
+        all.into_iter().collect()
+    }
+
     /// Applies a signal about `model` on endpoint `index`; returns what the caller must do
     /// (warm-ups to send). Wakes waiters when the endpoint may take requests again.
     pub fn signal(
