@@ -865,6 +865,11 @@ pub struct InferencePool {
     /// refused with 413 / `RESOURCE_EXHAUSTED` unless `x-weir-model` names the model.
     #[serde(default = "default_max_body")]
     pub max_body: u32,
+    /// Whether the `x-weir-model` request header picks the model over the body. Turn it off
+    /// where clients are not trusted: a header naming one model with a body naming another
+    /// would reach a replica picked for the header's.
+    #[serde(default = "default_true")]
+    pub model_header: bool,
     /// Traffic split by weights version during a rollout: model → version → weight. A new
     /// request that pins no version (`x-weir-model-version`) picks one of the listed versions
     /// some endpoint is serving now, by weight; with none of them serving, any version.

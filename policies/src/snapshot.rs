@@ -251,6 +251,8 @@ pub struct InferencePool {
     pub reload: model::PoolReload,
     pub metrics: Option<model::PoolMetrics>,
     pub max_body: usize,
+    /// `x-weir-model` picks the model over the body.
+    pub model_header: bool,
     /// model → (version, weight), weights above 0 only.
     pub version_split: BTreeMap<String, Vec<(String, u32)>>,
 }

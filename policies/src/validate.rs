@@ -731,6 +731,7 @@ impl Validator {
                 reload: p.reload.clone(),
                 metrics: p.metrics.clone(),
                 max_body: p.max_body as usize,
+                model_header: p.model_header,
                 version_split: self.version_split(&at, p),
             });
         }

@@ -330,7 +330,7 @@ impl WeirProxy {
                 .map(str::to_string)
         };
         let version = header(session, MODEL_VERSION_HEADER);
-        let read = match header(session, MODEL_HEADER) {
+        let read = match header(session, MODEL_HEADER).filter(|_| cfg.model_header) {
             Some(m) => Ok((Some(m), None)),
             None => self.read_model(session, ctx.grpc, cfg).await?,
         };

@@ -968,8 +968,20 @@ async fn a_json_model_is_read_as_the_server_reads_it_or_the_request_is_refused()
     let s = start(&pool_config(
         "openai",
         &[(llama.http_addr, "llama"), (mistral.http_addr, "mistral")],
-        "    max_body: 65536\n",
+        "    max_body: 65536\n    model_header: false\n",
     ));
+    // With `model_header: false` the header does not pick the model: the body does.
+    let (status, body) = post_completion(
+        s.listen,
+        r#"{"model": "llama", "prompt": "hi", "max_tokens": 1}"#,
+        &[("x-weir-model", "mistral")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("v3-token0"),
+        "llama's server answered: {body}"
+    );
     // `model` twice: Python's json (vLLM's server) takes the last, and so does weir.
     let (status, body) = post_completion(
         s.listen,
