@@ -127,6 +127,12 @@ enum Bench {
         /// Leave out the peer (real Envoy over xDS v3 from the same control plane).
         #[arg(long)]
         no_envoy: bool,
+        /// Quiet time before each one-endpoint change in the file, e.g. 1s. On a VM whose
+        /// host reclaims idle guest memory, a longer quiet time makes the change re-fault the
+        /// pages it touches (the twenty-second session measured 8.5 ms after 100 ms, 30 ms
+        /// after 1 s, 115 ms after 3 s).
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        settle: Duration,
     },
 }
 
@@ -485,7 +491,12 @@ mod xds {
 
     /// The measurements of one (proxies, routes) setting, `rounds` times each: the four
     /// times, and the CPU the all-routes changes took.
-    async fn one(proxies: usize, routes: usize, rounds: usize) -> Res<[Vec<Duration>; 5]> {
+    async fn one(
+        proxies: usize,
+        routes: usize,
+        rounds: usize,
+        settle: Duration,
+    ) -> Res<[Vec<Duration>; 5]> {
         let folder = Folder::new(policy(routes, 0, 8080))?;
         let (dir, cp) = (&folder.dir, &folder.cp);
         let url =
@@ -559,7 +570,7 @@ mod xds {
 
             // One endpoint changes, through the file (once the watcher has waited out the burst
             // of the change above, as it would for a change that comes alone)...
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(settle).await;
             endpoint_file.push(
                 change(policy(routes, generation, 9090), "endpoint change")
                     .await?
@@ -711,14 +722,20 @@ mod xds {
         }
     }
 
-    pub async fn run(proxies: &[usize], routes: &[usize], rounds: usize, envoy: bool) -> Res<()> {
+    pub async fn run(
+        proxies: &[usize],
+        routes: &[usize],
+        rounds: usize,
+        envoy: bool,
+        settle: Duration,
+    ) -> Res<()> {
         let mut out = format!(
             "\nweir-bench xds: file change -> every proxy ACKed (proxies are in-process clients that rebuild and validate the config like weir); median (min-max) of {rounds} round(s). The CPU column is the process's CPU time (every thread: control plane and proxies) during the all-routes changes\n\n| proxies | routes | all routes changed | its CPU | 1 endpoint changed (file) | 1 endpoint changed (push only) | 1 endpoint changed (clusters in their own file) |\n|---|---|---|---|---|---|---|\n",
         );
         for &r in routes {
             for &n in proxies {
                 let [mut full, mut full_cpu, mut ep_file, mut ep_push, mut ep_own] =
-                    one(n, r, rounds).await?;
+                    one(n, r, rounds, settle).await?;
                 eprintln!(
                     "  {n} proxies, {r} routes: {full:?} (CPU {full_cpu:?}) / {ep_file:?} / {ep_push:?} / {ep_own:?}"
                 );
@@ -831,9 +848,18 @@ fn main() {
             routes,
             rounds,
             no_envoy,
+            settle,
         } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(xds::run(&proxies, &routes, rounds.max(1), !no_envoy))),
+            .and_then(|rt| {
+                rt.block_on(xds::run(
+                    &proxies,
+                    &routes,
+                    rounds.max(1),
+                    !no_envoy,
+                    settle,
+                ))
+            }),
     };
     if let Err(e) = result {
         eprintln!("weir-bench: {e}");
