@@ -392,7 +392,14 @@ async fn openai(
         );
     };
     let name = v["model"].as_str().unwrap_or("").to_string();
-    let m = models.lock().unwrap().get(&name).cloned();
+    // As vLLM: a request that names no model gets the served one (here: when there is one).
+    let m = {
+        let models = models.lock().unwrap();
+        match (name.as_str(), models.len()) {
+            ("", 1) => models.values().next().cloned(),
+            _ => models.get(&name).cloned(),
+        }
+    };
     let Some(m) = m else {
         return json_reply(
             404,

@@ -267,6 +267,16 @@ pub struct PoolEndpoint {
 }
 
 impl InferencePool {
+    /// The pool's model when all its endpoints serve just one (adapters aside).
+    pub fn only_model(&self) -> Option<&str> {
+        let mut names = self
+            .endpoints
+            .iter()
+            .flat_map(|e| e.models.iter().map(|m| m.name.as_str()));
+        let first = names.next()?;
+        names.all(|n| n == first).then_some(first)
+    }
+
     /// Whether any endpoint serves `model`.
     pub fn has_model(&self, model: &str) -> bool {
         self.endpoints

@@ -522,7 +522,7 @@ impl WeirProxy {
                         );
                         return Ok(Ok((Some(m), prefix)));
                     }
-                    Extract::Absent => return Ok(Ok((None, None))),
+                    Extract::Absent | Extract::Unnamed => return Ok(Ok((None, None))),
                     Extract::Unreadable(why) => return Ok(Err(why)),
                     Extract::NeedMore => {}
                 }
@@ -533,6 +533,11 @@ impl WeirProxy {
                 return Ok(
                     match infer_model::from_json(&buf, cfg.picker.prefix_bytes as usize) {
                         (Extract::Found(m), prefix) => Ok((Some(m), prefix)),
+                        // The server will serve its default model: in a pool of one model,
+                        // that one, with its queue and limits.
+                        (Extract::Unnamed, prefix) => {
+                            Ok((cfg.only_model().map(str::to_string), prefix))
+                        }
                         (Extract::Unreadable(why), _) => Err(why),
                         _ => Ok((None, None)),
                     },

@@ -1305,3 +1305,35 @@ async fn requests_for_a_lora_adapter_go_to_the_replica_that_has_it_loaded() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_names_no_model_is_the_models_in_a_one_model_pool() {
+    let sim = ModelServer::start(&["llama"]).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(sim.http_addr, "llama")],
+        "    max_in_flight: 1\n    queue: { max_waiting: 1, max_wait: 300ms }\n",
+    ));
+    let listen = s.listen;
+    // vLLM serves a request without `model` with its model: weir counts it as that model's.
+    let unnamed = serde_json::json!({"prompt": "p", "max_tokens": 1});
+    let (status, body) = completion(listen, unnamed.clone(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("v1-token0"), "{body}");
+    let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
+    assert!(
+        metrics.contains("weir_inference_ttft_seconds_count{model=\"llama\",pool=\"llm\"} 1"),
+        "{metrics}"
+    );
+    // So it takes the pool's limits: with the only slot held, it waits, then is shed, where
+    // it used to go past the queue to the busy replica.
+    let held = h1_client()
+        .request(gated_stream(listen))
+        .await
+        .expect("held stream");
+    assert_eq!(held.status(), 200);
+    let (status, body) = completion(listen, unnamed, &[]).await;
+    assert_eq!(status, 429, "{body}");
+    sim.gate.add_permits(1);
+    drop(held);
+}

@@ -24,9 +24,12 @@ pub enum Extract {
     Found(String),
     /// Not decided yet: read more of the body.
     NeedMore,
-    /// The request names no model (`ServerReady`, `GET /v1/models`, a JSON body without
-    /// `model`).
+    /// The request names no model (`ServerReady`, `GET /v1/models`, a body that is not a
+    /// JSON object).
     Absent,
+    /// A JSON request that names no model (`model` missing, null or empty): vLLM serves it
+    /// with its default model.
+    Unnamed,
     /// The request may name a model, but weir cannot read it.
     Unreadable(Unreadable),
 }
@@ -219,7 +222,8 @@ fn malformed(why: &str) -> Extract {
 
 /// The `model` field of a whole JSON request body (`/v1/chat/completions`, `/v1/completions`),
 /// and a hash of its prompt's first `prefix_bytes` bytes ([`prompt_prefix`]). An empty body or
-/// one that is not a JSON object names no model; a body that does not parse is malformed.
+/// one that is not a JSON object names no model; an object without `model` is
+/// [`Extract::Unnamed`]; a body that does not parse is malformed.
 pub fn from_json(body: &[u8], prefix_bytes: usize) -> (Extract, Option<u64>) {
     if body.iter().all(u8::is_ascii_whitespace) {
         return (Extract::Absent, None);
@@ -230,8 +234,9 @@ pub fn from_json(body: &[u8], prefix_bytes: usize) -> (Extract, Option<u64>) {
         Err(e) => return (malformed(&format!("the body is not JSON: {e}")), None),
     };
     let found = match v.get("model") {
-        None | Some(serde_json::Value::Null) => Extract::Absent,
-        Some(serde_json::Value::String(m)) if m.is_empty() => Extract::Absent,
+        _ if !v.is_object() => Extract::Absent,
+        None | Some(serde_json::Value::Null) => Extract::Unnamed,
+        Some(serde_json::Value::String(m)) if m.is_empty() => Extract::Unnamed,
         Some(serde_json::Value::String(m)) => Extract::Found(m.clone()),
         Some(_) => malformed("`model` is not a string"),
     };
@@ -604,14 +609,15 @@ mod tests {
             found(r#"{"model": "allowed", "prompt": "x", "model": "other"}"#),
             Extract::Found("other".into())
         );
-        for none in [
-            "",
-            " \r\n",
+        for none in ["", " \r\n", "[1, 2]", "\"llama\""] {
+            assert_eq!(found(none), Extract::Absent, "{none:?}");
+        }
+        for unnamed in [
             r#"{"prompt": "x"}"#,
             r#"{"model": null}"#,
-            "[1, 2]",
+            r#"{"model": ""}"#,
         ] {
-            assert_eq!(found(none), Extract::Absent, "{none:?}");
+            assert_eq!(found(unnamed), Extract::Unnamed, "{unnamed:?}");
         }
         // What weir cannot parse it does not send on: a server that parses more (Python
         // takes NaN and lone surrogates) would read a model weir did not.
