@@ -112,6 +112,8 @@ pub struct RequestCtx {
     retry_next: bool,
     /// weir asked the replica for its load report (ORCA): the client does not get it.
     orca_asked: bool,
+    /// weir answered the client's `Expect: 100-continue` itself (the upstream does not see it).
+    continue_sent: bool,
     _load: Option<EndpointLoad>,
     _cluster_slot: Option<Gauge>,
     retry_slot: Option<Gauge>,
@@ -332,7 +334,7 @@ impl WeirProxy {
         let version = header(session, MODEL_VERSION_HEADER);
         let read = match header(session, MODEL_HEADER).filter(|_| cfg.model_header) {
             Some(m) => Ok((Some(m), None)),
-            None => self.read_model(session, ctx.grpc, cfg).await?,
+            None => self.read_model(session, ctx, cfg).await?,
         };
         let reply = |status: u16, code: u32, kind: &'static str, message: String| {
             (status, code, kind, message)
@@ -435,6 +437,8 @@ impl WeirProxy {
             }
         };
         let Some((status, code, kind, message)) = failed else {
+            // On to the replica (if the body was not read here already).
+            self.continue_if_expected(session, ctx).await?;
             return Ok(false);
         };
         if !session.as_downstream_mut().is_body_done() {
@@ -467,6 +471,30 @@ impl WeirProxy {
         Ok(true)
     }
 
+    /// Answers an HTTP/1.1 client's `Expect: 100-continue` once the request is accepted and
+    /// its body is wanted (as Envoy does by default; the upstream request goes without the
+    /// header). Left to the upstream, the 100 waited for the body, and the client waited for
+    /// the 100 (curl: a second) before sending it. A request refused before this point (no
+    /// route, a body over `max_body`) gets its answer without the client sending the body.
+    async fn continue_if_expected(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let downstream = session.as_downstream_mut();
+        let expects = !downstream.is_http2()
+            && downstream
+                .req_header()
+                .headers
+                .get(http::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects && !ctx.continue_sent && !downstream.is_body_empty() {
+            downstream.write_continue_response().await?;
+            ctx.continue_sent = true;
+        }
+        Ok(())
+    }
+
     /// Reads what of the body names the model: a gRPC call's first message, or a JSON body
     /// whole (for its prompt's prefix hash too), at most the pool's `max_body`. What is read
     /// stays in pingora's retry buffer, which replays it upstream; the rest of a gRPC stream
@@ -475,9 +503,10 @@ impl WeirProxy {
     async fn read_model(
         &self,
         session: &mut Session,
-        grpc: bool,
+        ctx: &mut RequestCtx,
         cfg: &weir_policies::snapshot::InferencePool,
     ) -> Result<std::result::Result<(Option<String>, Option<u64>), Unreadable>> {
+        let grpc = ctx.grpc;
         let req = session.req_header();
         let text = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
         let encoding = text("grpc-encoding").map(str::to_string);
@@ -506,6 +535,7 @@ impl WeirProxy {
                 return Ok(Err(Unreadable::TooLarge));
             }
         }
+        self.continue_if_expected(session, ctx).await?;
         let downstream = session.as_downstream_mut();
         // One read is at most 64 KiB: room for the last read past `max_body`.
         downstream.enable_retry_buffering_up_to(cfg.max_body + (128 << 10));
@@ -689,6 +719,7 @@ impl ProxyHttp for WeirProxy {
             tried: Vec::new(),
             retry_next: false,
             orca_asked: false,
+            continue_sent: false,
             _load: None,
             _cluster_slot: None,
             retry_slot: None,
@@ -800,6 +831,7 @@ impl ProxyHttp for WeirProxy {
         if let Some(pool) = pool {
             return self.pick_replica(session, ctx, pool).await;
         }
+        self.continue_if_expected(session, ctx).await?;
         Ok(false)
     }
 
@@ -981,6 +1013,9 @@ impl ProxyHttp for WeirProxy {
     ) -> Result<()> {
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_ref()) {
             tracer.inject(trace, upstream);
+        }
+        if ctx.continue_sent {
+            upstream.remove_header(&http::header::EXPECT);
         }
         // vLLM and Triton report their load (ORCA) only when asked; a client that did not ask
         // does not get the report.

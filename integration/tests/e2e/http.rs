@@ -438,3 +438,56 @@ async fn least_request_avoids_the_busy_endpoint() {
         200 + warm_up
     );
 }
+
+/// `Expect: 100-continue` (curl sends it with large bodies and waits up to a second for the
+/// answer before sending them): weir answers `100 Continue` itself once it takes the request,
+/// before the body; the upstream request goes without the header; the connection stays open
+/// for the next request. A request weir refuses (no route) is answered without the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expect_100_continue_is_answered_before_the_body() {
+    use std::io::{Read, Write};
+    let backend = HttpBackend::start("b").await;
+    let s = start(&format!(
+        "routes:\n  - name: all\n    match: {{ path: {{ prefix: /in/ }} }}\n    route: {{ cluster: b }}\nclusters:\n{}",
+        cluster("b", "http1", &[backend.addr], "")
+    ));
+    let listen = s.listen;
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(listen).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let read_some = |c: &mut std::net::TcpStream, until: &str| {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&out).contains(until) {
+                let n = c.read(&mut buf).unwrap_or_else(|e| {
+                    panic!("{until:?} not read ({e}): {}", String::from_utf8_lossy(&out))
+                });
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+                out.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        c.write_all(
+            b"POST /in/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap();
+        // The body is not sent until the 100 arrives.
+        let interim = read_some(&mut c, "\r\n\r\n");
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+        c.write_all(b"hello").unwrap();
+        let reply = read_some(&mut c, "body_len");
+        assert!(reply.starts_with("HTTP/1.1 200 "), "{reply}");
+        assert!(!reply.contains("100-continue"), "the upstream saw no Expect: {reply}");
+        assert!(!reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
+        // The connection goes on; a request weir refuses gets no 100 and no wait.
+        c.write_all(
+            b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap();
+        let refused = read_some(&mut c, "no route");
+        assert!(refused.starts_with("HTTP/1.1 404 "), "{refused}");
+    })
+    .await
+    .unwrap();
+    assert_eq!(backend.requests(), 1);
+}

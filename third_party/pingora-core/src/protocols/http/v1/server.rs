@@ -942,7 +942,10 @@ impl HttpSession {
         }
 
         // if body unfinished, or request header was not finished reading
+        // weir patch: not for an informational response (a `100 Continue` comes before the
+        // body by design; it closed every such keep-alive connection)
         if self.close_on_response_before_downstream_finish
+            && !header.status.is_informational()
             && (self.request_header.is_none() || !self.is_body_done())
         {
             debug!("set connection close before downstream finish");
@@ -2916,6 +2919,30 @@ mod tests_stream {
             .write_response_header_ref(&response_200)
             .await
             .unwrap();
+    }
+
+    // weir patch: a `100 Continue` sent before the body is read keeps the connection alive
+    #[tokio::test]
+    async fn continue_before_the_body_keeps_the_connection_alive() {
+        let input_header =
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
+        let output = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let mock_io = Builder::new()
+            .read(&input_header[..])
+            .write(output)
+            .read(b"abc")
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        http_stream.respect_keepalive();
+        assert!(http_stream.will_keepalive());
+        http_stream.write_continue_response().await.unwrap();
+        assert!(
+            http_stream.will_keepalive(),
+            "an informational response is not the response"
+        );
+        let body = http_stream.read_body_bytes().await.unwrap().unwrap();
+        assert_eq!(body.as_ref(), b"abc");
     }
 
     #[tokio::test]
