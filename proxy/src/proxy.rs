@@ -112,7 +112,7 @@ pub struct RequestCtx {
     retry_next: bool,
     /// weir asked the replica for its load report (ORCA): the client does not get it.
     orca_asked: bool,
-    /// weir answered the client's `Expect: 100-continue` itself (the upstream does not see it).
+    /// weir answered the client's `Expect: 100-continue` (once per request, retries too).
     continue_sent: bool,
     _load: Option<EndpointLoad>,
     _cluster_slot: Option<Gauge>,
@@ -482,9 +482,11 @@ impl WeirProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let downstream = session.as_downstream_mut();
+        let req = downstream.req_header();
+        // Not to HTTP/1.0 clients (RFC 9110 10.1.1); h2 is left as it was.
         let expects = !downstream.is_http2()
-            && downstream
-                .req_header()
+            && req.version == http::Version::HTTP_11
+            && req
                 .headers
                 .get(http::header::EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -1014,7 +1016,10 @@ impl ProxyHttp for WeirProxy {
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_ref()) {
             tracer.inject(trace, upstream);
         }
-        if ctx.continue_sent {
+        // An HTTP/1.x client's expectation is weir's to meet: answered already (see
+        // `continue_if_expected`), or to be ignored (an HTTP/1.0 request, a request without a
+        // body); left to the upstream, its 100 would reach an HTTP/1.0 client.
+        if !session.as_downstream().is_http2() {
             upstream.remove_header(&http::header::EXPECT);
         }
         // vLLM and Triton report their load (ORCA) only when asked; a client that did not ask

@@ -489,5 +489,20 @@ async fn expect_100_continue_is_answered_before_the_body() {
     })
     .await
     .unwrap();
-    assert_eq!(backend.requests(), 1);
+    // No 100 to an HTTP/1.0 client (RFC 9110 10.1.1): it sends its body at once anyway.
+    let old = raw_exchange(
+        listen,
+        &b"POST /in/y HTTP/1.0
+Host: x
+Expect: 100-continue
+Content-Length: 5
+
+hello"[..],
+    )
+    .await;
+    assert!(
+        old.starts_with("HTTP/1.1 200 ") && !old.contains("100 Continue"),
+        "{old}"
+    );
+    assert_eq!(backend.requests(), 2);
 }
