@@ -176,25 +176,34 @@ fn gated_stream(listen: SocketAddr) -> ::http::Request<Full<Bytes>> {
         .expect("valid request")
 }
 
+/// A gated stream ([`gated_stream`]) through `listen`, holding a replica's slot until the
+/// test adds a permit to the server's gate.
+async fn hold_a_slot(listen: SocketAddr) -> ::http::Response<hyper::body::Incoming> {
+    let held = h1_client()
+        .request(gated_stream(listen))
+        .await
+        .expect("the stream holding a slot");
+    assert_eq!(held.status(), 200);
+    held
+}
+
+/// Pool settings (for [`pool_config`]): one stream per replica, `waiting` requests queued at
+/// most `max_wait` each.
+fn one_slot(waiting: u32, max_wait: &str) -> String {
+    format!("    max_in_flight: 1\n    queue: {{ max_waiting: {waiting}, max_wait: {max_wait} }}\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_busy_pool_queues_then_sheds_with_429() {
     let sim = ModelServer::start(&["llama"]).await;
     let s = start(&pool_config(
         "openai",
         &[(sim.http_addr, "llama")],
-        "    max_in_flight: 1\n    queue: { max_waiting: 1, max_wait: 1s }\n",
+        &one_slot(1, "1s"),
     ));
     let listen = s.listen;
     // One gated stream holds the only slot.
-    let hold = || async move {
-        let resp = h1_client()
-            .request(gated_stream(listen))
-            .await
-            .expect("held stream");
-        assert_eq!(resp.status(), 200);
-        resp
-    };
-    let held = hold().await;
+    let held = hold_a_slot(listen).await;
     let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
     // The next request waits in the queue...
     let queued = tokio::spawn(completion(listen, ask.clone(), &[]));
@@ -217,7 +226,7 @@ async fn a_busy_pool_queues_then_sheds_with_429() {
     let (status, body) = queued.await.unwrap();
     assert_eq!(status, 200, "the queued request was served: {body}");
     // A wait longer than max_wait is shed too.
-    let held = hold().await;
+    let held = hold_a_slot(listen).await;
     let (status, body) = completion(listen, ask.clone(), &[]).await;
     assert_eq!(status, 429, "{body}");
     sim.gate.add_permits(1);
@@ -732,17 +741,13 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     let s = start(&pool_config(
         "openai",
         &[(sim.http_addr, "llama")],
-        "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 30s }\n",
+        &one_slot(4, "30s"),
     ));
     let listen = s.listen;
     // Gated: a stream of these holds the server's `running` count at 1 after its first token
     // until a permit comes, so a request that reached the server shows, even if it ended.
     let waiting = || pools_json(&s.weir)["pools"][0]["waiting"].as_u64();
-    let held = h1_client()
-        .request(gated_stream(listen))
-        .await
-        .expect("the stream holding the only slot");
-    assert_eq!(held.status(), 200);
+    let held = hold_a_slot(listen).await;
 
     // HTTP/1.1: the request is read whole, then the connection closes while it waits.
     let leaver = tokio::task::spawn_blocking(move || {
@@ -820,7 +825,7 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() {
     let grpc = start(&pool_config(
         "kserve_grpc",
         &[(sim.addr, "llama")],
-        "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 30s }\n",
+        &one_slot(4, "30s"),
     ));
     let open = |id: &'static str| {
         let listen = grpc.listen;
@@ -861,8 +866,8 @@ async fn a_deadline_that_passes_in_the_queue_is_a_timeout() {
     let sim = ModelServer::start(&["llama"]).await;
     // A stream of 200 tokens 50 ms apart holds the only slot for 10 s.
     sim.load.token_delay_us.store(50_000, Ordering::Relaxed);
-    let busy = "    max_in_flight: 1\n    queue: { max_waiting: 4, max_wait: 10s }\n";
-    let grpc = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], busy));
+    let busy = one_slot(4, "10s");
+    let grpc = start(&pool_config("kserve_grpc", &[(sim.addr, "llama")], &busy));
     let mut holder = kserve_client(grpc.listen).await.expect("connect");
     let (tx, mut held) = open_stream(&mut holder, "holder", 200)
         .await
@@ -1315,7 +1320,7 @@ async fn a_request_that_names_no_model_is_the_models_in_a_one_model_pool() {
     let s = start(&pool_config(
         "openai",
         &[(sim.http_addr, "llama")],
-        "    max_in_flight: 1\n    queue: { max_waiting: 1, max_wait: 300ms }\n",
+        &one_slot(1, "300ms"),
     ));
     let listen = s.listen;
     // vLLM serves a request without `model` with its model: weir counts it as that model's.
@@ -1330,11 +1335,7 @@ async fn a_request_that_names_no_model_is_the_models_in_a_one_model_pool() {
     );
     // So it takes the pool's limits: with the only slot held, it waits, then is shed, where
     // it used to go past the queue to the busy replica.
-    let held = h1_client()
-        .request(gated_stream(listen))
-        .await
-        .expect("held stream");
-    assert_eq!(held.status(), 200);
+    let held = hold_a_slot(listen).await;
     let (status, body) = completion(listen, unnamed, &[]).await;
     assert_eq!(status, 429, "{body}");
     sim.gate.add_permits(1);
