@@ -60,6 +60,8 @@ pub struct SimLoad {
     /// LoRA adapters in memory (`vllm:lora_requests_info`'s `running_lora_adapters`,
     /// comma-separated), set by tests.
     pub lora_adapters: Mutex<String>,
+    /// Lines added to `/metrics` (another server's series), set by tests.
+    pub more_metrics: Mutex<String>,
 }
 
 impl SimLoad {
@@ -122,7 +124,7 @@ impl SimLoad {
              vllm:kv_cache_usage_perc{{model_name=\"sim\"}} {}\n\
              # HELP vllm:lora_requests_info Running stats on lora requests.\n\
              # TYPE vllm:lora_requests_info gauge\n\
-             vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"}} {}\n",
+             vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"}} {}\n{}",
             self.running.load(Relaxed),
             self.waiting.load(Relaxed),
             f64::from(self.kv_cache_permille.load(Relaxed)) / 1000.0,
@@ -130,7 +132,8 @@ impl SimLoad {
             // vLLM's value: when the label set was last set.
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64())
+                .map_or(0.0, |d| d.as_secs_f64()),
+            self.more_metrics.lock().unwrap(),
         )
     }
 

@@ -870,6 +870,12 @@ pub struct InferencePool {
     /// would reach a replica picked for the header's.
     #[serde(default = "default_true")]
     pub model_header: bool,
+    /// Whether weir asks each response for an ORCA load report
+    /// (`endpoint-load-metrics-format: TEXT`; vLLM and Triton report only when asked, and
+    /// vLLM reads its metrics for each report). Off: only the scrape, and reports a server
+    /// sends unasked, tell weir the replicas' load.
+    #[serde(default = "default_true")]
+    pub load_reports: bool,
     /// Traffic split by weights version during a rollout: model → version → weight. A new
     /// request that pins no version (`x-weir-model-version`) picks one of the listed versions
     /// some endpoint is serving now, by weight; with none of them serving, any version.
@@ -1074,6 +1080,16 @@ pub struct PoolMetrics {
     pub path: String,
     #[serde(default = "default_scrape_interval", with = "crate::duration")]
     pub interval: Duration,
+    /// The series of requests waiting, for a server whose name weir does not know: `name` or
+    /// `name{label="value",...}` (as the Gateway API inference extension's
+    /// `--total-queued-requests-metric`); matching series are summed. Instead of the known
+    /// names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// The series of KV-cache use (0 to 1), written as `waiting` is; the highest matching
+    /// series counts. Instead of the known names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<String>,
 }
 
 fn default_metrics_path() -> String {

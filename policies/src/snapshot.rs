@@ -249,12 +249,99 @@ pub struct InferencePool {
     pub picker: model::PickerSettings,
     pub queue: model::PoolQueue,
     pub reload: model::PoolReload,
-    pub metrics: Option<model::PoolMetrics>,
+    pub metrics: Option<PoolScrape>,
     pub max_body: usize,
     /// `x-weir-model` picks the model over the body.
     pub model_header: bool,
+    /// weir asks each response for an ORCA load report.
+    pub load_reports: bool,
     /// model → (version, weight), weights above 0 only.
     pub version_split: BTreeMap<String, Vec<(String, u32)>>,
+}
+
+/// A pool's metrics scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolScrape {
+    pub path: String,
+    pub interval: Duration,
+    /// Series read for the queue, where the pool names one (else the servers' known names).
+    pub waiting: Option<MetricSpec>,
+    /// Series read for KV-cache use, where the pool names one.
+    pub kv_cache: Option<MetricSpec>,
+}
+
+/// A Prometheus series picked by name and labels: `name` or `name{label="value",...}` (the
+/// values quoted or not, as the Gateway API inference extension takes them). A series
+/// matches when it has the name and every label given, whatever its other labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricSpec {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl MetricSpec {
+    /// Whether a series of family `name` whose label `l` has the value `label(l)` is this one.
+    pub fn matches<'a>(&self, name: &str, label: impl Fn(&str) -> Option<&'a str>) -> bool {
+        self.name == name
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| label(k).is_some_and(|got| got == v))
+    }
+}
+
+impl std::str::FromStr for MetricSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (name, labels) = match text.split_once('{') {
+            Some((name, rest)) => (
+                name.trim_end(),
+                Some(rest.strip_suffix('}').ok_or("expected `}` at the end")?),
+            ),
+            None => (text, None),
+        };
+        // Prometheus names: [a-zA-Z_:][a-zA-Z0-9_:]*; labels: [a-zA-Z_][a-zA-Z0-9_]*.
+        let is_name = |n: &str, colon: bool| {
+            n.bytes().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic()
+                    || c == b'_'
+                    || (colon && c == b':')
+                    || (i > 0 && c.is_ascii_digit())
+            }) && !n.is_empty()
+        };
+        if !is_name(name, true) {
+            return Err(format!("{name:?} is not a Prometheus metric name"));
+        }
+        let mut out = MetricSpec {
+            name: name.to_string(),
+            labels: Vec::new(),
+        };
+        for pair in labels.unwrap_or_default().split(',').map(str::trim) {
+            if pair.is_empty() {
+                continue;
+            }
+            let Some((label, value)) = pair.split_once('=') else {
+                return Err(format!("expected label=\"value\", got {pair:?}"));
+            };
+            let (label, value) = (label.trim(), value.trim());
+            if !is_name(label, false) {
+                return Err(format!("{label:?} is not a Prometheus label name"));
+            }
+            let value = match value.strip_prefix('"') {
+                Some(quoted) => quoted
+                    .strip_suffix('"')
+                    .ok_or_else(|| format!("unterminated quote in {pair:?}"))?,
+                None => value,
+            };
+            if value.contains('"') {
+                return Err(format!("a quote inside the value of {pair:?}"));
+            }
+            out.labels.push((label.to_string(), value.to_string()));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -665,14 +665,26 @@ impl Validator {
                     "must be above 0 and at most 1",
                 );
             }
-            if let Some(m) = &p.metrics {
+            let metrics = p.metrics.as_ref().map(|m| {
                 if !m.path.starts_with('/') {
                     self.problem(format!("{at}.metrics.path"), "must start with /");
                 }
                 if m.interval.is_zero() {
                     self.problem(format!("{at}.metrics.interval"), "must be positive");
                 }
-            }
+                let mut spec = |name: &str, text: &Option<String>| {
+                    let text = text.as_deref()?;
+                    text.parse()
+                        .map_err(|e| self.problem(format!("{at}.metrics.{name}"), e))
+                        .ok()
+                };
+                PoolScrape {
+                    path: m.path.clone(),
+                    interval: m.interval,
+                    waiting: spec("waiting", &m.waiting),
+                    kv_cache: spec("kv_cache", &m.kv_cache),
+                }
+            });
             if p.reload.drain_deadline.is_zero() {
                 self.problem(format!("{at}.reload.drain_deadline"), "must be positive");
             }
@@ -729,9 +741,10 @@ impl Validator {
                 picker: p.picker,
                 queue: p.queue.clone(),
                 reload: p.reload.clone(),
-                metrics: p.metrics.clone(),
+                metrics,
                 max_body: p.max_body as usize,
                 model_header: p.model_header,
+                load_reports: p.load_reports,
                 version_split: self.version_split(&at, p),
             });
         }

@@ -464,6 +464,61 @@ fn inference_pool_mistakes_name_their_field() {
 }
 
 #[test]
+fn a_pool_names_the_load_series_of_a_server_weir_does_not_know() {
+    use weir_policies::snapshot::MetricSpec;
+    let spec = |name: &str, labels: &[(&str, &str)]| MetricSpec {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let s = load_str(
+        "weir.yaml",
+        &format!(
+            "{POOL}    metrics: {{ interval: 5s, waiting: tgi_queue_size, kv_cache: 'nv_trt_llm_kv_cache_block_metrics{{kv_cache_block_type=\"fraction\", model=tensorrt_llm}}' }}\n"
+        ),
+    )
+    .expect("valid");
+    let m = s.pools[0].metrics.as_ref().expect("scraped");
+    assert_eq!(
+        (m.path.as_str(), m.interval),
+        ("/metrics", Duration::from_secs(5))
+    );
+    assert_eq!(m.waiting, Some(spec("tgi_queue_size", &[])));
+    assert_eq!(
+        m.kv_cache,
+        Some(spec(
+            "nv_trt_llm_kv_cache_block_metrics",
+            &[
+                ("kv_cache_block_type", "fraction"),
+                ("model", "tensorrt_llm")
+            ]
+        ))
+    );
+    // Not named: the servers' known names are read.
+    let s = load_str("weir.yaml", &format!("{POOL}    metrics: {{}}\n")).expect("valid");
+    let m = s.pools[0].metrics.as_ref().expect("scraped");
+    assert_eq!((&m.waiting, &m.kv_cache), (&None, &None));
+    // What is not a series is refused where it is written.
+    for (bad, why) in [
+        ("'queue size'", "is not a Prometheus metric name"),
+        ("'9queue'", "is not a Prometheus metric name"),
+        ("'q{kind=waiting'", "expected `}` at the end"),
+        ("'q{kind}'", "expected label=\"value\""),
+        ("'q{my-label=\"x\"}'", "is not a Prometheus label name"),
+        ("'q{kind=\"x}'", "unterminated quote"),
+    ] {
+        let e = one_error(&format!("{POOL}    metrics: {{ waiting: {bad} }}\n"));
+        assert!(
+            e.starts_with("weir.yaml:10:") && e.contains("inference_pools[0].metrics.waiting"),
+            "{bad}: {e}"
+        );
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn a_version_split_names_models_the_pool_serves() {
     let s = load_str(
         "weir.yaml",

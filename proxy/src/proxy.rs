@@ -1024,7 +1024,12 @@ impl ProxyHttp for WeirProxy {
         }
         // vLLM and Triton report their load (ORCA) only when asked; a client that did not ask
         // does not get the report.
-        if ctx.inference.is_some() && !upstream.headers.contains_key(load::ORCA_FORMAT_HEADER) {
+        let asks = ctx
+            .inference
+            .as_ref()
+            .zip(ctx.runtime.as_deref())
+            .is_some_and(|(i, rt)| rt.snapshot.pools[i.pool].load_reports);
+        if asks && !upstream.headers.contains_key(load::ORCA_FORMAT_HEADER) {
             upstream.insert_header(load::ORCA_FORMAT_HEADER, "TEXT")?;
             ctx.orca_asked = true;
         }

@@ -455,6 +455,49 @@ async fn scraped_load_steers_requests_to_the_idle_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_reads_the_load_series_it_names() {
+    // A server weir knows no names of (TGI's queue gauge, a KV-cache gauge per device); its
+    // vLLM-named gauges, which the named series replace, say the opposite.
+    let a = ModelServer::start_with(&["llama"], 1).await;
+    let b = ModelServer::start_with(&["llama"], 2).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
+        "    metrics: { interval: 50ms, waiting: tgi_queue_size, kv_cache: 'cache_use{kind=\"kv\"}' }\n",
+    ));
+    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+    for (busy, idle, tag) in [(&a, &b, "v2-"), (&b, &a, "v1-")] {
+        *busy.load.more_metrics.lock().unwrap() =
+            "# TYPE tgi_queue_size gauge\ntgi_queue_size 40\n\
+            # TYPE cache_use gauge\ncache_use{kind=\"kv\"} 0.9\ncache_use{kind=\"swap\"} 0.1\n"
+                .into();
+        *idle.load.more_metrics.lock().unwrap() = "# TYPE tgi_queue_size gauge\ntgi_queue_size 0\n\
+            # TYPE cache_use gauge\ncache_use{kind=\"kv\"} 0.1\ncache_use{kind=\"swap\"} 0.9\n"
+            .into();
+        busy.load.waiting.store(0, Ordering::Relaxed);
+        idle.load.waiting.store(40, Ordering::Relaxed);
+        wait_for("the scrape to see the load", Duration::from_secs(5), || {
+            let (busy, idle) = (
+                endpoint_json(&s.weir, busy.http_addr),
+                endpoint_json(&s.weir, idle.http_addr),
+            );
+            busy["queue_depth"] == 40
+                && busy["kv_cache"] == 0.9
+                && idle["queue_depth"] == 0
+                && idle["kv_cache"] == 0.1
+        });
+        for _ in 0..10 {
+            let (status, body) = completion(s.listen, ask.clone(), &[]).await;
+            assert_eq!(status, 200);
+            assert!(
+                body.contains(tag),
+                "every request to the idle replica: {body}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tritonclient_streams_through_an_inference_pool() {
     if !crate::kserve::tritonclient_available() {
         return;
@@ -1181,6 +1224,41 @@ async fn requests_sharing_a_prompt_prefix_keep_to_one_replica() {
         assert!(
             homes.len() >= 2,
             "{protocol}: eight prefixes all on {homes:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_with_load_reports_off_asks_no_replica_for_one() {
+    let sim = ModelServer::start(&["llama"]).await;
+    sim.load.waiting.store(40, Ordering::Relaxed);
+    for (protocol, addr) in [("openai", sim.http_addr), ("kserve_grpc", sim.addr)] {
+        let s = start(&pool_config(
+            protocol,
+            &[(addr, "llama")],
+            "    load_reports: false\n",
+        ));
+        for _ in 0..3 {
+            if protocol == "openai" {
+                let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
+                let (status, body) = completion(s.listen, ask, &[]).await;
+                assert_eq!(status, 200, "{body}");
+            } else {
+                let mut client = kserve_client(s.listen).await.expect("connect");
+                client
+                    .model_infer(token_request("llama", "quiet", 1))
+                    .await
+                    .expect("ModelInfer");
+            }
+        }
+        // vLLM-like, the OpenAI server reports only when asked (asked, weir would read 40 from
+        // the first response); like gRPC servers with ORCA on, the gRPC one reports every
+        // call, asked or not, and what comes unasked is still read.
+        let expected = if protocol == "openai" { 0 } else { 40 };
+        assert_eq!(
+            endpoint_json(&s.weir, addr)["queue_depth"],
+            expected,
+            "{protocol}"
         );
     }
 }

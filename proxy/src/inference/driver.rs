@@ -18,7 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use weir_control::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use weir_control::kserve::{ModelMetadataRequest, ModelReadyRequest};
 use weir_policies::model::InferenceProtocol;
-use weir_policies::snapshot::InferencePool;
+use weir_policies::snapshot::{InferencePool, PoolScrape};
 
 use super::load;
 use super::pool::{Origin, PoolEndpoint};
@@ -332,9 +332,9 @@ impl Inference {
                     if !self.claim("scrape", e.metrics_address, m.interval) {
                         continue;
                     }
-                    let (this, e, path) = (self.clone(), e.clone(), m.path.clone());
+                    let (this, e, m) = (self.clone(), e.clone(), m.clone());
                     tokio::spawn(async move {
-                        this.scrape(&e, &path).await;
+                        this.scrape(&e, &m).await;
                         this.release("scrape", e.metrics_address);
                     });
                 }
@@ -354,12 +354,17 @@ impl Inference {
         }
     }
 
-    async fn scrape(&self, e: &PoolEndpoint, path: &str) {
-        match self.http_call(e.metrics_address, "GET", path, None).await {
-            Some((200, body)) => match load::from_prometheus(&String::from_utf8_lossy(&body)) {
-                Ok(sample) => e.report(&sample),
-                Err(err) => tracing::debug!(endpoint = %e.metrics_address, "metrics: {err}"),
-            },
+    async fn scrape(&self, e: &PoolEndpoint, m: &PoolScrape) {
+        match self
+            .http_call(e.metrics_address, "GET", &m.path, None)
+            .await
+        {
+            Some((200, body)) => {
+                match load::from_prometheus(&String::from_utf8_lossy(&body), Some(m)) {
+                    Ok(sample) => e.report(&sample),
+                    Err(err) => tracing::debug!(endpoint = %e.metrics_address, "metrics: {err}"),
+                }
+            }
             other => {
                 tracing::debug!(endpoint = %e.metrics_address, status = ?other.map(|o| o.0), "metrics scrape failed")
             }

@@ -3,6 +3,7 @@
 //! Pure parsers; the picker reads the result through [`super::picker::Load`].
 
 use super::picker::Load;
+use weir_policies::snapshot::PoolScrape;
 
 /// What one report said; `None` where it said nothing.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -32,14 +33,17 @@ impl LoadSample {
 /// Reads a model server's gauges from its Prometheus text page: `vllm:num_requests_waiting`,
 /// `vllm:num_requests_running` (summed over label sets, e.g. per model),
 /// `vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`; the highest reported),
-/// or the same under SGLang's, trtllm-serve's or Triton TensorRT-LLM's names,
+/// or the same under SGLang's, trtllm-serve's or Triton TensorRT-LLM's names, or under the
+/// names the pool's `scrape` gives (for any other server: those replace the known names),
 /// and the LoRA adapters loaded now: `vllm:lora_requests_info`'s `running_lora_adapters` and
 /// `waiting_lora_adapters` (comma-separated), of its newest label set (the value is when vLLM
 /// set it; older sets stay on the page).
-pub fn from_prometheus(text: &str) -> Result<LoadSample, String> {
+pub fn from_prometheus(text: &str, scrape: Option<&PoolScrape>) -> Result<LoadSample, String> {
     use openmetrics_parser::PrometheusValue;
     let page = openmetrics_parser::prometheus::parse_prometheus(text)
         .map_err(|e| format!("metrics page: {e:?}"))?;
+    let named_waiting = scrape.and_then(|s| s.waiting.as_ref());
+    let named_kv_cache = scrape.and_then(|s| s.kv_cache.as_ref());
     let mut sample = LoadSample::default();
     let mut lora_newest = f64::NEG_INFINITY;
     for (name, family) in &page.families {
@@ -74,42 +78,59 @@ pub fn from_prometheus(text: &str) -> Result<LoadSample, String> {
                 PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
                 _ => continue,
             };
-            let label = |l: &str| {
-                s.get_labelset()
-                    .ok()
-                    .and_then(|set| set.get_label_value(l).map(str::to_string))
-            };
-            let sum = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + v);
+            let labels = s.get_labelset().ok();
+            let label = |l: &str| labels.as_ref().and_then(|set| set.get_label_value(l));
             // The same three numbers under each server's names (vLLM, SGLang, trtllm-serve,
             // Triton's TensorRT-LLM backend), as the Gateway API inference extension reads them.
-            match name.as_str() {
+            let known = match name.as_str() {
                 "vllm:num_requests_waiting"
                 | "sglang:num_queue_reqs"
-                | "trtllm_num_requests_waiting" => sum(&mut sample.waiting),
+                | "trtllm_num_requests_waiting" => Some(Gauge::Waiting),
                 "vllm:num_requests_running"
                 | "sglang:num_running_reqs"
-                | "trtllm_num_requests_running" => sum(&mut sample.running),
-                "nv_trt_llm_request_metrics" => match label("request_type").as_deref() {
-                    Some("waiting") => sum(&mut sample.waiting),
-                    Some("scheduled") => sum(&mut sample.running),
-                    _ => {}
+                | "trtllm_num_requests_running" => Some(Gauge::Running),
+                "nv_trt_llm_request_metrics" => match label("request_type") {
+                    Some("waiting") => Some(Gauge::Waiting),
+                    Some("scheduled") => Some(Gauge::Running),
+                    _ => None,
                 },
                 "vllm:kv_cache_usage_perc"
                 | "vllm:gpu_cache_usage_perc"
                 | "sglang:token_usage"
-                | "trtllm_kv_cache_utilization" => {
-                    sample.kv_cache = Some(sample.kv_cache.map_or(v, |k: f64| k.max(v)))
-                }
+                | "trtllm_kv_cache_utilization" => Some(Gauge::KvCache),
                 "nv_trt_llm_kv_cache_block_metrics"
-                    if label("kv_cache_block_type").as_deref() == Some("fraction") =>
+                    if label("kv_cache_block_type") == Some("fraction") =>
                 {
-                    sample.kv_cache = Some(sample.kv_cache.map_or(v, |k: f64| k.max(v)))
+                    Some(Gauge::KvCache)
                 }
+                _ => None,
+            };
+            let sum = |slot: &mut Option<f64>| *slot = Some(slot.unwrap_or(0.0) + v);
+            let max = |slot: &mut Option<f64>| *slot = Some(slot.map_or(v, |k: f64| k.max(v)));
+            match named_waiting {
+                Some(spec) if spec.matches(name, label) => sum(&mut sample.waiting),
+                None if known == Some(Gauge::Waiting) => sum(&mut sample.waiting),
                 _ => {}
+            }
+            match named_kv_cache {
+                Some(spec) if spec.matches(name, label) => max(&mut sample.kv_cache),
+                None if known == Some(Gauge::KvCache) => max(&mut sample.kv_cache),
+                _ => {}
+            }
+            if known == Some(Gauge::Running) {
+                sum(&mut sample.running);
             }
         }
     }
     Ok(sample)
+}
+
+/// Which of the numbers a server's series is, by the names weir knows.
+#[derive(Clone, Copy, PartialEq)]
+enum Gauge {
+    Waiting,
+    Running,
+    KvCache,
 }
 
 /// The response header a server reports its load in (ORCA).
@@ -224,7 +245,7 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
 
     #[test]
     fn vllm_metrics_page_gives_queue_running_and_kv_cache() {
-        let s = from_prometheus(VLLM).unwrap();
+        let s = from_prometheus(VLLM, None).unwrap();
         assert_eq!(
             s,
             LoadSample {
@@ -237,9 +258,12 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
         let mut load = Load::default();
         s.apply(&mut load);
         assert_eq!((load.queue_depth, load.kv_cache), (5, 0.42));
-        let old = from_prometheus("vllm:gpu_cache_usage_perc 0.9\n").unwrap();
+        let old = from_prometheus("vllm:gpu_cache_usage_perc 0.9\n", None).unwrap();
         assert_eq!(old.kv_cache, Some(0.9), "older vLLM name");
-        assert_eq!(from_prometheus("up 1\n").unwrap(), LoadSample::default());
+        assert_eq!(
+            from_prometheus("up 1\n", None).unwrap(),
+            LoadSample::default()
+        );
     }
 
     #[test]
@@ -266,13 +290,57 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
             nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\",model=\"tensorrt_llm\",version=\"1\"} 4096\n\
             nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\",model=\"tensorrt_llm\",version=\"1\"} 0.31\n";
         for page in [sglang, trtllm_serve, triton] {
-            let s = from_prometheus(page).unwrap();
+            let s = from_prometheus(page, None).unwrap();
             assert_eq!(
                 (s.waiting, s.running, s.kv_cache),
                 (Some(6.0), Some(2.0), Some(0.31)),
                 "{page}"
             );
         }
+    }
+
+    #[test]
+    fn series_the_pool_names_replace_the_known_names() {
+        // TGI's queue gauge, a KV-cache gauge per device, and vLLM's names beside them.
+        let page = "# TYPE tgi_queue_size gauge\n\
+            tgi_queue_size 7\n\
+            # TYPE vllm:num_requests_waiting gauge\n\
+            vllm:num_requests_waiting 3\n\
+            # TYPE vllm:kv_cache_usage_perc gauge\n\
+            vllm:kv_cache_usage_perc 0.1\n\
+            # TYPE cache_use gauge\n\
+            cache_use{device=\"gpu0\",kind=\"kv\"} 0.2\n\
+            cache_use{device=\"gpu1\",kind=\"kv\"} 0.6\n\
+            cache_use{device=\"cpu\",kind=\"swap\"} 0.9\n\
+            # TYPE queue gauge\n\
+            queue{model=\"a\"} 2\n\
+            queue{model=\"b\"} 5\n";
+        let scrape = |waiting: Option<&str>, kv_cache: Option<&str>| PoolScrape {
+            path: "/metrics".into(),
+            interval: std::time::Duration::from_secs(1),
+            waiting: waiting.map(|w| w.parse().unwrap()),
+            kv_cache: kv_cache.map(|k| k.parse().unwrap()),
+        };
+        let read = |waiting, kv_cache| {
+            let s = from_prometheus(page, Some(&scrape(waiting, kv_cache))).unwrap();
+            (s.waiting, s.kv_cache)
+        };
+        assert_eq!(read(None, None), (Some(3.0), Some(0.1)), "the known names");
+        assert_eq!(read(Some("tgi_queue_size"), None), (Some(7.0), Some(0.1)));
+        // Every matching series: summed for the queue, the highest for the KV cache.
+        assert_eq!(
+            read(Some("queue"), Some("cache_use")),
+            (Some(7.0), Some(0.9))
+        );
+        assert_eq!(
+            read(Some("queue{model=b}"), Some("cache_use{kind=\"kv\"}")),
+            (Some(5.0), Some(0.6))
+        );
+        // A name the page lacks: nothing said (the known names are not read instead).
+        assert_eq!(
+            read(Some("absent"), Some("cache_use{kind=gpu}")),
+            (None, None)
+        );
     }
 
     #[test]
@@ -283,7 +351,7 @@ vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql-lora",waiting_lo
 vllm:lora_requests_info{max_lora="4",running_lora_adapters="chat-lora,sql-lora",waiting_lora_adapters="math-lora"} 1.7644e+09
 vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.7642e+09
 "#;
-        let s = from_prometheus(page).unwrap();
+        let s = from_prometheus(page, None).unwrap();
         assert_eq!(
             s.adapters,
             Some(vec![
@@ -295,10 +363,11 @@ vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapt
         // None loaded now: an empty list, which clears what an earlier scrape said.
         let idle = from_prometheus(
             "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1.8e+09\n",
+            None,
         )
         .unwrap();
         assert_eq!(idle.adapters, Some(vec![]));
-        assert_eq!(from_prometheus(VLLM).unwrap().adapters, None);
+        assert_eq!(from_prometheus(VLLM, None).unwrap().adapters, None);
     }
 
     #[test]
