@@ -495,6 +495,13 @@ async fn a_pool_reads_the_load_series_it_names() {
             );
         }
     }
+    // A series in percent is taken as full, and said so.
+    *a.load.more_metrics.lock().unwrap() =
+        "# TYPE cache_use gauge\ncache_use{kind=\"kv\"} 85\n".into();
+    wait_for("the warning", Duration::from_secs(5), || {
+        s.weir.log().contains("KV-cache use 85 is over 1")
+    });
+    assert_eq!(endpoint_json(&s.weir, a.http_addr)["kv_cache"], 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -361,7 +361,13 @@ impl Inference {
         {
             Some((200, body)) => {
                 match load::from_prometheus(&String::from_utf8_lossy(&body), Some(m)) {
-                    Ok(sample) => e.report(&sample),
+                    Ok(sample) => {
+                        // Taken as full: the picker would avoid the replica, or wait for it.
+                        if let Some(k) = sample.kv_cache.filter(|k| *k > 1.0) {
+                            tracing::warn!(endpoint = %e.metrics_address, "KV-cache use {k} is over 1 (taken as full): the series must report a fraction");
+                        }
+                        e.report(&sample)
+                    }
                     Err(err) => tracing::debug!(endpoint = %e.metrics_address, "metrics: {err}"),
                 }
             }
