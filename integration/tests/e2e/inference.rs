@@ -424,24 +424,23 @@ async fn a_version_split_shares_requests_between_serving_versions() {
     assert_eq!(count_v2(20, &[]).await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scraped_load_steers_requests_to_the_idle_replica() {
-    let a = ModelServer::start_with(&["llama"], 1).await;
-    let b = ModelServer::start_with(&["llama"], 2).await;
-    let s = start(&pool_config(
-        "openai",
-        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
-        "    metrics: { interval: 50ms }\n",
-    ));
+/// Replicas `a` (version 1) and `b` (version 2) of llama behind `s`, each made the busy one in
+/// turn by `load(busy, idle)`: once weir's view of the two endpoints passes `seen(busy, idle)`,
+/// every request goes to the idle one.
+async fn requests_avoid_the_busy_replica(
+    s: &Setup,
+    (a, b): (&ModelServer, &ModelServer),
+    load: impl Fn(&ModelServer, &ModelServer),
+    seen: impl Fn(&serde_json::Value, &serde_json::Value) -> bool,
+) {
     let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
-    for (busy, idle, tag) in [(&a, &b, "v2-"), (&b, &a, "v1-")] {
-        busy.load.waiting.store(40, Ordering::Relaxed);
-        busy.load.kv_cache_permille.store(900, Ordering::Relaxed);
-        idle.load.waiting.store(0, Ordering::Relaxed);
-        idle.load.kv_cache_permille.store(100, Ordering::Relaxed);
+    for (busy, idle, tag) in [(a, b, "v2-"), (b, a, "v1-")] {
+        load(busy, idle);
         wait_for("the scrape to see the load", Duration::from_secs(5), || {
-            endpoint_json(&s.weir, busy.http_addr)["queue_depth"] == 40
-                && endpoint_json(&s.weir, idle.http_addr)["queue_depth"] == 0
+            seen(
+                &endpoint_json(&s.weir, busy.http_addr),
+                &endpoint_json(&s.weir, idle.http_addr),
+            )
         });
         for _ in 0..10 {
             let (status, body) = completion(s.listen, ask.clone(), &[]).await;
@@ -455,6 +454,27 @@ async fn scraped_load_steers_requests_to_the_idle_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scraped_load_steers_requests_to_the_idle_replica() {
+    let a = ModelServer::start_with(&["llama"], 1).await;
+    let b = ModelServer::start_with(&["llama"], 2).await;
+    let s = start(&pool_config(
+        "openai",
+        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
+        "    metrics: { interval: 50ms }\n",
+    ));
+    let load = |busy: &ModelServer, idle: &ModelServer| {
+        busy.load.waiting.store(40, Ordering::Relaxed);
+        busy.load.kv_cache_permille.store(900, Ordering::Relaxed);
+        idle.load.waiting.store(0, Ordering::Relaxed);
+        idle.load.kv_cache_permille.store(100, Ordering::Relaxed);
+    };
+    let seen = |busy: &serde_json::Value, idle: &serde_json::Value| {
+        busy["queue_depth"] == 40 && idle["queue_depth"] == 0
+    };
+    requests_avoid_the_busy_replica(&s, (&a, &b), load, seen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pool_reads_the_load_series_it_names() {
     // A server weir knows no names of (TGI's queue gauge, a KV-cache gauge per device); its
     // vLLM-named gauges, which the named series replace, say the opposite.
@@ -465,36 +485,25 @@ async fn a_pool_reads_the_load_series_it_names() {
         &[(a.http_addr, "llama"), (b.http_addr, "llama")],
         "    metrics: { interval: 50ms, waiting: tgi_queue_size, kv_cache: 'cache_use{kind=\"kv\"}' }\n",
     ));
-    let ask = serde_json::json!({"model": "llama", "prompt": "p", "max_tokens": 1});
-    for (busy, idle, tag) in [(&a, &b, "v2-"), (&b, &a, "v1-")] {
-        *busy.load.more_metrics.lock().unwrap() =
-            "# TYPE tgi_queue_size gauge\ntgi_queue_size 40\n\
-            # TYPE cache_use gauge\ncache_use{kind=\"kv\"} 0.9\ncache_use{kind=\"swap\"} 0.1\n"
-                .into();
-        *idle.load.more_metrics.lock().unwrap() = "# TYPE tgi_queue_size gauge\ntgi_queue_size 0\n\
-            # TYPE cache_use gauge\ncache_use{kind=\"kv\"} 0.1\ncache_use{kind=\"swap\"} 0.9\n"
-            .into();
+    let page = |queue: u32, kv: f64, swap: f64| {
+        format!(
+            "# TYPE tgi_queue_size gauge\ntgi_queue_size {queue}\n# TYPE cache_use gauge\n\
+             cache_use{{kind=\"kv\"}} {kv}\ncache_use{{kind=\"swap\"}} {swap}\n"
+        )
+    };
+    let load = |busy: &ModelServer, idle: &ModelServer| {
+        *busy.load.more_metrics.lock().unwrap() = page(40, 0.9, 0.1);
+        *idle.load.more_metrics.lock().unwrap() = page(0, 0.1, 0.9);
         busy.load.waiting.store(0, Ordering::Relaxed);
         idle.load.waiting.store(40, Ordering::Relaxed);
-        wait_for("the scrape to see the load", Duration::from_secs(5), || {
-            let (busy, idle) = (
-                endpoint_json(&s.weir, busy.http_addr),
-                endpoint_json(&s.weir, idle.http_addr),
-            );
-            busy["queue_depth"] == 40
-                && busy["kv_cache"] == 0.9
-                && idle["queue_depth"] == 0
-                && idle["kv_cache"] == 0.1
-        });
-        for _ in 0..10 {
-            let (status, body) = completion(s.listen, ask.clone(), &[]).await;
-            assert_eq!(status, 200);
-            assert!(
-                body.contains(tag),
-                "every request to the idle replica: {body}"
-            );
-        }
-    }
+    };
+    let seen = |busy: &serde_json::Value, idle: &serde_json::Value| {
+        busy["queue_depth"] == 40
+            && busy["kv_cache"] == 0.9
+            && idle["queue_depth"] == 0
+            && idle["kv_cache"] == 0.1
+    };
+    requests_avoid_the_busy_replica(&s, (&a, &b), load, seen).await;
     // A series in percent is taken as full, and said so.
     *a.load.more_metrics.lock().unwrap() =
         "# TYPE cache_use gauge\ncache_use{kind=\"kv\"} 85\n".into();

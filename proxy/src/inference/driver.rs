@@ -368,7 +368,8 @@ impl Inference {
                         }
                         e.report(&sample)
                     }
-                    Err(err) => tracing::debug!(endpoint = %e.metrics_address, "metrics: {err}"),
+                    // Said: the picker goes without this replica's load meanwhile.
+                    Err(err) => tracing::warn!(endpoint = %e.metrics_address, "metrics: {err}"),
                 }
             }
             other => {
