@@ -504,9 +504,8 @@ async fn a_pool_reads_the_load_series_it_names() {
             && idle["kv_cache"] == 0.1
     };
     requests_avoid_the_busy_replica(&s, (&a, &b), load, seen).await;
-    // A series in percent is taken as full, and said so.
-    *a.load.more_metrics.lock().unwrap() =
-        "# TYPE cache_use gauge\ncache_use{kind=\"kv\"} 85\n".into();
+    // A series in percent (here with no TYPE line) is taken as full, and said so.
+    *a.load.more_metrics.lock().unwrap() = "cache_use{kind=\"kv\"} 85\n".into();
     wait_for("the warning", Duration::from_secs(5), || {
         s.weir.log().contains("KV-cache use 85 is over 1")
     });

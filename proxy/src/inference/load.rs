@@ -40,7 +40,7 @@ impl LoadSample {
 /// set it; older sets stay on the page).
 pub fn from_prometheus(text: &str, scrape: Option<&PoolScrape>) -> Result<LoadSample, String> {
     use openmetrics_parser::PrometheusValue;
-    let page = openmetrics_parser::prometheus::parse_prometheus(text)
+    let page = openmetrics_parser::prometheus::parse_prometheus(&typed(text))
         .map_err(|e| format!("metrics page: {e:?}"))?;
     let named_waiting = scrape.and_then(|s| s.waiting.as_ref());
     let named_kv_cache = scrape.and_then(|s| s.kv_cache.as_ref());
@@ -123,6 +123,51 @@ pub fn from_prometheus(text: &str, scrape: Option<&PoolScrape>) -> Result<LoadSa
         }
     }
     Ok(sample)
+}
+
+/// `text` with a `# TYPE <name> untyped` line before each series that no `# TYPE` or `# HELP`
+/// line introduced. The Prometheus text format allows such series (a hand-written exporter's
+/// page may hold nothing else); the parser takes each one for a sample of the family above it
+/// and refuses the whole page.
+fn typed(text: &str) -> std::borrow::Cow<'_, str> {
+    // The family the comments above introduced, and the suffixes of its samples' names.
+    let mut family = "";
+    let belongs = |name: &str, family: &str| {
+        name.strip_prefix(family).is_some_and(|rest| {
+            ["", "_bucket", "_sum", "_count", "_total", "_created"].contains(&rest)
+        }) && !family.is_empty()
+    };
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(comment) = trimmed.strip_prefix('#') {
+            let mut words = comment.split_whitespace();
+            if let (Some("TYPE" | "HELP"), Some(name)) = (words.next(), words.next()) {
+                family = name;
+            }
+        } else if !trimmed.trim().is_empty() {
+            let name = trimmed
+                .split(|c: char| c == '{' || c.is_whitespace())
+                .next()
+                .unwrap_or_default();
+            if !belongs(name, family) {
+                out.push_str(&text[copied..at]);
+                out.push_str("# TYPE ");
+                out.push_str(name);
+                out.push_str(" untyped\n");
+                copied = at;
+                family = name;
+            }
+        }
+        at += line.len();
+    }
+    if out.is_empty() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Which of the numbers a server's series is, by the names weir knows.
@@ -340,6 +385,31 @@ vllm:prompt_tokens_total{model_name="llama"} 12345.0
         assert_eq!(
             read(Some("absent"), Some("cache_use{kind=gpu}")),
             (None, None)
+        );
+    }
+
+    #[test]
+    fn series_without_a_type_line_are_read() {
+        // Allowed by the Prometheus text format: untyped series, alone or after typed ones.
+        let page = "tgi_queue_size 7\ncache_use{kind=\"kv\"} 0.4\n\
+            # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 3\n\
+            queue{model=\"a\"} 2\nqueue{model=\"b\"} 5\n";
+        let scrape = |waiting: &str, kv_cache: &str| PoolScrape {
+            path: "/metrics".into(),
+            interval: std::time::Duration::from_secs(1),
+            waiting: Some(waiting.parse().unwrap()),
+            kv_cache: Some(kv_cache.parse().unwrap()),
+        };
+        let s = from_prometheus(page, Some(&scrape("tgi_queue_size", "cache_use"))).unwrap();
+        assert_eq!((s.waiting, s.kv_cache), (Some(7.0), Some(0.4)));
+        let s = from_prometheus(page, Some(&scrape("queue", "cache_use"))).unwrap();
+        assert_eq!(s.waiting, Some(7.0));
+        assert_eq!(from_prometheus(page, None).unwrap().waiting, Some(3.0));
+        // A typed page is parsed as it is.
+        assert!(matches!(typed(VLLM), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(
+            typed("# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\nu 2\n"),
+            "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n# TYPE u untyped\nu 2\n"
         );
     }
 
