@@ -49,7 +49,8 @@ pub fn load_str(file: &str, text: &str) -> Result<Snapshot, ConfigErrors> {
 /// concatenated in the order given, then validated together, so a route in one file may use a
 /// cluster from another. Errors still name the file, line and field where the problem is.
 pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>), ConfigErrors> {
-    load_many_with(files, parse, |_, _| ()).map(|(snapshot, spans, ())| (snapshot, spans))
+    load_many_with(files, |f, t| parse(f, t), |_, _| ())
+        .map(|(snapshot, spans, ())| (snapshot, spans))
 }
 
 /// [`load_many`] with each file's text turned into its raw model by `parse` (given the file's
@@ -57,9 +58,9 @@ pub fn load_many(files: &[(String, String)]) -> Result<(Snapshot, Vec<FileSpan>)
 /// file that did not change. `alongside` gets the merged config and the files' spans on a
 /// thread of its own while validation runs (the control plane splits the config into
 /// resources meanwhile); its result is returned with the snapshot.
-pub fn load_many_with<T: Send>(
-    files: &[(String, String)],
-    mut parse: impl FnMut(&str, &str) -> Result<Config, ConfigErrors>,
+pub fn load_many_with<T: Send, S: std::ops::Deref<Target: AsRef<str>>>(
+    files: &[(String, S)],
+    mut parse: impl FnMut(&str, &S) -> Result<Config, ConfigErrors>,
     alongside: impl FnOnce(&Config, &[FileSpan]) -> T + Send,
 ) -> Result<(Snapshot, Vec<FileSpan>, T), ConfigErrors> {
     let mut merged = Config::default();
@@ -67,7 +68,8 @@ pub fn load_many_with<T: Send>(
     let mut errors = Vec::new();
     // Where each file's items start in the merged lists.
     let mut starts: Vec<[usize; 5]> = Vec::new();
-    for (name, text) in files {
+    for (name, shared) in files {
+        let text = (**shared).as_ref();
         starts.push([
             merged.listeners.len(),
             merged.routes.len(),
@@ -75,7 +77,7 @@ pub fn load_many_with<T: Send>(
             merged.filter_chains.len(),
             merged.inference_pools.len(),
         ]);
-        match parse(name, text) {
+        match parse(name, shared) {
             Ok(c) => {
                 if c.admin.is_some() {
                     if merged.admin.is_some() {
@@ -125,8 +127,10 @@ pub fn load_many_with<T: Send>(
     // A panic in `alongside` is its caller's: pass it on.
     let extra = extra.unwrap_or_else(|p| std::panic::resume_unwind(p));
     let mut snapshot = compiled.map_err(|problems| {
-        let indexes: Vec<PositionIndex> =
-            files.iter().map(|(_, t)| PositionIndex::new(t)).collect();
+        let indexes: Vec<PositionIndex> = files
+            .iter()
+            .map(|(_, t)| PositionIndex::new((**t).as_ref()))
+            .collect();
         ConfigErrors(
             problems
                 .into_iter()
@@ -147,7 +151,7 @@ pub fn load_many_with<T: Send>(
     let mut all = String::new();
     for (name, text) in files {
         all.push_str(name);
-        all.push_str(text);
+        all.push_str((**text).as_ref());
     }
     snapshot.version = validate::content_version(&all);
     Ok((snapshot, spans, extra))
@@ -215,7 +219,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 /// it, not parsed again (see [`ItemCache`], which keeps `text`).
 pub fn parse_cached(
     file: &str,
-    text: &std::sync::Arc<str>,
+    text: &std::sync::Arc<String>,
     cache: &mut ItemCache,
 ) -> Result<Config, ConfigErrors> {
     parse_with(file, text, |_| split::parse_cached(text, cache))
