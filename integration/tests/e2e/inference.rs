@@ -1244,6 +1244,28 @@ async fn requests_sharing_a_prompt_prefix_keep_to_one_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_metrics_page_over_the_limit_is_not_read() {
+    // A runaway exporter: 10 MB of comments after the gauges (a page weir would parse whole).
+    let sim = ModelServer::start(&["llama"]).await;
+    sim.load.waiting.store(40, Ordering::Relaxed);
+    *sim.load.more_metrics.lock().unwrap() = "# padding\n".repeat(1_000_000);
+    let s = start(&pool_config(
+        "openai",
+        &[(sim.http_addr, "llama")],
+        "    metrics: { interval: 50ms }\n",
+    ));
+    wait_for("the warning", Duration::from_secs(5), || {
+        s.weir.log().contains("bytes: not read")
+    });
+    assert_eq!(endpoint_json(&s.weir, sim.http_addr)["queue_depth"], 0);
+    // Back under the limit, the page is read again.
+    sim.load.more_metrics.lock().unwrap().clear();
+    wait_for("the scrape to see the load", Duration::from_secs(5), || {
+        endpoint_json(&s.weir, sim.http_addr)["queue_depth"] == 40
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pool_with_load_reports_off_asks_no_replica_for_one() {
     let sim = ModelServer::start(&["llama"]).await;
     sim.load.waiting.store(40, Ordering::Relaxed);

@@ -28,6 +28,11 @@ use crate::state::SharedRuntime;
 const TICK: Duration = Duration::from_millis(50);
 /// Longest a scrape, poll or warm-up request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most bytes of a model server's answer weir reads (a metrics page, a readiness or reload
+/// call): a server that sends more (a runaway exporter) is not read at all, rather than held
+/// in memory. vLLM's page with histograms for a few models is a few hundred KB.
+const MAX_ANSWER_BYTES: usize = 8 << 20;
 /// Warm-up tries before the reload is reported as failed to warm up.
 const WARMUP_TRIES: u32 = 5;
 
@@ -291,7 +296,18 @@ impl Inference {
         let call = async {
             let resp = self.http.request(req).await.ok()?;
             let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            let body = match http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+            {
+                Ok(body) => body.to_bytes(),
+                Err(e) => {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        tracing::warn!(endpoint = %addr, path, "answer over {MAX_ANSWER_BYTES} bytes: not read");
+                    }
+                    return None;
+                }
+            };
             Some((status, body))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, call).await.ok()?
