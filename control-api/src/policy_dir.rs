@@ -73,16 +73,22 @@ impl Parsed {
         self.files[file].1.clone()
     }
 
-    /// Parses `file` and keeps the result; returns what was kept for it before.
+    /// Parses `file` and keeps the result; returns what was kept for it before, and whether
+    /// its routes were moved into the new parse (unchanged; it has none left then).
     fn store(
         &mut self,
         file: &str,
         text: &Arc<String>,
-    ) -> Option<(Arc<String>, Result<Config, ConfigErrors>)> {
+    ) -> Option<(Arc<String>, Result<Config, ConfigErrors>, bool)> {
         self.parses += 1;
         let cache = self.items.entry(file.to_string()).or_default();
-        let parsed = weir_policies::parse_cached(file, text, cache);
-        self.files.insert(file.to_string(), (text.clone(), parsed))
+        let previous = self.files.get_mut(file).and_then(|(_, p)| p.as_mut().ok());
+        let parsed = weir_policies::parse_cached(file, text, cache, previous);
+        let moved = parsed.is_ok() && cache.routes_moved();
+        let (text, was) = self
+            .files
+            .insert(file.to_string(), (text.clone(), parsed))?;
+        Some((text, was, moved))
     }
 
     /// Which of `files` differ, byte for byte, from the files of the last validation (each
@@ -114,9 +120,9 @@ impl Parsed {
         let mut changes = Vec::new();
         for (path, text) in changed.iter().map(|&i| &files[i]) {
             // Kept (not copied) for the whole validation when this is not an endpoint edit.
-            let (_, was) = self.store(path, text)?;
+            let (_, was, routes_moved) = self.store(path, text)?;
             let change = match (&was, &self.files[path].1) {
-                (Ok(was), Ok(now)) => was.endpoint_changes(now),
+                (Ok(was), Ok(now)) => was.endpoint_changes(now, routes_moved),
                 _ => None,
             };
             weir_policies::drop_later(was);
@@ -435,25 +441,31 @@ mod tests {
         let items = |p: &Parsed| p.items.values().next().unwrap().last_parsed();
         assert_eq!(items(&parsed), 2003);
 
-        // An endpoint: one item parsed, taken as an endpoint change, the same version.
-        std::fs::write(&file, policy(9001, "a")).unwrap();
-        reload(dir.path(), &cp, &mut parsed);
-        assert_eq!(items(&parsed), 1);
-        assert_eq!(parsed.endpoint_changes, 1);
-        assert_eq!(cp.version(), whole());
+        // An endpoint: one item parsed, taken as an endpoint change, the same version; the
+        // routes moved from the last parse, twice in a row.
+        let moved = |p: &Parsed| p.items.values().next().unwrap().routes_moved();
+        for (n, port) in [9001, 9003].into_iter().enumerate() {
+            std::fs::write(&file, policy(port, "a")).unwrap();
+            reload(dir.path(), &cp, &mut parsed);
+            assert_eq!(items(&parsed), 1);
+            assert!(moved(&parsed));
+            assert_eq!(parsed.endpoint_changes, n + 1);
+            assert_eq!(cp.version(), whole());
+        }
 
         // Every route: all parsed again, validated whole, the same version.
-        std::fs::write(&file, policy(9001, "b")).unwrap();
+        std::fs::write(&file, policy(9003, "b")).unwrap();
         reload(dir.path(), &cp, &mut parsed);
         assert_eq!(items(&parsed), 2000);
-        assert_eq!(parsed.endpoint_changes, 1);
+        assert!(!moved(&parsed));
+        assert_eq!(parsed.endpoint_changes, 2);
         assert_eq!(cp.version(), whole());
 
         // A broken item: nothing published, the error names the route; fixed, served again.
         let good = cp.version();
         std::fs::write(
             &file,
-            policy(9001, "b").replace("prefix: /b7/", "prefix: [7]"),
+            policy(9003, "b").replace("prefix: /b7/", "prefix: [7]"),
         )
         .unwrap();
         reload(dir.path(), &cp, &mut parsed);

@@ -216,13 +216,16 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 }
 
 /// [`parse`] of a file parsed before with `cache`: list items unchanged since are taken from
-/// it, not parsed again (see [`ItemCache`], which keeps `text`).
+/// it, not parsed again (see [`ItemCache`], which keeps `text`). `previous` is the config the
+/// last parse with `cache` gave, if the caller kept it: when no route changed, its routes
+/// are moved into the new config ([`ItemCache::routes_moved`]).
 pub fn parse_cached(
     file: &str,
     text: &std::sync::Arc<String>,
     cache: &mut ItemCache,
+    previous: Option<&mut Config>,
 ) -> Result<Config, ConfigErrors> {
-    parse_with(file, text, |_| split::parse_cached(text, cache))
+    parse_with(file, text, |_| split::parse_cached(text, cache, previous))
 }
 
 fn parse_with(

@@ -50,8 +50,21 @@ pub struct Config {
 impl Config {
     /// When `newer` differs from `self` only in the endpoints of some clusters: those
     /// clusters' names and new endpoints, in order (empty when nothing differs). `None` when
-    /// anything else differs.
-    pub fn endpoint_changes(&self, newer: &Config) -> Option<Vec<(String, Vec<Endpoint>)>> {
+    /// anything else differs. `routes_moved`: `self`'s routes were moved into `newer` (see
+    /// [`crate::ItemCache::routes_moved`]), which has them all: they are not compared.
+    pub fn endpoint_changes(
+        &self,
+        newer: &Config,
+        routes_moved: bool,
+    ) -> Option<Vec<(String, Vec<Endpoint>)>> {
+        let same_routes = || {
+            self.routes.len() == newer.routes.len()
+                && self
+                    .routes
+                    .iter()
+                    .zip(&newer.routes)
+                    .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+        };
         let same_rest = self.admin == newer.admin
             && self.listeners == newer.listeners
             && self.filter_chains == newer.filter_chains
@@ -62,12 +75,7 @@ impl Config {
             && self.tracing == newer.tracing
             && self.otlp_metrics == newer.otlp_metrics
             && self.clusters.len() == newer.clusters.len()
-            && self.routes.len() == newer.routes.len()
-            && self
-                .routes
-                .iter()
-                .zip(&newer.routes)
-                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b);
+            && (routes_moved || same_routes());
         if !same_rest {
             return None;
         }
