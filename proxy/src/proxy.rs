@@ -625,6 +625,12 @@ impl WeirProxy {
 /// pool's models and adapters, not the one replica's a forwarded request would list. `None`
 /// for other paths.
 fn openai_models(pool: &pool::PoolState, path: &str) -> Option<(u16, serde_json::Value)> {
+    // The list, or one model (`None`: another path, answered by a replica).
+    let one = match path.strip_prefix("/v1/models/") {
+        _ if path.trim_end_matches('/') == "/v1/models" => None,
+        Some(id) => Some(id),
+        None => return None,
+    };
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -635,14 +641,13 @@ fn openai_models(pool: &pool::PoolState, path: &str) -> Option<(u16, serde_json:
         })
     };
     let models = pool.models();
-    if path.trim_end_matches('/') == "/v1/models" {
+    let Some(id) = one else {
         let data: Vec<_> = models
             .iter()
             .map(|(id, parent)| model(id, parent.as_deref()))
             .collect();
         return Some((200, serde_json::json!({"object": "list", "data": data})));
-    }
-    let id = path.strip_prefix("/v1/models/")?;
+    };
     Some(match models.iter().find(|(m, _)| m == id) {
         Some((id, parent)) => (200, model(id, parent.as_deref())),
         None => (

@@ -341,15 +341,22 @@ fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_sleeping_vllm_replica_is_drained_until_it_wakes() {
-    let asleep = ModelServer::start_with(&["llama"], 1).await;
-    let awake = ModelServer::start_with(&["llama"], 2).await;
+/// Two simulated servers of llama (weights versions 1 and 2) behind an OpenAI pool whose
+/// settings end with `extra`.
+async fn two_replicas(extra: &str) -> (ModelServer, ModelServer, Setup) {
+    let a = ModelServer::start_with(&["llama"], 1).await;
+    let b = ModelServer::start_with(&["llama"], 2).await;
     let s = start(&pool_config(
         "openai",
-        &[(asleep.http_addr, "llama"), (awake.http_addr, "llama")],
-        "    reload: { poll_interval: 50ms }\n",
+        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
+        extra,
     ));
+    (a, b, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sleeping_vllm_replica_is_drained_until_it_wakes() {
+    let (asleep, _awake, s) = two_replicas("    reload: { poll_interval: 50ms }\n").await;
     let post = |path: &'static str| {
         let addr = asleep.http_addr;
         async move {
@@ -455,13 +462,7 @@ async fn requests_avoid_the_busy_replica(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scraped_load_steers_requests_to_the_idle_replica() {
-    let a = ModelServer::start_with(&["llama"], 1).await;
-    let b = ModelServer::start_with(&["llama"], 2).await;
-    let s = start(&pool_config(
-        "openai",
-        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
-        "    metrics: { interval: 50ms }\n",
-    ));
+    let (a, b, s) = two_replicas("    metrics: { interval: 50ms }\n").await;
     let load = |busy: &ModelServer, idle: &ModelServer| {
         busy.load.waiting.store(40, Ordering::Relaxed);
         busy.load.kv_cache_permille.store(900, Ordering::Relaxed);
@@ -478,13 +479,7 @@ async fn scraped_load_steers_requests_to_the_idle_replica() {
 async fn a_pool_reads_the_load_series_it_names() {
     // A server weir knows no names of (TGI's queue gauge, a KV-cache gauge per device); its
     // vLLM-named gauges, which the named series replace, say the opposite.
-    let a = ModelServer::start_with(&["llama"], 1).await;
-    let b = ModelServer::start_with(&["llama"], 2).await;
-    let s = start(&pool_config(
-        "openai",
-        &[(a.http_addr, "llama"), (b.http_addr, "llama")],
-        "    metrics: { interval: 50ms, waiting: tgi_queue_size, kv_cache: 'cache_use{kind=\"kv\"}' }\n",
-    ));
+    let (a, b, s) = two_replicas("    metrics: { interval: 50ms, waiting: tgi_queue_size, kv_cache: 'cache_use{kind=\"kv\"}' }\n").await;
     let page = |queue: u32, kv: f64, swap: f64| {
         format!(
             "# TYPE tgi_queue_size gauge\ntgi_queue_size {queue}\n# TYPE cache_use gauge\n\
