@@ -968,20 +968,25 @@ impl Proc {
 /// Starts `weir run --threads 1 --config CONF` (on CPU 1 alone when `pinned`), logging to
 /// `log`.
 fn spawn_weir(weir_bin: &Path, conf: &Path, log: &Path, pinned: bool) -> Res<Proc> {
-    let mut cmd = if pinned {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "1"]).arg(weir_bin);
-        c
-    } else {
-        Command::new(weir_bin)
-    };
     Proc::spawn(
         "weir",
-        cmd.args(["run", "--threads", "1", "--config"])
+        on_cpu_1(weir_bin, pinned)
+            .args(["run", "--threads", "1", "--config"])
             .arg(conf)
             .env("RUST_LOG", "warn"),
         log,
     )
+}
+
+/// The command that runs `bin`, on CPU 1 alone when `pinned`.
+fn on_cpu_1(bin: impl AsRef<std::ffi::OsStr>, pinned: bool) -> Command {
+    if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
 }
 
 /// CPU time (user + system) process `pid` used so far.
