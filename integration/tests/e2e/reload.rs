@@ -131,6 +131,41 @@ async fn invalid_reload_keeps_the_running_config() {
     assert_eq!(get(&h1_client(), s.listen, "/").await.backend(), "a");
 }
 
+/// A file written next to the config (a log, an editor's swap file) wakes the reloader, which
+/// finds the config's text unchanged and neither parses nor applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_written_next_to_the_config_is_no_reload() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let s = start(&routed_to("a", &a, &b));
+    let version = s.weir.version();
+    let metric = |result: &str| -> u64 {
+        let (_, m) = admin_get(s.weir.admin, "/stats/prometheus").expect("metrics");
+        let series = format!("weir_config_reloads_total{{result=\"{result}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |v| v.parse().expect("a count"))
+    };
+    let unchanged = metric("unchanged");
+    let neighbour = s.weir.dir.path().join("access.log");
+    for i in 0..3 {
+        std::fs::write(&neighbour, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_until(|| metric("unchanged") > unchanged).await;
+    assert_eq!(metric("ok"), 0, "nothing was applied");
+    assert_eq!(s.weir.version(), version);
+    // An edit still applies.
+    s.weir.write_config(&config_text(
+        s.listen,
+        s.weir.admin,
+        &routed_to("b", &a, &b),
+    ));
+    s.weir.wait_version_change(&version);
+    assert_eq!(metric("ok"), 1);
+    assert_eq!(get(&h1_client(), s.listen, "/").await.backend(), "b");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn follows_a_kubernetes_configmap_symlink_swap() {
     use std::os::unix::fs::symlink;
