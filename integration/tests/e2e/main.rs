@@ -19,6 +19,7 @@ mod reload;
 mod resilience;
 mod sockmap;
 mod traces;
+mod writes;
 
 use std::net::SocketAddr;
 use std::time::Duration;

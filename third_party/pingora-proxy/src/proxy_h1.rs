@@ -119,7 +119,18 @@ where
 
         debug!("Sending header to upstream {:?}", req);
 
-        match client_session.write_request_header(Box::new(req)).await {
+        // weir patch: a body read whole already (weir reads an inference request's to pick
+        // the replica) leaves with its header in one write; the downstream half sends it first.
+        let body_follows =
+            session.as_mut().is_body_done() && session.as_ref().get_retry_buffer().is_some();
+        let written = if body_follows {
+            client_session
+                .write_request_header_before_body(Box::new(req))
+                .await
+        } else {
+            client_session.write_request_header(Box::new(req)).await
+        };
+        match written {
             Ok(_) => { /* Continue */ }
             Err(e) => {
                 return (false, false, Some(e.into_up()));

@@ -1373,9 +1373,25 @@ impl BodyWriter {
         match self.body_mode {
             BM::Complete(_) => Ok(None),
             BM::ContentLength(_, _) => self.do_write_body(stream, buf).await,
-            BM::ChunkedEncoding(_) => self.do_write_chunked_body(stream, buf).await,
+            BM::ChunkedEncoding(_) => self.do_write_chunked_body(stream, buf, true).await,
             BM::UntilClose(_) => self.do_write_until_close_body(stream, buf).await,
             BM::ToSelect => Ok(None), // Error here?
+        }
+    }
+
+    /// weir patch: [`Self::write_body`] without the flush that ends a chunk, for a caller
+    /// that ends the body right after it (the last chunk's flush sends both).
+    pub async fn write_body_before_end<S>(
+        &mut self,
+        stream: &mut S,
+        buf: &[u8],
+    ) -> Result<Option<usize>>
+    where
+        S: AsyncWrite + Unpin + Send,
+    {
+        match self.body_mode {
+            BM::ChunkedEncoding(_) => self.do_write_chunked_body(stream, buf, false).await,
+            _ => self.write_body(stream, buf).await,
         }
     }
 
@@ -1427,6 +1443,7 @@ impl BodyWriter {
         &mut self,
         stream: &mut S,
         buf: &[u8],
+        flush: bool,
     ) -> Result<Option<usize>>
     where
         S: AsyncWrite + Unpin + Send,
@@ -1441,7 +1458,9 @@ impl BodyWriter {
                     .write_all_buf(&mut output_buf)
                     .await
                     .or_err(WriteError, "while writing body")?;
-                stream.flush().await.or_err(WriteError, "flushing body")?;
+                if flush {
+                    stream.flush().await.or_err(WriteError, "flushing body")?;
+                }
                 self.body_mode = BM::ChunkedEncoding(written + chunk_size);
                 Ok(Some(chunk_size))
             }

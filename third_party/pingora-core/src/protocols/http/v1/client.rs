@@ -23,7 +23,7 @@ use pingora_timeout::timeout;
 use std::io::ErrorKind;
 use std::str;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::body::{BodyReader, BodyWriter};
 use super::common::*;
@@ -61,6 +61,9 @@ pub struct HttpSession {
     upgraded: bool,
     // weir patch: trailers of the response body, returned by the next `read_response_task`.
     pending_trailers: Option<Box<http::HeaderMap>>,
+    // weir patch: a request header not written yet, which goes out with the body's first
+    // bytes (see `write_request_header_before_body`).
+    pending_header: Option<Bytes>,
     // Tracks whether downstream request body started sending upgraded bytes
     received_upgrade_req_body: bool,
     // Tracks whether the response read was ever close-delimited
@@ -100,6 +103,7 @@ impl HttpSession {
             body_recv: 0,
             upgraded: false,
             pending_trailers: None,
+            pending_header: None,
             received_upgrade_req_body: false,
             close_delimited_resp: false,
             allow_h1_response_invalid_content_length: false,
@@ -121,6 +125,25 @@ impl HttpSession {
     /// After the request header is sent. The caller can either start reading the response or
     /// sending request body if any.
     pub async fn write_request_header(&mut self, req: Box<RequestHeader>) -> Result<usize> {
+        self.write_request_header_with(req, true).await
+    }
+
+    /// weir patch: [`Self::write_request_header`] kept until the body's first write, which
+    /// sends both at once (one syscall, one segment, instead of two), for a caller that
+    /// writes the body right after: a body read whole already. Ending the body (or a flush
+    /// through it) sends a header still kept.
+    pub async fn write_request_header_before_body(
+        &mut self,
+        req: Box<RequestHeader>,
+    ) -> Result<usize> {
+        self.write_request_header_with(req, false).await
+    }
+
+    async fn write_request_header_with(
+        &mut self,
+        req: Box<RequestHeader>,
+        flush: bool,
+    ) -> Result<usize> {
         // TODO: make sure this can only be called once
         // init body writer
         self.init_req_body_writer(&req);
@@ -133,6 +156,11 @@ impl HttpSession {
         })?;
         trace!("Writing request header: {to_wire:?}");
 
+        if !flush {
+            self.pending_header = Some(to_wire.freeze());
+            self.request_written = Some(req);
+            return Ok(self.pending_header.as_ref().map_or(0, Bytes::len));
+        }
         let write_fut = self.underlying_stream.write_all(to_wire.as_ref());
         match self.write_timeout {
             Some(t) => match timeout(t, write_fut).await {
@@ -159,10 +187,11 @@ impl HttpSession {
     }
 
     async fn do_write_body(&mut self, buf: &[u8]) -> Result<Option<usize>> {
-        let written = self
-            .body_writer
-            .write_body(&mut self.underlying_stream, buf)
-            .await;
+        let mut stream = WithHeader {
+            header: &mut self.pending_header,
+            stream: &mut self.underlying_stream,
+        };
+        let written = self.body_writer.write_body(&mut stream, buf).await;
 
         if let Ok(Some(num_bytes)) = written {
             self.bytes_sent += num_bytes;
@@ -203,18 +232,15 @@ impl HttpSession {
         &mut self,
         trailers: Option<&http::HeaderMap>,
     ) -> Result<Option<usize>> {
-        let res = match trailers {
-            Some(t) => {
-                self.body_writer
-                    .finish_with_trailers(&mut self.underlying_stream, t)
-                    .await?
-            }
-            None => self.body_writer.finish(&mut self.underlying_stream).await?,
+        let mut stream = WithHeader {
+            header: &mut self.pending_header,
+            stream: &mut self.underlying_stream,
         };
-        self.underlying_stream
-            .flush()
-            .await
-            .or_err(WriteError, "flushing body")?;
+        let res = match trailers {
+            Some(t) => self.body_writer.finish_with_trailers(&mut stream, t).await?,
+            None => self.body_writer.finish(&mut stream).await?,
+        };
+        stream.flush().await.or_err(WriteError, "flushing body")?;
 
         self.maybe_force_close_body_reader();
         Ok(res)
@@ -960,6 +986,94 @@ pub(crate) fn request_target_has_forbidden_byte(path: &[u8]) -> bool {
 }
 
 // TODO: change it to to_buf
+/// weir patch: the stream a request body is written to while its header is kept
+/// (`HttpSession::write_request_header_before_body`): the first write sends the header and
+/// the body's bytes together, in one vectored write.
+struct WithHeader<'a> {
+    header: &'a mut Option<Bytes>,
+    stream: &'a mut Stream,
+}
+
+impl WithHeader<'_> {
+    /// Writes `bufs` after what is left of the header; the count returned is of `bufs`' bytes.
+    fn poll_write_after_header(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use bytes::Buf;
+        use std::task::{ready, Poll};
+        loop {
+            let Some(header) = self.header.as_mut().filter(|h| !h.is_empty()) else {
+                *self.header = None;
+                if bufs.iter().all(|b| b.is_empty()) {
+                    // Nothing to write: no syscall (a flush comes here).
+                    return Poll::Ready(Ok(0));
+                }
+                return std::pin::Pin::new(&mut *self.stream).poll_write_vectored(cx, bufs);
+            };
+            let mut slices = Vec::with_capacity(bufs.len() + 1);
+            slices.push(std::io::IoSlice::new(header));
+            slices.extend(bufs.iter().map(|b| std::io::IoSlice::new(b)));
+            let n = ready!(std::pin::Pin::new(&mut *self.stream).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            if n < header.len() {
+                header.advance(n);
+                continue;
+            }
+            let past = n - header.len();
+            *self.header = None;
+            // Only the header went: the body's bytes in a write of their own.
+            if past > 0 || bufs.iter().all(|b| b.is_empty()) {
+                return Poll::Ready(Ok(past));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for WithHeader<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.header.is_none() {
+            return std::pin::Pin::new(&mut *self.stream).poll_write(cx, buf);
+        }
+        self.poll_write_after_header(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_write_after_header(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.header.is_some() || self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_write_after_header(cx, &[]))?;
+        std::pin::Pin::new(&mut *self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_write_after_header(cx, &[]))?;
+        std::pin::Pin::new(&mut *self.stream).poll_shutdown(cx)
+    }
+}
+
 #[inline]
 pub fn http_req_header_to_wire(req: &RequestHeader) -> Option<BytesMut> {
     let mut buf = BytesMut::with_capacity(512);

@@ -747,24 +747,35 @@ impl HttpSession {
 
     /// Write the response header to the client.
     /// This function can be called more than once to send 1xx informational headers excluding 101.
-    pub async fn write_response_header(&mut self, mut header: Box<ResponseHeader>) -> Result<()> {
+    pub async fn write_response_header(&mut self, header: Box<ResponseHeader>) -> Result<()> {
+        if self.write_response_header_unflushed(header).await? {
+            self.underlying_stream
+                .flush()
+                .await
+                .or_err(WriteError, "flushing response header")?;
+        }
+        Ok(())
+    }
+
+    /// weir patch: [`Self::write_response_header`] without its flush; returns whether the
+    /// header wanted one (1xx, no body, or no `Content-Length`: real time), for a caller
+    /// that writes more of the response first and flushes once.
+    async fn write_response_header_unflushed(
+        &mut self,
+        mut header: Box<ResponseHeader>,
+    ) -> Result<bool> {
         // Prepare header (handle upgrades, set headers, initialize body writer, serialize to bytes)
         let Some((write_buf, flush)) = self.prepare_response_header(&mut header)? else {
             // Header already sent or should be ignored
-            return Ok(());
+            return Ok(false);
         };
 
         match self.underlying_stream.write_all(&write_buf).await {
             Ok(()) => {
                 // flush the stream if 1xx header or there is no response body
-                if flush || self.body_writer.finished() {
-                    self.underlying_stream
-                        .flush()
-                        .await
-                        .or_err(WriteError, "flushing response header")?;
-                }
+                let flush = flush || self.body_writer.finished();
                 self.response_written = Some(header);
-                Ok(())
+                Ok(flush)
             }
             Err(e) => Error::e_because(WriteError, "writing response header", e),
         }
@@ -1149,16 +1160,22 @@ impl HttpSession {
         self.body_reader.take_body_overread()
     }
 
-    async fn do_write_body_buf(&mut self) -> Result<Option<usize>> {
+    async fn do_write_body_buf(&mut self, before_end: bool) -> Result<Option<usize>> {
         // Don't flush empty chunks, they are considered end of body for chunks
         if self.body_write_buf.is_empty() {
             return Ok(None);
         }
 
-        let written = self
-            .body_writer
-            .write_body(&mut self.underlying_stream, &self.body_write_buf)
-            .await;
+        // weir patch: a chunk the body's end follows is flushed with it.
+        let written = if before_end {
+            self.body_writer
+                .write_body_before_end(&mut self.underlying_stream, &self.body_write_buf)
+                .await
+        } else {
+            self.body_writer
+                .write_body(&mut self.underlying_stream, &self.body_write_buf)
+                .await
+        };
 
         if let Ok(Some(num_bytes)) = written {
             self.body_bytes_sent += num_bytes;
@@ -1171,12 +1188,16 @@ impl HttpSession {
     }
 
     async fn write_body_buf(&mut self) -> Result<Option<usize>> {
+        self.write_body_buf_with(false).await
+    }
+
+    async fn write_body_buf_with(&mut self, before_end: bool) -> Result<Option<usize>> {
         match self.write_timeout(self.body_write_buf.len()) {
-            Some(t) => match timeout(t, self.do_write_body_buf()).await {
+            Some(t) => match timeout(t, self.do_write_body_buf(before_end)).await {
                 Ok(res) => res,
                 Err(_) => Error::e_explain(WriteTimedout, format!("writing body, timeout: {t:?}")),
             },
-            None => self.do_write_body_buf().await,
+            None => self.do_write_body_buf(before_end).await,
         }
     }
 
@@ -1692,17 +1713,23 @@ impl HttpSession {
     // TODO: use vectored write to avoid copying
     pub async fn response_duplex_vec(&mut self, mut tasks: Vec<HttpTask>) -> Result<bool> {
         let n_tasks = tasks.len();
-        if n_tasks == 1 {
+        // weir patch: not a body's last data, whose chunk and end leave in one write below.
+        if n_tasks == 1 && !matches!(tasks[0], HttpTask::Body(Some(_), true)) {
             // fallback to single operation to avoid copy
             return self.response_duplex(tasks.pop().unwrap()).await;
         }
 
         let mut end_stream = false;
         let mut trailers = None;
+        // weir patch: the tasks of one batch leave in one write where they can. A header that
+        // wants a flush (no `Content-Length`: real time) is flushed with the body that follows
+        // it here, and a last chunk with the body's end, instead of one write each.
+        let mut header_flush = false;
         for task in tasks.into_iter() {
             end_stream = match task {
                 HttpTask::Header(header, end_stream) => {
-                    self.write_response_header(header)
+                    header_flush |= self
+                        .write_response_header_unflushed(header)
                         .await
                         .map_err(|e| e.into_down())?;
                     end_stream
@@ -1732,12 +1759,19 @@ impl HttpSession {
                 }
             }
         }
-        self.write_body_buf().await.map_err(|e| e.into_down())?;
+        self.write_body_buf_with(end_stream)
+            .await
+            .map_err(|e| e.into_down())?;
         if end_stream {
-            // no-op if body wasn't initialized or is finished already
+            // no-op if body wasn't initialized or is finished already; flushes
             self.finish_body_with(trailers.as_deref())
                 .await
                 .map_err(|e| e.into_down())?;
+        } else if header_flush {
+            self.underlying_stream
+                .flush()
+                .await
+                .or_err(WriteError, "flushing response header")?;
         }
         Ok(end_stream || self.body_writer.finished())
     }
