@@ -57,7 +57,7 @@ fn read_until(s: &mut TcpStream, end: &[u8]) -> Vec<u8> {
 /// whole streamed response in one write; other requests (weir's metrics scrape) with an
 /// empty 200. Records, for each completion request, the bytes and data segments it came in
 /// (weir may send several requests over one connection).
-fn model_server() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
+fn model_server(completion: Vec<u8>) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -66,6 +66,7 @@ fn model_server() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
         for conn in listener.incoming() {
             let Ok(mut c) = conn else { return };
             let record = record.clone();
+            let completion = completion.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut before = (0, 0);
@@ -95,8 +96,7 @@ fn model_server() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
                     before = now;
                     let reply: &[u8] = if head.starts_with("post /v1/completions") {
                         record.lock().unwrap().push(this);
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
-                          18\r\ndata: {\"text\":\"hello\"}\n\n\r\n0\r\n\r\n"
+                        &completion
                     } else {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
                     };
@@ -110,34 +110,89 @@ fn model_server() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
     (addr, seen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_whole_request_and_a_whole_response_each_leave_in_one_segment() {
-    let (server, seen) = model_server();
-    let s = start(&format!(
+/// A streamed completion of `events` SSE events, each its own chunk, written whole.
+fn completion(events: usize) -> Vec<u8> {
+    let mut out =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for i in 0..events {
+        let event = format!("data: {{\"text\":\"token {i}\"}}\n\n");
+        out.extend_from_slice(format!("{:X}\r\n{event}\r\n", event.len()).as_bytes());
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// weir in front of `server` as an OpenAI pool.
+fn pool_of(server: SocketAddr) -> Setup {
+    start(&format!(
         "routes:\n  - name: ai\n    route: {{ pool: llm }}\ninference_pools:\n  - name: llm\n    protocol: openai\n    endpoints:\n      - {{ address: \"{server}\", models: [{{ name: llama }}] }}\n    reload: {{ poll_interval: 0s }}\n",
-    ));
+    ))
+}
+
+/// Sends one completion request to `listen` and reads the whole streamed answer; returns it
+/// with the data segments it came in.
+fn complete(listen: SocketAddr, prompt: &str) -> (String, u32) {
+    let body = format!(r#"{{"model":"llama","prompt":"{prompt}","stream":true}}"#);
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let response = read_until(&mut c, b"0\r\n\r\n");
+    let (bytes, segments) = received(&c);
+    assert_eq!(bytes, response.len() as u64, "tcp_info's layout as read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    (text, segments)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_small_chunks_read_at_once_leave_in_one_segment() {
+    let (server, _) = model_server(completion(40));
+    let s = pool_of(server);
     let listen = s.listen;
     tokio::task::spawn_blocking(move || {
         for i in 0..3 {
-            let body = format!(r#"{{"model":"llama","prompt":"p{i}","stream":true}}"#);
-            let request = format!(
-                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
+            let (text, segments) = complete(listen, &format!("p{i}"));
+            // Every token, in order, then the end.
+            let mut at = 0;
+            for t in 0..40 {
+                let token = format!("data: {{\"text\":\"token {t}\"}}");
+                at += text[at..]
+                    .find(&token)
+                    .unwrap_or_else(|| panic!("{token} missing or out of order:\n{text}"));
+            }
+            assert_eq!(
+                segments, 1,
+                "40 chunks read at once reached the client in {segments} segments:\n{text}"
             );
-            let mut c = TcpStream::connect(listen).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            c.write_all(request.as_bytes()).unwrap();
-            let response = read_until(&mut c, b"0\r\n\r\n");
-            let text = String::from_utf8_lossy(&response);
-            assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
-            assert!(text.contains("data: {\"text\":\"hello\"}"), "{text}");
-            let (bytes, segments) = received(&c);
-            assert_eq!(bytes, response.len() as u64, "tcp_info's layout as read");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_request_and_a_whole_response_each_leave_in_one_segment() {
+    let (server, seen) = model_server(completion(1));
+    let s = pool_of(server);
+    let listen = s.listen;
+    tokio::task::spawn_blocking(move || {
+        for i in 0..3 {
+            let (text, segments) = complete(listen, &format!("p{i}"));
+            assert!(text.contains("data: {\"text\":\"token 0\"}"), "{text}");
             assert_eq!(
                 segments, 1,
                 "the response (header, chunk, last chunk) came in {segments} segments:\n{text}"
             );
-            let upstream = *seen.lock().unwrap().last().expect("the server got the request");
+            let upstream = *seen
+                .lock()
+                .unwrap()
+                .last()
+                .expect("the server got the request");
             assert_eq!(
                 upstream.1, 1,
                 "request {i} (header and body, {} bytes) reached the server in {} segments",

@@ -13,6 +13,7 @@
 // limitations under the License.
 
 use futures::future::OptionFuture;
+use futures::FutureExt;
 use futures::StreamExt;
 
 use super::*;
@@ -24,6 +25,51 @@ use pingora_core::protocols::http::{
     custom::CUSTOM_MESSAGE_QUEUE_SIZE,
     v1::common::is_upgrade_req as is_h1_upgrade_req,
 };
+
+/// weir patch: at most this many bytes of response body go into one task by
+/// [`join_read_body`].
+const JOINED_BODY_BYTES: usize = 16 * 1024;
+
+/// weir patch: a response body chunk, with the body data already read behind it (chunks of
+/// a streamed response that arrived together), as one task, up to [`JOINED_BODY_BYTES`]: the
+/// task pipe holds four tasks, so a read of many small chunks (tokens of an SSE stream) went
+/// to the client four chunks per write. Nothing is waited for: only what a read returns at
+/// once joins. Returns the task and, when one came that is not more body, that one too.
+fn join_read_body(
+    client_session: &mut HttpSessionV1,
+    res: Result<HttpTask>,
+) -> (Result<HttpTask>, Option<Result<HttpTask>>) {
+    let first = match res {
+        Ok(HttpTask::Body(Some(first), false)) if first.len() < JOINED_BODY_BYTES => first,
+        other => return (other, None),
+    };
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut end = false;
+    let mut next = None;
+    while joined.as_ref().map_or(first.len(), |j| j.len()) < JOINED_BODY_BYTES {
+        // `read_response_task` is cancel-safe (the loop's `select!` drops it too).
+        match client_session.read_response_task().now_or_never() {
+            None => break,
+            Some(Ok(HttpTask::Body(data, more_end))) => {
+                if let Some(d) = data.filter(|d| !d.is_empty()) {
+                    joined
+                        .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                        .extend_from_slice(&d);
+                }
+                if more_end {
+                    end = true;
+                    break;
+                }
+            }
+            Some(other) => {
+                next = Some(other);
+                break;
+            }
+        }
+    }
+    let data = joined.map_or(first, bytes::BytesMut::freeze);
+    (Ok(HttpTask::Body(Some(data), end)), next)
+}
 
 impl<SV, C> HttpProxy<SV, C>
 where
@@ -288,59 +334,63 @@ where
         while !request_done || !response_done {
             tokio::select! {
                 res = client_session.read_response_task(), if !response_done => {
-                    match res {
-                        Ok(task) => {
-                            response_done = task.is_end();
-                            if !upgraded && client_session.was_upgraded() {
-                                // upgrade can only happen once
-                                upgraded = true;
-                                if send_error.is_none() {
-                                    // continue receiving from downstream after body mode change
-                                    request_done = false;
-                                }
-                            }
-                            let type_str = task.type_str();
-                            let result = tx.send(task)
-                                .await.or_err_with(
-                                    InternalError,
-                                    || format!("Failed to send upstream task {type_str}{} to pipe",
-                                        if response_done { " (end)" } else {""})
-                                );
-                            // If the request is upgraded, the downstream pipe can early exit
-                            // when the downstream connection is closed.
-                            // In that case, this function should ignore that the pipe is closed.
-                            // So that this function could read the rest events from rx including
-                            // the closure, then exit.
-                            if result.is_err() && !client_session.was_upgraded() {
-                                if PipeState::is_downstream_complete(
-                                    pipe_state.load(Ordering::Acquire),
-                                ) {
-                                    // The downstream half finished the response by its own framing
-                                    // and dropped the task pipe, so this send failure is benign.
-                                    if response_done {
-                                        // The whole upstream response was already read off the
-                                        // socket. Keep looping so the request side can finish; the
-                                        // natural loop exit then decides reuse from both directions
-                                        // (the connection is reusable only if the request was also
-                                        // fully sent, which a premature response can leave undone).
-                                        continue;
+                    // weir patch: body data already read behind this chunk goes with it.
+                    let (res, next) = join_read_body(client_session, res);
+                    for res in std::iter::once(res).chain(next) {
+                        match res {
+                            Ok(task) => {
+                                response_done = task.is_end();
+                                if !upgraded && client_session.was_upgraded() {
+                                    // upgrade can only happen once
+                                    upgraded = true;
+                                    if send_error.is_none() {
+                                        // continue receiving from downstream after body mode change
+                                        request_done = false;
                                     }
-                                    // We stopped mid-response, so the upstream connection has
-                                    // unread bytes and is unsafe to reuse.
-                                    return Ok(false);
                                 }
-                                // The pipe closed but the downstream half did not signal completion:
-                                // this is an unexpected closure, so surface the original send error.
-                                return Err(result.expect_err("send failure already checked via is_err() above"));
+                                let type_str = task.type_str();
+                                let result = tx.send(task)
+                                    .await.or_err_with(
+                                        InternalError,
+                                        || format!("Failed to send upstream task {type_str}{} to pipe",
+                                            if response_done { " (end)" } else {""})
+                                    );
+                                // If the request is upgraded, the downstream pipe can early exit
+                                // when the downstream connection is closed.
+                                // In that case, this function should ignore that the pipe is closed.
+                                // So that this function could read the rest events from rx including
+                                // the closure, then exit.
+                                if result.is_err() && !client_session.was_upgraded() {
+                                    if PipeState::is_downstream_complete(
+                                        pipe_state.load(Ordering::Acquire),
+                                    ) {
+                                        // The downstream half finished the response by its own framing
+                                        // and dropped the task pipe, so this send failure is benign.
+                                        if response_done {
+                                            // The whole upstream response was already read off the
+                                            // socket. Keep looping so the request side can finish; the
+                                            // natural loop exit then decides reuse from both directions
+                                            // (the connection is reusable only if the request was also
+                                            // fully sent, which a premature response can leave undone).
+                                            continue;
+                                        }
+                                        // We stopped mid-response, so the upstream connection has
+                                        // unread bytes and is unsafe to reuse.
+                                        return Ok(false);
+                                    }
+                                    // The pipe closed but the downstream half did not signal completion:
+                                    // this is an unexpected closure, so surface the original send error.
+                                    return Err(result.expect_err("send failure already checked via is_err() above"));
+                                }
+                            },
+                            Err(e) => {
+                                // Push the error to downstream and then quit
+                                // Don't care if send fails: downstream already gone
+                                let _ = tx.send(HttpTask::Failed(send_error.unwrap_or(e).into_up())).await;
+                                // A response read error means the HTTP/1 message boundary was not
+                                // established successfully, so the connection cannot be reused.
+                                return Ok(false)
                             }
-                        },
-                        Err(e) => {
-                            // Push the error to downstream and then quit
-                            // Don't care if send fails: downstream already gone
-                            let _ = tx.send(HttpTask::Failed(send_error.unwrap_or(e).into_up())).await;
-                            // A response read error means the HTTP/1 message boundary was not
-                            // established successfully, so the connection cannot be reused.
-                            return Ok(false)
                         }
                     }
                 },
