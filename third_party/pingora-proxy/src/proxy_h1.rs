@@ -30,8 +30,9 @@ use pingora_core::protocols::http::{
 /// [`join_read_body`].
 const JOINED_BODY_BYTES: usize = 16 * 1024;
 
-/// weir patch: a response body chunk, with the body data already read behind it (chunks of
-/// a streamed response that arrived together), as one task, up to [`JOINED_BODY_BYTES`]: the
+/// weir patch: a chunked response body's chunk, with the body data already read behind it
+/// (chunks of a streamed response that arrived together), as one task, up to
+/// [`JOINED_BODY_BYTES`] (a body of known length comes in reads, not chunks): the
 /// task pipe holds four tasks, so a read of many small chunks (tokens of an SSE stream) went
 /// to the client four chunks per write. Nothing is waited for: only what a read returns at
 /// once joins. Returns the task and, when one came that is not more body, that one too.
@@ -40,7 +41,11 @@ fn join_read_body(
     res: Result<HttpTask>,
 ) -> (Result<HttpTask>, Option<Result<HttpTask>>) {
     let first = match res {
-        Ok(HttpTask::Body(Some(first), false)) if first.len() < JOINED_BODY_BYTES => first,
+        Ok(HttpTask::Body(Some(first), false))
+            if first.len() < JOINED_BODY_BYTES && client_session.reading_chunked_body() =>
+        {
+            first
+        }
         other => return (other, None),
     };
     let mut joined: Option<bytes::BytesMut> = None;

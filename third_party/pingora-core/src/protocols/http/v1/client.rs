@@ -825,6 +825,12 @@ impl HttpSession {
         }
     }
 
+    /// weir patch: the response body is being read chunk by chunk (chunked encoding, before
+    /// its last chunk): what one read brings may be many chunks.
+    pub fn reading_chunked_body(&self) -> bool {
+        matches!(self.body_reader.body_state, super::body::ParseState::Chunked(..))
+    }
+
     fn is_chunked_encoding(&self) -> bool {
         self.resp_header()
             .map(|h| is_chunked_encoding_from_headers(&h.headers))
