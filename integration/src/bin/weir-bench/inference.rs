@@ -235,34 +235,33 @@ async fn compare(
     out: &mut String,
 ) -> Pooled {
     let each = duration / rounds as u32;
-    let mut loads: Vec<Load> = targets.iter().map(|_| Load::default()).collect();
-    let mut pooled = Pooled::default();
+    let mut pooled = Pooled {
+        loads: targets.iter().map(|_| Load::default()).collect(),
+        rounds: Vec::new(),
+    };
     for r in 0..rounds {
-        let mut round: Vec<Option<Load>> = targets.iter().map(|_| None).collect();
+        let mut round: Vec<Load> = targets.iter().map(|_| Load::default()).collect();
         for k in 0..targets.len() {
             let i = (k + r) % targets.len();
             let t = &targets[i];
-            round[i] = Some(load(p, t.addrs(p), streams, tokens, Until::After(each), t.pid).await);
+            round[i] = load(p, t.addrs(p), streams, tokens, Until::After(each), t.pid).await;
         }
-        let round: Vec<Load> = round.into_iter().map(Option::unwrap_or_default).collect();
         pooled
             .rounds
             .push(round[1..].iter().map(|l| Round::of(&round[0], l)).collect());
-        for (pooled, l) in loads.iter_mut().zip(round) {
-            pooled.add(l);
+        for (all, l) in pooled.loads.iter_mut().zip(round) {
+            all.add(l);
         }
     }
-    for (t, l) in targets.iter().zip(&mut loads) {
+    for (t, l) in targets.iter().zip(&mut pooled.loads) {
         l.finish();
         row(out, p, t.name, l);
     }
-    pooled.loads = loads;
     pooled
 }
 
 /// The loads of all rounds together (one per target), and what each round showed (per
 /// round, one per proxy).
-#[derive(Default)]
 struct Pooled {
     loads: Vec<Load>,
     rounds: Vec<Vec<Round>>,
