@@ -87,7 +87,9 @@ fn host_matches(m: &HostMatch, authority: Option<&str>) -> bool {
     }
 }
 
-fn strip_port(authority: &str) -> &str {
+/// The host of an authority (`Host` header, `:authority`): without its port, an IPv6 address
+/// without its brackets.
+pub fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         // [::1]:8080
         return authority

@@ -1474,12 +1474,19 @@ impl WeirProxy {
             .str("weir.listener", &self.listener)
             .str("weir.route", route)
             .str("weir.cluster", cluster);
-        if let Some(a) = req.uri.authority().map(|a| a.host()).or_else(|| {
-            req.headers
-                .get("host")
-                .and_then(|v| v.to_str().ok())
-                .map(|h| h.split(':').next().unwrap_or(h))
-        }) {
+        // The host without its port, an IPv6 address without its brackets (`[::1]:8080` is
+        // `::1`, where splitting at the first colon gave `[`).
+        if let Some(a) = req
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .map(weir_policies::routing::strip_port)
+        {
             attrs.str("server.address", a);
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {

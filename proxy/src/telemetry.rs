@@ -33,7 +33,7 @@ use opentelemetry_sdk::trace::{
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use prost::bytes::{BufMut, Bytes};
+use prost::bytes::BufMut;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use weir_policies::model::Tracing as Config;
 
@@ -78,6 +78,9 @@ thread_local! {
     static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
 }
+
+/// Looked up on every request: a `&str` name is parsed and hashed per lookup.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// The tracer shared by every listener.
 pub struct Tracer {
@@ -293,7 +296,7 @@ impl Tracer {
     /// sampled as the caller decided, otherwise by the configured ratio.
     pub fn start(&self, req: &RequestHeader) -> RequestTrace {
         // Without a `traceparent` there is nothing to extract (the common case at an edge).
-        let parent_cx = if req.headers.contains_key("traceparent") {
+        let parent_cx = if req.headers.contains_key(&TRACEPARENT) {
             self.propagator.extract(&HeaderExtractor(req))
         } else {
             Context::new()
@@ -336,13 +339,14 @@ impl Tracer {
 
     /// Starts a client span for an upstream attempt (ending the previous attempt's).
     pub fn attempt(&self, t: &mut RequestTrace, attributes: Attrs) {
+        let now = SystemTime::now();
         if let Some(done) = t.attempt.take().filter(|_| t.sampled()) {
-            end_attempt(&t.context, done, None, &mut t.spans);
+            end_attempt(&t.context, done, None, now, &mut t.spans);
             t.span_count += 1;
         }
         t.attempt = Some(Attempt {
             span: self.ids.new_span_id(),
-            start: SystemTime::now(),
+            start: now,
             attributes,
             status: None,
         });
@@ -397,12 +401,14 @@ impl Tracer {
             return;
         }
         let status = failed.then(|| error.unwrap_or("request failed"));
+        // The request and its last attempt end together: one clock read for both.
+        let end = SystemTime::now();
         let queued = SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
             scratch.extend_from_slice(&t.spans);
             let mut n = t.span_count;
             if let Some(a) = attempt {
-                end_attempt(&t.context, a, error, scratch);
+                end_attempt(&t.context, a, error, end, scratch);
                 n += 1;
             }
             encode_span(
@@ -415,6 +421,7 @@ impl Tracer {
                     kind: span::SpanKind::Server,
                     name,
                     start: t.start,
+                    end,
                     attributes: &attributes.0,
                     status,
                 },
@@ -492,7 +499,13 @@ impl Tracer {
 }
 
 /// Ends attempt `a` of the sampled trace `trace`: its client span, encoded into `out`.
-fn end_attempt(trace: &SpanContext, mut a: Attempt, error: Option<&str>, out: &mut Vec<u8>) {
+fn end_attempt(
+    trace: &SpanContext,
+    mut a: Attempt,
+    error: Option<&str>,
+    end: SystemTime,
+    out: &mut Vec<u8>,
+) {
     if let Some(s) = a.status {
         a.attributes.int("http.response.status_code", i64::from(s));
     }
@@ -507,6 +520,7 @@ fn end_attempt(trace: &SpanContext, mut a: Attempt, error: Option<&str>, out: &m
             kind: span::SpanKind::Client,
             name: &["upstream"],
             start: a.start,
+            end,
             attributes: &a.attributes.0,
             status: failed.then(|| error.unwrap_or("upstream attempt failed")),
         },
@@ -522,19 +536,19 @@ struct SpanFields<'a> {
     kind: span::SpanKind,
     name: &'a [&'a str],
     start: SystemTime,
+    end: SystemTime,
     /// Encoded `Span.attributes` fields ([`Attrs`]).
     attributes: &'a [u8],
     /// The error's description when the span failed.
     status: Option<&'a str>,
 }
 
-/// Appends the span, ended now, to `out` as a `ScopeSpans.spans` field: the OTLP `Span`
+/// Appends the span to `out` as a `ScopeSpans.spans` field: the OTLP `Span`
 /// message written field by field (no message structs, no allocation once the buffers have
 /// grown), straight into `out` behind its length, which is worked out first (encoding into a
 /// buffer of its own and copying that was a copy of every span).
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     use prost::encoding::{fixed32, fixed64, int32};
-    let end = SystemTime::now();
     let state = f.trace.trace_state().header();
     let name_len: usize = f.name.iter().map(|p| p.len()).sum();
     let kind = f.kind as i32;
@@ -584,7 +598,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     }
     int32::encode(6, &kind, out);
     fixed64::encode(7, &unix_nanos(f.start), out);
-    fixed64::encode(8, &unix_nanos(end), out);
+    fixed64::encode(8, &unix_nanos(f.end), out);
     out.put_slice(f.attributes);
     // Status (15): empty (unset) unless the span failed.
     match error {
@@ -636,11 +650,12 @@ impl RequestFraming {
         }
     }
 
-    /// The export request carrying `spans` (encoded `ScopeSpans.spans` fields).
-    fn request(&self, spans: &[u8]) -> Bytes {
-        let scope_spans = self.scope.len() + spans.len();
+    /// The export request's bytes up to its spans: `spans_len` bytes of encoded
+    /// `ScopeSpans.spans` fields follow them.
+    fn head(&self, spans_len: usize) -> Vec<u8> {
+        let scope_spans = self.scope.len() + spans_len;
         let resource_spans = self.resource.len() + len_delimited(2, scope_spans);
-        let mut out = Vec::with_capacity(len_delimited(1, resource_spans));
+        let mut out = Vec::with_capacity(len_delimited(1, resource_spans) - spans_len);
         // ExportTraceServiceRequest.resource_spans (1) { resource (1), scope_spans (2) {
         // scope (1), spans (2)... } }
         encode_key(1, WireType::LengthDelimited, &mut out);
@@ -649,40 +664,57 @@ impl RequestFraming {
         encode_key(2, WireType::LengthDelimited, &mut out);
         encode_varint(scope_spans as u64, &mut out);
         out.put_slice(&self.scope);
-        out.put_slice(spans);
-        out.into()
+        out
+    }
+
+    /// The whole export request, as [`EncodedExport`] writes it.
+    #[cfg(test)]
+    fn request(&self, spans: &[u8]) -> Vec<u8> {
+        let mut out = self.head(spans.len());
+        out.extend_from_slice(spans);
+        out
     }
 }
 
-/// gRPC codec of the OTLP export call for a request already encoded: [`RequestFraming`]
-/// writes it, the answer is decoded as usual.
-struct EncodedExport;
+/// gRPC codec of the OTLP export call for a request already encoded: its head
+/// ([`RequestFraming::head`]) is the codec's, its spans are the call's message, written into
+/// the gRPC frame as they are (a batch is not copied into a request of its own first); the
+/// answer is decoded as usual.
+struct EncodedExport {
+    head: Vec<u8>,
+}
 
 impl tonic::codec::Codec for EncodedExport {
-    type Encode = Bytes;
+    type Encode = Arc<Vec<u8>>;
     type Decode = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
     type Encoder = EncodedExport;
     type Decoder = EncodedExport;
 
     fn encoder(&mut self) -> Self::Encoder {
-        EncodedExport
+        EncodedExport {
+            head: std::mem::take(&mut self.head),
+        }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        EncodedExport
+        EncodedExport { head: Vec::new() }
     }
 }
 
 impl tonic::codec::Encoder for EncodedExport {
-    type Item = Bytes;
+    type Item = Arc<Vec<u8>>;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: Bytes,
+        spans: Arc<Vec<u8>>,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
-        dst.put(item);
+        // Room for the whole message at once: grown by doubling, the buffer copied a batch
+        // of hundreds of KiB several times over.
+        dst.reserve(self.head.len() + spans.len());
+        dst.put_slice(&self.head);
+        dst.put_slice(&spans);
         Ok(())
     }
 }
@@ -724,20 +756,27 @@ impl BackgroundService for Exporter {
             // Everything queued now, a batch per request.
             while let Some(batch) = self.tracer.next_batch() {
                 let n = batch.spans as u64;
-                let request = framing.request(&batch.bytes);
-                self.tracer.recycle(batch.bytes);
+                let codec = EncodedExport {
+                    head: framing.head(batch.bytes.len()),
+                };
+                let spans = Arc::new(batch.bytes);
                 let answer = match client.ready().await {
                     Ok(()) => {
                         client
                             .unary(
-                                tonic::Request::new(request),
+                                tonic::Request::new(spans.clone()),
                                 http::uri::PathAndQuery::from_static(EXPORT),
-                                EncodedExport,
+                                codec,
                             )
                             .await
                     }
                     Err(e) => Err(tonic::Status::unavailable(e.to_string())),
                 };
+                // The call has written (or dropped) its message: the batch's buffer is ours
+                // again, for a later batch.
+                if let Ok(bytes) = Arc::try_unwrap(spans) {
+                    self.tracer.recycle(bytes);
+                }
                 match answer {
                     Ok(answer) => {
                         // A collector may take part of a batch (OTLP partial success).
@@ -1022,7 +1061,8 @@ mod tests {
         let mut names = Vec::new();
         while let Some(batch) = tracer.next_batch() {
             assert!(batch.spans <= super::BATCH);
-            let req = ExportTraceServiceRequest::decode(framing.request(&batch.bytes)).unwrap();
+            let req =
+                ExportTraceServiceRequest::decode(&framing.request(&batch.bytes)[..]).unwrap();
             assert_eq!(req.resource_spans.len(), 1);
             let rs = &req.resource_spans[0];
             let service = &rs.resource.as_ref().unwrap().attributes[0];
@@ -1187,7 +1227,7 @@ mod tests {
 
         let batch = tracer.next_batch().unwrap();
         let framing = super::RequestFraming::new("svc");
-        let req = ExportTraceServiceRequest::decode(framing.request(&batch.bytes)).unwrap();
+        let req = ExportTraceServiceRequest::decode(&framing.request(&batch.bytes)[..]).unwrap();
         let spans = &req.resource_spans[0].scope_spans[0].spans;
         assert_eq!(spans.len(), 3);
         let (a1, a2, server) = (&spans[0], &spans[1], &spans[2]);
@@ -1288,7 +1328,7 @@ mod tests {
             false,
         );
         let batch = tracer.next_batch().unwrap();
-        let req = ExportTraceServiceRequest::decode(framing.request(&batch.bytes)).unwrap();
+        let req = ExportTraceServiceRequest::decode(&framing.request(&batch.bytes)[..]).unwrap();
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(span.status.as_ref().unwrap().code, StatusCode::Unset as i32);
         assert!(span.parent_span_id.is_empty());

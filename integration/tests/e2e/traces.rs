@@ -118,6 +118,7 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
         ("network.protocol.version", "1.1"),
         ("weir.route", "api"),
         ("weir.cluster", "b"),
+        ("server.address", "127.0.0.1"),
     ] {
         assert_eq!(server.attr(k).as_deref(), Some(v), "{k} on {server:?}");
     }
@@ -142,6 +143,21 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     let spans = spans_of(&receiver, &started, 2).await;
     let root = spans.iter().find(|s| kind(s) == SERVER).unwrap();
     assert!(root.span.parent_span_id.is_empty(), "a root span");
+
+    // An IPv6 Host: the address without its port and brackets.
+    let v6_parent = "00-55555555555555555555555555555555-6666666666666666-01";
+    let r = send(
+        &client,
+        s.listen,
+        "GET",
+        "/api/v6",
+        &[("traceparent", v6_parent), ("host", "[::1]:8080")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let spans = spans_of(&receiver, "55555555555555555555555555555555", 2).await;
+    let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert_eq!(server.attr("server.address").as_deref(), Some("::1"));
 
     // Retries: one client span per attempt, all under the request's span, which failed.
     let flaky_parent = "00-11111111111111111111111111111111-2222222222222222-01";
