@@ -41,6 +41,10 @@ enum Bench {
             default_value = "direct,weir,weir-traced,pingora-bare,envoy,envoy-traced,haproxy"
         )]
         targets: Vec<String>,
+        /// For the run, idle vCPUs poll this many ns before they halt (a KVM guest's
+        /// haltpoll cpuidle driver; put back after). Left as it is when not given.
+        #[arg(long)]
+        halt_poll_ns: Option<u64>,
     },
     /// User-space instructions per request under valgrind's callgrind (weir, weir with
     /// tracing at 100%, bare pingora): a figure for comparing builds that this VM's noise
@@ -787,12 +791,14 @@ fn main() {
             wrk_threads,
             rounds,
             targets,
+            halt_poll_ns,
         } => http(HttpOpts {
             duration,
             connections,
             wrk_threads,
             rounds: rounds.max(1),
             targets,
+            halt_poll_ns,
         }),
         Bench::Wasm {
             duration,
@@ -1133,6 +1139,44 @@ struct HttpOpts {
     wrk_threads: u32,
     rounds: usize,
     targets: Vec<String>,
+    halt_poll_ns: Option<u64>,
+}
+
+/// A KVM guest's haltpoll cpuidle setting: how long an idle vCPU polls before it halts. At 0
+/// it halts at once, and waking it (another CPU's task wakes one of its own) is a VM exit
+/// and entry: about 50 µs of a loopback round trip between two CPUs on this project's VMs
+/// (66 µs p50 against 13 µs with 200 µs of polling, in a ping-pong of 100-byte messages).
+/// It hides the few µs of TCP the sockmap fast path saves per message, and it makes each
+/// µs of proxy CPU cost more than a µs of throughput: a slower proxy leaves the load
+/// generator's CPU idle more often, and each wake-up of it is such an exit.
+const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// Sets [`HALT_POLL_NS`] until dropped, then puts back what was there.
+struct HaltPoll(String);
+
+impl HaltPoll {
+    fn set(ns: u64) -> Res<Self> {
+        let old = std::fs::read_to_string(HALT_POLL_NS)
+            .map_err(|e| format!("--halt-poll-ns: {HALT_POLL_NS}: {e} (not a KVM guest with the haltpoll cpuidle driver?)"))?;
+        std::fs::write(HALT_POLL_NS, ns.to_string())
+            .map_err(|e| format!("--halt-poll-ns: writing {HALT_POLL_NS}: {e}"))?;
+        Ok(HaltPoll(old.trim().to_string()))
+    }
+
+    /// The setting now, when this is such a guest.
+    fn now() -> Option<String> {
+        std::fs::read_to_string(HALT_POLL_NS)
+            .ok()
+            .map(|v| v.trim().to_string())
+    }
+}
+
+impl Drop for HaltPoll {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(HALT_POLL_NS, &self.0) {
+            eprintln!("could not put {HALT_POLL_NS} back to {}: {e}", self.0);
+        }
+    }
 }
 
 /// The config of the weir that `weir-bench http` and `instructions` measure: every request
@@ -1191,6 +1235,7 @@ fn http(opts: HttpOpts) -> Res<()> {
     }
     let wanted = |t: &str| opts.targets.iter().any(|w| w == t);
     install_tools(&["wrk", "nginx", "haproxy"])?;
+    let _halt_poll = opts.halt_poll_ns.map(HaltPoll::set).transpose()?;
     let envoy = if wanted("envoy") || wanted("envoy-traced") {
         weir_integration::envoy::binary()?
     } else {
@@ -1362,6 +1407,21 @@ fn http(opts: HttpOpts) -> Res<()> {
         "\n{} round(s), targets measured in turn in each; the table gives each column's median over the rounds.",
         rounds.len()
     );
+    match (HaltPoll::now(), opts.halt_poll_ns) {
+        (Some(ns), Some(_)) => {
+            let _ = writeln!(
+                out,
+                "Idle vCPUs polled {ns} ns before halting during the run (guest_halt_poll_ns, put back after)."
+            );
+        }
+        (Some(ns), None) if ns == "0" => {
+            let _ = writeln!(
+                out,
+                "This VM halts idle vCPUs at once (guest_halt_poll_ns 0): waking one is a VM exit, and a proxy that takes more CPU per request leaves wrk's and nginx's CPU idle more often, so each µs of proxy CPU costs more req/s than it would on a host. --halt-poll-ns 200000 measures as on a host whose idle CPUs poll."
+            );
+        }
+        _ => {}
+    }
     let per_core = |r: &Row| r.cpu_us_per_req.map(|c| 1e6 / c.max(0.001));
     let ratio = |name: &str, f: &dyn Fn(&Row, &Row) -> Option<f64>, of: &str| {
         let v: Vec<f64> = rounds

@@ -12,8 +12,8 @@ use weir_integration::sockmap_env::TestCgroup;
 use weir_integration::weir_process::{admin_get, free_port};
 
 use super::{
-    cpu_of, install_tools, median_and_all, pin_to, spawn_weir, start_nginx, wait_port, wrk, Res,
-    WrkResult,
+    cpu_of, install_tools, median_and_all, pin_to, spawn_weir, start_nginx, wait_port, wrk,
+    HaltPoll, Res, WrkResult,
 };
 
 pub struct Opts {
@@ -26,34 +26,6 @@ pub struct Opts {
     /// Idle vCPUs poll this long before they halt, for the run (a KVM guest's haltpoll
     /// cpuidle driver); `None` leaves the machine as it is.
     pub halt_poll_ns: Option<u64>,
-}
-
-/// A KVM guest's haltpoll cpuidle setting: how long an idle vCPU polls before it halts. At 0
-/// it halts at once, and waking it (another CPU's task wakes one of its own) is a VM exit
-/// and entry: about 50 µs of a loopback round trip between two CPUs on this project's VMs
-/// (66 µs p50 against 13 µs with 200 µs of polling, in a ping-pong of 100-byte messages),
-/// which hides the few µs of TCP the fast path saves per message.
-const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
-
-/// Sets [`HALT_POLL_NS`] until dropped, then puts back what was there.
-struct HaltPoll(String);
-
-impl HaltPoll {
-    fn set(ns: u64) -> Res<Self> {
-        let old = std::fs::read_to_string(HALT_POLL_NS)
-            .map_err(|e| format!("--halt-poll-ns: {HALT_POLL_NS}: {e} (not a KVM guest with the haltpoll cpuidle driver?)"))?;
-        std::fs::write(HALT_POLL_NS, ns.to_string())
-            .map_err(|e| format!("--halt-poll-ns: writing {HALT_POLL_NS}: {e}"))?;
-        Ok(HaltPoll(old.trim().to_string()))
-    }
-}
-
-impl Drop for HaltPoll {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(HALT_POLL_NS, &self.0) {
-            eprintln!("could not put {HALT_POLL_NS} back to {}: {e}", self.0);
-        }
-    }
 }
 
 /// What one mode measured over all rounds.
@@ -128,9 +100,7 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
     }
     install_tools(&["wrk", "nginx"])?;
     let _halt_poll = opts.halt_poll_ns.map(HaltPoll::set).transpose()?;
-    let halt_poll_now = std::fs::read_to_string(HALT_POLL_NS)
-        .ok()
-        .map(|v| v.trim().to_string());
+    let halt_poll_now = HaltPoll::now();
     // Every process of the benchmark (wrk, nginx, weir, the bulk reader) in one cgroup, the
     // one the fast path attaches to; weir gets a core of its own.
     let cg = TestCgroup::enter("bench");
