@@ -1171,6 +1171,20 @@ impl HaltPoll {
     }
 }
 
+/// The report's line on the haltpoll setting: what it was for the run when `set`, or, on a
+/// VM left halting idle vCPUs at once, that it does and `at_once`, what that does here.
+fn halt_poll_line(set: Option<u64>, at_once: &str) -> Option<String> {
+    match (HaltPoll::now()?, set) {
+        (ns, Some(_)) => Some(format!(
+            "Idle vCPUs polled {ns} ns before halting during the run (guest_halt_poll_ns, put back after)."
+        )),
+        (ns, None) if ns == "0" => Some(format!(
+            "This VM halts idle vCPUs at once (guest_halt_poll_ns 0): {at_once} --halt-poll-ns 200000 measures as on a host whose idle CPUs poll."
+        )),
+        _ => None,
+    }
+}
+
 impl Drop for HaltPoll {
     fn drop(&mut self) {
         if let Err(e) = std::fs::write(HALT_POLL_NS, &self.0) {
@@ -1407,20 +1421,11 @@ fn http(opts: HttpOpts) -> Res<()> {
         "\n{} round(s), targets measured in turn in each; the table gives each column's median over the rounds.",
         rounds.len()
     );
-    match (HaltPoll::now(), opts.halt_poll_ns) {
-        (Some(ns), Some(_)) => {
-            let _ = writeln!(
-                out,
-                "Idle vCPUs polled {ns} ns before halting during the run (guest_halt_poll_ns, put back after)."
-            );
-        }
-        (Some(ns), None) if ns == "0" => {
-            let _ = writeln!(
-                out,
-                "This VM halts idle vCPUs at once (guest_halt_poll_ns 0): waking one is a VM exit, and a proxy that takes more CPU per request leaves wrk's and nginx's CPU idle more often, so each µs of proxy CPU costs more req/s than it would on a host. --halt-poll-ns 200000 measures as on a host whose idle CPUs poll."
-            );
-        }
-        _ => {}
+    if let Some(line) = halt_poll_line(
+        opts.halt_poll_ns,
+        "waking one is a VM exit, and a proxy that takes more CPU per request leaves wrk's and nginx's CPU idle more often, so each µs of proxy CPU costs more req/s than it would on a host.",
+    ) {
+        let _ = writeln!(out, "{line}");
     }
     let per_core = |r: &Row| r.cpu_us_per_req.map(|c| 1e6 / c.max(0.001));
     let ratio = |name: &str, f: &dyn Fn(&Row, &Row) -> Option<f64>, of: &str| {

@@ -12,8 +12,8 @@ use weir_integration::sockmap_env::TestCgroup;
 use weir_integration::weir_process::{admin_get, free_port};
 
 use super::{
-    cpu_of, install_tools, median_and_all, pin_to, spawn_weir, start_nginx, wait_port, wrk,
-    HaltPoll, Res, WrkResult,
+    cpu_of, halt_poll_line, install_tools, median_and_all, pin_to, spawn_weir, start_nginx,
+    wait_port, wrk, HaltPoll, Res, WrkResult,
 };
 
 pub struct Opts {
@@ -100,7 +100,6 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
     }
     install_tools(&["wrk", "nginx"])?;
     let _halt_poll = opts.halt_poll_ns.map(HaltPoll::set).transpose()?;
-    let halt_poll_now = HaltPoll::now();
     // Every process of the benchmark (wrk, nginx, weir, the bulk reader) in one cgroup, the
     // one the fast path attaches to; weir gets a core of its own.
     let cg = TestCgroup::enter("bench");
@@ -204,20 +203,11 @@ pub fn run(weir_bin: &Path, opts: Opts) -> Res<()> {
         d = opts.duration,
         c = opts.connections,
     );
-    match (&halt_poll_now, opts.halt_poll_ns) {
-        (Some(ns), Some(_)) => {
-            let _ = writeln!(
-                out,
-                "Idle vCPUs polled {ns} ns before halting during the run (guest_halt_poll_ns, put back after).\n"
-            );
-        }
-        (Some(ns), None) if ns == "0" => {
-            let _ = writeln!(
-                out,
-                "This VM halts idle vCPUs at once (guest_halt_poll_ns 0): a wake-up across CPUs costs a VM exit, about 50 µs here, four times per -c1 request, which the fast path does not remove. --halt-poll-ns 200000 measures as on a host whose idle CPUs poll.\n"
-            );
-        }
-        _ => {}
+    if let Some(line) = halt_poll_line(
+        opts.halt_poll_ns,
+        "a wake-up across CPUs costs a VM exit, about 50 µs here, four times per -c1 request, which the fast path does not remove.",
+    ) {
+        let _ = writeln!(out, "{line}\n");
     }
     let _ = writeln!(
         out,
