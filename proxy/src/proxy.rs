@@ -1464,10 +1464,11 @@ impl WeirProxy {
             .str("url.scheme", "http")
             .str(
                 "network.protocol.version",
-                if req.version == http::Version::HTTP_2 {
-                    "2"
-                } else {
-                    "1.1"
+                match req.version {
+                    http::Version::HTTP_2 => "2",
+                    // An HTTP/1.0 request was reported as 1.1.
+                    http::Version::HTTP_10 => "1.0",
+                    _ => "1.1",
                 },
             )
             .int("http.response.status_code", i64::from(status))

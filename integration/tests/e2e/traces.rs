@@ -159,6 +159,23 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
     assert_eq!(server.attr("server.address").as_deref(), Some("::1"));
 
+    // An HTTP/1.0 request is reported as 1.0.
+    let answer = crate::raw_exchange(
+        s.listen,
+        "GET /api/v10 HTTP/1.0\r\nHost: x\r\ntraceparent: 00-77777777777777777777777777777777-8888888888888888-01\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+        "{answer}"
+    );
+    let spans = spans_of(&receiver, "77777777777777777777777777777777", 2).await;
+    let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert_eq!(
+        server.attr("network.protocol.version").as_deref(),
+        Some("1.0")
+    );
+
     // Retries: one client span per attempt, all under the request's span, which failed.
     let flaky_parent = "00-11111111111111111111111111111111-2222222222222222-01";
     let r = send(
