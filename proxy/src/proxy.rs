@@ -1503,7 +1503,7 @@ impl WeirProxy {
                 .str("rpc.method", method)
                 .int(
                     "rpc.grpc.status_code",
-                    i64::from(ctx.grpc_status.unwrap_or(0)),
+                    i64::from(grpc_code(session, ctx, status)),
                 );
             &[rpc]
         } else if route.is_empty() {
@@ -1670,4 +1670,23 @@ async fn unless_client_leaves<T>(
     } else {
         Some(wait.await)
     }
+}
+
+/// The gRPC status the client got: the upstream's trailers, else the `grpc-status` of the
+/// response header written (a trailers-only answer, weir's own replies included), else what
+/// a gRPC client makes of the HTTP status (a call that ended without a status is UNKNOWN).
+fn grpc_code(session: &Session, ctx: &RequestCtx, http_status: u16) -> u32 {
+    ctx.grpc_status
+        .or_else(|| {
+            session
+                .as_downstream()
+                .response_written()?
+                .headers
+                .get("grpc-status")?
+                .to_str()
+                .ok()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| grpc::status_for_http(http_status))
 }

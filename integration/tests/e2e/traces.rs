@@ -51,7 +51,7 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     let s = start(&format!(
-        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0, service_name: weir-test }}\nroutes:\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: flaky\n    match: {{ path: {{ prefix: /flaky }} }}\n    route: {{ cluster: dead, retry: {{ retries: 2, retry_on: [connect-failure] }} }}\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}{}{}",
+        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0, service_name: weir-test }}\nroutes:\n  - name: grpc-dead\n    match: {{ headers: [{{ name: x-to, exact: dead }}] }}\n    route: {{ cluster: dead }}\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: flaky\n    match: {{ path: {{ prefix: /flaky }} }}\n    route: {{ cluster: dead, retry: {{ retries: 2, retry_on: [connect-failure] }} }}\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}{}{}",
         cluster("b", "http1", &[backend.addr], ""),
         cluster("g", "h2c", &[grpc.addr], ""),
         cluster("dead", "http1", &[dead_addr], "")
@@ -221,6 +221,19 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     ] {
         assert_eq!(server.attr(k).as_deref(), Some(v), "{k} on {server:?}");
     }
+
+    // A call weir answers itself (its upstream refuses connections): the status the client
+    // got, UNAVAILABLE, not the 0 of a call without trailers from upstream.
+    let dead_parent = "00-99999999999999999999999999999999-aaaaaaaaaaaaaaaa-01";
+    let mut req = tonic::Request::new(crate::grpc::msg("hi", 1));
+    req.metadata_mut()
+        .insert("traceparent", dead_parent.parse().unwrap());
+    req.metadata_mut().insert("x-to", "dead".parse().unwrap());
+    let e = g.unary(req).await.expect_err("no upstream");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let spans = spans_of(&receiver, "99999999999999999999999999999999", 2).await;
+    let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert_eq!(server.attr("rpc.grpc.status_code").as_deref(), Some("14"));
 
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert!(
