@@ -185,6 +185,8 @@ pub enum AccessLogField {
     Protocol,
     /// The response status sent (0: none, the client went away).
     Status,
+    /// gRPC calls: the gRPC status the client got (null for other requests).
+    GrpcStatus,
     DurationMs,
     RequestBytes,
     ResponseBytes,

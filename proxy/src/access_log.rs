@@ -33,6 +33,8 @@ pub struct Entry<'a> {
     pub path: &'a str,
     pub protocol: &'a str,
     pub status: u16,
+    /// gRPC calls only.
+    pub grpc_status: Option<u32>,
     pub duration_ms: f64,
     pub request_bytes: usize,
     pub response_bytes: usize,
@@ -142,6 +144,7 @@ pub fn format_line(fields: &[AccessLogField], e: &Entry<'_>) -> String {
             F::Path => ("path", e.path.into()),
             F::Protocol => ("protocol", e.protocol.into()),
             F::Status => ("status", e.status.into()),
+            F::GrpcStatus => ("grpc_status", e.grpc_status.into()),
             F::DurationMs => (
                 "duration_ms",
                 ((e.duration_ms * 1000.0).round() / 1000.0).into(),
@@ -186,6 +189,7 @@ mod tests {
             path: "/v1/x?y=1",
             protocol: "HTTP/1.1",
             status: 200,
+            grpc_status: None,
             duration_ms: 1.23456,
             request_bytes: 10,
             response_bytes: 20,

@@ -1615,6 +1615,7 @@ impl WeirProxy {
                 _ => "HTTP/1.1",
             },
             status,
+            grpc_status: ctx.grpc.then(|| grpc_code(session, ctx, status)),
             duration_ms: ctx.start.elapsed().as_secs_f64() * 1e3,
             request_bytes: session.body_bytes_read(),
             response_bytes: session.body_bytes_sent(),

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use weir_integration::grpc_backend::GrpcBackend;
 use weir_integration::http_backend::HttpBackend;
 use weir_integration::weir_process::admin_get;
 
@@ -32,16 +33,18 @@ fn lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_request_gets_one_json_line_with_the_configured_fields() {
     let backend = HttpBackend::start("b").await;
+    let grpc = GrpcBackend::start("g").await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let s = start(&format!(
-        "access_log:\n  path: \"{}\"\n  fields: [method, path, protocol, status, route, cluster, upstream, tries, request_bytes, response_bytes, request_id, error, duration_ms, time]\nroutes:\n  - name: gone\n    match: {{ path: {{ prefix: /gone }} }}\n    route: {{ cluster: dead }}\n  - name: api\n    match: {{ path: {{ prefix: /api }} }}\n    route: {{ cluster: b }}\nclusters:\n{}{}",
+        "access_log:\n  path: \"{}\"\n  fields: [method, path, protocol, status, route, cluster, upstream, tries, request_bytes, response_bytes, request_id, error, duration_ms, time, grpc_status]\nroutes:\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: gone\n    match: {{ path: {{ prefix: /gone }} }}\n    route: {{ cluster: dead }}\n  - name: api\n    match: {{ path: {{ prefix: /api }} }}\n    route: {{ cluster: b }}\nclusters:\n{}{}{}",
         log.display(),
         cluster("b", "http1", &[backend.addr], ""),
-        cluster("dead", "http1", &[dead_addr], "")
+        cluster("dead", "http1", &[dead_addr], ""),
+        cluster("g", "h2c", &[grpc.addr], "")
     ));
     let client = h1_client();
     let r = send(
@@ -64,16 +67,24 @@ async fn every_request_gets_one_json_line_with_the_configured_fields() {
     assert_eq!(get(&client, s.listen, "/nowhere").await.status, 404);
     let failed = get(&client, s.listen, "/gone").await.status;
     assert!(failed >= 500, "{failed}");
+    // gRPC: the status the client got, an answer's and a failure's.
+    let mut g = crate::grpc::client(s.listen).await;
+    g.unary(crate::grpc::msg("hi", 1)).await.expect("unary");
+    let e = g
+        .unary(crate::grpc::msg("fail:5", 1))
+        .await
+        .expect_err("asked to fail");
+    assert_eq!(e.code(), tonic::Code::NotFound);
 
-    let lines = lines(&log, 4);
-    assert_eq!(lines.len(), 4, "one line per request: {lines:?}");
+    let lines = lines(&log, 6);
+    assert_eq!(lines.len(), 6, "one line per request: {lines:?}");
     let keys: Vec<&str> = lines[0]
         .as_object()
         .unwrap()
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(keys.len(), 14, "the configured fields: {keys:?}");
+    assert_eq!(keys.len(), 15, "the configured fields: {keys:?}");
     let first = &lines[0];
     assert_eq!(first["method"], "GET");
     assert_eq!(first["path"], "/api/one?x=1");
@@ -85,6 +96,7 @@ async fn every_request_gets_one_json_line_with_the_configured_fields() {
     assert_eq!(first["tries"], 1);
     assert_eq!(first["request_id"], "req-1");
     assert!(first["error"].is_null());
+    assert!(first["grpc_status"].is_null(), "not a gRPC call: {first}");
     assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
     let second = &lines[1];
     assert_eq!(
@@ -105,9 +117,14 @@ async fn every_request_gets_one_json_line_with_the_configured_fields() {
         fourth["error"].as_str().is_some_and(|e| !e.is_empty()),
         "the failure is named: {fourth}"
     );
+    assert_eq!(
+        (lines[4]["route"].as_str(), lines[4]["grpc_status"].as_u64()),
+        (Some("grpc"), Some(0))
+    );
+    assert_eq!(lines[5]["grpc_status"], 5, "{}", lines[5]);
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert!(
-        metrics.contains("weir_access_log_lines_total 4"),
+        metrics.contains("weir_access_log_lines_total 6"),
         "{metrics}"
     );
     assert!(
