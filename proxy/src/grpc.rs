@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-/// gRPC status codes weir produces itself.
+/// gRPC status codes weir produces itself or looks for.
 pub mod code {
     pub const CANCELLED: u32 = 1;
     pub const UNKNOWN: u32 = 2;
@@ -15,6 +15,7 @@ pub mod code {
     pub const UNIMPLEMENTED: u32 = 12;
     pub const INTERNAL: u32 = 13;
     pub const UNAVAILABLE: u32 = 14;
+    pub const DATA_LOSS: u32 = 15;
     pub const UNAUTHENTICATED: u32 = 16;
 }
 

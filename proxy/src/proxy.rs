@@ -1494,17 +1494,24 @@ impl WeirProxy {
             attrs.ip("client.address", addr.ip());
         }
         let method = req.method.as_str();
+        let mut grpc_failed = None;
         let name: &[&str] = if ctx.grpc {
             let rpc = path.trim_start_matches('/');
             let (service, method) = rpc.split_once('/').unwrap_or((path, ""));
+            let code = grpc_code(session, ctx, status);
+            // A server span's error codes (OpenTelemetry's RPC conventions): those that
+            // point at the server, not at the caller's request.
+            use grpc::code::*;
+            grpc_failed = matches!(
+                code,
+                UNKNOWN | DEADLINE_EXCEEDED | UNIMPLEMENTED | INTERNAL | UNAVAILABLE | DATA_LOSS
+            )
+            .then_some(code);
             attrs
                 .str("rpc.system", "grpc")
                 .str("rpc.service", service)
                 .str("rpc.method", method)
-                .int(
-                    "rpc.grpc.status_code",
-                    i64::from(grpc_code(session, ctx, status)),
-                );
+                .int("rpc.grpc.status_code", i64::from(code));
             &[rpc]
         } else if route.is_empty() {
             &[method]
@@ -1534,8 +1541,10 @@ impl WeirProxy {
                     .int("gen_ai.usage.output_tokens", tokens(u.output));
             }
         }
-        let failed = status == 0 || status >= 500 || e.is_some();
-        let error = e.map(|e| e.to_string());
+        let failed = status == 0 || status >= 500 || e.is_some() || grpc_failed.is_some();
+        let error = e
+            .map(|e| e.to_string())
+            .or_else(|| grpc_failed.map(|code| format!("gRPC status {code}")));
         tracer.finish(*trace, name, &attrs, error.as_deref(), failed);
     }
 

@@ -235,6 +235,25 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
     assert_eq!(server.attr("rpc.grpc.status_code").as_deref(), Some("14"));
 
+    // A server's error status fails the span; a caller's (NOT_FOUND) does not (OpenTelemetry's
+    // RPC conventions for server spans).
+    for (trace, text, code, failed) in [
+        ("abababababababababababababababab", "fail:13", "13", true),
+        ("cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd", "fail:5", "5", false),
+    ] {
+        let mut req = tonic::Request::new(crate::grpc::msg(text, 1));
+        req.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace}-aaaaaaaaaaaaaaaa-01").parse().unwrap(),
+        );
+        g.unary(req).await.expect_err("asked to fail");
+        let spans = spans_of(&receiver, trace, 2).await;
+        let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+        assert_eq!(server.attr("rpc.grpc.status_code").as_deref(), Some(code));
+        let status = server.span.status.as_ref().map_or(0, |s| s.code);
+        assert_eq!(status == 2, failed, "{text}: {server:?}");
+    }
+
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert!(
         metrics.contains("weir_trace_spans_dropped_total 0"),
