@@ -19,6 +19,14 @@ pub mod code {
     pub const UNAUTHENTICATED: u32 = 16;
 }
 
+/// A metric label for gRPC status `code`: its number, `other` past the codes gRPC defines.
+pub fn label(code: u32) -> &'static str {
+    const LABELS: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    LABELS.get(code as usize).copied().unwrap_or("other")
+}
+
 /// Parses a `grpc-timeout` value (`1S`, `250m`, `100u`...): at most 8 digits and a unit.
 pub fn parse_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -70,6 +78,12 @@ mod tests {
         assert_eq!(parse_timeout("S"), None);
         assert_eq!(parse_timeout("-1S"), None);
         assert_eq!(parse_timeout("1s"), None);
+    }
+
+    #[test]
+    fn status_labels_are_the_numbers_grpc_defines_then_other() {
+        assert_eq!((label(0), label(14), label(16)), ("0", "14", "16"));
+        assert_eq!((label(17), label(u32::MAX)), ("other", "other"));
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::state::{now_ms, Runtime};
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
+    /// gRPC calls by the status the client got (`requests` has them all as 200).
+    pub grpc_requests: IntCounterVec,
     pub duration: HistogramVec,
     pub retries: IntCounterVec,
     pub upstream_failures: IntCounterVec,
@@ -61,6 +63,11 @@ impl Metrics {
             "weir_requests_total",
             "Downstream requests by listener, route, cluster and response status.",
             &["listener", "route", "cluster", "code"],
+        );
+        let grpc_requests = counter(
+            "weir_grpc_requests_total",
+            "Downstream gRPC calls by listener, route, cluster and the gRPC status the client got.",
+            &["listener", "route", "cluster", "grpc_code"],
         );
         let retries = counter(
             "weir_upstream_retries_total",
@@ -172,6 +179,7 @@ impl Metrics {
         Self {
             registry,
             requests,
+            grpc_requests,
             duration,
             retries,
             upstream_failures,

@@ -1361,6 +1361,10 @@ impl ProxyHttp for WeirProxy {
             Some(r) => r.status.as_u16(),
             None => e.map_or(0, |e| reply::status_for_error(e.etype(), e.esource())),
         };
+        if ctx.grpc {
+            // The status the client got, from here on (metrics, access log, span).
+            ctx.grpc_status = Some(grpc_code(session, ctx, code));
+        }
         let trace = ctx.trace.take();
         let (route, cluster) = match ctx.parts() {
             Some((_, r, c, _)) => (r.name.as_str(), c.name.as_str()),
@@ -1377,6 +1381,12 @@ impl ProxyHttp for WeirProxy {
             .duration
             .with_label_values(&[self.listener.as_str(), route, cluster])
             .observe(ctx.start.elapsed().as_secs_f64());
+        if let Some(g) = ctx.grpc_status.filter(|_| ctx.grpc) {
+            self.metrics
+                .grpc_requests
+                .with_label_values(&[self.listener.as_str(), route, cluster, grpc::label(g)])
+                .inc();
+        }
         if let Some(endpoint) = ctx
             .runtime
             .as_deref()
@@ -1498,7 +1508,8 @@ impl WeirProxy {
         let name: &[&str] = if ctx.grpc {
             let rpc = path.trim_start_matches('/');
             let (service, method) = rpc.split_once('/').unwrap_or((path, ""));
-            let code = grpc_code(session, ctx, status);
+            // `logging` has set the status the client got.
+            let code = ctx.grpc_status.unwrap_or(grpc::code::UNKNOWN);
             // A server span's error codes (OpenTelemetry's RPC conventions): those that
             // point at the server, not at the caller's request.
             use grpc::code::*;
@@ -1624,7 +1635,7 @@ impl WeirProxy {
                 _ => "HTTP/1.1",
             },
             status,
-            grpc_status: ctx.grpc.then(|| grpc_code(session, ctx, status)),
+            grpc_status: ctx.grpc_status.filter(|_| ctx.grpc),
             duration_ms: ctx.start.elapsed().as_secs_f64() * 1e3,
             request_bytes: session.body_bytes_read(),
             response_bytes: session.body_bytes_sent(),

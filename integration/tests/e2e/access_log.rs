@@ -122,6 +122,15 @@ async fn every_request_gets_one_json_line_with_the_configured_fields() {
         (Some("grpc"), Some(0))
     );
     assert_eq!(lines[5]["grpc_status"], 5, "{}", lines[5]);
+    // The same statuses in the metrics (weir_requests_total has both calls as 200).
+    for code in ["0", "5"] {
+        let (n, text) = crate::metric_value(
+            s.weir.admin,
+            "weir_grpc_requests_total",
+            &[("route", "grpc"), ("cluster", "g"), ("grpc_code", code)],
+        );
+        assert_eq!(n, Some(1.0), "grpc_code {code}: {text}");
+    }
     let (_, metrics) = admin_get(s.weir.admin, "/stats/prometheus").unwrap();
     assert!(
         metrics.contains("weir_access_log_lines_total 6"),
