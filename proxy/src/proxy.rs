@@ -1363,7 +1363,7 @@ impl ProxyHttp for WeirProxy {
         };
         if ctx.grpc {
             // The status the client got, from here on (metrics, access log, span).
-            ctx.grpc_status = Some(grpc_code(session, ctx, code));
+            ctx.grpc_status = Some(grpc_code(session, ctx, code, e));
         }
         let trace = ctx.trace.take();
         let (route, cluster) = match ctx.parts() {
@@ -1695,8 +1695,9 @@ async fn unless_client_leaves<T>(
 
 /// The gRPC status the client got: the upstream's trailers, else the `grpc-status` of the
 /// response header written (a trailers-only answer, weir's own replies included), else what
-/// a gRPC client makes of the HTTP status (a call that ended without a status is UNKNOWN).
-fn grpc_code(session: &Session, ctx: &RequestCtx, http_status: u16) -> u32 {
+/// a gRPC client makes of the HTTP status (a call that ended without a status is UNKNOWN), or
+/// CANCELLED when the client left (before an answer or during one: error `e`).
+fn grpc_code(session: &Session, ctx: &RequestCtx, http_status: u16, e: Option<&Error>) -> u32 {
     ctx.grpc_status
         .or_else(|| {
             session
@@ -1709,5 +1710,13 @@ fn grpc_code(session: &Session, ctx: &RequestCtx, http_status: u16) -> u32 {
                 .parse()
                 .ok()
         })
-        .unwrap_or_else(|| grpc::status_for_http(http_status))
+        .unwrap_or_else(|| {
+            let client_left = http_status == 0
+                || e.is_some_and(|e| reply::status_for_error(e.etype(), e.esource()) == 0);
+            if client_left {
+                grpc::code::CANCELLED
+            } else {
+                grpc::status_for_http(http_status)
+            }
+        })
 }

@@ -779,6 +779,23 @@ async fn a_client_that_leaves_mid_stream_ends_it_at_the_model_server() {
     eprintln!("gRPC call cancelled: the server's stream ended {took:?} later");
     // The connection stays usable for the next call.
     assert_eq!(stream_once(grpc.listen, "next", 2).await, Ok("1".into()));
+    // Counted as their clients saw them: the left call CANCELLED, the next one OK.
+    tokio::task::block_in_place(|| {
+        for code in ["1", "0"] {
+            wait_for(
+                &format!("a gRPC call counted with grpc_code {code}"),
+                Duration::from_secs(5),
+                || {
+                    crate::metric_value(
+                        grpc.weir.admin,
+                        "weir_grpc_requests_total",
+                        &[("grpc_code", code)],
+                    )
+                    .0 == Some(1.0)
+                },
+            );
+        }
+    });
 }
 
 /// A client that leaves while its request waits in a busy pool's queue (an HTTP/1.1 client
