@@ -980,7 +980,7 @@ impl ProxyHttp for WeirProxy {
                     attributes.int("http.request.resend_count", i64::from(ctx.tries));
                 }
             }
-            tracer.attempt(trace, attributes);
+            tracer.attempt(trace, attributes, Some(address));
         }
         // An original destination is no endpoint of the cluster's: nothing to exclude on a
         // retry, no endpoint state to feed.
@@ -1039,6 +1039,7 @@ impl ProxyHttp for WeirProxy {
             ctx.orca_asked = true;
         }
         let Some((_, route, cluster, _)) = ctx.parts() else {
+            self.trace_upstream_request(ctx, upstream);
             return Ok(());
         };
         let h1_upstream = cluster.protocol != UpstreamProtocol::H2c;
@@ -1105,6 +1106,7 @@ impl ProxyHttp for WeirProxy {
         {
             upstream.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
+        self.trace_upstream_request(ctx, upstream);
         Ok(())
     }
 
@@ -1416,6 +1418,13 @@ impl ProxyHttp for WeirProxy {
 }
 
 impl WeirProxy {
+    /// The attempt's span records the request as it goes upstream.
+    fn trace_upstream_request(&self, ctx: &mut RequestCtx, upstream: &RequestHeader) {
+        if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
+            tracer.attempt_request(trace, upstream);
+        }
+    }
+
     /// A request's or response's trailers through its filter chain (if any), which may change
     /// them or stop the request.
     async fn trailers_through_filters(

@@ -133,6 +133,8 @@ struct Attempt {
     start: SystemTime,
     attributes: Attrs,
     status: Option<u16>,
+    /// Where the attempt goes, for its `url.full`.
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// Span attributes, encoded as they are added: each is an OTLP `Span.attributes` field (a
@@ -337,8 +339,13 @@ impl Tracer {
         }
     }
 
-    /// Starts a client span for an upstream attempt (ending the previous attempt's).
-    pub fn attempt(&self, t: &mut RequestTrace, attributes: Attrs) {
+    /// Starts a client span for an upstream attempt to `peer` (ending the previous attempt's).
+    pub fn attempt(
+        &self,
+        t: &mut RequestTrace,
+        attributes: Attrs,
+        peer: Option<std::net::SocketAddr>,
+    ) {
         let now = SystemTime::now();
         if let Some(done) = t.attempt.take().filter(|_| t.sampled()) {
             end_attempt(&t.context, done, None, now, &mut t.spans);
@@ -349,7 +356,24 @@ impl Tracer {
             start: now,
             attributes,
             status: None,
+            peer,
         });
+    }
+
+    /// Records what the attempt sends, once its request is final (a route's prefix rewrite
+    /// done): `http.request.method` and `url.full`, as the HTTP client-span conventions ask.
+    pub fn attempt_request(&self, t: &mut RequestTrace, upstream: &RequestHeader) {
+        let sampled = t.sampled();
+        let Some(a) = t.attempt.as_mut().filter(|_| sampled) else {
+            return;
+        };
+        a.attributes
+            .str("http.request.method", upstream.method.as_str());
+        if let Some(peer) = a.peer {
+            let target = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
+            a.attributes
+                .display("url.full", format_args!("http://{peer}{target}"));
+        }
     }
 
     /// Records the attempt's response status.
@@ -1041,7 +1065,7 @@ mod tests {
             let mut t = tracer.start(&req);
             let mut attempt = super::Attrs::new();
             attempt.int("attempt", i as i64);
-            tracer.attempt(&mut t, attempt);
+            tracer.attempt(&mut t, attempt, None);
             tracer.attempt_status(&mut t, 200);
             let mut attrs = super::Attrs::new();
             attrs.int("i", i as i64);
@@ -1135,7 +1159,7 @@ mod tests {
                 req.insert_header("tracestate", "vendor=x,other=y").unwrap();
             }
             let mut t = tracer.start(&req);
-            tracer.attempt(&mut t, super::Attrs::default());
+            tracer.attempt(&mut t, super::Attrs::default(), None);
             let mut upstream = RequestHeader::build("GET", b"/", None).unwrap();
             tracer.inject(&t, &mut upstream);
 
@@ -1211,11 +1235,11 @@ mod tests {
         let mut t = tracer.start(&req);
         let mut first = super::Attrs::new();
         first.display("server.address", std::net::Ipv4Addr::new(10, 0, 0, 7));
-        tracer.attempt(&mut t, first);
+        tracer.attempt(&mut t, first, None);
         tracer.attempt_status(&mut t, 503);
         let mut second = super::Attrs::new();
         second.int("http.request.resend_count", 1);
-        tracer.attempt(&mut t, second);
+        tracer.attempt(&mut t, second, None);
         let mut attrs = super::Attrs::new();
         let long = "x".repeat(300);
         attrs

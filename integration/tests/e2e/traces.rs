@@ -51,7 +51,7 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     let s = start(&format!(
-        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0, service_name: weir-test }}\nroutes:\n  - name: grpc-dead\n    match: {{ headers: [{{ name: x-to, exact: dead }}] }}\n    route: {{ cluster: dead }}\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: flaky\n    match: {{ path: {{ prefix: /flaky }} }}\n    route: {{ cluster: dead, retry: {{ retries: 2, retry_on: [connect-failure] }} }}\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}{}{}",
+        "tracing: {{ otlp_endpoint: \"http://{otlp}\", sampling: 1.0, service_name: weir-test }}\nroutes:\n  - name: grpc-dead\n    match: {{ headers: [{{ name: x-to, exact: dead }}] }}\n    route: {{ cluster: dead }}\n  - name: grpc\n    match: {{ grpc: {{ service: weir.test.Echo }} }}\n    route: {{ cluster: g }}\n  - name: rewritten\n    match: {{ path: {{ prefix: /old/ }} }}\n    route: {{ cluster: b, prefix_rewrite: /new/ }}\n  - name: flaky\n    match: {{ path: {{ prefix: /flaky }} }}\n    route: {{ cluster: dead, retry: {{ retries: 2, retry_on: [connect-failure] }} }}\n  - name: api\n    route: {{ cluster: b }}\nclusters:\n{}{}{}",
         cluster("b", "http1", &[backend.addr], ""),
         cluster("g", "h2c", &[grpc.addr], ""),
         cluster("dead", "http1", &[dead_addr], "")
@@ -130,6 +130,15 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
         client_span.attr("http.response.status_code").as_deref(),
         Some("200")
     );
+    // The HTTP client-span conventions' method and full URL, as the upstream got them.
+    assert_eq!(
+        client_span.attr("http.request.method").as_deref(),
+        Some("GET")
+    );
+    assert_eq!(
+        client_span.attr("url.full"),
+        Some(format!("http://{}/api/items?x=1", backend.addr))
+    );
 
     // No traceparent: weir starts the trace and passes it on.
     let r = get(&client, s.listen, "/api/new").await;
@@ -158,6 +167,24 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     let spans = spans_of(&receiver, "55555555555555555555555555555555", 2).await;
     let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
     assert_eq!(server.attr("server.address").as_deref(), Some("::1"));
+
+    // A rewritten path: the client span's URL is the one sent upstream.
+    let rw_parent = "00-efefefefefefefefefefefefefefefef-4444444444444444-01";
+    let r = send(
+        &client,
+        s.listen,
+        "GET",
+        "/old/x?q=1",
+        &[("traceparent", rw_parent)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let spans = spans_of(&receiver, "efefefefefefefefefefefefefefefef", 2).await;
+    let attempt = spans.iter().find(|s| kind(s) == CLIENT).unwrap();
+    assert_eq!(
+        attempt.attr("url.full"),
+        Some(format!("http://{}/new/x?q=1", backend.addr))
+    );
 
     // An HTTP/1.0 request is reported as 1.0.
     let answer = crate::raw_exchange(
