@@ -1363,10 +1363,9 @@ impl ProxyHttp for WeirProxy {
             Some(r) => r.status.as_u16(),
             None => e.map_or(0, |e| reply::status_for_error(e.etype(), e.esource())),
         };
-        if ctx.grpc {
-            // The status the client got, from here on (metrics, access log, span).
-            ctx.grpc_status = Some(grpc_code(session, ctx, code, e));
-        }
+        // From here on the status a gRPC client got (metrics, access log, span); none for
+        // other requests, whatever trailers their responses carried.
+        ctx.grpc_status = ctx.grpc.then(|| grpc_code(session, ctx, code, e));
         let trace = ctx.trace.take();
         let (route, cluster) = match ctx.parts() {
             Some((_, r, c, _)) => (r.name.as_str(), c.name.as_str()),
@@ -1383,7 +1382,7 @@ impl ProxyHttp for WeirProxy {
             .duration
             .with_label_values(&[self.listener.as_str(), route, cluster])
             .observe(ctx.start.elapsed().as_secs_f64());
-        if let Some(g) = ctx.grpc_status.filter(|_| ctx.grpc) {
+        if let Some(g) = ctx.grpc_status {
             self.metrics
                 .grpc_requests
                 .with_label_values(&[self.listener.as_str(), route, cluster, grpc::label(g)])
@@ -1644,7 +1643,7 @@ impl WeirProxy {
                 _ => "HTTP/1.1",
             },
             status,
-            grpc_status: ctx.grpc_status.filter(|_| ctx.grpc),
+            grpc_status: ctx.grpc_status,
             duration_ms: ctx.start.elapsed().as_secs_f64() * 1e3,
             request_bytes: session.body_bytes_read(),
             response_bytes: session.body_bytes_sent(),

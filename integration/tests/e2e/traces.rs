@@ -39,6 +39,19 @@ async fn spans_of(receiver: &OtlpReceiver, trace: &str, n: usize) -> Vec<Receive
 fn kind(s: &Received) -> i32 {
     s.span.kind
 }
+/// A `traceparent` that makes `trace` the request's trace (sampled).
+fn parent_in(trace: &str) -> String {
+    format!("00-{trace}-4444444444444444-01")
+}
+
+/// A traced gRPC Echo request of `text`, in trace `trace`.
+fn traced_msg(text: &str, trace: &str) -> tonic::Request<weir_integration::pb::Msg> {
+    let mut req = tonic::Request::new(crate::grpc::msg(text, 1));
+    req.metadata_mut()
+        .insert("traceparent", parent_in(trace).parse().unwrap());
+    req
+}
+
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
@@ -154,32 +167,32 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     assert!(root.span.parent_span_id.is_empty(), "a root span");
 
     // An IPv6 Host: the address without its port and brackets.
-    let v6_parent = "00-55555555555555555555555555555555-6666666666666666-01";
+    let v6 = "55555555555555555555555555555555";
     let r = send(
         &client,
         s.listen,
         "GET",
         "/api/v6",
-        &[("traceparent", v6_parent), ("host", "[::1]:8080")],
+        &[("traceparent", &parent_in(v6)), ("host", "[::1]:8080")],
     )
     .await;
     assert_eq!(r.status, 200);
-    let spans = spans_of(&receiver, "55555555555555555555555555555555", 2).await;
+    let spans = spans_of(&receiver, v6, 2).await;
     let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
     assert_eq!(server.attr("server.address").as_deref(), Some("::1"));
 
     // A rewritten path: the client span's URL is the one sent upstream.
-    let rw_parent = "00-efefefefefefefefefefefefefefefef-4444444444444444-01";
+    let rewritten = "efefefefefefefefefefefefefefefef";
     let r = send(
         &client,
         s.listen,
         "GET",
         "/old/x?q=1",
-        &[("traceparent", rw_parent)],
+        &[("traceparent", &parent_in(rewritten))],
     )
     .await;
     assert_eq!(r.status, 200);
-    let spans = spans_of(&receiver, "efefefefefefefefefefefefefefefef", 2).await;
+    let spans = spans_of(&receiver, rewritten, 2).await;
     let attempt = spans.iter().find(|s| kind(s) == CLIENT).unwrap();
     assert_eq!(
         attempt.attr("url.full"),
@@ -230,12 +243,10 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
     assert_eq!(server.span.status.as_ref().map(|s| s.code), Some(error));
 
     // gRPC: the RPC attributes.
-    let grpc_parent = "00-33333333333333333333333333333333-4444444444444444-01";
     let mut g = crate::grpc::client(s.listen).await;
-    let mut req = tonic::Request::new(crate::grpc::msg("hi", 1));
-    req.metadata_mut()
-        .insert("traceparent", grpc_parent.parse().unwrap());
-    g.unary(req).await.expect("unary");
+    g.unary(traced_msg("hi", "33333333333333333333333333333333"))
+        .await
+        .expect("unary");
     let spans = spans_of(&receiver, "33333333333333333333333333333333", 2).await;
     let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
     assert_eq!(server.span.name, "weir.test.Echo/Unary");
@@ -251,10 +262,7 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
 
     // A call weir answers itself (its upstream refuses connections): the status the client
     // got, UNAVAILABLE, not the 0 of a call without trailers from upstream.
-    let dead_parent = "00-99999999999999999999999999999999-aaaaaaaaaaaaaaaa-01";
-    let mut req = tonic::Request::new(crate::grpc::msg("hi", 1));
-    req.metadata_mut()
-        .insert("traceparent", dead_parent.parse().unwrap());
+    let mut req = traced_msg("hi", "99999999999999999999999999999999");
     req.metadata_mut().insert("x-to", "dead".parse().unwrap());
     let e = g.unary(req).await.expect_err("no upstream");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
@@ -268,12 +276,9 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
         ("abababababababababababababababab", "fail:13", "13", true),
         ("cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd", "fail:5", "5", false),
     ] {
-        let mut req = tonic::Request::new(crate::grpc::msg(text, 1));
-        req.metadata_mut().insert(
-            "traceparent",
-            format!("00-{trace}-aaaaaaaaaaaaaaaa-01").parse().unwrap(),
-        );
-        g.unary(req).await.expect_err("asked to fail");
+        g.unary(traced_msg(text, trace))
+            .await
+            .expect_err("asked to fail");
         let spans = spans_of(&receiver, trace, 2).await;
         let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
         assert_eq!(server.attr("rpc.grpc.status_code").as_deref(), Some(code));
