@@ -122,6 +122,7 @@ pub fn run(snapshot: Snapshot, opts: RunOptions) -> ! {
             drain: drain.clone(),
             access_log: access_log.clone(),
             tracer: tracer.clone(),
+            listener_attrs: crate::telemetry::Attrs::listener(&l.name),
             fast_path: fast_path.clone(),
         };
         let mut service =

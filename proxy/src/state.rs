@@ -184,6 +184,9 @@ pub struct EndpointState {
     /// The endpoint's Prometheus series, looked up on its first response: a lookup formats
     /// the address and hashes every label, per request.
     pub(crate) series: std::sync::OnceLock<EndpointSeries>,
+    /// The attributes of every client span to the endpoint, encoded on its first traced
+    /// attempt ([`crate::telemetry::Attrs::endpoint`]).
+    pub(crate) trace_attrs: std::sync::OnceLock<crate::telemetry::Attrs>,
 }
 
 /// An endpoint's request duration histogram and its responses by class: `1xx` to `5xx`, then
@@ -236,6 +239,7 @@ impl EndpointState {
             connections_reused: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             series: std::sync::OnceLock::new(),
+            trace_attrs: std::sync::OnceLock::new(),
         }
     }
 

@@ -77,6 +77,8 @@ thread_local! {
     /// endpoint are nearly always those of the request before.
     static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
+    /// The server span's attributes while they are built ([`Attrs::lend`]).
+    static LENT: RefCell<Attrs> = RefCell::new(Attrs::default());
     /// The last two `http://{peer}` origins [`Attrs::url`] wrote.
     static ORIGINS: RefCell<[(Option<std::net::SocketAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
@@ -155,36 +157,73 @@ impl Attrs {
         Self(Vec::with_capacity(512))
     }
 
-    /// `KeyValue { key, value: AnyValue { ... } }`: `value` writes the `AnyValue` field (key
-    /// included), `value_len` bytes.
-    fn put(&mut self, key: &str, value_len: usize, value: impl FnOnce(&mut Vec<u8>)) {
-        let kv = len_delimited(1, key.len()) + len_delimited(2, value_len);
-        let out = &mut self.0;
-        put_header(ATTRIBUTES_FIELD, kv, out);
-        put_len_delimited(1, key.as_bytes(), out);
-        put_header(2, value_len, out);
-        value(out);
+    /// Lends `f` this thread's attribute buffer, empty, for attributes that are built and
+    /// spent at once (a server span's, at the end of its request): its room stays from one
+    /// request to the next, where a buffer of its own was an allocation per request.
+    pub fn lend<R>(f: impl FnOnce(&mut Attrs) -> R) -> R {
+        LENT.with_borrow_mut(|a| {
+            a.0.clear();
+            f(a)
+        })
     }
 
-    /// A string attribute (`AnyValue.string_value`, field 1).
-    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+    /// The attributes every server span of listener `name` has: `url.scheme` and
+    /// `weir.listener`, encoded once ([`Attrs::extend`]).
+    pub fn listener(name: &str) -> Self {
+        let mut a = Self::default();
+        a.str("url.scheme", "http").str("weir.listener", name);
+        a
+    }
+
+    /// The attributes of every client span to `address` of cluster `cluster`:
+    /// `server.address`, `server.port` and `weir.cluster`, encoded once per endpoint.
+    pub fn endpoint(address: std::net::SocketAddr, cluster: &str) -> Self {
+        let mut a = Self::default();
+        a.display("server.address", address.ip())
+            .int("server.port", i64::from(address.port()))
+            .str("weir.cluster", cluster);
+        a
+    }
+
+    /// Appends attributes encoded before.
+    pub fn extend(&mut self, other: &Attrs) -> &mut Self {
+        self.0.extend_from_slice(&other.0);
+        self
+    }
+
+    /// `KeyValue { key, value: AnyValue { ... } }`, the `AnyValue` message being the
+    /// concatenation of `value`'s parts. Always inlined, with its callers, so a constant key
+    /// is copied as the constant it is: out of line, an attribute cost ~100 instructions, most
+    /// of them calls and length checks (the compiler did not inline it when asked).
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, key: &str, value: [&[u8]; N]) {
+        let k = key.len();
+        let value_len: usize = value.iter().map(|v| v.len()).sum();
+        let out = &mut self.0;
         // The common case, a key and value of a few dozen bytes: every length fits one byte,
-        // and the attribute is four fixed header bytes around the key and around the value
-        // (writing those as six separate fields was ~180 instructions an attribute).
-        let (k, v) = (key.len(), value.len());
-        let kv = 2 + k + 2 + 2 + v;
+        // and the attribute is four fixed header bytes, the key, two more and the value.
+        let kv = 2 + k + 2 + value_len;
         if kv < 0x80 {
-            let out = &mut self.0;
             out.reserve(2 + kv);
             out.extend_from_slice(&[tag_byte(ATTRIBUTES_FIELD), kv as u8, tag_byte(1), k as u8]);
             out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(&[tag_byte(2), (2 + v) as u8, tag_byte(1), v as u8]);
-            out.extend_from_slice(value.as_bytes());
-            return self;
+            out.extend_from_slice(&[tag_byte(2), value_len as u8]);
+        } else {
+            let kv = len_delimited(1, k) + len_delimited(2, value_len);
+            put_header(ATTRIBUTES_FIELD, kv, out);
+            put_len_delimited(1, key.as_bytes(), out);
+            put_header(2, value_len, out);
         }
-        self.put(key, len_delimited(1, v), |out| {
-            put_len_delimited(1, value.as_bytes(), out)
-        });
+        for v in value {
+            out.extend_from_slice(v);
+        }
+    }
+
+    /// A string attribute (`AnyValue.string_value`, field 1).
+    #[inline(always)]
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        let head = Head::new(tag_byte(1)).varint(value.len() as u64);
+        self.put(key, [head.as_slice(), value.as_bytes()]);
         self
     }
 
@@ -212,31 +251,68 @@ impl Attrs {
         ORIGINS.with_borrow_mut(|origins| {
             let origin = cached_text(origins, peer, |p| format!("http://{p}"));
             let len = origin.len() + target.len();
-            self.put(key, len_delimited(1, len), |out| {
-                put_header(1, len, out);
-                out.extend_from_slice(origin.as_bytes());
-                out.extend_from_slice(target.as_bytes());
-            });
+            let head = Head::new(tag_byte(1)).varint(len as u64);
+            self.put(key, [head.as_slice(), origin.as_bytes(), target.as_bytes()]);
         });
         self
     }
 
     /// An integer attribute (`AnyValue.int_value`, field 3).
+    #[inline(always)]
     pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
-        use prost::encoding::int64;
-        self.put(key, int64::encoded_len(3, &value), |out| {
-            int64::encode(3, &value, out)
-        });
+        // int64 is a varint of the two's complement (ten bytes for a negative number).
+        let head = Head::new(3 << 3 | WireType::Varint as u8).varint(value as u64);
+        self.put(key, [head.as_slice()]);
         self
     }
 
     /// A floating-point attribute (`AnyValue.double_value`, field 4).
     pub fn double(&mut self, key: &str, value: f64) -> &mut Self {
-        use prost::encoding::double;
-        self.put(key, double::encoded_len(4, &value), |out| {
-            double::encode(4, &value, out)
-        });
+        let mut field = [
+            4 << 3 | WireType::SixtyFourBit as u8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        field[1..].copy_from_slice(&value.to_le_bytes());
+        self.put(key, [&field]);
         self
+    }
+}
+
+/// A field's one-byte key and a varint (a length, or a varint field's value), on the stack.
+struct Head {
+    bytes: [u8; 11],
+    len: usize,
+}
+
+impl Head {
+    #[inline(always)]
+    fn new(key: u8) -> Self {
+        let mut bytes = [0; 11];
+        bytes[0] = key;
+        Self { bytes, len: 1 }
+    }
+
+    #[inline(always)]
+    fn varint(mut self, mut v: u64) -> Self {
+        while v >= 0x80 {
+            self.bytes[self.len] = v as u8 | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.bytes[self.len] = v as u8;
+        self.len += 1;
+        self
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -260,6 +336,7 @@ fn cached_text<K: Copy + PartialEq>(
 }
 
 /// The encoded size of length-delimited field `tag` holding `len` bytes.
+#[inline]
 fn len_delimited(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
@@ -269,11 +346,14 @@ const fn tag_byte(tag: u32) -> u8 {
     (tag << 3 | WireType::LengthDelimited as u32) as u8
 }
 
-/// A length-delimited field's key and length: two bytes in the common case (a field number
-/// under 16, a length under 128), prost's encoding otherwise.
+/// A length-delimited field's key and length: two or three bytes in the common cases (a
+/// field number under 16, a length under 16 KiB), prost's encoding otherwise.
+#[inline]
 fn put_header(tag: u32, len: usize, out: &mut Vec<u8>) {
     if tag < 16 && len < 0x80 {
         out.extend_from_slice(&[tag_byte(tag), len as u8]);
+    } else if tag < 16 && len < 0x4000 {
+        out.extend_from_slice(&[tag_byte(tag), len as u8 | 0x80, (len >> 7) as u8]);
     } else {
         encode_key(tag, WireType::LengthDelimited, out);
         encode_varint(len as u64, out);
@@ -281,6 +361,7 @@ fn put_header(tag: u32, len: usize, out: &mut Vec<u8>) {
 }
 
 /// A length-delimited field (bytes, a string, or a message already encoded).
+#[inline(always)]
 fn put_len_delimited(tag: u32, v: &[u8], out: &mut Vec<u8>) {
     put_header(tag, v.len(), out);
     out.put_slice(v);
@@ -425,9 +506,8 @@ impl Tracer {
         if let Ok(v) = http::HeaderValue::from_bytes(&traceparent) {
             let _ = upstream.insert_header("traceparent", v);
         }
-        let state = t.context.trace_state().header();
-        if !state.is_empty() {
-            let _ = upstream.insert_header("tracestate", state);
+        if *t.context.trace_state() != TraceState::NONE {
+            let _ = upstream.insert_header("tracestate", t.context.trace_state().header());
         }
     }
 
@@ -588,73 +668,82 @@ struct SpanFields<'a> {
     status: Option<&'a str>,
 }
 
-/// Appends the span to `out` as a `ScopeSpans.spans` field: the OTLP `Span`
-/// message written field by field (no message structs, no allocation once the buffers have
-/// grown), straight into `out` behind its length, which is worked out first (encoding into a
-/// buffer of its own and copying that was a copy of every span).
+/// Appends the span to `out` as a `ScopeSpans.spans` field: the OTLP `Span` message written
+/// field by field (no message structs, no allocation once the buffers have grown), straight
+/// into `out` behind its length, which is worked out first (encoding into a buffer of its own
+/// and copying that was a copy of every span). Most fields have a fixed size; those are
+/// written as one block (field by field through prost's encoders, a span cost ~600
+/// instructions).
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
-    use prost::encoding::{fixed32, fixed64, int32};
-    let state = f.trace.trace_state().header();
-    let name_len: usize = f.name.iter().map(|p| p.len()).sum();
-    let kind = f.kind as i32;
-    let error = f.status.map(|e| {
-        let code = status::StatusCode::Error as i32;
-        (
-            e,
-            code,
-            len_delimited(2, e.len()) + int32::encoded_len(3, &code),
-        )
-    });
-    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
+    // The fixed-size fields, in field order, with their keys: trace id (1), span id (2), then
+    // after the trace state and the parent, kind (6), start and end (7, 8, fixed64).
+    const ID_KEYS: [u8; 2] = [tag_byte(1), 16];
+    let mut ids = [0u8; 2 + 16 + 2 + 8];
+    ids[..2].copy_from_slice(&ID_KEYS);
+    ids[2..18].copy_from_slice(&f.trace.trace_id().to_bytes());
+    ids[18..20].copy_from_slice(&[tag_byte(2), 8]);
+    ids[20..].copy_from_slice(&f.id.to_bytes());
+    let mut times = [0u8; 2 + 9 + 9];
+    // `SpanKind` is 1..=5: a one-byte varint.
+    times[..2].copy_from_slice(&[6 << 3 | WireType::Varint as u8, f.kind as u8]);
+    times[2] = 7 << 3 | WireType::SixtyFourBit as u8;
+    times[3..11].copy_from_slice(&unix_nanos(f.start).to_le_bytes());
+    times[11] = 8 << 3 | WireType::SixtyFourBit as u8;
+    times[12..].copy_from_slice(&unix_nanos(f.end).to_le_bytes());
+    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote";
+    // `flags` is field 16, fixed32: a two-byte key.
     let mut flags =
         u32::from(f.trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
     if f.parent_remote {
         flags |= SpanFlags::ContextIsRemoteMask as u32;
     }
+    let mut tail = [0u8; 6];
+    tail[..2].copy_from_slice(&[16 << 3 | WireType::ThirtyTwoBit as u8 | 0x80, 1]);
+    tail[2..].copy_from_slice(&flags.to_le_bytes());
+
+    // Most traces carry no `tracestate`: its header is not built for them.
+    let state =
+        (*f.trace.trace_state() != TraceState::NONE).then(|| f.trace.trace_state().header());
+    let state_len = state.as_ref().map_or(0, |s| len_delimited(3, s.len()));
     let has_parent = f.parent != SpanId::INVALID;
-    let len = len_delimited(1, 16)
-        + len_delimited(2, 8)
-        + if state.is_empty() {
-            0
-        } else {
-            len_delimited(3, state.len())
-        }
-        + if has_parent { len_delimited(4, 8) } else { 0 }
+    let name_len: usize = f.name.iter().map(|p| p.len()).sum();
+    // Status (15): empty (unset) unless the span failed: then a message and ERROR (2).
+    let status_len = f.status.map_or(0, |e| len_delimited(2, e.len()) + 2);
+    let len = ids.len()
+        + state_len
+        + if has_parent { 10 } else { 0 }
         + len_delimited(5, name_len)
-        + int32::encoded_len(6, &kind)
-        + 2 * fixed64::encoded_len(7, &0)
+        + times.len()
         + f.attributes.len()
-        + len_delimited(15, error.map_or(0, |(_, _, len)| len))
-        + fixed32::encoded_len(16, &flags);
+        + len_delimited(15, status_len)
+        + tail.len();
     out.reserve(len_delimited(SPANS_FIELD, len));
     put_header(SPANS_FIELD, len, out);
     let start = out.len();
-    put_len_delimited(1, &f.trace.trace_id().to_bytes(), out);
-    put_len_delimited(2, &f.id.to_bytes(), out);
-    if !state.is_empty() {
+    out.extend_from_slice(&ids);
+    if let Some(state) = &state {
         put_len_delimited(3, state.as_bytes(), out);
     }
     if has_parent {
-        put_len_delimited(4, &f.parent.to_bytes(), out);
+        let mut parent = [tag_byte(4), 8, 0, 0, 0, 0, 0, 0, 0, 0];
+        parent[2..].copy_from_slice(&f.parent.to_bytes());
+        out.extend_from_slice(&parent);
     }
     put_header(5, name_len, out);
     for part in f.name {
-        out.put_slice(part.as_bytes());
+        out.extend_from_slice(part.as_bytes());
     }
-    int32::encode(6, &kind, out);
-    fixed64::encode(7, &unix_nanos(f.start), out);
-    fixed64::encode(8, &unix_nanos(f.end), out);
-    out.put_slice(f.attributes);
-    // Status (15): empty (unset) unless the span failed.
-    match error {
-        None => put_header(15, 0, out),
-        Some((e, code, len)) => {
-            put_header(15, len, out);
-            put_len_delimited(2, e.as_bytes(), out);
-            int32::encode(3, &code, out);
-        }
+    out.extend_from_slice(&times);
+    out.extend_from_slice(f.attributes);
+    put_header(15, status_len, out);
+    if let Some(e) = f.status {
+        put_len_delimited(2, e.as_bytes(), out);
+        out.extend_from_slice(&[
+            3 << 3 | WireType::Varint as u8,
+            status::StatusCode::Error as u8,
+        ]);
     }
-    fixed32::encode(16, &flags, out);
+    out.extend_from_slice(&tail);
     debug_assert_eq!(out.len() - start, len, "the span is as long as worked out");
 }
 
@@ -1262,7 +1351,8 @@ mod tests {
         second.int("http.request.resend_count", 1);
         tracer.attempt(&mut t, second, None);
         let mut attrs = super::Attrs::new();
-        let long = "x".repeat(300);
+        // Long enough that the attribute's and the span's lengths take three bytes.
+        let long = "x".repeat(20_000);
         attrs
             .str("url.path", &long)
             .int("http.response.status_code", -1)
@@ -1437,6 +1527,41 @@ mod tests {
                 expected.encode_to_vec(),
                 "key {k} bytes, value {v}"
             );
+        }
+    }
+
+    #[test]
+    fn number_attributes_encode_as_prost_does() {
+        use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
+        use prost::Message;
+        #[derive(Message)]
+        struct Span {
+            #[prost(message, repeated, tag = "9")]
+            attributes: Vec<KeyValue>,
+        }
+        let kv = |key: &str, value| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        };
+        // Varints of one to ten bytes (a negative int64 takes ten), a double, and a key long
+        // enough that the attribute's lengths take two bytes.
+        let long = "k".repeat(130);
+        for key in ["k", long.as_str()] {
+            for n in [0, 1, 127, 128, 16_384, -1, i64::MAX, i64::MIN] {
+                let mut attrs = super::Attrs::default();
+                attrs.int(key, n);
+                let expected = Span {
+                    attributes: vec![kv(key, Value::IntValue(n))],
+                };
+                assert_eq!(attrs.0, expected.encode_to_vec(), "{n}");
+            }
+            let mut attrs = super::Attrs::default();
+            attrs.double(key, -0.125);
+            let expected = Span {
+                attributes: vec![kv(key, Value::DoubleValue(-0.125))],
+            };
+            assert_eq!(attrs.0, expected.encode_to_vec());
         }
     }
 
