@@ -132,13 +132,24 @@ async fn spans_reach_the_collector_with_parents_links_and_attributes() {
         ("weir.route", "api"),
         ("weir.cluster", "b"),
         ("server.address", "127.0.0.1"),
+        // Encoded once per listener.
+        ("url.scheme", "http"),
+        ("weir.listener", "main"),
     ] {
         assert_eq!(server.attr(k).as_deref(), Some(v), "{k} on {server:?}");
     }
+    // Encoded once per endpoint.
     assert_eq!(
         client_span.attr("server.port"),
         Some(backend.addr.port().to_string())
     );
+    for (k, v) in [("server.address", "127.0.0.1"), ("weir.cluster", "b")] {
+        assert_eq!(
+            client_span.attr(k).as_deref(),
+            Some(v),
+            "{k} on {client_span:?}"
+        );
+    }
     assert_eq!(
         client_span.attr("http.response.status_code").as_deref(),
         Some("200")
