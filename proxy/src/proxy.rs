@@ -1478,104 +1478,98 @@ impl WeirProxy {
         let (Some(tracer), Some(trace)) = (&self.tracer, trace.filter(|t| t.sampled())) else {
             return;
         };
-        // The attributes go into a buffer the thread keeps.
-        Attrs::lend(|attrs| {
-            let req = session.req_header();
-            let path = req.uri.path();
+        let req = session.req_header();
+        let path = req.uri.path();
+        // A buffer the thread keeps, not an allocation per request.
+        let mut attrs = Attrs::lent();
+        attrs
+            .extend(&self.listener_attrs)
+            .str("http.request.method", req.method.as_str())
+            .str("url.path", path)
+            .str(
+                "network.protocol.version",
+                match req.version {
+                    http::Version::HTTP_2 => "2",
+                    // An HTTP/1.0 request was reported as 1.1.
+                    http::Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+            )
+            .int("http.response.status_code", i64::from(status))
+            .str("weir.route", route)
+            .str("weir.cluster", cluster);
+        // The host without its port, an IPv6 address without its brackets (`[::1]:8080` is
+        // `::1`, where splitting at the first colon gave `[`).
+        if let Some(a) = req
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .map(weir_policies::routing::strip_port)
+        {
+            attrs.str("server.address", a);
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            attrs.ip("client.address", addr.ip());
+        }
+        let method = req.method.as_str();
+        let mut grpc_failed = None;
+        let name: &[&str] = if ctx.grpc {
+            let rpc = path.trim_start_matches('/');
+            let (service, method) = rpc.split_once('/').unwrap_or((path, ""));
+            // `logging` has set the status the client got.
+            let code = ctx.grpc_status.unwrap_or(grpc::code::UNKNOWN);
+            // A server span's error codes (OpenTelemetry's RPC conventions): those that
+            // point at the server, not at the caller's request.
+            use grpc::code::*;
+            grpc_failed = matches!(
+                code,
+                UNKNOWN | DEADLINE_EXCEEDED | UNIMPLEMENTED | INTERNAL | UNAVAILABLE | DATA_LOSS
+            )
+            .then_some(code);
             attrs
-                .extend(&self.listener_attrs)
-                .str("http.request.method", req.method.as_str())
-                .str("url.path", path)
-                .str(
-                    "network.protocol.version",
-                    match req.version {
-                        http::Version::HTTP_2 => "2",
-                        // An HTTP/1.0 request was reported as 1.1.
-                        http::Version::HTTP_10 => "1.0",
-                        _ => "1.1",
-                    },
-                )
-                .int("http.response.status_code", i64::from(status))
-                .str("weir.route", route)
-                .str("weir.cluster", cluster);
-            // The host without its port, an IPv6 address without its brackets (`[::1]:8080` is
-            // `::1`, where splitting at the first colon gave `[`).
-            if let Some(a) = req
-                .uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    req.headers
-                        .get(http::header::HOST)
-                        .and_then(|v| v.to_str().ok())
-                })
-                .map(weir_policies::routing::strip_port)
-            {
-                attrs.str("server.address", a);
+                .str("rpc.system", "grpc")
+                .str("rpc.service", service)
+                .str("rpc.method", method)
+                .int("rpc.grpc.status_code", i64::from(code));
+            &[rpc]
+        } else if route.is_empty() {
+            &[method]
+        } else {
+            &[method, " ", route]
+        };
+        if let Some(i) = &ctx.inference {
+            attrs.str("gen_ai.request.model", &i.model);
+            if let Some(v) = i.lease.endpoint.version(&i.model).filter(|v| !v.is_empty()) {
+                attrs.str("weir.inference.model_version", &v);
             }
-            if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-                attrs.ip("client.address", addr.ip());
-            }
-            let method = req.method.as_str();
-            let mut grpc_failed = None;
-            let name: &[&str] = if ctx.grpc {
-                let rpc = path.trim_start_matches('/');
-                let (service, method) = rpc.split_once('/').unwrap_or((path, ""));
-                // `logging` has set the status the client got.
-                let code = ctx.grpc_status.unwrap_or(grpc::code::UNKNOWN);
-                // A server span's error codes (OpenTelemetry's RPC conventions): those that
-                // point at the server, not at the caller's request.
-                use grpc::code::*;
-                grpc_failed = matches!(
-                    code,
-                    UNKNOWN
-                        | DEADLINE_EXCEEDED
-                        | UNIMPLEMENTED
-                        | INTERNAL
-                        | UNAVAILABLE
-                        | DATA_LOSS
-                )
-                .then_some(code);
-                attrs
-                    .str("rpc.system", "grpc")
-                    .str("rpc.service", service)
-                    .str("rpc.method", method)
-                    .int("rpc.grpc.status_code", i64::from(code));
-                &[rpc]
-            } else if route.is_empty() {
-                &[method]
-            } else {
-                &[method, " ", route]
-            };
-            if let Some(i) = &ctx.inference {
-                attrs.str("gen_ai.request.model", &i.model);
-                if let Some(v) = i.lease.endpoint.version(&i.model).filter(|v| !v.is_empty()) {
-                    attrs.str("weir.inference.model_version", &v);
-                }
-                attrs.display("weir.inference.endpoint", i.lease.endpoint.address);
-                if let Some(first) = i.first_chunk {
-                    attrs.double(
-                        "gen_ai.server.time_to_first_token",
-                        (first - ctx.start).as_secs_f64(),
-                    );
-                }
-                attrs.int(
-                    "weir.inference.response_chunks",
-                    i64::try_from(i.chunks).unwrap_or(i64::MAX),
+            attrs.display("weir.inference.endpoint", i.lease.endpoint.address);
+            if let Some(first) = i.first_chunk {
+                attrs.double(
+                    "gen_ai.server.time_to_first_token",
+                    (first - ctx.start).as_secs_f64(),
                 );
-                if let Some(u) = i.usage.as_ref().and_then(|u| u.last) {
-                    let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                    attrs
-                        .int("gen_ai.usage.input_tokens", tokens(u.input))
-                        .int("gen_ai.usage.output_tokens", tokens(u.output));
-                }
             }
-            let failed = status == 0 || status >= 500 || e.is_some() || grpc_failed.is_some();
-            let error = e
-                .map(|e| e.to_string())
-                .or_else(|| grpc_failed.map(|code| format!("gRPC status {code}")));
-            tracer.finish(*trace, name, attrs, error.as_deref(), failed);
-        })
+            attrs.int(
+                "weir.inference.response_chunks",
+                i64::try_from(i.chunks).unwrap_or(i64::MAX),
+            );
+            if let Some(u) = i.usage.as_ref().and_then(|u| u.last) {
+                let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                attrs
+                    .int("gen_ai.usage.input_tokens", tokens(u.input))
+                    .int("gen_ai.usage.output_tokens", tokens(u.output));
+            }
+        }
+        let failed = status == 0 || status >= 500 || e.is_some() || grpc_failed.is_some();
+        let error = e
+            .map(|e| e.to_string())
+            .or_else(|| grpc_failed.map(|code| format!("gRPC status {code}")));
+        tracer.finish(*trace, name, &attrs, error.as_deref(), failed);
     }
 
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.

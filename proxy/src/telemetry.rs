@@ -77,8 +77,8 @@ thread_local! {
     /// endpoint are nearly always those of the request before.
     static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
-    /// The server span's attributes while they are built ([`Attrs::lend`]).
-    static LENT: RefCell<Attrs> = RefCell::new(Attrs::default());
+    /// The buffer of [`Attrs::lent`].
+    static LENT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     /// The last two `http://{peer}` origins [`Attrs::url`] wrote.
     static ORIGINS: RefCell<[(Option<std::net::SocketAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
@@ -157,14 +157,12 @@ impl Attrs {
         Self(Vec::with_capacity(512))
     }
 
-    /// Lends `f` this thread's attribute buffer, empty, for attributes that are built and
-    /// spent at once (a server span's, at the end of its request): its room stays from one
-    /// request to the next, where a buffer of its own was an allocation per request.
-    pub fn lend<R>(f: impl FnOnce(&mut Attrs) -> R) -> R {
-        LENT.with_borrow_mut(|a| {
-            a.0.clear();
-            f(a)
-        })
+    /// This thread's attribute buffer, empty, for attributes that are built and spent at
+    /// once (a server span's, at the end of its request): its room stays from one request to
+    /// the next, where a buffer of its own was an allocation per request. It goes back to the
+    /// thread when dropped.
+    pub fn lent() -> Lent {
+        Lent(Attrs(LENT.take()))
     }
 
     /// The attributes every server span of listener `name` has: `url.scheme` and
@@ -268,17 +266,8 @@ impl Attrs {
 
     /// A floating-point attribute (`AnyValue.double_value`, field 4).
     pub fn double(&mut self, key: &str, value: f64) -> &mut Self {
-        let mut field = [
-            4 << 3 | WireType::SixtyFourBit as u8,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
+        let mut field = [0; 9];
+        field[0] = 4 << 3 | WireType::SixtyFourBit as u8;
         field[1..].copy_from_slice(&value.to_le_bytes());
         self.put(key, [&field]);
         self
@@ -313,6 +302,31 @@ impl Head {
 
     fn as_slice(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+}
+
+/// Attributes in a thread's buffer ([`Attrs::lent`]).
+pub struct Lent(Attrs);
+
+impl std::ops::Deref for Lent {
+    type Target = Attrs;
+
+    fn deref(&self) -> &Attrs {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut Attrs {
+        &mut self.0
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut buffer = std::mem::take(&mut self.0 .0);
+        buffer.clear();
+        LENT.set(buffer);
     }
 }
 
@@ -677,9 +691,8 @@ struct SpanFields<'a> {
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     // The fixed-size fields, in field order, with their keys: trace id (1), span id (2), then
     // after the trace state and the parent, kind (6), start and end (7, 8, fixed64).
-    const ID_KEYS: [u8; 2] = [tag_byte(1), 16];
     let mut ids = [0u8; 2 + 16 + 2 + 8];
-    ids[..2].copy_from_slice(&ID_KEYS);
+    ids[..2].copy_from_slice(&[tag_byte(1), 16]);
     ids[2..18].copy_from_slice(&f.trace.trace_id().to_bytes());
     ids[18..20].copy_from_slice(&[tag_byte(2), 8]);
     ids[20..].copy_from_slice(&f.id.to_bytes());
