@@ -79,25 +79,34 @@ fn host_matches(m: &HostMatch, authority: Option<&str>) -> bool {
     let Some(authority) = authority else {
         return matches!(m, HostMatch::Any);
     };
-    let host = strip_port(authority).to_ascii_lowercase();
+    // Compared without regard to case (the route's host is lowercase already), without
+    // lowercasing a copy per route tried.
+    let host = strip_port(authority).as_bytes();
     match m {
         HostMatch::Any => true,
-        HostMatch::Exact(e) => host == *e,
-        HostMatch::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+        HostMatch::Exact(e) => host.eq_ignore_ascii_case(e.as_bytes()),
+        HostMatch::Suffix(s) => {
+            host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+        }
     }
 }
 
 /// The host of an authority (`Host` header, `:authority`): without its port, an IPv6 address
 /// without its brackets.
 pub fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
+    if let Some(bracketed) = authority.strip_prefix('[') {
         // [::1]:8080
-        return authority
-            .split_once(']')
-            .map_or(authority, |(h, _)| &h[1..]);
+        return bracketed.split_once(']').map_or(authority, |(h, _)| h);
     }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+    // The port: the digits after the last colon, found from the end (a search for the colon
+    // first cost ~140 instructions for a short authority, on every traced request).
+    let digits = authority
+        .bytes()
+        .rev()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    match authority.len().checked_sub(digits + 1) {
+        Some(colon) if authority.as_bytes()[colon] == b':' => &authority[..colon],
         _ => authority,
     }
 }
@@ -177,6 +186,9 @@ routes:
   - name: host-wildcard
     match: { host: "*.example.com", path: { prefix: /api/ } }
     route: { cluster: b, prefix_rewrite: /v2/ }
+  - name: host-exact
+    match: { host: "Exact.Example.ORG" }
+    route: { cluster: a }
   - name: canary-header
     match:
       path: { regex: "/items/[0-9]+" }
@@ -251,6 +263,25 @@ routes:
     }
 
     #[test]
+    fn an_authority_loses_its_port_and_an_ipv6_address_its_brackets() {
+        for (authority, host) in [
+            ("example.com:8080", "example.com"),
+            ("example.com", "example.com"),
+            ("example.com:", "example.com"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("a:b:80", "a:b"),
+            ("host:port", "host:port"),
+            ("8080", "8080"),
+            ("", ""),
+            ("[::1]:8080", "::1"),
+            ("[::1]", "::1"),
+            ("[::1", "[::1"),
+        ] {
+            assert_eq!(super::strip_port(authority), host, "{authority}");
+        }
+    }
+
+    #[test]
     fn host_wildcard_ignores_port_and_case() {
         assert_eq!(
             route_name("outbound", "API.example.com:8080", "/api/x", &[]).as_deref(),
@@ -260,6 +291,18 @@ routes:
             route_name("outbound", "example.com", "/api/x", &[]).as_deref(),
             Some("split")
         );
+        for (authority, route) in [
+            ("exact.example.org", "host-exact"),
+            ("EXACT.example.Org:443", "host-exact"),
+            ("sub.exact.example.org", "split"),
+            ("example.org", "split"),
+        ] {
+            assert_eq!(
+                route_name("outbound", authority, "/x", &[]).as_deref(),
+                Some(route),
+                "{authority}"
+            );
+        }
     }
 
     #[test]
