@@ -288,13 +288,15 @@ impl Head {
         Self { bytes, len: 1 }
     }
 
-    /// Appends `v`, prost's varint encoding (at most ten bytes: it fits after the key).
     #[inline(always)]
-    fn varint(mut self, v: u64) -> Self {
-        let mut rest = &mut self.bytes[self.len..];
-        let room = rest.len();
-        encode_varint(v, &mut rest);
-        self.len += room - rest.len();
+    fn varint(mut self, mut v: u64) -> Self {
+        while v >= 0x80 {
+            self.bytes[self.len] = v as u8 | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.bytes[self.len] = v as u8;
+        self.len += 1;
         self
     }
 
