@@ -288,6 +288,9 @@ impl Head {
         Self { bytes, len: 1 }
     }
 
+    /// Appends `v` as a varint. A loop of its own: prost's `encode_varint` writing into the
+    /// array (through `BufMut` for `&mut [u8]`) cost ~500 more instructions per traced
+    /// request (callgrind, +7,040 -> +7,539).
     #[inline(always)]
     fn varint(mut self, mut v: u64) -> Self {
         while v >= 0x80 {
