@@ -520,11 +520,14 @@ impl Tracer {
             let encoded = hex::encode_to_slice(bytes, &mut traceparent[at]);
             debug_assert!(encoded.is_ok(), "each field fits its place");
         }
+        // A static name is neither parsed nor copied (pingora-http's weir patch).
         if let Ok(v) = http::HeaderValue::from_bytes(&traceparent) {
-            let _ = upstream.insert_header("traceparent", v);
+            upstream.insert_static_header("traceparent", v);
         }
         if *t.context.trace_state() != TraceState::NONE {
-            let _ = upstream.insert_header("tracestate", t.context.trace_state().header());
+            if let Ok(v) = http::HeaderValue::try_from(t.context.trace_state().header()) {
+                upstream.insert_static_header("tracestate", v);
+            }
         }
     }
 

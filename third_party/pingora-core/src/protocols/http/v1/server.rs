@@ -42,6 +42,11 @@ use crate::protocols::http::{
 use crate::protocols::{Digest, SocketAddr, Stream};
 use crate::utils::{BufRef, KVRef};
 
+/// weir patch: how many headers a parsed request's maps have room for beyond its own (a
+/// proxy's `traceparent`, `tracestate`, a forwarded header or two), so the upstream request
+/// cloned from it takes them without growing.
+const HEADER_ROOM: usize = 4;
+
 /// Tracks which writer is currently processing a task.
 ///
 /// This enables resuming writes after cancellation. Each variant stores the
@@ -425,11 +430,15 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, req.headers);
 
+                        // weir patch: room for the headers a proxy adds. The upstream request
+                        // is a clone of this one, and a clone of a header map has no spare
+                        // room when the original had none: the first header added then grew
+                        // both maps (values and case), reallocating and rehashing them.
                         let mut request_header = Box::new(RequestHeader::build(
                             req.method.unwrap_or(""),
                             // we path httparse to allow unsafe bytes in the str
                             req.path.unwrap_or("").as_bytes(),
-                            Some(req.headers.len()),
+                            Some(req.headers.len() + HEADER_ROOM),
                         )?);
 
                         request_header.set_version(match req.version {
