@@ -79,13 +79,16 @@ thread_local! {
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
     /// The buffer of [`Attrs::lent`].
     static LENT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Buffers of ended attempts' attributes, for [`Attrs::new`] (at most [`SPARE_BUFFERS`]).
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// The last two `http://{peer}` origins [`Attrs::url`] wrote.
     static ORIGINS: RefCell<[(Option<std::net::SocketAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
 }
 
-/// Looked up on every request: a `&str` name is parsed and hashed per lookup.
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+/// Looked up and set on every request: a `&str` name is parsed (and, set, copied) per use.
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// The tracer shared by every listener.
 pub struct Tracer {
@@ -125,7 +128,8 @@ pub struct RequestTrace {
     context: SpanContext,
     /// The caller's span, when the request carried a `traceparent`.
     parent: Option<SpanId>,
-    start: SystemTime,
+    /// When the request started, in nanoseconds since the Unix epoch (as OTLP has it).
+    start: u64,
     attempt: Option<Attempt>,
     /// Finished attempts' client spans, encoded (an attempt before a retry).
     spans: Vec<u8>,
@@ -135,7 +139,8 @@ pub struct RequestTrace {
 
 struct Attempt {
     span: SpanId,
-    start: SystemTime,
+    /// Nanoseconds since the Unix epoch.
+    start: u64,
     attributes: Attrs,
     status: Option<u16>,
     /// Where the attempt goes, for its `url.full`.
@@ -149,12 +154,32 @@ pub struct Attrs(Vec<u8>);
 
 /// `Span.attributes`.
 const ATTRIBUTES_FIELD: u32 = 9;
+/// Most attribute buffers a thread keeps for reuse ([`Attrs::recycle`]): attempts in flight
+/// on it at once, give or take, at ~512 bytes each.
+const SPARE_BUFFERS: usize = 64;
 
 impl Attrs {
+    /// Attributes that outlive a call (an upstream attempt's): a buffer an ended attempt on
+    /// this thread gave back ([`Attrs::recycle`]), or a new one.
     pub fn new() -> Self {
-        // Room for a request's server span (a dozen attributes, ~300 bytes): starting at 256
-        // bytes, most requests grew it once.
-        Self(Vec::with_capacity(512))
+        match SPARE.with_borrow_mut(|spare| spare.pop()) {
+            Some(buffer) => Self(buffer),
+            // Room for a span's attributes (a dozen, ~300 bytes): starting at 256 bytes, most
+            // requests grew it once.
+            None => Self(Vec::with_capacity(512)),
+        }
+    }
+
+    /// Gives the buffer to the thread's next [`Attrs::new`]: an allocation and a free less
+    /// per attempt.
+    fn recycle(self) {
+        let mut buffer = self.0;
+        buffer.clear();
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_BUFFERS && buffer.capacity() > 0 {
+                spare.push(buffer);
+            }
+        });
     }
 
     /// This thread's attribute buffer, empty, for attributes that are built and spent at
@@ -192,26 +217,39 @@ impl Attrs {
     /// `KeyValue { key, value: AnyValue { ... } }`, the `AnyValue` message being the
     /// concatenation of `value`'s parts. Always inlined, with its callers, so a constant key
     /// is copied as the constant it is: out of line, an attribute cost ~100 instructions, most
-    /// of them calls and length checks (the compiler did not inline it when asked).
+    /// of them calls and length checks (the compiler did not inline it when asked). Only the
+    /// common case is inlined: inlining the rest too made a server span's attributes ~29 KB
+    /// of code, whose instruction cache misses cost as much as tracing's instructions.
     #[inline(always)]
     fn put<const N: usize>(&mut self, key: &str, value: [&[u8]; N]) {
         let k = key.len();
         let value_len: usize = value.iter().map(|v| v.len()).sum();
-        let out = &mut self.0;
-        // The common case, a key and value of a few dozen bytes: every length fits one byte,
-        // and the attribute is four fixed header bytes, the key, two more and the value.
+        // A key and value of a few dozen bytes: every length fits one byte, and the
+        // attribute is four fixed header bytes, the key, two more and the value.
         let kv = 2 + k + 2 + value_len;
-        if kv < 0x80 {
-            out.reserve(2 + kv);
-            out.extend_from_slice(&[tag_byte(ATTRIBUTES_FIELD), kv as u8, tag_byte(1), k as u8]);
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(&[tag_byte(2), value_len as u8]);
-        } else {
-            let kv = len_delimited(1, k) + len_delimited(2, value_len);
-            put_header(ATTRIBUTES_FIELD, kv, out);
-            put_len_delimited(1, key.as_bytes(), out);
-            put_header(2, value_len, out);
+        if kv >= 0x80 {
+            return self.put_long(key, &value);
         }
+        let out = &mut self.0;
+        out.reserve(2 + kv);
+        out.extend_from_slice(&[tag_byte(ATTRIBUTES_FIELD), kv as u8, tag_byte(1), k as u8]);
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(&[tag_byte(2), value_len as u8]);
+        for v in value {
+            out.extend_from_slice(v);
+        }
+    }
+
+    /// [`Attrs::put`] of an attribute with a length of two bytes or more.
+    #[cold]
+    #[inline(never)]
+    fn put_long(&mut self, key: &str, value: &[&[u8]]) {
+        let value_len: usize = value.iter().map(|v| v.len()).sum();
+        let out = &mut self.0;
+        let kv = len_delimited(1, key.len()) + len_delimited(2, value_len);
+        put_header(ATTRIBUTES_FIELD, kv, out);
+        put_len_delimited(1, key.as_bytes(), out);
+        put_header(2, value_len, out);
         for v in value {
             out.extend_from_slice(v);
         }
@@ -220,8 +258,13 @@ impl Attrs {
     /// A string attribute (`AnyValue.string_value`, field 1).
     #[inline(always)]
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
-        let head = Head::new(tag_byte(1)).varint(value.len() as u64);
-        self.put(key, [head.as_slice(), value.as_bytes()]);
+        let len = value.len();
+        if len < 0x80 {
+            self.put(key, [&[tag_byte(1), len as u8], value.as_bytes()]);
+        } else {
+            let head = Head::new(tag_byte(1), len as u64);
+            self.put_long(key, &[head.as_slice(), value.as_bytes()]);
+        }
         self
     }
 
@@ -249,7 +292,7 @@ impl Attrs {
         ORIGINS.with_borrow_mut(|origins| {
             let origin = cached_text(origins, peer, |p| format!("http://{p}"));
             let len = origin.len() + target.len();
-            let head = Head::new(tag_byte(1)).varint(len as u64);
+            let head = Head::new(tag_byte(1), len as u64);
             self.put(key, [head.as_slice(), origin.as_bytes(), target.as_bytes()]);
         });
         self
@@ -259,7 +302,7 @@ impl Attrs {
     #[inline(always)]
     pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
         // int64 is a varint of the two's complement (ten bytes for a negative number).
-        let head = Head::new(3 << 3 | WireType::Varint as u8).varint(value as u64);
+        let head = Head::new(3 << 3 | WireType::Varint as u8, value as u64);
         self.put(key, [head.as_slice()]);
         self
     }
@@ -281,26 +324,25 @@ struct Head {
 }
 
 impl Head {
+    /// A field's key and a varint, `v`. A loop of its own: prost's `encode_varint` writing
+    /// into the array (through `BufMut` for `&mut [u8]`) cost ~500 more instructions per
+    /// traced request (callgrind, +7,040 -> +7,539). Built in place: a `Head` passed from
+    /// one builder method to the next was copied byte by byte.
     #[inline(always)]
-    fn new(key: u8) -> Self {
-        let mut bytes = [0; 11];
-        bytes[0] = key;
-        Self { bytes, len: 1 }
-    }
-
-    /// Appends `v` as a varint. A loop of its own: prost's `encode_varint` writing into the
-    /// array (through `BufMut` for `&mut [u8]`) cost ~500 more instructions per traced
-    /// request (callgrind, +7,040 -> +7,539).
-    #[inline(always)]
-    fn varint(mut self, mut v: u64) -> Self {
+    fn new(key: u8, mut v: u64) -> Self {
+        let mut head = Self {
+            bytes: [0; 11],
+            len: 1,
+        };
+        head.bytes[0] = key;
         while v >= 0x80 {
-            self.bytes[self.len] = v as u8 | 0x80;
-            self.len += 1;
+            head.bytes[head.len] = v as u8 | 0x80;
+            head.len += 1;
             v >>= 7;
         }
-        self.bytes[self.len] = v as u8;
-        self.len += 1;
-        self
+        head.bytes[head.len] = v as u8;
+        head.len += 1;
+        head
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -343,13 +385,24 @@ fn cached_text<K: Copy + PartialEq>(
     let slot = match cache.iter().position(|(k, _)| *k == Some(key)) {
         Some(i) => i,
         None => {
-            // The older entry makes way; the newer moves to the front.
-            cache.swap(0, 1);
-            cache[0] = (Some(key), text(key));
+            cache_text(cache, key, text);
             0
         }
     };
     &cache[slot].1
+}
+
+/// [`cached_text`]'s miss, out of the way of its hit: the older entry makes way, the newer
+/// moves to the front.
+#[cold]
+#[inline(never)]
+fn cache_text<K: Copy>(
+    cache: &mut [(Option<K>, String); 2],
+    key: K,
+    text: impl FnOnce(K) -> String,
+) {
+    cache.swap(0, 1);
+    cache[0] = (Some(key), text(key));
 }
 
 /// The encoded size of length-delimited field `tag` holding `len` bytes.
@@ -452,7 +505,7 @@ impl Tracer {
         RequestTrace {
             context: SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, state),
             parent: parent_span,
-            start: SystemTime::now(),
+            start: unix_nanos(SystemTime::now()),
             attempt: None,
             spans: Vec::new(),
             span_count: 0,
@@ -466,7 +519,7 @@ impl Tracer {
         attributes: Attrs,
         peer: Option<std::net::SocketAddr>,
     ) {
-        let now = SystemTime::now();
+        let now = unix_nanos(SystemTime::now());
         if let Some(done) = t.attempt.take().filter(|_| t.sampled()) {
             end_attempt(&t.context, done, None, now, &mut t.spans);
             t.span_count += 1;
@@ -522,11 +575,11 @@ impl Tracer {
         }
         // A static name is neither parsed nor copied (pingora-http's weir patch).
         if let Ok(v) = http::HeaderValue::from_bytes(&traceparent) {
-            upstream.insert_static_header("traceparent", v);
+            upstream.insert_static_header(&TRACEPARENT, v);
         }
         if *t.context.trace_state() != TraceState::NONE {
             if let Ok(v) = http::HeaderValue::try_from(t.context.trace_state().header()) {
-                upstream.insert_static_header("tracestate", v);
+                upstream.insert_static_header(&TRACESTATE, v);
             }
         }
     }
@@ -547,7 +600,7 @@ impl Tracer {
         }
         let status = failed.then(|| error.unwrap_or("request failed"));
         // The request and its last attempt end together: one clock read for both.
-        let end = SystemTime::now();
+        let end = unix_nanos(SystemTime::now());
         let queued = SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
             scratch.extend_from_slice(&t.spans);
@@ -648,7 +701,7 @@ fn end_attempt(
     trace: &SpanContext,
     mut a: Attempt,
     error: Option<&str>,
-    end: SystemTime,
+    end: u64,
     out: &mut Vec<u8>,
 ) {
     if let Some(s) = a.status {
@@ -670,6 +723,7 @@ fn end_attempt(
             status: failed.then(|| error.unwrap_or("upstream attempt failed")),
         },
     );
+    a.attributes.recycle();
 }
 
 /// What a finished span is made of.
@@ -680,8 +734,9 @@ struct SpanFields<'a> {
     parent_remote: bool,
     kind: span::SpanKind,
     name: &'a [&'a str],
-    start: SystemTime,
-    end: SystemTime,
+    /// Nanoseconds since the Unix epoch.
+    start: u64,
+    end: u64,
     /// Encoded `Span.attributes` fields ([`Attrs`]).
     attributes: &'a [u8],
     /// The error's description when the span failed.
@@ -706,9 +761,9 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     // `SpanKind` is 1..=5: a one-byte varint.
     times[..2].copy_from_slice(&[6 << 3 | WireType::Varint as u8, f.kind as u8]);
     times[2] = 7 << 3 | WireType::SixtyFourBit as u8;
-    times[3..11].copy_from_slice(&unix_nanos(f.start).to_le_bytes());
+    times[3..11].copy_from_slice(&f.start.to_le_bytes());
     times[11] = 8 << 3 | WireType::SixtyFourBit as u8;
-    times[12..].copy_from_slice(&unix_nanos(f.end).to_le_bytes());
+    times[12..].copy_from_slice(&f.end.to_le_bytes());
     // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote";
     // `flags` is field 16, fixed32: a two-byte key.
     let mut flags =
@@ -1339,6 +1394,29 @@ mod tests {
             plain.display("client.address", ip);
             assert_eq!(cached.0, plain.0, "{ip}");
         }
+    }
+
+    #[test]
+    fn an_ended_attempts_attribute_buffer_is_reused_empty() {
+        use pingora::http::RequestHeader;
+        let config = weir_policies::model::Tracing {
+            otlp_endpoint: "http://127.0.0.1:1".into(),
+            sampling: 1.0,
+            service_name: "svc".into(),
+            queue: 100,
+        };
+        let (tracer, _) = super::Tracer::new(&config);
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut t = tracer.start(&req);
+        let mut first = super::Attrs::new();
+        first.str("weir.cluster", "a");
+        let buffer = first.0.as_ptr();
+        tracer.attempt(&mut t, first, None);
+        // Ending the attempt (a retry starts) gives its buffer back to this thread.
+        tracer.attempt(&mut t, super::Attrs::default(), None);
+        let next = super::Attrs::new();
+        assert_eq!(next.0.as_ptr(), buffer, "the ended attempt's buffer");
+        assert!(next.0.is_empty() && next.0.capacity() >= 512);
     }
 
     #[test]
