@@ -1082,6 +1082,10 @@ struct Row {
     name: String,
     wrk: WrkResult,
     cpu_us_per_req: Option<f64>,
+    /// CPU time of the whole machine (every process and the kernel) per request.
+    machine_us_per_req: f64,
+    /// CPU time of this process per request: the OTLP collector's, for a traced target.
+    bench_us_per_req: f64,
 }
 
 /// Runs wrk against `port`; `pid` is the proxy process whose CPU time is counted.
@@ -1089,16 +1093,49 @@ fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> R
     // A short warm-up so connection pools and caches are in steady state.
     wrk(port, "2s", args.1, args.2)?;
     let before = pid.map(cpu_of);
+    let (machine, bench) = (machine_busy(), cpu_of(std::process::id()));
     let wrk = wrk(port, args.0, args.1, args.2)?;
+    let per_req = |d: Duration| d.as_micros() as f64 / wrk.requests.max(1) as f64;
     let cpu_us_per_req = pid
         .zip(before)
-        .map(|(p, b)| cpu_of(p).saturating_sub(b).as_micros() as f64 / wrk.requests.max(1) as f64);
+        .map(|(p, b)| per_req(cpu_of(p).saturating_sub(b)));
+    let machine_us_per_req = per_req(machine_busy().saturating_sub(machine));
+    let bench_us_per_req = per_req(cpu_of(std::process::id()).saturating_sub(bench));
     eprintln!("  {name}: {:.0} req/s", wrk.rps);
     Ok(Row {
         name: name.to_string(),
         wrk,
         cpu_us_per_req,
+        machine_us_per_req,
+        bench_us_per_req,
     })
+}
+
+/// CPU time every CPU of the machine has spent busy so far (`/proc/stat`: all but idle and
+/// iowait).
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(busy * 1_000_000 / hz)
 }
 
 /// Builds the release `weir` the benchmarks measure; returns its path. `WEIR_BIN` names a
@@ -1502,6 +1539,17 @@ fn http(opts: HttpOpts) -> Res<()> {
             out,
             "{plain}'s tracing at 100% with OTLP export: req/s {m:+.1}% (each round: {all}), proxy CPU/req {cpu:+.1} µs (each round: {cpu_all}).{target}"
         );
+        // Nothing is pinned: the proxy, wrk, nginx and the collector share the machine's CPUs,
+        // so what the collector spends receiving the spans is throughput lost too.
+        let delta = |f: &dyn Fn(&Row) -> f64| {
+            ratio(traced, &|t, p| Some(f(t) - f(p)), plain).map_or(f64::NAN, |(m, _)| m)
+        };
+        let machine = delta(&|r| r.machine_us_per_req);
+        let collector = delta(&|r| r.bench_us_per_req);
+        let _ = writeln!(
+            out,
+            "  CPU per request of the whole machine {machine:+.1} µs (median of the rounds' differences), of which the collector (this process, receiving the spans) {collector:+.1} µs."
+        );
     }
     let requests: u64 = rounds
         .iter()
@@ -1546,6 +1594,8 @@ fn median_rows(rounds: &[Vec<Row>]) -> Vec<Row> {
                 cpu_us_per_req: r
                     .cpu_us_per_req
                     .map(|_| med(&|r| r.cpu_us_per_req.unwrap_or(f64::NAN))),
+                machine_us_per_req: med(&|r| r.machine_us_per_req),
+                bench_us_per_req: med(&|r| r.bench_us_per_req),
             }
         })
         .collect()
