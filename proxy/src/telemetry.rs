@@ -1224,6 +1224,16 @@ pub mod otlp_metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tracing to a collector that is not there (these tests read the queue themselves).
+    fn tracing_config(sampling: f64, queue: u32) -> weir_policies::model::Tracing {
+        weir_policies::model::Tracing {
+            otlp_endpoint: "http://127.0.0.1:1".into(),
+            sampling,
+            service_name: "svc".into(),
+            queue,
+        }
+    }
     use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
     /// What the worker threads queue and the exporter frames is an OTLP export request: a
@@ -1235,12 +1245,7 @@ mod tests {
         use pingora::http::RequestHeader;
         use prost::Message;
 
-        let config = weir_policies::model::Tracing {
-            otlp_endpoint: "http://127.0.0.1:1".into(),
-            sampling: 1.0,
-            service_name: "svc".into(),
-            queue: 2 * super::BATCH as u32 + 10,
-        };
+        let config = tracing_config(1.0, 2 * super::BATCH as u32 + 10);
         let (tracer, _) = super::Tracer::new(&config);
         let req = RequestHeader::build("GET", b"/x", None).unwrap();
         // Requests of two spans each (one attempt), until the queue is full.
@@ -1330,12 +1335,7 @@ mod tests {
                 Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
             ),
         ] {
-            let config = weir_policies::model::Tracing {
-                otlp_endpoint: "http://127.0.0.1:1".into(),
-                sampling,
-                service_name: "svc".into(),
-                queue: 100,
-            };
+            let config = tracing_config(sampling, 100);
             let (tracer, _) = super::Tracer::new(&config);
             let mut req = RequestHeader::build("GET", b"/", None).unwrap();
             if let Some(c) = caller {
@@ -1399,12 +1399,7 @@ mod tests {
     #[test]
     fn an_ended_attempts_attribute_buffer_is_reused_empty() {
         use pingora::http::RequestHeader;
-        let config = weir_policies::model::Tracing {
-            otlp_endpoint: "http://127.0.0.1:1".into(),
-            sampling: 1.0,
-            service_name: "svc".into(),
-            queue: 100,
-        };
+        let config = tracing_config(1.0, 100);
         let (tracer, _) = super::Tracer::new(&config);
         let req = RequestHeader::build("GET", b"/", None).unwrap();
         let mut t = tracer.start(&req);
@@ -1428,12 +1423,7 @@ mod tests {
         use pingora::http::RequestHeader;
         use prost::Message;
 
-        let config = weir_policies::model::Tracing {
-            otlp_endpoint: "http://127.0.0.1:1".into(),
-            sampling: 1.0,
-            service_name: "svc".into(),
-            queue: 100,
-        };
+        let config = tracing_config(1.0, 100);
         let (tracer, _) = super::Tracer::new(&config);
         let mut req = RequestHeader::build("POST", b"/a", None).unwrap();
         let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
