@@ -218,8 +218,8 @@ impl Attrs {
     /// concatenation of `value`'s parts. Always inlined, with its callers, so a constant key
     /// is copied as the constant it is: out of line, an attribute cost ~100 instructions, most
     /// of them calls and length checks (the compiler did not inline it when asked). Only the
-    /// common case is inlined: inlining the rest too made a server span's attributes ~29 KB
-    /// of code, whose instruction cache misses cost as much as tracing's instructions.
+    /// common case is inlined: with the rest inlined at every attribute too, the function
+    /// that writes a server span's attributes was 29 KB of code (22 KB without).
     #[inline(always)]
     fn put<const N: usize>(&mut self, key: &str, value: [&[u8]; N]) {
         let k = key.len();
