@@ -77,9 +77,8 @@ thread_local! {
     /// endpoint are nearly always those of the request before.
     static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
-    /// The buffer of [`Attrs::lent`].
-    static LENT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    /// Buffers of ended attempts' attributes, for [`Attrs::new`] (at most [`SPARE_BUFFERS`]).
+    /// Attribute buffers given back (an ended attempt's, a [`Lent`]'s), for [`Attrs::new`]
+    /// (at most [`SPARE_BUFFERS`]).
     static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// The last two `http://{peer}` origins [`Attrs::url`] wrote.
     static ORIGINS: RefCell<[(Option<std::net::SocketAddr>, String); 2]> =
@@ -171,7 +170,7 @@ impl Attrs {
     }
 
     /// Gives the buffer to the thread's next [`Attrs::new`]: an allocation and a free less
-    /// per attempt.
+    /// per attempt or server span.
     fn recycle(self) {
         let mut buffer = self.0;
         buffer.clear();
@@ -182,12 +181,11 @@ impl Attrs {
         });
     }
 
-    /// This thread's attribute buffer, empty, for attributes that are built and spent at
-    /// once (a server span's, at the end of its request): its room stays from one request to
-    /// the next, where a buffer of its own was an allocation per request. It goes back to the
-    /// thread when dropped.
+    /// An attribute buffer for attributes that are built and spent at once (a server span's,
+    /// at the end of its request): [`Attrs::new`]'s, given back to the thread when dropped,
+    /// where a buffer of its own was an allocation per request.
     pub fn lent() -> Lent {
-        Lent(Attrs(LENT.take()))
+        Lent(Attrs::new())
     }
 
     /// The attributes every server span of listener `name` has: `url.scheme` and
@@ -369,9 +367,7 @@ impl std::ops::DerefMut for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        let mut buffer = std::mem::take(&mut self.0 .0);
-        buffer.clear();
-        LENT.set(buffer);
+        std::mem::take(&mut self.0).recycle();
     }
 }
 
@@ -385,7 +381,7 @@ fn cached_text<K: Copy + PartialEq>(
     let slot = match cache.iter().position(|(k, _)| *k == Some(key)) {
         Some(i) => i,
         None => {
-            cache_text(cache, key, text);
+            cached_text_miss(cache, key, text);
             0
         }
     };
@@ -396,7 +392,7 @@ fn cached_text<K: Copy + PartialEq>(
 /// moves to the front.
 #[cold]
 #[inline(never)]
-fn cache_text<K: Copy>(
+fn cached_text_miss<K: Copy>(
     cache: &mut [(Option<K>, String); 2],
     key: K,
     text: impl FnOnce(K) -> String,
@@ -1224,6 +1220,7 @@ pub mod otlp_metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
     /// Tracing to a collector that is not there (these tests read the queue themselves).
     fn tracing_config(sampling: f64, queue: u32) -> weir_policies::model::Tracing {
@@ -1234,7 +1231,6 @@ mod tests {
             queue,
         }
     }
-    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
     /// What the worker threads queue and the exporter frames is an OTLP export request: a
     /// collector decodes every span, in order, under weir's resource and scope; batches hold
