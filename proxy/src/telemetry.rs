@@ -158,8 +158,8 @@ const ATTRIBUTES_FIELD: u32 = 9;
 const SPARE_BUFFERS: usize = 64;
 
 impl Attrs {
-    /// Attributes that outlive a call (an upstream attempt's): a buffer an ended attempt on
-    /// this thread gave back ([`Attrs::recycle`]), or a new one.
+    /// An empty attribute buffer: one this thread was given back ([`Attrs::recycle`]: an
+    /// ended attempt's, a dropped [`Lent`]'s), or a new one.
     pub fn new() -> Self {
         match SPARE.with_borrow_mut(|spare| spare.pop()) {
             Some(buffer) => Self(buffer),
