@@ -1486,18 +1486,10 @@ impl WeirProxy {
         let mut attrs = Attrs::lent();
         attrs
             .extend(&self.listener_attrs)
-            .str("http.request.method", req.method.as_str())
+            .method(&req.method)
             .str("url.path", path)
-            .str(
-                "network.protocol.version",
-                match req.version {
-                    http::Version::HTTP_2 => "2",
-                    // An HTTP/1.0 request was reported as 1.1.
-                    http::Version::HTTP_10 => "1.0",
-                    _ => "1.1",
-                },
-            )
-            .int("http.response.status_code", i64::from(status))
+            .protocol_version(req.version)
+            .status_code(status)
             .str("weir.route", route)
             .str("weir.cluster", cluster);
         // The host without its port, an IPv6 address without its brackets (`[::1]:8080` is

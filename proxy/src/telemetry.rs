@@ -24,7 +24,6 @@ use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState,
 };
-use opentelemetry::Context;
 use opentelemetry_proto::tonic::trace::v1::{span, status, SpanFlags};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -95,7 +94,10 @@ pub struct Tracer {
     /// Wakes the exporter before its time when the queue is half full.
     half_full: tokio::sync::Notify,
     capacity: usize,
+    /// Follows the parent's decision, else `root_sampler`'s.
     sampler: Sampler,
+    /// The configured ratio, for requests without a parent.
+    root_sampler: Sampler,
     ids: RandomIdGenerator,
     propagator: TraceContextPropagator,
     pub queued: AtomicU64,
@@ -206,6 +208,38 @@ impl Attrs {
         a
     }
 
+    /// `http.request.method`: for a standard method, a copy of its attribute encoded once
+    /// ([`Recurring`]).
+    pub fn method(&mut self, method: &http::Method) -> &mut Self {
+        match RECURRING.methods.iter().find(|(m, _)| m == method) {
+            Some((_, encoded)) => self.extend(encoded),
+            None => self.str("http.request.method", method.as_str()),
+        }
+    }
+
+    /// `network.protocol.version` of a request or response in `version`, copied
+    /// ([`Recurring`]). (HTTP/0.9 and HTTP/3 do not reach weir's listeners.)
+    pub fn protocol_version(&mut self, version: http::Version) -> &mut Self {
+        let i = match version {
+            http::Version::HTTP_10 => 0,
+            http::Version::HTTP_2 => 2,
+            _ => 1,
+        };
+        self.extend(&RECURRING.versions[i])
+    }
+
+    /// `http.response.status_code`: a valid status's attribute copied ([`Recurring`]).
+    pub fn status_code(&mut self, status: u16) -> &mut Self {
+        let key = "http.response.status_code";
+        match RECURRING
+            .statuses
+            .get(usize::from(status).wrapping_sub(STATUS_MIN))
+        {
+            Some(encoded) => self.extend(encoded),
+            None => self.int(key, i64::from(status)),
+        }
+    }
+
     /// Appends attributes encoded before.
     pub fn extend(&mut self, other: &Attrs) -> &mut Self {
         self.0.extend_from_slice(&other.0);
@@ -314,6 +348,62 @@ impl Attrs {
         self
     }
 }
+
+/// Attributes that take one of a few values on every request, each value encoded once:
+/// copying one costs a third of writing it.
+struct Recurring {
+    /// `http.request.method` of the methods `http` has constants for.
+    methods: [(http::Method, Attrs); 9],
+    /// `network.protocol.version`: `1.0`, `1.1` and `2`.
+    versions: [Attrs; 3],
+    /// `http.response.status_code` of 100 (`STATUS_MIN`) to 599.
+    statuses: Vec<Attrs>,
+}
+
+const STATUS_MIN: usize = 100;
+
+static RECURRING: std::sync::LazyLock<Recurring> = std::sync::LazyLock::new(|| {
+    use http::Method;
+    let one = |write: &dyn Fn(&mut Attrs)| {
+        let mut a = Attrs::default();
+        write(&mut a);
+        a
+    };
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ]
+    .map(|m| {
+        let encoded = one(&|a| {
+            a.str("http.request.method", m.as_str());
+        });
+        (m, encoded)
+    });
+    let versions = ["1.0", "1.1", "2"].map(|v| {
+        one(&|a| {
+            a.str("network.protocol.version", v);
+        })
+    });
+    let statuses = (STATUS_MIN..600)
+        .map(|s| {
+            one(&|a| {
+                a.int("http.response.status_code", s as i64);
+            })
+        })
+        .collect();
+    Recurring {
+        methods,
+        versions,
+        statuses,
+    }
+});
 
 /// A field's one-byte key and a varint (a length, or a varint field's value), on the stack.
 struct Head {
@@ -442,13 +532,13 @@ impl RequestTrace {
 impl Tracer {
     /// The tracer and the exporter service it feeds.
     pub fn new(config: &Config) -> (Arc<Self>, Exporter) {
+        let root_sampler = Sampler::TraceIdRatioBased(config.sampling.clamp(0.0, 1.0));
         let tracer = Arc::new(Self {
             queue: Mutex::default(),
             half_full: tokio::sync::Notify::new(),
             capacity: config.queue.max(1) as usize,
-            sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                config.sampling.clamp(0.0, 1.0),
-            ))),
+            sampler: Sampler::ParentBased(Box::new(root_sampler.clone())),
+            root_sampler,
             ids: RandomIdGenerator::default(),
             propagator: TraceContextPropagator::new(),
             queued: AtomicU64::new(0),
@@ -466,26 +556,35 @@ impl Tracer {
     /// Starts the trace of a request: continues the caller's (`traceparent`) or starts one;
     /// sampled as the caller decided, otherwise by the configured ratio.
     pub fn start(&self, req: &RequestHeader) -> RequestTrace {
-        // Without a `traceparent` there is nothing to extract (the common case at an edge).
-        let parent_cx = if req.headers.contains_key(&TRACEPARENT) {
-            self.propagator.extract(&HeaderExtractor(req))
-        } else {
-            Context::new()
+        // Without a `traceparent` there is nothing to extract (the common case at an edge),
+        // and no context to build.
+        let parent_cx = req
+            .headers
+            .contains_key(&TRACEPARENT)
+            .then(|| self.propagator.extract(&HeaderExtractor(req)))
+            .filter(|cx| cx.span().span_context().is_valid());
+        let (trace_id, parent_span, state) = match &parent_cx {
+            Some(cx) => {
+                let parent = cx.span();
+                let parent = parent.span_context();
+                (
+                    parent.trace_id(),
+                    Some(parent.span_id()),
+                    parent.trace_state().clone(),
+                )
+            }
+            None => (self.ids.new_trace_id(), None, TraceState::default()),
         };
-        let parent = parent_cx.span().span_context().clone();
-        let (trace_id, parent_span, state) = if parent.is_valid() {
-            (
-                parent.trace_id(),
-                Some(parent.span_id()),
-                parent.trace_state().clone(),
-            )
+        // A request with a parent follows the parent's decision (`ParentBased`); one without
+        // goes straight to the ratio, not through `ParentBased`'s layer.
+        let sampler = if parent_cx.is_some() {
+            &self.sampler
         } else {
-            (self.ids.new_trace_id(), None, TraceState::default())
+            &self.root_sampler
         };
-        let decision = self
-            .sampler
+        let decision = sampler
             .should_sample(
-                parent.is_valid().then_some(&parent_cx),
+                parent_cx.as_ref(),
                 trace_id,
                 "",
                 &SpanKind::Server,
@@ -536,8 +635,7 @@ impl Tracer {
         let Some(a) = t.attempt.as_mut().filter(|_| sampled) else {
             return;
         };
-        a.attributes
-            .str("http.request.method", upstream.method.as_str());
+        a.attributes.method(&upstream.method);
         if let Some(peer) = a.peer {
             let target = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
             a.attributes.url("url.full", peer, target);
@@ -559,16 +657,19 @@ impl Tracer {
         let span = t.attempt.as_ref().map_or(t.context.span_id(), |a| a.span);
         // `00-{trace id}-{span id}-{flags}`, in lowercase hex: `core::fmt`'s padded hex
         // formatting was most of the cost.
+        // The three fields are encoded by one call, on 32 bytes (padded), the size its vector
+        // code takes whole: three calls on 16, 8 and 1 bytes cost four times as much.
+        let mut fields = [0u8; 32];
+        fields[..16].copy_from_slice(&t.context.trace_id().to_bytes());
+        fields[16..24].copy_from_slice(&span.to_bytes());
+        fields[24] = (t.context.trace_flags() & TraceFlags::SAMPLED).to_u8();
+        let mut hex = [0u8; 64];
+        let encoded = const_hex::encode_to_slice(fields, &mut hex);
+        debug_assert!(encoded.is_ok(), "64 bytes hold 32 in hex");
         let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        let flags = (t.context.trace_flags() & TraceFlags::SAMPLED).to_u8();
-        for (bytes, at) in [
-            (&t.context.trace_id().to_bytes()[..], 3..35),
-            (&span.to_bytes()[..], 36..52),
-            (&[flags][..], 53..55),
-        ] {
-            let encoded = hex::encode_to_slice(bytes, &mut traceparent[at]);
-            debug_assert!(encoded.is_ok(), "each field fits its place");
-        }
+        traceparent[3..35].copy_from_slice(&hex[..32]);
+        traceparent[36..52].copy_from_slice(&hex[32..48]);
+        traceparent[53..55].copy_from_slice(&hex[48..50]);
         // A static name is neither parsed nor copied (pingora-http's weir patch).
         if let Ok(v) = http::HeaderValue::from_bytes(&traceparent) {
             upstream.insert_static_header(&TRACEPARENT, v);
@@ -701,7 +802,7 @@ fn end_attempt(
     out: &mut Vec<u8>,
 ) {
     if let Some(s) = a.status {
-        a.attributes.int("http.response.status_code", i64::from(s));
+        a.attributes.status_code(s);
     }
     let failed = error.is_some() || a.status.is_none_or(|s| s >= 500);
     encode_span(
@@ -742,68 +843,63 @@ struct SpanFields<'a> {
 /// Appends the span to `out` as a `ScopeSpans.spans` field: the OTLP `Span` message written
 /// field by field (no message structs, no allocation once the buffers have grown), straight
 /// into `out` behind its length, which is worked out first (encoding into a buffer of its own
-/// and copying that was a copy of every span). Most fields have a fixed size; those are
-/// written as one block (field by field through prost's encoders, a span cost ~600
-/// instructions).
+/// and copying that was a copy of every span). The fixed-size fields come first, as one block
+/// built on the stack (protobuf lets fields come in any order; written in field order, field
+/// by field through prost's encoders, a span cost ~600 instructions).
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
-    // The fixed-size fields, in field order, with their keys: trace id (1), span id (2), then
-    // after the trace state and the parent, kind (6), start and end (7, 8, fixed64).
-    let mut ids = [0u8; 2 + 16 + 2 + 8];
-    ids[..2].copy_from_slice(&[tag_byte(1), 16]);
-    ids[2..18].copy_from_slice(&f.trace.trace_id().to_bytes());
-    ids[18..20].copy_from_slice(&[tag_byte(2), 8]);
-    ids[20..].copy_from_slice(&f.id.to_bytes());
-    let mut times = [0u8; 2 + 9 + 9];
+    // Trace id (1), span id (2), the parent's id (4) when there is one, kind (6), start and
+    // end (7, 8, fixed64), flags (16, fixed32, a two-byte key).
+    let mut fixed = [0u8; 28 + 10 + 20 + 6];
+    fixed[..2].copy_from_slice(&[tag_byte(1), 16]);
+    fixed[2..18].copy_from_slice(&f.trace.trace_id().to_bytes());
+    fixed[18..20].copy_from_slice(&[tag_byte(2), 8]);
+    fixed[20..28].copy_from_slice(&f.id.to_bytes());
+    let has_parent = f.parent != SpanId::INVALID;
+    let mut at = 28;
+    if has_parent {
+        fixed[28..30].copy_from_slice(&[tag_byte(4), 8]);
+        fixed[30..38].copy_from_slice(&f.parent.to_bytes());
+        at = 38;
+    }
     // `SpanKind` is 1..=5: a one-byte varint.
-    times[..2].copy_from_slice(&[6 << 3 | WireType::Varint as u8, f.kind as u8]);
-    times[2] = 7 << 3 | WireType::SixtyFourBit as u8;
-    times[3..11].copy_from_slice(&f.start.to_le_bytes());
-    times[11] = 8 << 3 | WireType::SixtyFourBit as u8;
-    times[12..].copy_from_slice(&f.end.to_le_bytes());
-    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote";
-    // `flags` is field 16, fixed32: a two-byte key.
+    fixed[at..at + 2].copy_from_slice(&[6 << 3 | WireType::Varint as u8, f.kind as u8]);
+    fixed[at + 2] = 7 << 3 | WireType::SixtyFourBit as u8;
+    fixed[at + 3..at + 11].copy_from_slice(&f.start.to_le_bytes());
+    fixed[at + 11] = 8 << 3 | WireType::SixtyFourBit as u8;
+    fixed[at + 12..at + 20].copy_from_slice(&f.end.to_le_bytes());
+    // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
     let mut flags =
         u32::from(f.trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
     if f.parent_remote {
         flags |= SpanFlags::ContextIsRemoteMask as u32;
     }
-    let mut tail = [0u8; 6];
-    tail[..2].copy_from_slice(&[16 << 3 | WireType::ThirtyTwoBit as u8 | 0x80, 1]);
-    tail[2..].copy_from_slice(&flags.to_le_bytes());
+    fixed[at + 20..at + 22].copy_from_slice(&[16 << 3 | WireType::ThirtyTwoBit as u8 | 0x80, 1]);
+    fixed[at + 22..at + 26].copy_from_slice(&flags.to_le_bytes());
+    let fixed = &fixed[..at + 26];
 
     // Most traces carry no `tracestate`: its header is not built for them.
     let state =
         (*f.trace.trace_state() != TraceState::NONE).then(|| f.trace.trace_state().header());
     let state_len = state.as_ref().map_or(0, |s| len_delimited(3, s.len()));
-    let has_parent = f.parent != SpanId::INVALID;
     let name_len: usize = f.name.iter().map(|p| p.len()).sum();
     // Status (15): empty (unset) unless the span failed: then a message and ERROR (2).
     let status_len = f.status.map_or(0, |e| len_delimited(2, e.len()) + 2);
-    let len = ids.len()
+    let len = fixed.len()
         + state_len
-        + if has_parent { 10 } else { 0 }
         + len_delimited(5, name_len)
-        + times.len()
         + f.attributes.len()
-        + len_delimited(15, status_len)
-        + tail.len();
+        + len_delimited(15, status_len);
     out.reserve(len_delimited(SPANS_FIELD, len));
     put_header(SPANS_FIELD, len, out);
     let start = out.len();
-    out.extend_from_slice(&ids);
+    out.extend_from_slice(fixed);
     if let Some(state) = &state {
         put_len_delimited(3, state.as_bytes(), out);
-    }
-    if has_parent {
-        let mut parent = [tag_byte(4), 8, 0, 0, 0, 0, 0, 0, 0, 0];
-        parent[2..].copy_from_slice(&f.parent.to_bytes());
-        out.extend_from_slice(&parent);
     }
     put_header(5, name_len, out);
     for part in f.name {
         out.extend_from_slice(part.as_bytes());
     }
-    out.extend_from_slice(&times);
     out.extend_from_slice(f.attributes);
     put_header(15, status_len, out);
     if let Some(e) = f.status {
@@ -813,7 +909,6 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
             status::StatusCode::Error as u8,
         ]);
     }
-    out.extend_from_slice(&tail);
     debug_assert_eq!(out.len() - start, len, "the span is as long as worked out");
 }
 
@@ -1220,6 +1315,7 @@ pub mod otlp_metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry::Context;
     use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
     /// Tracing to a collector that is not there (these tests read the queue themselves).
@@ -1645,6 +1741,39 @@ mod tests {
                 attributes: vec![kv(key, Value::DoubleValue(-0.125))],
             };
             assert_eq!(attrs.0, expected.encode_to_vec());
+        }
+    }
+
+    #[test]
+    fn recurring_attributes_are_the_ones_written_in_full() {
+        use http::{Method, Version};
+        let method = |m: &Method| {
+            let (mut copied, mut written) = (Attrs::default(), Attrs::default());
+            copied.method(m);
+            written.str("http.request.method", m.as_str());
+            (copied.0, written.0)
+        };
+        let extension = Method::from_bytes(b"PURGE").expect("a token");
+        for m in [Method::GET, Method::POST, Method::TRACE, extension] {
+            let (copied, written) = method(&m);
+            assert_eq!(copied, written, "{m}");
+        }
+        for (v, text) in [
+            (Version::HTTP_10, "1.0"),
+            (Version::HTTP_11, "1.1"),
+            (Version::HTTP_2, "2"),
+        ] {
+            let (mut copied, mut written) = (Attrs::default(), Attrs::default());
+            copied.protocol_version(v);
+            written.str("network.protocol.version", text);
+            assert_eq!(copied.0, written.0, "{v:?}");
+        }
+        // Either side of the table, and no response at all (0).
+        for s in [0, 99, 100, 127, 128, 200, 599, 600, 999] {
+            let (mut copied, mut written) = (Attrs::default(), Attrs::default());
+            copied.status_code(s);
+            written.int("http.response.status_code", i64::from(s));
+            assert_eq!(copied.0, written.0, "{s}");
         }
     }
 
