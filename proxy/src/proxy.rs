@@ -158,13 +158,21 @@ impl RequestCtx {
 }
 
 impl WeirProxy {
-    /// The route `req` takes on this listener.
-    fn route(&self, rt: &Runtime, req: &RequestHeader) -> Option<usize> {
+    /// The route `req` takes on this listener, recorded in its trace's server span.
+    fn route(
+        &self,
+        rt: &Runtime,
+        req: &RequestHeader,
+        trace: Option<&mut crate::telemetry::RequestTrace>,
+    ) -> Option<usize> {
         let authority = req.uri.authority().map(|a| a.as_str()).or_else(|| {
             req.headers
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
         });
+        if let Some(t) = trace {
+            t.routed(authority);
+        }
         let view = RequestView {
             listener: &self.listener,
             authority,
@@ -781,7 +789,7 @@ impl ProxyHttp for WeirProxy {
             .map(|t| Box::new(t.start(session.req_header())));
         let rt = self.runtime.load_full();
         ctx.grpc = routing::is_grpc(&session.req_header().headers);
-        let mut selected = self.route(&rt, session.req_header());
+        let mut selected = self.route(&rt, session.req_header(), ctx.trace.as_deref_mut());
         let chain = selected
             .and_then(|id| rt.snapshot.routes[id].filter_chain)
             .or(self.filter_chain)
@@ -793,7 +801,9 @@ impl ProxyHttp for WeirProxy {
             {
                 None => return Ok(true),
                 // Like Envoy, a filter's header change clears the route choice.
-                Some(true) => selected = self.route(&rt, session.req_header()),
+                Some(true) => {
+                    selected = self.route(&rt, session.req_header(), ctx.trace.as_deref_mut())
+                }
                 Some(false) => {}
             }
         }
@@ -1477,13 +1487,13 @@ impl WeirProxy {
         cluster: &str,
     ) {
         // An unsampled trace ends with nothing to export.
-        let (Some(tracer), Some(trace)) = (&self.tracer, trace.filter(|t| t.sampled())) else {
+        let (Some(tracer), Some(mut trace)) = (&self.tracer, trace.filter(|t| t.sampled())) else {
             return;
         };
         let req = session.req_header();
         let path = req.uri.path();
-        // A buffer the thread keeps, not an allocation per request.
-        let mut attrs = Attrs::lent();
+        // After `server.address`, from routing.
+        let attrs = &mut trace.attributes;
         attrs
             .extend(&self.listener_attrs)
             .method(&req.method)
@@ -1492,21 +1502,6 @@ impl WeirProxy {
             .status_code(status)
             .str("weir.route", route)
             .str("weir.cluster", cluster);
-        // The host without its port, an IPv6 address without its brackets (`[::1]:8080` is
-        // `::1`, where splitting at the first colon gave `[`).
-        if let Some(a) = req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-            })
-            .map(weir_policies::routing::strip_port)
-        {
-            attrs.str("server.address", a);
-        }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             attrs.ip("client.address", addr.ip());
         }
@@ -1563,7 +1558,7 @@ impl WeirProxy {
         let error = e
             .map(|e| e.to_string())
             .or_else(|| grpc_failed.map(|code| format!("gRPC status {code}")));
-        tracer.finish(*trace, name, &attrs, error.as_deref(), failed);
+        tracer.finish(*trace, name, error.as_deref(), failed);
     }
 
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.

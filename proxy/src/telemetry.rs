@@ -76,8 +76,7 @@ thread_local! {
     /// endpoint are nearly always those of the request before.
     static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
-    /// Attribute buffers given back (an ended attempt's, a [`Lent`]'s), for [`Attrs::new`]
-    /// (at most [`SPARE_BUFFERS`]).
+    /// Attribute buffers of ended spans, for [`Attrs::new`] (at most [`SPARE_BUFFERS`]).
     static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// The last two `http://{peer}` origins [`Attrs::url`] wrote.
     static ORIGINS: RefCell<[(Option<std::net::SocketAddr>, String); 2]> =
@@ -132,6 +131,9 @@ pub struct RequestTrace {
     /// When the request started, in nanoseconds since the Unix epoch (as OTLP has it).
     start: u64,
     attempt: Option<Attempt>,
+    /// The server span's attributes: `server.address` from routing ([`RequestTrace::routed`]),
+    /// then those of its end.
+    pub attributes: Attrs,
     /// Finished attempts' client spans, encoded (an attempt before a retry).
     spans: Vec<u8>,
     /// How many spans `spans` holds.
@@ -161,7 +163,7 @@ const SPARE_BUFFERS: usize = 64;
 
 impl Attrs {
     /// An empty attribute buffer: one this thread was given back ([`Attrs::recycle`]: an
-    /// ended attempt's, a dropped [`Lent`]'s), or a new one.
+    /// ended span's), or a new one.
     pub fn new() -> Self {
         match SPARE.with_borrow_mut(|spare| spare.pop()) {
             Some(buffer) => Self(buffer),
@@ -172,7 +174,7 @@ impl Attrs {
     }
 
     /// Gives the buffer to the thread's next [`Attrs::new`]: an allocation and a free less
-    /// per attempt or server span.
+    /// per span.
     fn recycle(self) {
         let mut buffer = self.0;
         buffer.clear();
@@ -181,13 +183,6 @@ impl Attrs {
                 spare.push(buffer);
             }
         });
-    }
-
-    /// An attribute buffer for attributes that are built and spent at once (a server span's,
-    /// at the end of its request): [`Attrs::new`]'s, given back to the thread when dropped,
-    /// where a buffer of its own was an allocation per request.
-    pub fn lent() -> Lent {
-        Lent(Attrs::new())
     }
 
     /// The attributes every server span of listener `name` has: `url.scheme` and
@@ -438,29 +433,6 @@ impl Head {
     }
 }
 
-/// Attributes in a thread's buffer ([`Attrs::lent`]).
-pub struct Lent(Attrs);
-
-impl std::ops::Deref for Lent {
-    type Target = Attrs;
-
-    fn deref(&self) -> &Attrs {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Lent {
-    fn deref_mut(&mut self) -> &mut Attrs {
-        &mut self.0
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        std::mem::take(&mut self.0).recycle();
-    }
-}
-
 /// `key`'s text from a cache of the last two keys written (the newer first), writing it with
 /// `text` when it is not there.
 fn cached_text<K: Copy + PartialEq>(
@@ -526,6 +498,22 @@ fn put_len_delimited(tag: u32, v: &[u8], out: &mut Vec<u8>) {
 impl RequestTrace {
     pub fn sampled(&self) -> bool {
         self.context.is_sampled()
+    }
+
+    /// Records the authority the request is routed by (a `Host`, or an absolute URI's) as
+    /// the server span's `server.address`: the host without its port, an IPv6 address
+    /// without its brackets. Replaces what an earlier routing recorded (filters that change
+    /// the headers route the request again). Taken from routing, the header is read once.
+    pub fn routed(&mut self, authority: Option<&str>) {
+        if !self.sampled() {
+            return;
+        }
+        // Nothing else is written before the request ends.
+        self.attributes.0.clear();
+        if let Some(a) = authority {
+            self.attributes
+                .str("server.address", weir_policies::routing::strip_port(a));
+        }
     }
 }
 
@@ -602,6 +590,12 @@ impl Tracer {
             parent: parent_span,
             start: unix_nanos(SystemTime::now()),
             attempt: None,
+            // Nothing reads an unsampled span's attributes.
+            attributes: if flags.is_sampled() {
+                Attrs::new()
+            } else {
+                Attrs::default()
+            },
             spans: Vec::new(),
             span_count: 0,
         }
@@ -682,15 +676,8 @@ impl Tracer {
     }
 
     /// Ends the request's spans and queues them for export (dropping them if the queue is
-    /// full). The server span's name is `name`'s parts joined.
-    pub fn finish(
-        &self,
-        mut t: RequestTrace,
-        name: &[&str],
-        attributes: &Attrs,
-        error: Option<&str>,
-        failed: bool,
-    ) {
+    /// full). The server span's name is `name`'s parts joined, its attributes the trace's.
+    pub fn finish(&self, mut t: RequestTrace, name: &[&str], error: Option<&str>, failed: bool) {
         let attempt = t.attempt.take();
         if !t.sampled() {
             return;
@@ -717,7 +704,7 @@ impl Tracer {
                     name,
                     start: t.start,
                     end,
-                    attributes: &attributes.0,
+                    attributes: &t.attributes.0,
                     status,
                 },
             );
@@ -736,6 +723,7 @@ impl Tracer {
             q.spans += n;
             Ok((n, q.spans))
         });
+        t.attributes.recycle();
         match queued {
             Ok((n, total)) => {
                 self.queued.fetch_add(n as u64, Ordering::Relaxed);
@@ -1348,9 +1336,8 @@ mod tests {
             attempt.int("attempt", i as i64);
             tracer.attempt(&mut t, attempt, None);
             tracer.attempt_status(&mut t, 200);
-            let mut attrs = super::Attrs::new();
-            attrs.int("i", i as i64);
-            tracer.finish(t, &["GET r", &i.to_string()], &attrs, None, false);
+            t.attributes.int("i", i as i64);
+            tracer.finish(t, &["GET r", &i.to_string()], None, false);
         }
         let queued = (2 * super::BATCH + 10) / 2 * 2;
         assert_eq!(
@@ -1389,7 +1376,7 @@ mod tests {
 
         // The next batch reuses an exported batch's buffer.
         let t = tracer.start(&req);
-        tracer.finish(t, &["GET again"], &super::Attrs::new(), None, false);
+        tracer.finish(t, &["GET again"], None, false);
         let batch = tracer.next_batch().unwrap();
         assert_eq!(batch.spans, 1);
         assert!(batch.bytes.capacity() > 2 * batch.bytes.len());
@@ -1529,15 +1516,14 @@ mod tests {
         let mut second = super::Attrs::new();
         second.int("http.request.resend_count", 1);
         tracer.attempt(&mut t, second, None);
-        let mut attrs = super::Attrs::new();
         // Long enough that the attribute's and the span's lengths take three bytes.
         let long = "x".repeat(20_000);
-        attrs
+        t.attributes
             .str("url.path", &long)
             .int("http.response.status_code", -1)
             .double("ttft", 0.25);
         let started = super::unix_nanos(std::time::SystemTime::now());
-        tracer.finish(t, &["POST", " ", "r"], &attrs, Some("upstream reset"), true);
+        tracer.finish(t, &["POST", " ", "r"], Some("upstream reset"), true);
 
         let batch = tracer.next_batch().unwrap();
         let framing = super::RequestFraming::new("svc");
@@ -1627,20 +1613,14 @@ mod tests {
         let plain = RequestHeader::build("GET", b"/", None).unwrap();
         let t = tracer.start(&plain);
         assert!(!t.sampled());
-        tracer.finish(t, &["GET"], &super::Attrs::new(), None, false);
+        tracer.finish(t, &["GET"], None, false);
         assert!(tracer.next_batch().is_none());
         // A successful span's status is present and unset.
         let (tracer, _) = super::Tracer::new(&weir_policies::model::Tracing {
             sampling: 1.0,
             ..config
         });
-        tracer.finish(
-            tracer.start(&plain),
-            &["GET"],
-            &super::Attrs::new(),
-            None,
-            false,
-        );
+        tracer.finish(tracer.start(&plain), &["GET"], None, false);
         let batch = tracer.next_batch().unwrap();
         let req = ExportTraceServiceRequest::decode(&framing.request(&batch.bytes)[..]).unwrap();
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
@@ -1742,6 +1722,26 @@ mod tests {
             };
             assert_eq!(attrs.0, expected.encode_to_vec());
         }
+    }
+
+    #[test]
+    fn a_request_routed_again_has_the_last_routings_server_address() {
+        let (tracer, _) = Tracer::new(&tracing_config(1.0, 16));
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut t = tracer.start(&req);
+        t.routed(Some("example.com:8080"));
+        // A filter changed the headers: routed again.
+        t.routed(Some("[::1]:8080"));
+        let mut expected = Attrs::default();
+        expected.str("server.address", "::1");
+        assert_eq!(t.attributes.0, expected.0);
+        t.routed(None);
+        assert!(t.attributes.0.is_empty(), "no authority, no address");
+        // An unsampled trace records nothing.
+        let (tracer, _) = Tracer::new(&tracing_config(0.0, 16));
+        let mut t = tracer.start(&req);
+        t.routed(Some("example.com"));
+        assert!(t.attributes.0.is_empty());
     }
 
     #[test]
