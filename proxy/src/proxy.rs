@@ -133,7 +133,9 @@ pub struct RequestCtx {
     inference: Option<InferenceCtx>,
     /// The request's trace, when tracing is on. Boxed: in place, the larger context was
     /// copied with every move of the request's futures, tracing or not (+259 instructions per
-    /// request, more than the allocation costs a traced one).
+    /// request); the box is reused by the thread's next request ([`RequestTrace::recycle`]).
+    ///
+    /// [`RequestTrace::recycle`]: crate::telemetry::RequestTrace::recycle
     trace: Option<Box<crate::telemetry::RequestTrace>>,
     /// The gRPC status the upstream answered with (trailers, or the headers of a trailers-only
     /// reply).
@@ -783,10 +785,7 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.trace = self
-            .tracer
-            .as_ref()
-            .map(|t| Box::new(t.start(session.req_header())));
+        ctx.trace = self.tracer.as_ref().map(|t| t.start(session.req_header()));
         let rt = self.runtime.load_full();
         ctx.grpc = routing::is_grpc(&session.req_header().headers);
         let mut selected = self.route(&rt, session.req_header(), ctx.trace.as_deref_mut());
@@ -981,11 +980,7 @@ impl ProxyHttp for WeirProxy {
             peer.options.max_h2_streams = MAX_H2_STREAMS;
         }
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
-            // An unsampled attempt still gets a span id (the upstream's parent), but no
-            // attributes: nothing will read them.
-            let mut attributes = Attrs::default();
-            if trace.sampled() {
-                attributes = Attrs::new();
+            if let Some(attributes) = tracer.attempt(trace, Some(address)) {
                 let endpoint = || Attrs::endpoint(address, &cluster.name);
                 match ep {
                     Some(ep) => {
@@ -997,7 +992,6 @@ impl ProxyHttp for WeirProxy {
                     attributes.int("http.request.resend_count", i64::from(ctx.tries));
                 }
             }
-            tracer.attempt(trace, attributes, Some(address));
         }
         // An original destination is no endpoint of the cluster's: nothing to exclude on a
         // retry, no endpoint state to feed.
@@ -1486,10 +1480,13 @@ impl WeirProxy {
         route: &str,
         cluster: &str,
     ) {
-        // An unsampled trace ends with nothing to export.
-        let (Some(tracer), Some(mut trace)) = (&self.tracer, trace.filter(|t| t.sampled())) else {
+        let (Some(tracer), Some(mut trace)) = (&self.tracer, trace) else {
             return;
         };
+        // An unsampled trace ends with nothing to export.
+        if !trace.sampled() {
+            return trace.recycle();
+        }
         let req = session.req_header();
         let path = req.uri.path();
         // After `server.address`, from routing.
@@ -1558,7 +1555,7 @@ impl WeirProxy {
         let error = e
             .map(|e| e.to_string())
             .or_else(|| grpc_failed.map(|code| format!("gRPC status {code}")));
-        tracer.finish(*trace, name, error.as_deref(), failed);
+        tracer.finish(trace, name, error.as_deref(), failed);
     }
 
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.

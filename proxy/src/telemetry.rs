@@ -76,8 +76,12 @@ thread_local! {
     /// endpoint are nearly always those of the request before.
     static IPS: RefCell<[(Option<std::net::IpAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
-    /// Attribute buffers of ended spans, for [`Attrs::new`] (at most [`SPARE_BUFFERS`]).
-    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Traces of ended requests, their buffers emptied but kept, for the thread's next
+    /// [`Tracer::start`] (at most [`SPARE_TRACES`]): the trace's box and its three buffers
+    /// were four allocations and frees per request. Boxed as requests hold them (their
+    /// context keeps a box, see `RequestCtx::trace`).
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<RequestTrace>>> = const { RefCell::new(Vec::new()) };
     /// The last two `http://{peer}` origins [`Attrs::url`] wrote.
     static ORIGINS: RefCell<[(Option<std::net::SocketAddr>, String); 2]> =
         const { RefCell::new([(None, String::new()), (None, String::new())]) };
@@ -131,6 +135,8 @@ pub struct RequestTrace {
     /// When the request started, in nanoseconds since the Unix epoch (as OTLP has it).
     start: u64,
     attempt: Option<Attempt>,
+    /// The current attempt's client span attributes ([`Tracer::attempt`]).
+    attempt_attributes: Attrs,
     /// The server span's attributes: `server.address` from routing ([`RequestTrace::routed`]),
     /// then those of its end.
     pub attributes: Attrs,
@@ -144,7 +150,6 @@ struct Attempt {
     span: SpanId,
     /// Nanoseconds since the Unix epoch.
     start: u64,
-    attributes: Attrs,
     status: Option<u16>,
     /// Where the attempt goes, for its `url.full`.
     peer: Option<std::net::SocketAddr>,
@@ -157,34 +162,13 @@ pub struct Attrs(Vec<u8>);
 
 /// `Span.attributes`.
 const ATTRIBUTES_FIELD: u32 = 9;
-/// Most attribute buffers a thread keeps for reuse ([`Attrs::recycle`]): attempts in flight
-/// on it at once, give or take, at ~512 bytes each.
-const SPARE_BUFFERS: usize = 64;
+/// Most traces a thread keeps for reuse ([`RequestTrace::recycle`]): requests in flight on
+/// it at once, give or take.
+const SPARE_TRACES: usize = 64;
+/// A trace whose buffer grew past this (a very long URL) is not kept.
+const SPARE_BUFFER_MAX: usize = 4096;
 
 impl Attrs {
-    /// An empty attribute buffer: one this thread was given back ([`Attrs::recycle`]: an
-    /// ended span's), or a new one.
-    pub fn new() -> Self {
-        match SPARE.with_borrow_mut(|spare| spare.pop()) {
-            Some(buffer) => Self(buffer),
-            // Room for a span's attributes (a dozen, ~300 bytes): starting at 256 bytes, most
-            // requests grew it once.
-            None => Self(Vec::with_capacity(512)),
-        }
-    }
-
-    /// Gives the buffer to the thread's next [`Attrs::new`]: an allocation and a free less
-    /// per span.
-    fn recycle(self) {
-        let mut buffer = self.0;
-        buffer.clear();
-        SPARE.with_borrow_mut(|spare| {
-            if spare.len() < SPARE_BUFFERS && buffer.capacity() > 0 {
-                spare.push(buffer);
-            }
-        });
-    }
-
     /// The attributes every server span of listener `name` has: `url.scheme` and
     /// `weir.listener`, encoded once ([`Attrs::extend`]).
     pub fn listener(name: &str) -> Self {
@@ -500,6 +484,47 @@ impl RequestTrace {
         self.context.is_sampled()
     }
 
+    /// An empty trace: one this thread gave back ([`RequestTrace::recycle`]), or a new one.
+    fn reused() -> Box<Self> {
+        SPARE
+            .with_borrow_mut(|spare| spare.pop())
+            .unwrap_or_else(|| {
+                Box::new(Self {
+                    context: SpanContext::empty_context(),
+                    parent: None,
+                    start: 0,
+                    attempt: None,
+                    attempt_attributes: Attrs::default(),
+                    attributes: Attrs::default(),
+                    spans: Vec::new(),
+                    span_count: 0,
+                })
+            })
+    }
+
+    /// Gives the trace to the thread's next [`Tracer::start`], emptied, its buffers kept
+    /// (unless one grew very large).
+    pub fn recycle(mut self: Box<Self>) {
+        let buffers = [
+            &mut self.attempt_attributes.0,
+            &mut self.attributes.0,
+            &mut self.spans,
+        ];
+        if buffers.iter().any(|b| b.capacity() > SPARE_BUFFER_MAX) {
+            return;
+        }
+        for b in buffers {
+            b.clear();
+        }
+        self.attempt = None;
+        self.span_count = 0;
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_TRACES {
+                spare.push(self);
+            }
+        });
+    }
+
     /// Records the authority the request is routed by (a `Host`, or an absolute URI's) as
     /// the server span's `server.address`: the host without its port, an IPv6 address
     /// without its brackets. Replaces what an earlier routing recorded (filters that change
@@ -543,7 +568,7 @@ impl Tracer {
 
     /// Starts the trace of a request: continues the caller's (`traceparent`) or starts one;
     /// sampled as the caller decided, otherwise by the configured ratio.
-    pub fn start(&self, req: &RequestHeader) -> RequestTrace {
+    pub fn start(&self, req: &RequestHeader) -> Box<RequestTrace> {
         // Without a `traceparent` there is nothing to extract (the common case at an edge),
         // and no context to build.
         let parent_cx = req
@@ -585,54 +610,52 @@ impl Tracer {
         } else {
             TraceFlags::default()
         };
-        RequestTrace {
-            context: SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, state),
-            parent: parent_span,
-            start: unix_nanos(SystemTime::now()),
-            attempt: None,
-            // Nothing reads an unsampled span's attributes.
-            attributes: if flags.is_sampled() {
-                Attrs::new()
-            } else {
-                Attrs::default()
-            },
-            spans: Vec::new(),
-            span_count: 0,
-        }
+        let mut t = RequestTrace::reused();
+        t.context = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, state);
+        t.parent = parent_span;
+        t.start = unix_nanos(SystemTime::now());
+        t
     }
 
     /// Starts a client span for an upstream attempt to `peer` (ending the previous attempt's).
-    pub fn attempt(
+    /// Returns the span's attribute buffer, empty, when the trace is sampled (an unsampled
+    /// attempt still gets a span id, the upstream's parent, but nothing reads attributes).
+    pub fn attempt<'t>(
         &self,
-        t: &mut RequestTrace,
-        attributes: Attrs,
+        t: &'t mut RequestTrace,
         peer: Option<std::net::SocketAddr>,
-    ) {
+    ) -> Option<&'t mut Attrs> {
         let now = unix_nanos(SystemTime::now());
         if let Some(done) = t.attempt.take().filter(|_| t.sampled()) {
-            end_attempt(&t.context, done, None, now, &mut t.spans);
+            end_attempt(
+                &t.context,
+                done,
+                &mut t.attempt_attributes,
+                None,
+                now,
+                &mut t.spans,
+            );
             t.span_count += 1;
         }
         t.attempt = Some(Attempt {
             span: self.ids.new_span_id(),
             start: now,
-            attributes,
             status: None,
             peer,
         });
+        t.sampled().then_some(&mut t.attempt_attributes)
     }
 
     /// Records what the attempt sends, once its request is final (a route's prefix rewrite
     /// done): `http.request.method` and `url.full`, as the HTTP client-span conventions ask.
     pub fn attempt_request(&self, t: &mut RequestTrace, upstream: &RequestHeader) {
-        let sampled = t.sampled();
-        let Some(a) = t.attempt.as_mut().filter(|_| sampled) else {
+        let Some(a) = t.attempt.as_ref().filter(|_| t.context.is_sampled()) else {
             return;
         };
-        a.attributes.method(&upstream.method);
+        t.attempt_attributes.method(&upstream.method);
         if let Some(peer) = a.peer {
             let target = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
-            a.attributes.url("url.full", peer, target);
+            t.attempt_attributes.url("url.full", peer, target);
         }
     }
 
@@ -677,10 +700,16 @@ impl Tracer {
 
     /// Ends the request's spans and queues them for export (dropping them if the queue is
     /// full). The server span's name is `name`'s parts joined, its attributes the trace's.
-    pub fn finish(&self, mut t: RequestTrace, name: &[&str], error: Option<&str>, failed: bool) {
+    pub fn finish(
+        &self,
+        mut t: Box<RequestTrace>,
+        name: &[&str],
+        error: Option<&str>,
+        failed: bool,
+    ) {
         let attempt = t.attempt.take();
         if !t.sampled() {
-            return;
+            return t.recycle();
         }
         let status = failed.then(|| error.unwrap_or("request failed"));
         // The request and its last attempt end together: one clock read for both.
@@ -690,7 +719,14 @@ impl Tracer {
             scratch.extend_from_slice(&t.spans);
             let mut n = t.span_count;
             if let Some(a) = attempt {
-                end_attempt(&t.context, a, error, end, scratch);
+                end_attempt(
+                    &t.context,
+                    a,
+                    &mut t.attempt_attributes,
+                    error,
+                    end,
+                    scratch,
+                );
                 n += 1;
             }
             encode_span(
@@ -723,7 +759,7 @@ impl Tracer {
             q.spans += n;
             Ok((n, q.spans))
         });
-        t.attributes.recycle();
+        t.recycle();
         match queued {
             Ok((n, total)) => {
                 self.queued.fetch_add(n as u64, Ordering::Relaxed);
@@ -784,13 +820,14 @@ impl Tracer {
 /// Ends attempt `a` of the sampled trace `trace`: its client span, encoded into `out`.
 fn end_attempt(
     trace: &SpanContext,
-    mut a: Attempt,
+    a: Attempt,
+    attributes: &mut Attrs,
     error: Option<&str>,
     end: u64,
     out: &mut Vec<u8>,
 ) {
     if let Some(s) = a.status {
-        a.attributes.status_code(s);
+        attributes.status_code(s);
     }
     let failed = error.is_some() || a.status.is_none_or(|s| s >= 500);
     encode_span(
@@ -804,11 +841,11 @@ fn end_attempt(
             name: &["upstream"],
             start: a.start,
             end,
-            attributes: &a.attributes.0,
+            attributes: &attributes.0,
             status: failed.then(|| error.unwrap_or("upstream attempt failed")),
         },
     );
-    a.attributes.recycle();
+    attributes.0.clear();
 }
 
 /// What a finished span is made of.
@@ -1332,9 +1369,8 @@ mod tests {
         let requests = super::BATCH + 10;
         for i in 0..requests {
             let mut t = tracer.start(&req);
-            let mut attempt = super::Attrs::new();
+            let attempt = tracer.attempt(&mut t, None).expect("sampled");
             attempt.int("attempt", i as i64);
-            tracer.attempt(&mut t, attempt, None);
             tracer.attempt_status(&mut t, 200);
             t.attributes.int("i", i as i64);
             tracer.finish(t, &["GET r", &i.to_string()], None, false);
@@ -1422,7 +1458,7 @@ mod tests {
                 req.insert_header("tracestate", "vendor=x,other=y").unwrap();
             }
             let mut t = tracer.start(&req);
-            tracer.attempt(&mut t, super::Attrs::default(), None);
+            tracer.attempt(&mut t, None);
             let mut upstream = RequestHeader::build("GET", b"/", None).unwrap();
             tracer.inject(&t, &mut upstream);
 
@@ -1468,7 +1504,7 @@ mod tests {
             [127, 0, 0, 1].into(),
         ];
         for ip in ips {
-            let (mut cached, mut plain) = (Attrs::new(), Attrs::new());
+            let (mut cached, mut plain) = (Attrs::default(), Attrs::default());
             cached.ip("client.address", ip);
             plain.display("client.address", ip);
             assert_eq!(cached.0, plain.0, "{ip}");
@@ -1476,21 +1512,39 @@ mod tests {
     }
 
     #[test]
-    fn an_ended_attempts_attribute_buffer_is_reused_empty() {
+    fn an_ended_trace_is_reused_empty_with_its_buffers() {
         use pingora::http::RequestHeader;
         let config = tracing_config(1.0, 100);
         let (tracer, _) = super::Tracer::new(&config);
         let req = RequestHeader::build("GET", b"/", None).unwrap();
         let mut t = tracer.start(&req);
-        let mut first = super::Attrs::new();
-        first.str("weir.cluster", "a");
-        let buffer = first.0.as_ptr();
-        tracer.attempt(&mut t, first, None);
-        // Ending the attempt (a retry starts) gives its buffer back to this thread.
-        tracer.attempt(&mut t, super::Attrs::default(), None);
-        let next = super::Attrs::new();
-        assert_eq!(next.0.as_ptr(), buffer, "the ended attempt's buffer");
-        assert!(next.0.is_empty() && next.0.capacity() >= 512);
+        t.routed(Some("example.com"));
+        let attempt = tracer.attempt(&mut t, None).expect("sampled");
+        attempt.str("weir.cluster", "a");
+        let buffer = attempt.0.as_ptr();
+        // A retry: the first attempt's span is encoded, its buffer emptied for the next.
+        let again = tracer.attempt(&mut t, None).expect("sampled");
+        assert!(again.0.is_empty());
+        assert_eq!(again.0.as_ptr(), buffer, "the ended attempt's buffer");
+        let trace = &*t as *const RequestTrace;
+        tracer.finish(t, &["GET"], None, false);
+        let next = tracer.start(&req);
+        assert_eq!(&*next as *const RequestTrace, trace, "the ended trace");
+        assert!(next.attempt.is_none() && next.span_count == 0);
+        assert!(next.attributes.0.is_empty() && next.attempt_attributes.0.is_empty());
+        assert!(next.spans.is_empty() && next.attempt_attributes.0.capacity() > 0);
+        assert_ne!(
+            next.context.span_id(),
+            SpanId::INVALID,
+            "a context of its own"
+        );
+        // One that grew very large is let go.
+        let mut big = next;
+        big.attributes
+            .str("url.path", &"x".repeat(super::SPARE_BUFFER_MAX));
+        big.recycle();
+        let after = tracer.start(&req);
+        assert_eq!(after.attributes.0.capacity(), 0, "a new trace");
     }
 
     #[test]
@@ -1509,13 +1563,11 @@ mod tests {
         req.insert_header("traceparent", caller).unwrap();
         req.insert_header("tracestate", "vendor=x").unwrap();
         let mut t = tracer.start(&req);
-        let mut first = super::Attrs::new();
+        let first = tracer.attempt(&mut t, None).expect("sampled");
         first.display("server.address", std::net::Ipv4Addr::new(10, 0, 0, 7));
-        tracer.attempt(&mut t, first, None);
         tracer.attempt_status(&mut t, 503);
-        let mut second = super::Attrs::new();
+        let second = tracer.attempt(&mut t, None).expect("sampled");
         second.int("http.request.resend_count", 1);
-        tracer.attempt(&mut t, second, None);
         // Long enough that the attribute's and the span's lengths take three bytes.
         let long = "x".repeat(20_000);
         t.attributes
@@ -1642,9 +1694,9 @@ mod tests {
             ("[::1]:9000", "/c"),
             ("10.0.0.2:80", "/d"),
         ] {
-            let mut url = super::Attrs::new();
+            let mut url = super::Attrs::default();
             url.url("url.full", peer.parse().unwrap(), target);
-            let mut plain = super::Attrs::new();
+            let mut plain = super::Attrs::default();
             plain.str("url.full", &format!("http://{peer}{target}"));
             assert_eq!(url.0, plain.0, "{peer}{target}");
         }
