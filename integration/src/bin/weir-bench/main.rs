@@ -997,15 +997,20 @@ fn on_cpu_1(bin: impl AsRef<std::ffi::OsStr>, pinned: bool) -> Command {
 
 /// CPU time (user + system) process `pid` used so far.
 fn cpu_of(pid: u32) -> Duration {
+    let (user, system) = cpu_split_of(pid);
+    user + system
+}
+
+/// User and system CPU time process `pid` used so far.
+fn cpu_split_of(pid: u32) -> (Duration, Duration) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     };
     // Fields after the ")" that closes the command name; utime and stime are fields 14, 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    from_clock_ticks(ticks)
+    let field = |i: usize| from_clock_ticks(f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0));
+    (field(11), field(12))
 }
 
 /// A time in `/proc`'s clock ticks.
@@ -1087,6 +1092,8 @@ struct Row {
     name: String,
     wrk: WrkResult,
     cpu_us_per_req: Option<f64>,
+    /// The proxy's system (kernel) CPU time per request, part of `cpu_us_per_req`.
+    sys_us_per_req: Option<f64>,
     /// CPU time of the whole machine (every process and the kernel) per request.
     machine_us_per_req: f64,
     /// CPU time of this process per request: the OTLP collector's, for a traced target.
@@ -1097,13 +1104,16 @@ struct Row {
 fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> Res<Row> {
     // A short warm-up so connection pools and caches are in steady state.
     wrk(port, "2s", args.1, args.2)?;
-    let before = pid.map(cpu_of);
+    let before = pid.map(cpu_split_of);
     let (machine, bench) = (machine_busy(), cpu_of(std::process::id()));
     let wrk = wrk(port, args.0, args.1, args.2)?;
     let per_req = |d: Duration| d.as_micros() as f64 / wrk.requests.max(1) as f64;
-    let cpu_us_per_req = pid
-        .zip(before)
-        .map(|(p, b)| per_req(cpu_of(p).saturating_sub(b)));
+    let used = pid.zip(before).map(|(p, (user, system))| {
+        let (u, s) = cpu_split_of(p);
+        (u.saturating_sub(user), s.saturating_sub(system))
+    });
+    let cpu_us_per_req = used.map(|(u, s)| per_req(u + s));
+    let sys_us_per_req = used.map(|(_, s)| per_req(s));
     let machine_us_per_req = per_req(machine_busy().saturating_sub(machine));
     let bench_us_per_req = per_req(cpu_of(std::process::id()).saturating_sub(bench));
     eprintln!("  {name}: {:.0} req/s", wrk.rps);
@@ -1111,6 +1121,7 @@ fn measure(name: &str, port: u16, pid: Option<u32>, args: (&str, u32, u32)) -> R
         name: name.to_string(),
         wrk,
         cpu_us_per_req,
+        sys_us_per_req,
         machine_us_per_req,
         bench_us_per_req,
     })
@@ -1549,9 +1560,10 @@ fn http(opts: HttpOpts) -> Res<()> {
         };
         let machine = delta(&|r| r.machine_us_per_req);
         let collector = delta(&|r| r.bench_us_per_req);
+        let system = delta(&|r| r.sys_us_per_req.unwrap_or(f64::NAN));
         let _ = writeln!(
             out,
-            "  CPU per request of the whole machine {machine:+.1} µs (median of the rounds' differences), of which the collector (this process, receiving the spans) {collector:+.1} µs."
+            "  Of the proxy's CPU per request, system (kernel) time {system:+.2} µs. CPU per request of the whole machine {machine:+.1} µs (median of the rounds' differences), of which the collector (this process, receiving the spans) {collector:+.1} µs."
         );
     }
     let requests: u64 = rounds
@@ -1597,6 +1609,9 @@ fn median_rows(rounds: &[Vec<Row>]) -> Vec<Row> {
                 cpu_us_per_req: r
                     .cpu_us_per_req
                     .map(|_| med(&|r| r.cpu_us_per_req.unwrap_or(f64::NAN))),
+                sys_us_per_req: r
+                    .sys_us_per_req
+                    .map(|_| med(&|r| r.sys_us_per_req.unwrap_or(f64::NAN))),
                 machine_us_per_req: med(&|r| r.machine_us_per_req),
                 bench_us_per_req: med(&|r| r.bench_us_per_req),
             }
