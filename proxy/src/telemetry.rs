@@ -302,9 +302,15 @@ impl Attrs {
     pub fn url(&mut self, key: &str, peer: std::net::SocketAddr, target: &str) -> &mut Self {
         ORIGINS.with_borrow_mut(|origins| {
             let origin = cached_text(origins, peer, |p| format!("http://{p}"));
+            let (origin, target) = (origin.as_bytes(), target.as_bytes());
             let len = origin.len() + target.len();
-            let head = Head::new(tag_byte(1), len as u64);
-            self.put(key, [head.as_slice(), origin.as_bytes(), target.as_bytes()]);
+            // As `str`: a short URL's length is a byte, its head a copy of constant size.
+            if len < 0x80 {
+                self.put(key, [&[tag_byte(1), len as u8], origin, target]);
+            } else {
+                let head = Head::new(tag_byte(1), len as u64);
+                self.put(key, [head.as_slice(), origin, target]);
+            }
         });
         self
     }
@@ -872,35 +878,33 @@ struct SpanFields<'a> {
 /// built on the stack (protobuf lets fields come in any order; written in field order, field
 /// by field through prost's encoders, a span cost ~600 instructions).
 fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
-    // Trace id (1), span id (2), the parent's id (4) when there is one, kind (6), start and
-    // end (7, 8, fixed64), flags (16, fixed32, a two-byte key).
-    let mut fixed = [0u8; 28 + 10 + 20 + 6];
+    // Trace id (1), span id (2), kind (6), start and end (7, 8, fixed64), flags (16, fixed32,
+    // a two-byte key); then the parent's id (4) when there is one. Each block has a constant
+    // size (a copy of a size known only at run time is a `memcpy` call).
+    let mut fixed = [0u8; 28 + 20 + 6];
     fixed[..2].copy_from_slice(&[tag_byte(1), 16]);
     fixed[2..18].copy_from_slice(&f.trace.trace_id().to_bytes());
     fixed[18..20].copy_from_slice(&[tag_byte(2), 8]);
     fixed[20..28].copy_from_slice(&f.id.to_bytes());
-    let has_parent = f.parent != SpanId::INVALID;
-    let mut at = 28;
-    if has_parent {
-        fixed[28..30].copy_from_slice(&[tag_byte(4), 8]);
-        fixed[30..38].copy_from_slice(&f.parent.to_bytes());
-        at = 38;
-    }
     // `SpanKind` is 1..=5: a one-byte varint.
-    fixed[at..at + 2].copy_from_slice(&[6 << 3 | WireType::Varint as u8, f.kind as u8]);
-    fixed[at + 2] = 7 << 3 | WireType::SixtyFourBit as u8;
-    fixed[at + 3..at + 11].copy_from_slice(&f.start.to_le_bytes());
-    fixed[at + 11] = 8 << 3 | WireType::SixtyFourBit as u8;
-    fixed[at + 12..at + 20].copy_from_slice(&f.end.to_le_bytes());
+    fixed[28..30].copy_from_slice(&[6 << 3 | WireType::Varint as u8, f.kind as u8]);
+    fixed[30] = 7 << 3 | WireType::SixtyFourBit as u8;
+    fixed[31..39].copy_from_slice(&f.start.to_le_bytes());
+    fixed[39] = 8 << 3 | WireType::SixtyFourBit as u8;
+    fixed[40..48].copy_from_slice(&f.end.to_le_bytes());
     // W3C trace flags, plus OTLP's "the parent's remoteness is known" and "it is remote".
     let mut flags =
         u32::from(f.trace.trace_flags().to_u8()) | SpanFlags::ContextHasIsRemoteMask as u32;
     if f.parent_remote {
         flags |= SpanFlags::ContextIsRemoteMask as u32;
     }
-    fixed[at + 20..at + 22].copy_from_slice(&[16 << 3 | WireType::ThirtyTwoBit as u8 | 0x80, 1]);
-    fixed[at + 22..at + 26].copy_from_slice(&flags.to_le_bytes());
-    let fixed = &fixed[..at + 26];
+    fixed[48..50].copy_from_slice(&[16 << 3 | WireType::ThirtyTwoBit as u8 | 0x80, 1]);
+    fixed[50..54].copy_from_slice(&flags.to_le_bytes());
+    let parent = (f.parent != SpanId::INVALID).then(|| {
+        let mut parent = [tag_byte(4), 8, 0, 0, 0, 0, 0, 0, 0, 0];
+        parent[2..].copy_from_slice(&f.parent.to_bytes());
+        parent
+    });
 
     // Most traces carry no `tracestate`: its header is not built for them.
     let state =
@@ -910,6 +914,7 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     // Status (15): empty (unset) unless the span failed: then a message and ERROR (2).
     let status_len = f.status.map_or(0, |e| len_delimited(2, e.len()) + 2);
     let len = fixed.len()
+        + parent.map_or(0, |p| p.len())
         + state_len
         + len_delimited(5, name_len)
         + f.attributes.len()
@@ -917,7 +922,10 @@ fn encode_span(out: &mut Vec<u8>, f: SpanFields<'_>) {
     out.reserve(len_delimited(SPANS_FIELD, len));
     put_header(SPANS_FIELD, len, out);
     let start = out.len();
-    out.extend_from_slice(fixed);
+    out.extend_from_slice(&fixed);
+    if let Some(parent) = &parent {
+        out.extend_from_slice(parent);
+    }
     if let Some(state) = &state {
         put_len_delimited(3, state.as_bytes(), out);
     }
