@@ -209,13 +209,12 @@ impl Attrs {
 
     /// `http.response.status_code`: a valid status's attribute copied ([`Recurring`]).
     pub fn status_code(&mut self, status: u16) -> &mut Self {
-        let key = "http.response.status_code";
         match RECURRING
             .statuses
             .get(usize::from(status).wrapping_sub(STATUS_MIN))
         {
             Some(encoded) => self.extend(encoded),
-            None => self.int(key, i64::from(status)),
+            None => self.int("http.response.status_code", i64::from(status)),
         }
     }
 
@@ -335,7 +334,7 @@ impl Attrs {
 }
 
 /// Attributes that take one of a few values on every request, each value encoded once:
-/// copying one costs a third of writing it.
+/// copying one cost about half as much as writing it (callgrind, ~45 instructions a copy).
 struct Recurring {
     /// `http.request.method` of the methods `http` has constants for.
     methods: [(http::Method, Attrs); 9],
