@@ -881,6 +881,17 @@ standard_headers! {
     /// messages.
     (Trailer, TRAILER, b"trailer");
 
+    /// The W3C Trace Context header naming the caller's trace and span.
+    ///
+    /// weir patch: a standard name, hashed and compared as an enum (not byte by byte as a
+    /// custom name is) and parsed without allocating.
+    (Traceparent, TRACEPARENT, b"traceparent");
+
+    /// The W3C Trace Context header carrying vendors' trace state.
+    ///
+    /// weir patch: a standard name, as `traceparent` is.
+    (Tracestate, TRACESTATE, b"tracestate");
+
     /// Specifies the form of encoding used to safely transfer the entity to the
     /// client.
     ///
