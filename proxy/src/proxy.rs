@@ -785,7 +785,10 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.trace = self.tracer.as_ref().map(|t| t.start(session.req_header()));
+        ctx.trace = self
+            .tracer
+            .as_ref()
+            .map(|t| t.start(session.req_header(), ctx.start));
         let rt = self.runtime.load_full();
         ctx.grpc = routing::is_grpc(&session.req_header().headers);
         let mut selected = self.route(&rt, session.req_header(), ctx.trace.as_deref_mut());
@@ -980,7 +983,7 @@ impl ProxyHttp for WeirProxy {
             peer.options.max_h2_streams = MAX_H2_STREAMS;
         }
         if let (Some(tracer), Some(trace)) = (&self.tracer, ctx.trace.as_mut()) {
-            if let Some(attributes) = tracer.attempt(trace, Some(address)) {
+            if let Some(attributes) = tracer.attempt(trace, Some(address), now) {
                 let endpoint = || Attrs::endpoint(address, &cluster.name);
                 match ep {
                     Some(ep) => {
@@ -1382,6 +1385,8 @@ impl ProxyHttp for WeirProxy {
             Some((_, r, c, _)) => (r.name.as_str(), c.name.as_str()),
             None => ("", ""),
         };
+        // One clock read for the metrics, the log line and the span.
+        let took = ctx.start.elapsed();
         // `StatusCode::as_str` is a static string for every code; 0 (no response) is not one.
         let status_code = http::StatusCode::from_u16(code).ok();
         let code_label = status_code.as_ref().map_or("0", |c| c.as_str());
@@ -1392,7 +1397,7 @@ impl ProxyHttp for WeirProxy {
         self.metrics
             .duration
             .with_label_values(&[self.listener.as_str(), route, cluster])
-            .observe(ctx.start.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
         if let Some(g) = ctx.grpc_status {
             self.metrics
                 .grpc_requests
@@ -1408,7 +1413,7 @@ impl ProxyHttp for WeirProxy {
             let series = endpoint
                 .series
                 .get_or_init(|| EndpointSeries::new(&self.metrics, cluster, endpoint.address));
-            series.duration.observe(ctx.start.elapsed().as_secs_f64());
+            series.duration.observe(took.as_secs_f64());
             series.responses(code).inc();
         }
         if let (Some(i), Some(rt)) = (ctx.inference.as_ref(), ctx.runtime.as_deref()) {
@@ -1422,8 +1427,14 @@ impl ProxyHttp for WeirProxy {
                 }
             }
         }
-        self.access_log(session, e, ctx, code, route, cluster);
-        self.end_trace(session, e, ctx, trace, code, route, cluster);
+        let ended = Ended {
+            status: code,
+            route,
+            cluster,
+            took,
+        };
+        self.access_log(session, e, ctx, &ended);
+        self.end_trace(session, e, ctx, trace, &ended);
     }
 }
 
@@ -1469,17 +1480,20 @@ impl WeirProxy {
 
     /// Ends the request's trace: the server span with the OpenTelemetry HTTP, RPC and GenAI
     /// attributes that apply.
-    #[allow(clippy::too_many_arguments)]
     fn end_trace(
         &self,
         session: &Session,
         e: Option<&Error>,
         ctx: &RequestCtx,
         trace: Option<Box<crate::telemetry::RequestTrace>>,
-        status: u16,
-        route: &str,
-        cluster: &str,
+        ended: &Ended,
     ) {
+        let &Ended {
+            status,
+            route,
+            cluster,
+            took,
+        } = ended;
         let (Some(tracer), Some(mut trace)) = (&self.tracer, trace) else {
             return;
         };
@@ -1555,7 +1569,7 @@ impl WeirProxy {
         let error = e
             .map(|e| e.to_string())
             .or_else(|| grpc_failed.map(|code| format!("gRPC status {code}")));
-        tracer.finish(trace, name, error.as_deref(), failed);
+        tracer.finish(trace, name, error.as_deref(), failed, took);
     }
 
     /// Feeds an inference stream's response chunk to the TTFT, inter-token and token metrics.
@@ -1585,16 +1599,14 @@ impl WeirProxy {
     }
 
     /// Queues the request's access log line, when the config asks for one.
-    fn access_log(
-        &self,
-        session: &Session,
-        e: Option<&Error>,
-        ctx: &RequestCtx,
-        status: u16,
-        route: &str,
-        cluster: &str,
-    ) {
+    fn access_log(&self, session: &Session, e: Option<&Error>, ctx: &RequestCtx, ended: &Ended) {
         let Some(log) = &self.access_log else { return };
+        let &Ended {
+            status,
+            route,
+            cluster,
+            took,
+        } = ended;
         let runtime = ctx
             .runtime
             .clone()
@@ -1635,7 +1647,7 @@ impl WeirProxy {
             },
             status,
             grpc_status: ctx.grpc_status,
-            duration_ms: ctx.start.elapsed().as_secs_f64() * 1e3,
+            duration_ms: took.as_secs_f64() * 1e3,
             request_bytes: session.body_bytes_read(),
             response_bytes: session.body_bytes_sent(),
             user_agent: header("user-agent"),
@@ -1647,6 +1659,17 @@ impl WeirProxy {
         };
         log.log(&config.fields, &entry);
     }
+}
+
+/// How a request ended, for its metrics, log line and span.
+struct Ended<'a> {
+    /// The response status the client got, or 0 when it got none.
+    status: u16,
+    /// The route's and cluster's names; empty when the request was not routed.
+    route: &'a str,
+    cluster: &'a str,
+    /// Since the request started (`RequestCtx::start`).
+    took: Duration,
 }
 
 /// Which of a request's messages a filter phase is for.

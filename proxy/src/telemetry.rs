@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -103,6 +103,7 @@ pub struct Tracer {
     root_sampler: Sampler,
     ids: RandomIdGenerator,
     propagator: TraceContextPropagator,
+    clock: WallClock,
     pub queued: AtomicU64,
     pub dropped: AtomicU64,
     pub exported: AtomicU64,
@@ -553,6 +554,7 @@ impl Tracer {
             root_sampler,
             ids: RandomIdGenerator::default(),
             propagator: TraceContextPropagator::new(),
+            clock: WallClock::new(),
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             exported: AtomicU64::new(0),
@@ -565,9 +567,10 @@ impl Tracer {
         (tracer, exporter)
     }
 
-    /// Starts the trace of a request: continues the caller's (`traceparent`) or starts one;
-    /// sampled as the caller decided, otherwise by the configured ratio.
-    pub fn start(&self, req: &RequestHeader) -> Box<RequestTrace> {
+    /// Starts the trace of a request that started at `started`: continues the caller's
+    /// (`traceparent`) or starts one; sampled as the caller decided, otherwise by the
+    /// configured ratio.
+    pub fn start(&self, req: &RequestHeader, started: Instant) -> Box<RequestTrace> {
         // Without a `traceparent` there is nothing to extract (the common case at an edge),
         // and no context to build.
         let parent_cx = req
@@ -612,19 +615,21 @@ impl Tracer {
         let mut t = RequestTrace::reused();
         t.context = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, state);
         t.parent = parent_span;
-        t.start = unix_nanos(SystemTime::now());
+        t.start = self.clock.unix_nanos(started);
         t
     }
 
-    /// Starts a client span for an upstream attempt to `peer` (ending the previous attempt's).
-    /// Returns the span's attribute buffer, empty, when the trace is sampled (an unsampled
-    /// attempt still gets a span id, the upstream's parent, but nothing reads attributes).
+    /// Starts a client span for an upstream attempt to `peer` at `now` (ending the previous
+    /// attempt's). Returns the span's attribute buffer, empty, when the trace is sampled (an
+    /// unsampled attempt still gets a span id, the upstream's parent, but nothing reads
+    /// attributes).
     pub fn attempt<'t>(
         &self,
         t: &'t mut RequestTrace,
         peer: Option<std::net::SocketAddr>,
+        now: Instant,
     ) -> Option<&'t mut Attrs> {
-        let now = unix_nanos(SystemTime::now());
+        let now = self.clock.unix_nanos(now);
         if let Some(done) = t.attempt.take().filter(|_| t.sampled()) {
             end_attempt(
                 &t.context,
@@ -697,22 +702,24 @@ impl Tracer {
         }
     }
 
-    /// Ends the request's spans and queues them for export (dropping them if the queue is
-    /// full). The server span's name is `name`'s parts joined, its attributes the trace's.
+    /// Ends the request's spans, `took` after it started, and queues them for export
+    /// (dropping them if the queue is full). The server span's name is `name`'s parts
+    /// joined, its attributes the trace's.
     pub fn finish(
         &self,
         mut t: Box<RequestTrace>,
         name: &[&str],
         error: Option<&str>,
         failed: bool,
+        took: Duration,
     ) {
         let attempt = t.attempt.take();
         if !t.sampled() {
             return t.recycle();
         }
         let status = failed.then(|| error.unwrap_or("request failed"));
-        // The request and its last attempt end together: one clock read for both.
-        let end = unix_nanos(SystemTime::now());
+        // The request and its last attempt end together.
+        let end = t.start + took.as_nanos() as u64;
         let queued = SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
             scratch.extend_from_slice(&t.spans);
@@ -1078,6 +1085,7 @@ impl BackgroundService for Exporter {
                 _ = tokio::time::sleep(FLUSH_EVERY) => false,
                 _ = self.tracer.half_full.notified() => false,
             };
+            self.tracer.clock.anchor();
             // Everything queued now, a batch per request.
             while let Some(batch) = self.tracer.next_batch() {
                 let n = batch.spans as u64;
@@ -1162,6 +1170,43 @@ impl BackgroundService for MetricsExport {
                 Err(e) => tracing::warn!("metrics not exported: {e}"),
             }
         }
+    }
+}
+
+/// Span times from the `Instant`s the proxy reads anyway (a request's start, an attempt's, a
+/// request's duration) rather than a `SystemTime` read for each (three clock reads per traced
+/// request): Unix time is an `Instant`'s distance from `base` plus an offset, taken again
+/// each time the exporter wakes ([`WallClock::anchor`], at least every second), so a step of
+/// the system clock shows in spans within a second. A span's duration is the monotonic
+/// clock's either way.
+struct WallClock {
+    base: Instant,
+    /// Unix time at `base`, in nanoseconds, as last measured.
+    offset: AtomicU64,
+}
+
+impl WallClock {
+    fn new() -> Self {
+        let clock = Self {
+            base: Instant::now(),
+            offset: AtomicU64::new(0),
+        };
+        clock.anchor();
+        clock
+    }
+
+    /// Measures the offset again.
+    fn anchor(&self) {
+        let wall = unix_nanos(SystemTime::now());
+        let since_base = self.base.elapsed().as_nanos() as u64;
+        self.offset
+            .store(wall.saturating_sub(since_base), Ordering::Relaxed);
+    }
+
+    /// `t` in nanoseconds since the Unix epoch.
+    fn unix_nanos(&self, t: Instant) -> u64 {
+        self.offset.load(Ordering::Relaxed)
+            + t.saturating_duration_since(self.base).as_nanos() as u64
     }
 }
 
@@ -1369,12 +1414,14 @@ mod tests {
         // Requests of two spans each (one attempt), until the queue is full.
         let requests = super::BATCH + 10;
         for i in 0..requests {
-            let mut t = tracer.start(&req);
-            let attempt = tracer.attempt(&mut t, None).expect("sampled");
+            let mut t = tracer.start(&req, Instant::now());
+            let attempt = tracer
+                .attempt(&mut t, None, Instant::now())
+                .expect("sampled");
             attempt.int("attempt", i as i64);
             tracer.attempt_status(&mut t, 200);
             t.attributes.int("i", i as i64);
-            tracer.finish(t, &["GET r", &i.to_string()], None, false);
+            tracer.finish(t, &["GET r", &i.to_string()], None, false, Duration::ZERO);
         }
         let queued = (2 * super::BATCH + 10) / 2 * 2;
         assert_eq!(
@@ -1412,8 +1459,8 @@ mod tests {
         assert_eq!(names, expected);
 
         // The next batch reuses an exported batch's buffer.
-        let t = tracer.start(&req);
-        tracer.finish(t, &["GET again"], None, false);
+        let t = tracer.start(&req, Instant::now());
+        tracer.finish(t, &["GET again"], None, false, Duration::ZERO);
         let batch = tracer.next_batch().unwrap();
         assert_eq!(batch.spans, 1);
         assert!(batch.bytes.capacity() > 2 * batch.bytes.len());
@@ -1458,8 +1505,8 @@ mod tests {
                 req.insert_header("traceparent", c).unwrap();
                 req.insert_header("tracestate", "vendor=x,other=y").unwrap();
             }
-            let mut t = tracer.start(&req);
-            tracer.attempt(&mut t, None);
+            let mut t = tracer.start(&req, Instant::now());
+            tracer.attempt(&mut t, None, Instant::now());
             let mut upstream = RequestHeader::build("GET", b"/", None).unwrap();
             tracer.inject(&t, &mut upstream);
 
@@ -1518,18 +1565,22 @@ mod tests {
         let config = tracing_config(1.0, 100);
         let (tracer, _) = super::Tracer::new(&config);
         let req = RequestHeader::build("GET", b"/", None).unwrap();
-        let mut t = tracer.start(&req);
+        let mut t = tracer.start(&req, Instant::now());
         t.routed(Some("example.com"));
-        let attempt = tracer.attempt(&mut t, None).expect("sampled");
+        let attempt = tracer
+            .attempt(&mut t, None, Instant::now())
+            .expect("sampled");
         attempt.str("weir.cluster", "a");
         let buffer = attempt.0.as_ptr();
         // A retry: the first attempt's span is encoded, its buffer emptied for the next.
-        let again = tracer.attempt(&mut t, None).expect("sampled");
+        let again = tracer
+            .attempt(&mut t, None, Instant::now())
+            .expect("sampled");
         assert!(again.0.is_empty());
         assert_eq!(again.0.as_ptr(), buffer, "the ended attempt's buffer");
         let trace = &*t as *const RequestTrace;
-        tracer.finish(t, &["GET"], None, false);
-        let next = tracer.start(&req);
+        tracer.finish(t, &["GET"], None, false, Duration::ZERO);
+        let next = tracer.start(&req, Instant::now());
         assert_eq!(&*next as *const RequestTrace, trace, "the ended trace");
         assert!(next.attempt.is_none() && next.span_count == 0);
         assert!(next.attributes.0.is_empty() && next.attempt_attributes.0.is_empty());
@@ -1544,7 +1595,7 @@ mod tests {
         big.attributes
             .str("url.path", &"x".repeat(super::SPARE_BUFFER_MAX));
         big.recycle();
-        let after = tracer.start(&req);
+        let after = tracer.start(&req, Instant::now());
         assert_eq!(after.attributes.0.capacity(), 0, "a new trace");
     }
 
@@ -1563,11 +1614,19 @@ mod tests {
         let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         req.insert_header("traceparent", caller).unwrap();
         req.insert_header("tracestate", "vendor=x").unwrap();
-        let mut t = tracer.start(&req);
-        let first = tracer.attempt(&mut t, None).expect("sampled");
+        // Span times are the instants the proxy passes, in Unix time.
+        let wall = super::unix_nanos(std::time::SystemTime::now());
+        let started = Instant::now();
+        let ms = Duration::from_millis;
+        let mut t = tracer.start(&req, started);
+        let first = tracer
+            .attempt(&mut t, None, started + ms(1))
+            .expect("sampled");
         first.display("server.address", std::net::Ipv4Addr::new(10, 0, 0, 7));
         tracer.attempt_status(&mut t, 503);
-        let second = tracer.attempt(&mut t, None).expect("sampled");
+        let second = tracer
+            .attempt(&mut t, None, started + ms(3))
+            .expect("sampled");
         second.int("http.request.resend_count", 1);
         // Long enough that the attribute's and the span's lengths take three bytes.
         let long = "x".repeat(20_000);
@@ -1575,8 +1634,7 @@ mod tests {
             .str("url.path", &long)
             .int("http.response.status_code", -1)
             .double("ttft", 0.25);
-        let started = super::unix_nanos(std::time::SystemTime::now());
-        tracer.finish(t, &["POST", " ", "r"], Some("upstream reset"), true);
+        tracer.finish(t, &["POST", " ", "r"], Some("upstream reset"), true, ms(10));
 
         let batch = tracer.next_batch().unwrap();
         let framing = super::RequestFraming::new("svc");
@@ -1593,9 +1651,19 @@ mod tests {
             assert_eq!(s.trace_id, caller_trace);
             assert_eq!(s.trace_state, "vendor=x");
             assert_eq!(s.span_id.len(), 8);
-            assert!(s.end_time_unix_nano >= s.start_time_unix_nano);
-            assert!(s.start_time_unix_nano + 60_000_000_000 > started);
         }
+        let start = server.start_time_unix_nano;
+        assert!(
+            start.abs_diff(wall) < 60_000_000_000,
+            "{start} is Unix time ({wall})"
+        );
+        let ms = |n: u64| n * 1_000_000;
+        let times = |s: &opentelemetry_proto::tonic::trace::v1::Span| {
+            (s.start_time_unix_nano - start, s.end_time_unix_nano - start)
+        };
+        assert_eq!(times(server), (0, ms(10)));
+        assert_eq!(times(a1), (ms(1), ms(3)), "ended by the retry");
+        assert_eq!(times(a2), (ms(3), ms(10)), "ended with the request");
         assert_eq!(
             server.parent_span_id,
             SpanId::from_hex("b7ad6b7169203331")
@@ -1664,16 +1732,22 @@ mod tests {
         };
         let (tracer, _) = super::Tracer::new(&config);
         let plain = RequestHeader::build("GET", b"/", None).unwrap();
-        let t = tracer.start(&plain);
+        let t = tracer.start(&plain, Instant::now());
         assert!(!t.sampled());
-        tracer.finish(t, &["GET"], None, false);
+        tracer.finish(t, &["GET"], None, false, Duration::ZERO);
         assert!(tracer.next_batch().is_none());
         // A successful span's status is present and unset.
         let (tracer, _) = super::Tracer::new(&weir_policies::model::Tracing {
             sampling: 1.0,
             ..config
         });
-        tracer.finish(tracer.start(&plain), &["GET"], None, false);
+        tracer.finish(
+            tracer.start(&plain, Instant::now()),
+            &["GET"],
+            None,
+            false,
+            Duration::ZERO,
+        );
         let batch = tracer.next_batch().unwrap();
         let req = ExportTraceServiceRequest::decode(&framing.request(&batch.bytes)[..]).unwrap();
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
@@ -1778,10 +1852,27 @@ mod tests {
     }
 
     #[test]
+    fn the_wall_clock_of_an_instant_is_unix_time() {
+        let clock = WallClock::new();
+        let now = || (Instant::now(), unix_nanos(SystemTime::now()));
+        let (instant, wall) = now();
+        assert!(clock.unix_nanos(instant).abs_diff(wall) < 50_000_000);
+        let later = instant + Duration::from_secs(5);
+        assert_eq!(
+            clock.unix_nanos(later) - clock.unix_nanos(instant),
+            5_000_000_000
+        );
+        // Measured again (as the exporter does), still Unix time.
+        clock.anchor();
+        let (instant, wall) = now();
+        assert!(clock.unix_nanos(instant).abs_diff(wall) < 50_000_000);
+    }
+
+    #[test]
     fn a_request_routed_again_has_the_last_routings_server_address() {
         let (tracer, _) = Tracer::new(&tracing_config(1.0, 16));
         let req = RequestHeader::build("GET", b"/", None).unwrap();
-        let mut t = tracer.start(&req);
+        let mut t = tracer.start(&req, Instant::now());
         t.routed(Some("example.com:8080"));
         // A filter changed the headers: routed again.
         t.routed(Some("[::1]:8080"));
@@ -1792,7 +1883,7 @@ mod tests {
         assert!(t.attributes.0.is_empty(), "no authority, no address");
         // An unsampled trace records nothing.
         let (tracer, _) = Tracer::new(&tracing_config(0.0, 16));
-        let mut t = tracer.start(&req);
+        let mut t = tracer.start(&req, Instant::now());
         t.routed(Some("example.com"));
         assert!(t.attributes.0.is_empty());
     }
