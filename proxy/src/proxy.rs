@@ -1510,9 +1510,21 @@ impl WeirProxy {
             .method(&req.method)
             .str("url.path", path)
             .protocol_version(req.version)
-            .status_code(status)
-            .str("weir.route", route)
-            .str("weir.cluster", cluster);
+            .status_code(status);
+        // The route's and cluster's names, encoded once per config.
+        if let (Some((rt, _, _, state)), Some(r)) = (ctx.parts(), ctx.route) {
+            attrs
+                .extend(
+                    rt.routes[r]
+                        .trace_attrs
+                        .get_or_init(|| Attrs::string("weir.route", route)),
+                )
+                .extend(
+                    state
+                        .trace_attrs
+                        .get_or_init(|| Attrs::string("weir.cluster", cluster)),
+                );
+        }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             attrs.ip("client.address", addr.ip());
         }

@@ -30,6 +30,15 @@ pub struct Runtime {
     pub filter_chains: Vec<Arc<weir_filters::Chain>>,
     /// Inference pool state, same order as `snapshot.pools`.
     pub pools: Vec<Arc<PoolState>>,
+    /// Same order as `snapshot.routes`.
+    pub routes: Vec<RouteState>,
+}
+
+/// What requests on one route share while the config stands.
+#[derive(Default)]
+pub struct RouteState {
+    /// The server span's `weir.route`, encoded by the first traced request.
+    pub(crate) trace_attrs: OnceLock<crate::telemetry::Attrs>,
 }
 
 /// Where the current [`Runtime`] lives; readers never block writers.
@@ -79,6 +88,7 @@ impl Runtime {
                     ),
                     active_retries: old
                         .map_or_else(|| Arc::new(AtomicU32::new(0)), |o| o.active_retries.clone()),
+                    trace_attrs: OnceLock::new(),
                 })
             })
             .collect::<Vec<Arc<ClusterState>>>();
@@ -94,11 +104,17 @@ impl Runtime {
                 ))
             })
             .collect();
+        let routes = snapshot
+            .routes
+            .iter()
+            .map(|_| RouteState::default())
+            .collect();
         Self {
             snapshot,
             clusters,
             filter_chains,
             pools,
+            routes,
         }
     }
 }
@@ -114,6 +130,8 @@ pub struct ClusterState {
     /// Shared across reloads so circuit-breaker limits hold while old requests finish.
     pub active_requests: Arc<AtomicU32>,
     pub active_retries: Arc<AtomicU32>,
+    /// The server span's `weir.cluster`, encoded by the first traced request.
+    pub(crate) trace_attrs: OnceLock<crate::telemetry::Attrs>,
 }
 
 impl ClusterState {

@@ -68,8 +68,6 @@ struct Batch {
 const SPANS_FIELD: u32 = 2;
 
 thread_local! {
-    /// Where a worker encodes a request's spans before it takes the queue's lock.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// [`Attrs::display`]'s text.
     static FORMATTED: RefCell<String> = const { RefCell::new(String::new()) };
     /// The last two addresses [`Attrs::ip`] wrote, as text: a request's client and its
@@ -141,9 +139,10 @@ pub struct RequestTrace {
     /// The server span's attributes: `server.address` from routing ([`RequestTrace::routed`]),
     /// then those of its end.
     pub attributes: Attrs,
-    /// Finished attempts' client spans, encoded (an attempt before a retry).
+    /// Finished spans, encoded: attempts before a retry, then at the end the last attempt's
+    /// and the server span, which go to the queue together.
     spans: Vec<u8>,
-    /// How many spans `spans` holds.
+    /// How many spans `spans` holds before the end.
     span_count: usize,
 }
 
@@ -175,6 +174,13 @@ impl Attrs {
     pub fn listener(name: &str) -> Self {
         let mut a = Self::default();
         a.str("url.scheme", "http").str("weir.listener", name);
+        a
+    }
+
+    /// One string attribute, to be copied ([`Attrs::extend`]) into many spans.
+    pub fn string(key: &str, value: &str) -> Self {
+        let mut a = Self::default();
+        a.str(key, value);
         a
     }
 
@@ -349,11 +355,7 @@ const STATUS_MIN: usize = 100;
 
 static RECURRING: std::sync::LazyLock<Recurring> = std::sync::LazyLock::new(|| {
     use http::Method;
-    let string = |key, value: &str| {
-        let mut a = Attrs::default();
-        a.str(key, value);
-        a
-    };
+    let string = Attrs::string;
     let methods = [
         Method::GET,
         Method::POST,
@@ -720,51 +722,52 @@ impl Tracer {
         let status = failed.then(|| error.unwrap_or("request failed"));
         // The request and its last attempt end together.
         let end = t.start + took.as_nanos() as u64;
-        let queued = SCRATCH.with_borrow_mut(|scratch| {
-            scratch.clear();
-            scratch.extend_from_slice(&t.spans);
-            let mut n = t.span_count;
-            if let Some(a) = attempt {
-                end_attempt(
-                    &t.context,
-                    a,
-                    &mut t.attempt_attributes,
-                    error,
-                    end,
-                    scratch,
-                );
-                n += 1;
-            }
-            encode_span(
-                scratch,
-                SpanFields {
-                    trace: &t.context,
-                    id: t.context.span_id(),
-                    parent: t.parent.unwrap_or(SpanId::INVALID),
-                    parent_remote: t.parent.is_some(),
-                    kind: span::SpanKind::Server,
-                    name,
-                    start: t.start,
-                    end,
-                    attributes: &t.attributes.0,
-                    status,
-                },
+        // The spans are encoded after the earlier attempts' (outside the queue's lock), then
+        // copied into the batch.
+        let mut n = t.span_count;
+        if let Some(a) = attempt {
+            end_attempt(
+                &t.context,
+                a,
+                &mut t.attempt_attributes,
+                error,
+                end,
+                &mut t.spans,
             );
             n += 1;
+        }
+        encode_span(
+            &mut t.spans,
+            SpanFields {
+                trace: &t.context,
+                id: t.context.span_id(),
+                parent: t.parent.unwrap_or(SpanId::INVALID),
+                parent_remote: t.parent.is_some(),
+                kind: span::SpanKind::Server,
+                name,
+                start: t.start,
+                end,
+                attributes: &t.attributes.0,
+                status,
+            },
+        );
+        n += 1;
+        let queued = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             if q.spans + n > self.capacity {
-                return Err(n);
+                Err(n)
+            } else {
+                if q.batches.back().is_none_or(|b| b.spans + n > BATCH) {
+                    let bytes = q.free.pop().unwrap_or_default();
+                    q.batches.push_back(Batch { bytes, spans: 0 });
+                }
+                let batch = q.batches.back_mut().expect("pushed above");
+                batch.bytes.extend_from_slice(&t.spans);
+                batch.spans += n;
+                q.spans += n;
+                Ok((n, q.spans))
             }
-            if q.batches.back().is_none_or(|b| b.spans + n > BATCH) {
-                let bytes = q.free.pop().unwrap_or_default();
-                q.batches.push_back(Batch { bytes, spans: 0 });
-            }
-            let batch = q.batches.back_mut().expect("pushed above");
-            batch.bytes.extend_from_slice(scratch);
-            batch.spans += n;
-            q.spans += n;
-            Ok((n, q.spans))
-        });
+        };
         t.recycle();
         match queued {
             Ok((n, total)) => {
