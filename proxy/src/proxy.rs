@@ -1613,12 +1613,6 @@ impl WeirProxy {
     /// Queues the request's access log line, when the config asks for one.
     fn access_log(&self, session: &Session, e: Option<&Error>, ctx: &RequestCtx, ended: &Ended) {
         let Some(log) = &self.access_log else { return };
-        let &Ended {
-            status,
-            route,
-            cluster,
-            took,
-        } = ended;
         let runtime = ctx
             .runtime
             .clone()
@@ -1639,8 +1633,8 @@ impl WeirProxy {
             .and_then(|i| i.lease.endpoint.version(&i.model).filter(|v| !v.is_empty()));
         let entry = crate::access_log::Entry {
             listener: &self.listener,
-            route,
-            cluster,
+            route: ended.route,
+            cluster: ended.cluster,
             upstream,
             tries: ctx.tries,
             downstream: session.client_addr().map(|a| a.to_string()),
@@ -1657,9 +1651,9 @@ impl WeirProxy {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            status,
+            status: ended.status,
             grpc_status: ctx.grpc_status,
-            duration_ms: took.as_secs_f64() * 1e3,
+            duration_ms: ended.took.as_secs_f64() * 1e3,
             request_bytes: session.body_bytes_read(),
             response_bytes: session.body_bytes_sent(),
             user_agent: header("user-agent"),
