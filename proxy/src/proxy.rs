@@ -1491,8 +1491,8 @@ impl WeirProxy {
         let &Ended {
             status,
             route,
-            cluster,
             took,
+            ..
         } = ended;
         let (Some(tracer), Some(mut trace)) = (&self.tracer, trace) else {
             return;
@@ -1512,17 +1512,17 @@ impl WeirProxy {
             .protocol_version(req.version)
             .status_code(status);
         // The route's and cluster's names, encoded once per config.
-        if let (Some((rt, _, _, state)), Some(r)) = (ctx.parts(), ctx.route) {
+        if let (Some((rt, route, cluster, state)), Some(r)) = (ctx.parts(), ctx.route) {
             attrs
                 .extend(
                     rt.routes[r]
                         .trace_attrs
-                        .get_or_init(|| Attrs::string("weir.route", route)),
+                        .get_or_init(|| Attrs::string("weir.route", &route.name)),
                 )
                 .extend(
                     state
                         .trace_attrs
-                        .get_or_init(|| Attrs::string("weir.cluster", cluster)),
+                        .get_or_init(|| Attrs::string("weir.cluster", &cluster.name)),
                 );
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
